@@ -1,0 +1,48 @@
+//! The TAESD encoder: [0, 1] NCHW images -> scaled latents.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::arch::{encoder_spec, Part};
+use crate::layers::Sequential;
+use crate::variant::TaesdConfig;
+
+/// taesd.py `Encoder` (or taesana's 32x encoder). Tensors are named as the reference's
+/// state dict (`0.weight`, `1.conv.0.weight`, ..., `14.bias`) under the given `VarBuilder`.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    config: TaesdConfig,
+    seq: Sequential,
+    dtype: DType,
+}
+
+impl Encoder {
+    /// Build from `vb`: a checkpoint's tensors, or a `VarMap` (new trainable variables under the
+    /// same names). For a combined model use `vb.pp("encoder")` (what [`crate::Taesd::new`] does).
+    pub fn new(config: &TaesdConfig, vb: VarBuilder) -> Result<Self> {
+        let seq = Sequential::new(&encoder_spec(config), vb)?;
+        let dtype = seq.dtype().unwrap_or(DType::F32);
+        Ok(Self { config: *config, seq, dtype })
+    }
+
+    pub fn config(&self) -> &TaesdConfig {
+        &self.config
+    }
+
+    /// The weights' dtype; inputs are converted to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn part(&self) -> Part {
+        Part::Encoder
+    }
+}
+
+impl Module for Encoder {
+    /// `[N, 3, H, W]` in [0, 1] -> `[N, C, H/s, W/s]` scaled latents (s = 8, or 32 for taesana;
+    /// sizes round up), in the weights' dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.seq.forward(&x.to_dtype(self.dtype)?)
+    }
+}

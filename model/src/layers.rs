@@ -1,0 +1,171 @@
+//! The building blocks: taesd.py's `Block` (with TAEF2's optional mid-block pool), and one
+//! runtime layer per [`LayerSpec`].
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
+
+/// 3x3 conv, padding 1, as the reference's `conv(n_in, n_out, **kwargs)`.
+pub fn conv3x3(c_in: usize, c_out: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding: 1, stride, ..Default::default() };
+    if bias {
+        conv2d(c_in, c_out, 3, cfg, vb)
+    } else {
+        conv2d_no_bias(c_in, c_out, 3, cfg, vb)
+    }
+}
+
+fn conv1x1_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv2d_no_bias(c_in, c_out, 1, Conv2dConfig::default(), vb)
+}
+
+/// TAEF2's mid-block pool: `1x1 (C->4C, no bias), GroupNorm(4, 4C), ReLU, 1x1 (4C->C, no bias)`,
+/// state-dict indices 0, 1, (2), 3. The block adds it to its input.
+#[derive(Debug, Clone)]
+pub struct MidBlockPool {
+    expand: Conv2d,
+    norm: GroupNorm,
+    project: Conv2d,
+}
+
+impl MidBlockPool {
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let g = c * POOL_EXPANSION;
+        Ok(Self {
+            expand: conv1x1_no_bias(c, g, vb.pp("0"))?,
+            norm: group_norm(POOL_GROUPS, g, POOL_EPS, vb.pp("1"))?,
+            project: conv1x1_no_bias(g, c, vb.pp("3"))?,
+        })
+    }
+}
+
+impl Module for MidBlockPool {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.expand.forward(x)?;
+        let h = self.norm.forward(&h)?.relu()?;
+        self.project.forward(&h)
+    }
+}
+
+/// taesd.py `Block`: `relu(conv(x) + skip(x))`, `conv` = conv-ReLU-conv-ReLU-conv, `skip` a
+/// bias-free 1x1 conv only when the channel count changes; with a pool, `x + pool(x)` first.
+#[derive(Debug, Clone)]
+pub struct Block {
+    convs: [Conv2d; 3],
+    skip: Option<Conv2d>,
+    pool: Option<MidBlockPool>,
+}
+
+impl Block {
+    pub fn new(c_in: usize, c_out: usize, pool: bool, vb: VarBuilder) -> Result<Self> {
+        let vc = vb.pp("conv");
+        let convs = [
+            conv3x3(c_in, c_out, 1, true, vc.pp("0"))?,
+            conv3x3(c_out, c_out, 1, true, vc.pp("2"))?,
+            conv3x3(c_out, c_out, 1, true, vc.pp("4"))?,
+        ];
+        let skip = if c_in != c_out { Some(conv1x1_no_bias(c_in, c_out, vb.pp("skip"))?) } else { None };
+        let pool = if pool { Some(MidBlockPool::new(c_in, vb.pp("pool"))?) } else { None };
+        Ok(Self { convs, skip, pool })
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let pooled;
+        let x = match &self.pool {
+            Some(pool) => {
+                pooled = (x + pool.forward(x)?)?;
+                &pooled
+            }
+            None => x,
+        };
+        let h = self.convs[0].forward(x)?.relu()?;
+        let h = self.convs[1].forward(&h)?.relu()?;
+        let h = self.convs[2].forward(&h)?;
+        let s = match &self.skip {
+            Some(skip) => skip.forward(x)?,
+            None => x.clone(),
+        };
+        (h + s)?.relu()
+    }
+}
+
+/// taesd.py `Clamp`: `tanh(x / 3) * 3`, the decoder's soft latent clamp.
+pub fn latent_clamp(x: &Tensor) -> Result<Tensor> {
+    (x / 3.0)?.tanh()? * 3.0
+}
+
+/// One runtime layer of the encoder/decoder list.
+#[derive(Debug, Clone)]
+pub enum Layer {
+    Conv(Conv2d),
+    Block(Block),
+    Relu,
+    Upsample,
+    Clamp,
+}
+
+impl Layer {
+    /// Build the layer of `spec`, its tensors under `vb` (already at the layer's index).
+    pub fn new(spec: &LayerSpec, vb: VarBuilder) -> Result<Self> {
+        Ok(match *spec {
+            LayerSpec::Conv { c_in, c_out, stride, bias } => Layer::Conv(conv3x3(c_in, c_out, stride, bias, vb)?),
+            LayerSpec::Block { c_in, c_out, pool } => Layer::Block(Block::new(c_in, c_out, pool, vb)?),
+            LayerSpec::Relu => Layer::Relu,
+            LayerSpec::Upsample => Layer::Upsample,
+            LayerSpec::Clamp => Layer::Clamp,
+        })
+    }
+}
+
+impl Module for Layer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Conv(c) => c.forward(x),
+            Layer::Block(b) => b.forward(x),
+            Layer::Relu => x.relu(),
+            Layer::Upsample => {
+                let (_, _, h, w) = x.dims4()?;
+                x.upsample_nearest2d(h * 2, w * 2)
+            }
+            Layer::Clamp => latent_clamp(x),
+        }
+    }
+}
+
+/// An `nn.Sequential`: the layers of `specs`, layer `i` under `vb.pp(i)`.
+#[derive(Debug, Clone)]
+pub struct Sequential {
+    layers: Vec<Layer>,
+}
+
+impl Sequential {
+    pub fn new(specs: &[LayerSpec], vb: VarBuilder) -> Result<Self> {
+        let layers = specs.iter().enumerate().map(|(i, s)| Layer::new(s, vb.pp(i.to_string()))).collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The dtype of the weights (that of the first conv).
+    pub fn dtype(&self) -> Option<candle_core::DType> {
+        self.layers.iter().find_map(|l| match l {
+            Layer::Conv(c) => Some(c.weight().dtype()),
+            _ => None,
+        })
+    }
+}
+
+impl Module for Sequential {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for l in &self.layers {
+            h = l.forward(&h)?;
+        }
+        Ok(h)
+    }
+}
