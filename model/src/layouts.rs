@@ -13,8 +13,9 @@
 //!
 //! diffusers' `DecoderTiny` has no `Clamp` module (it applies `tanh(x/3)*3` in `forward`), so its
 //! decoder index is the reference's minus one. `AutoencoderTiny` has neither TAEF2's mid-block
-//! pool nor TAESANA's stem/decoder, so the diffusers layout holds taesd, taesdxl, taesd3, taef1
-//! (and custom channel counts) only.
+//! pool nor TAESANA's stem/decoder, so this crate *saves* the diffusers layout for taesd, taesdxl,
+//! taesd3, taef1 (and custom channel counts) only. It *loads* diffusers-named files of any
+//! structure (madebyollin's `taef2.safetensors` uses diffusers names plus `pool` tensors).
 
 use std::fmt;
 use std::str::FromStr;

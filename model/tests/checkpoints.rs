@@ -299,3 +299,22 @@ fn wrong_variant_and_foreign_files_are_refused() {
     println!("{err}");
     assert!(matches!(err, TaesdError::ShapeMismatch { .. }));
 }
+
+#[test]
+fn diffusers_named_taef2_weights_load() {
+    // madebyollin's taef2.safetensors: diffusers names (decoder index - 1) plus pool tensors,
+    // without an AutoencoderTiny config. Build one from the released .pth files.
+    let tmp = tempfile::tempdir().unwrap();
+    let orig = load_checkpoint(format!("{REF}/taef2"), None).unwrap();
+    let mut renamed = HashMap::new();
+    for (name, t) in &orig.tensors {
+        let (part, local) = taesd::Layout::Combined.local_name(name, None).unwrap();
+        renamed.insert(Layout::Diffusers.external_name(part, &local), t.clone());
+    }
+    assert!(renamed.contains_key("decoder.layers.2.pool.0.weight"));
+    let p = tmp.path().join("taef2.safetensors");
+    candle_core::safetensors::save(&renamed, &p).unwrap();
+    let ck = load_checkpoint(&p, None).unwrap();
+    assert_eq!((ck.info.layout, ck.info.variant), (Layout::Diffusers, Some(Variant::Taef2)));
+    assert_same(&orig.tensors, &ck.tensors, "taef2 diffusers-named");
+}
