@@ -16,6 +16,7 @@
 #                             point returns CUDA_ERROR_UNKNOWN. The real driver is found at run time.
 #   PREFIX/toolkit/targets/x86_64-linux/{include,lib,lib64} -> the above (nvcc.profile looks there)
 #   PREFIX/env.sh             `source` it: CUDA_HOME/CUDA_PATH/CUDA_ROOT, NVCC, PATH
+#   PREFIX/nvcc-cache/        filled by the nvcc wrapper as builds run
 #
 # Who looks where (candle 0.11.1):
 #   candle-kernels' build script (cudaforge 0.1.6) runs $NVCC, else the first nvcc on PATH, and needs
@@ -31,7 +32,6 @@ set -euo pipefail
 PREFIX=${1:-${TAESD_CUDA_PREFIX:-$HOME/.cache/taesd-cuda}}
 TK=$PREFIX/toolkit
 STAMPS=$PREFIX/stamps
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # CUDA 13.0 Update 2 component versions. nvcc must stay at 13.0: PTX from a newer nvcc carries a
 # newer PTX ISA that the GPU machine's driver (580, CUDA 13.0) refuses to JIT.
