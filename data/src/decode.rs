@@ -129,7 +129,7 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Deco
     let mut decoder = reader.into_decoder().map_err(|e| map_image_error(name, e))?;
 
     let (width, height) = decoder.dimensions();
-    check_dimensions(width, height, limits)?;
+    check_dimensions(name, width, height, limits)?;
     let mut strict = image::Limits::default();
     strict.max_image_width = Some(limits.max_width);
     strict.max_image_height = Some(limits.max_height);
@@ -196,12 +196,12 @@ fn describe_head(bytes: &[u8]) -> String {
     }
 }
 
-fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), DecodeError> {
+fn check_dimensions(format: &str, width: u32, height: u32, limits: &DecodeLimits) -> Result<(), DecodeError> {
     let too_large = |reason: String| Err(DecodeError::TooLarge { width, height, reason });
     if width == 0 || height == 0 {
         return Err(DecodeError::Corrupt {
-            format: "image".into(),
-            detail: format!("header gives an empty size {width}x{height}"),
+            format: format.into(),
+            detail: format!("the header gives an empty size {width}x{height}"),
         });
     }
     if width > limits.max_width || height > limits.max_height {
@@ -384,8 +384,8 @@ mod tests {
     fn channel_means(img: &RgbImage) -> [f64; 3] {
         let mut s = [0f64; 3];
         for p in img.pixels() {
-            for c in 0..3 {
-                s[c] += p.0[c] as f64;
+            for (acc, &v) in s.iter_mut().zip(&p.0) {
+                *acc += v as f64;
             }
         }
         let n = (img.width() * img.height()) as f64;

@@ -102,7 +102,7 @@ pub fn encode_latent(v: &[f32], dtype: LatentDtype) -> Vec<u8> {
 pub fn decode_latent(b: &[u8], dtype: LatentDtype) -> Result<Vec<f32>> {
     let size = dtype.size();
     ensure!(
-        b.len() % size == 0,
+        b.len().is_multiple_of(size),
         "latent byte length {} is not a multiple of {} ({})",
         b.len(),
         size,
@@ -121,9 +121,11 @@ pub fn encode_image(rgb: &RgbImage, fmt: ImageFormat, jpeg_quality: u8) -> Resul
     let mut out = Vec::new();
     let (w, h) = rgb.dimensions();
     match fmt {
+        // Fast (fdeflate) deflate: at 512 x 512 about 8x faster than the zlib default for files
+        // about 10 % larger; PNG encoding would otherwise be the slowest step of precompute.
         ImageFormat::Png => image::codecs::png::PngEncoder::new_with_quality(
             &mut out,
-            image::codecs::png::CompressionType::Default,
+            image::codecs::png::CompressionType::Fast,
             image::codecs::png::FilterType::Adaptive,
         )
         .write_image(rgb.as_raw(), w, h, image::ExtendedColorType::Rgb8)
@@ -252,7 +254,7 @@ fn validate_row(r: &ShardRow, meta: &ShardFileMeta) -> Result<()> {
         LatentDtype::Float32 => f32::MAX,
     };
     for (name, v) in std::iter::once(("latent", &r.latent)).chain(r.latent_std.as_ref().map(|s| ("latent_std", s))) {
-        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !(x.abs() <= limit)) {
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite() || x.abs() > limit) {
             bail!("{name}[{i}] = {x} is not a finite {} value", meta.latent_dtype.as_str());
         }
     }
@@ -654,8 +656,8 @@ mod tests {
             source_height: 200,
             variant: i % 3,
             crop: CropRect { x: i, y: 0, w: 200, h: 200 },
-            flip: i % 2 == 0,
-            color_aug: i % 5 == 0,
+            flip: i.is_multiple_of(2),
+            color_aug: i.is_multiple_of(5),
             image: encode_image(&img, ImageFormat::Png, 95).unwrap(),
             width: 16,
             height: 16,
@@ -663,6 +665,13 @@ mod tests {
             latent,
             latent_shape: [4, 2, 2],
         }
+    }
+
+    #[test]
+    fn reader_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ShardReader>();
+        assert_send_sync::<ShardRow>();
     }
 
     #[test]
