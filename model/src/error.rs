@@ -7,22 +7,46 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TaesdError {
     #[error("{}: missing tensor `{name}` (shape {expected}) of the {what}", .file.display())]
-    MissingTensor { file: PathBuf, name: String, expected: String, what: String },
+    MissingTensor {
+        file: PathBuf,
+        name: String,
+        expected: String,
+        what: String,
+    },
 
     #[error("{}: tensor `{name}` has shape {got:?}, the {what} needs {expected:?}", .file.display())]
-    ShapeMismatch { file: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize>, what: String },
+    ShapeMismatch {
+        file: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+        what: String,
+    },
 
     #[error("{}: unexpected tensor `{name}` (shape {shape:?}) in the {what}", .file.display())]
-    UnexpectedTensor { file: PathBuf, name: String, shape: Vec<usize>, what: String },
+    UnexpectedTensor {
+        file: PathBuf,
+        name: String,
+        shape: Vec<usize>,
+        what: String,
+    },
 
     #[error("{}: holds a {found} checkpoint, but {expected} was asked for", .file.display())]
-    WrongVariant { file: PathBuf, expected: String, found: String },
+    WrongVariant {
+        file: PathBuf,
+        expected: String,
+        found: String,
+    },
 
     #[error("{}: not a TAESD checkpoint this crate knows: {reason}", .file.display())]
     UnknownLayout { file: PathBuf, reason: String },
 
     #[error("the {layout} layout cannot hold {what}: {reason}")]
-    UnsupportedLayout { layout: String, what: String, reason: String },
+    UnsupportedLayout {
+        layout: String,
+        what: String,
+        reason: String,
+    },
 
     #[error("unknown TAESD variant `{0}` (known: taesd, taesdxl, taesd3, taef1, taef2, taesana)")]
     UnknownVariant(String),
@@ -31,22 +55,34 @@ pub enum TaesdError {
     UnknownLayoutName(String),
 
     #[error("{}: {source}", .path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{}: bad config.json: {source}", .path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 
     #[error("{}: {reason}", .path.display())]
     Config { path: PathBuf, reason: String },
 
     #[error("{context}: {source}")]
-    Candle { context: String, source: candle_core::Error },
+    Candle {
+        context: String,
+        source: candle_core::Error,
+    },
 
     #[error(transparent)]
     CandleOther(#[from] candle_core::Error),
 
     #[error("{}: cannot write safetensors: {source}", .path.display())]
-    Write { path: PathBuf, source: safetensors::SafeTensorError },
+    Write {
+        path: PathBuf,
+        source: safetensors::SafeTensorError,
+    },
 
     #[error("{0}")]
     Other(String),
@@ -61,6 +97,9 @@ pub(crate) trait CandleContext<T> {
 
 impl<T> CandleContext<T> for candle_core::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| TaesdError::Candle { context: context(), source })
+        self.map_err(|source| TaesdError::Candle {
+            context: context(),
+            source,
+        })
     }
 }

@@ -7,8 +7,18 @@ use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupN
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
 
 /// 3x3 conv, padding 1, as the reference's `conv(n_in, n_out, **kwargs)`.
-pub fn conv3x3(c_in: usize, c_out: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding: 1, stride, ..Default::default() };
+pub fn conv3x3(
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
     if bias {
         conv2d(c_in, c_out, 3, cfg, vb)
     } else {
@@ -65,8 +75,16 @@ impl Block {
             conv3x3(c_out, c_out, 1, true, vc.pp("2"))?,
             conv3x3(c_out, c_out, 1, true, vc.pp("4"))?,
         ];
-        let skip = if c_in != c_out { Some(conv1x1_no_bias(c_in, c_out, vb.pp("skip"))?) } else { None };
-        let pool = if pool { Some(MidBlockPool::new(c_in, vb.pp("pool"))?) } else { None };
+        let skip = if c_in != c_out {
+            Some(conv1x1_no_bias(c_in, c_out, vb.pp("skip"))?)
+        } else {
+            None
+        };
+        let pool = if pool {
+            Some(MidBlockPool::new(c_in, vb.pp("pool"))?)
+        } else {
+            None
+        };
         Ok(Self { convs, skip, pool })
     }
 }
@@ -101,7 +119,7 @@ pub fn latent_clamp(x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub enum Layer {
     Conv(Conv2d),
-    Block(Block),
+    Block(Box<Block>),
     Relu,
     Upsample,
     Clamp,
@@ -111,8 +129,15 @@ impl Layer {
     /// Build the layer of `spec`, its tensors under `vb` (already at the layer's index).
     pub fn new(spec: &LayerSpec, vb: VarBuilder) -> Result<Self> {
         Ok(match *spec {
-            LayerSpec::Conv { c_in, c_out, stride, bias } => Layer::Conv(conv3x3(c_in, c_out, stride, bias, vb)?),
-            LayerSpec::Block { c_in, c_out, pool } => Layer::Block(Block::new(c_in, c_out, pool, vb)?),
+            LayerSpec::Conv {
+                c_in,
+                c_out,
+                stride,
+                bias,
+            } => Layer::Conv(conv3x3(c_in, c_out, stride, bias, vb)?),
+            LayerSpec::Block { c_in, c_out, pool } => {
+                Layer::Block(Box::new(Block::new(c_in, c_out, pool, vb)?))
+            }
             LayerSpec::Relu => Layer::Relu,
             LayerSpec::Upsample => Layer::Upsample,
             LayerSpec::Clamp => Layer::Clamp,
@@ -143,7 +168,11 @@ pub struct Sequential {
 
 impl Sequential {
     pub fn new(specs: &[LayerSpec], vb: VarBuilder) -> Result<Self> {
-        let layers = specs.iter().enumerate().map(|(i, s)| Layer::new(s, vb.pp(i.to_string()))).collect::<Result<_>>()?;
+        let layers = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Layer::new(s, vb.pp(i.to_string())))
+            .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
 

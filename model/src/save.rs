@@ -9,7 +9,9 @@ use candle_nn::VarMap;
 use taesd_schemas::LatentScaling;
 
 use crate::arch::Part;
-use crate::checkpoint::{check_part, varmap_tensors, Checkpoint, PartTensors, META_LAYOUT, META_VARIANT};
+use crate::checkpoint::{
+    check_part, varmap_tensors, Checkpoint, PartTensors, META_LAYOUT, META_VARIANT,
+};
 use crate::error::{CandleContext, Result, TaesdError};
 use crate::layouts::{Layout, COMFY_VAE_SCALE, COMFY_VAE_SHIFT};
 use crate::variant::{TaesdConfig, Variant};
@@ -49,7 +51,11 @@ pub fn save_tensors(
     let dest = dest.as_ref();
     if let Some(v) = opts.variant {
         if v.config() != *cfg {
-            return Err(TaesdError::WrongVariant { file: dest.to_path_buf(), expected: v.to_string(), found: cfg.describe() });
+            return Err(TaesdError::WrongVariant {
+                file: dest.to_path_buf(),
+                expected: v.to_string(),
+                found: cfg.describe(),
+            });
         }
     }
     if layout == Layout::Diffusers && !cfg.diffusers_supported() {
@@ -66,17 +72,26 @@ pub fn save_tensors(
     let mut parts: BTreeMap<Part, PartTensors> = BTreeMap::new();
     for (name, t) in tensors {
         for part in Part::BOTH {
-            if let Some(local) = name.strip_prefix(part.prefix()).and_then(|r| r.strip_prefix('.')) {
+            if let Some(local) = name
+                .strip_prefix(part.prefix())
+                .and_then(|r| r.strip_prefix('.'))
+            {
                 let t = match opts.dtype {
                     Some(d) => t.to_dtype(d).ctx(|| format!("{name} to {d:?}"))?,
                     None => t.clone(),
                 };
-                parts.entry(part).or_default().insert(local.to_string(), (name.clone(), t));
+                parts
+                    .entry(part)
+                    .or_default()
+                    .insert(local.to_string(), (name.clone(), t));
             }
         }
     }
     if parts.is_empty() {
-        return Err(TaesdError::Other(format!("nothing to save to {}: no `encoder.*` or `decoder.*` tensors", dest.display())));
+        return Err(TaesdError::Other(format!(
+            "nothing to save to {}: no `encoder.*` or `decoder.*` tensors",
+            dest.display()
+        )));
     }
     for (part, t) in &parts {
         check_part(cfg, *part, t, dest, Layout::Combined)?;
@@ -89,25 +104,37 @@ pub fn save_tensors(
         });
     }
 
-    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string()), (META_LAYOUT.to_string(), layout.to_string())]);
+    let mut metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (META_LAYOUT.to_string(), layout.to_string()),
+    ]);
     if let Some(v) = opts.variant.or_else(|| cfg.unique_variant()) {
         metadata.insert(META_VARIANT.to_string(), v.to_string());
     }
     let rename = |part: Part, t: &PartTensors| -> Vec<(String, Tensor)> {
-        t.iter().map(|(local, (_, tensor))| (layout.external_name(part, local), tensor.clone())).collect()
+        t.iter()
+            .map(|(local, (_, tensor))| (layout.external_name(part, local), tensor.clone()))
+            .collect()
     };
 
     let mut written = Vec::new();
     match layout {
         Layout::TaesdPy => {
             let prefix = if dest.is_dir() {
-                let name = opts.variant.or_else(|| cfg.unique_variant()).map(|v| v.name()).unwrap_or("taesd");
+                let name = opts
+                    .variant
+                    .or_else(|| cfg.unique_variant())
+                    .map(|v| v.name())
+                    .unwrap_or("taesd");
                 dest.join(name)
             } else {
                 dest.to_path_buf()
             };
             for (part, t) in &parts {
-                let mut name = prefix.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                let mut name = prefix
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_default();
                 name.push(format!("_{}.safetensors", part.prefix()));
                 let path = prefix.with_file_name(name);
                 write_safetensors(&path, rename(*part, t), &metadata)?;
@@ -115,20 +142,30 @@ pub fn save_tensors(
             }
         }
         Layout::Diffusers => {
-            std::fs::create_dir_all(dest).map_err(|source| TaesdError::Io { path: dest.to_path_buf(), source })?;
+            std::fs::create_dir_all(dest).map_err(|source| TaesdError::Io {
+                path: dest.to_path_buf(),
+                source,
+            })?;
             let all: Vec<_> = parts.iter().flat_map(|(p, t)| rename(*p, t)).collect();
             let path = dest.join(DIFFUSERS_WEIGHTS);
             write_safetensors(&path, all, &metadata)?;
             written.push(path);
             let config = dest.join("config.json");
             let text = serde_json::to_string_pretty(&diffusers_config(cfg)).expect("json");
-            std::fs::write(&config, text + "\n").map_err(|source| TaesdError::Io { path: config.clone(), source })?;
+            std::fs::write(&config, text + "\n").map_err(|source| TaesdError::Io {
+                path: config.clone(),
+                source,
+            })?;
             written.push(config);
         }
         Layout::ComfyUi | Layout::Combined => {
             let mut all: Vec<_> = parts.iter().flat_map(|(p, t)| rename(*p, t)).collect();
             if layout == Layout::ComfyUi {
-                if let Some(s) = opts.vae_scaling.or_else(|| opts.variant.or_else(|| cfg.unique_variant()).and_then(|v| v.vae_scaling())) {
+                if let Some(s) = opts.vae_scaling.or_else(|| {
+                    opts.variant
+                        .or_else(|| cfg.unique_variant())
+                        .and_then(|v| v.vae_scaling())
+                }) {
                     let dev = candle_core::Device::Cpu;
                     let scalar = |x: f64| Tensor::new(x as f32, &dev).ctx(|| "vae_scale".into());
                     all.push((COMFY_VAE_SCALE.to_string(), scalar(s.scale)?));
@@ -143,14 +180,25 @@ pub fn save_tensors(
 }
 
 /// Save a `VarMap` built by [`crate::Taesd::new`] (see [`save_tensors`]).
-pub fn save_varmap(varmap: &VarMap, cfg: &TaesdConfig, layout: Layout, dest: impl AsRef<Path>, opts: &SaveOptions) -> Result<Vec<PathBuf>> {
+pub fn save_varmap(
+    varmap: &VarMap,
+    cfg: &TaesdConfig,
+    layout: Layout,
+    dest: impl AsRef<Path>,
+    opts: &SaveOptions,
+) -> Result<Vec<PathBuf>> {
     save_tensors(&varmap_tensors(varmap), cfg, layout, dest, opts)
 }
 
 impl Checkpoint {
     /// Save in `layout` (see [`save_tensors`]); the checkpoint's variant and ComfyUI scaling
     /// fill what `opts` leaves out.
-    pub fn save(&self, layout: Layout, dest: impl AsRef<Path>, opts: &SaveOptions) -> Result<Vec<PathBuf>> {
+    pub fn save(
+        &self,
+        layout: Layout,
+        dest: impl AsRef<Path>,
+        opts: &SaveOptions,
+    ) -> Result<Vec<PathBuf>> {
         let opts = SaveOptions {
             variant: opts.variant.or(self.info.variant),
             dtype: opts.dtype,
@@ -185,13 +233,25 @@ pub fn diffusers_config(cfg: &TaesdConfig) -> serde_json::Value {
     })
 }
 
-fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>, metadata: &HashMap<String, String>) -> Result<()> {
+fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| TaesdError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| TaesdError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     let tensors = tensors
         .into_iter()
         .map(|(n, t)| t.contiguous().map(|t| (n.clone(), t)).ctx(|| n.clone()))
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(tensors, Some(metadata.clone()), path).map_err(|source| TaesdError::Write { path: path.to_path_buf(), source })
+    safetensors::serialize_to_file(tensors, Some(metadata.clone()), path).map_err(|source| {
+        TaesdError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }

@@ -38,32 +38,57 @@ impl Taesd {
         let vb = ck.var_builder(dtype, device);
         let cfg = ck.info.config;
         let encoder = match &ck.info.encoder_file {
-            Some(f) => Some(Encoder::new(&cfg, vb.pp(Part::Encoder.prefix())).ctx(|| format!("{}: building the encoder", f.display()))?),
+            Some(f) => Some(
+                Encoder::new(&cfg, vb.pp(Part::Encoder.prefix()))
+                    .ctx(|| format!("{}: building the encoder", f.display()))?,
+            ),
             None => None,
         };
         let decoder = match &ck.info.decoder_file {
-            Some(f) => Some(Decoder::new(&cfg, vb.pp(Part::Decoder.prefix())).ctx(|| format!("{}: building the decoder", f.display()))?),
+            Some(f) => Some(
+                Decoder::new(&cfg, vb.pp(Part::Decoder.prefix()))
+                    .ctx(|| format!("{}: building the decoder", f.display()))?,
+            ),
             None => None,
         };
-        Ok(Self { config: cfg, variant: ck.info.variant, encoder, decoder })
+        Ok(Self {
+            config: cfg,
+            variant: ck.info.variant,
+            encoder,
+            decoder,
+        })
     }
 
     /// Load any checkpoint file or folder (see [`load_checkpoint`]).
-    pub fn load(path: impl AsRef<Path>, expected: Option<Variant>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        path: impl AsRef<Path>,
+        expected: Option<Variant>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Self::from_checkpoint(&load_checkpoint(path, expected)?, dtype, device)
     }
 
     /// Load parts from several files, e.g. `taef2_encoder.pth` and `taef2_decoder.pth`.
-    pub fn load_files<P: AsRef<Path>>(paths: &[P], expected: Option<Variant>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load_files<P: AsRef<Path>>(
+        paths: &[P],
+        expected: Option<Variant>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Self::from_checkpoint(&load_checkpoints(paths, expected)?, dtype, device)
     }
 
     pub fn encoder(&self) -> Result<&Encoder> {
-        self.encoder.as_ref().ok_or_else(|| TaesdError::Other(format!("this {} has no encoder loaded", self.config)))
+        self.encoder
+            .as_ref()
+            .ok_or_else(|| TaesdError::Other(format!("this {} has no encoder loaded", self.config)))
     }
 
     pub fn decoder(&self) -> Result<&Decoder> {
-        self.decoder.as_ref().ok_or_else(|| TaesdError::Other(format!("this {} has no decoder loaded", self.config)))
+        self.decoder
+            .as_ref()
+            .ok_or_else(|| TaesdError::Other(format!("this {} has no decoder loaded", self.config)))
     }
 
     /// [0, 1] images -> scaled latents.

@@ -8,12 +8,14 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
 use taesd_schemas::{preset, LatentScaling};
 
 use crate::error::TaesdError;
 
-/// The released TAESD family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The released TAESD family. Serialised by name (`"taesdxl"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// Stable Diffusion 1.x/2.x, 4 latent channels.
     Taesd,
@@ -30,8 +32,14 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 6] =
-        [Variant::Taesd, Variant::Taesdxl, Variant::Taesd3, Variant::Taef1, Variant::Taef2, Variant::Taesana];
+    pub const ALL: [Variant; 6] = [
+        Variant::Taesd,
+        Variant::Taesdxl,
+        Variant::Taesd3,
+        Variant::Taef1,
+        Variant::Taef2,
+        Variant::Taesana,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,7 +54,12 @@ impl Variant {
 
     /// Parse a variant name (case-insensitive, `-`/`_` ignored: `TAESD-XL` is taesdxl).
     pub fn parse(s: &str) -> Option<Variant> {
-        let s: String = s.trim().chars().filter(|c| *c != '-' && *c != '_').collect::<String>().to_lowercase();
+        let s: String = s
+            .trim()
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect::<String>()
+            .to_lowercase();
         Variant::ALL.into_iter().find(|v| v.name() == s)
     }
 
@@ -74,7 +87,11 @@ impl Variant {
         TaesdConfig {
             latent_channels: self.latent_channels(),
             midblock_pool: self.has_midblock_pool(),
-            downscale: if self == Variant::Taesana { Downscale::X32 } else { Downscale::X8 },
+            downscale: if self == Variant::Taesana {
+                Downscale::X32
+            } else {
+                Downscale::X8
+            },
         }
     }
 
@@ -95,7 +112,10 @@ impl Variant {
             Variant::Taef1 => "flux1",
             Variant::Taef2 | Variant::Taesana => return None,
         };
-        preset(name).map(|p| LatentScaling { scale: p.scale, shift: p.shift })
+        preset(name).map(|p| LatentScaling {
+            scale: p.scale,
+            shift: p.shift,
+        })
     }
 
     /// A variant named in a file or folder name (`taesdxl_decoder.pth`, `taef1/`, `taesd3_...`),
@@ -122,7 +142,8 @@ impl FromStr for Variant {
 }
 
 /// Spatial factor between image and latent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Downscale {
     /// 8x: taesd.py's `Encoder` / `Decoder` (all variants but taesana).
     X8,
@@ -141,7 +162,7 @@ impl Downscale {
 
 /// What a TAESD network is built from. Any latent channel count is allowed (a TAESD for a VAE
 /// outside the named variants); the named ones come from [`Variant::config`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TaesdConfig {
     pub latent_channels: usize,
     /// TAEF2's `x + pool(x)` before the encoder's last three and the decoder's first three blocks.
@@ -152,7 +173,11 @@ pub struct TaesdConfig {
 impl TaesdConfig {
     /// The 8x taesd.py structure with `latent_channels` channels and no pool.
     pub fn custom(latent_channels: usize) -> TaesdConfig {
-        TaesdConfig { latent_channels, midblock_pool: false, downscale: Downscale::X8 }
+        TaesdConfig {
+            latent_channels,
+            midblock_pool: false,
+            downscale: Downscale::X8,
+        }
     }
 
     pub fn spatial_scale(&self) -> usize {
@@ -161,7 +186,10 @@ impl TaesdConfig {
 
     /// The named variants with exactly this structure (two for C=4 and C=16, none for a custom C).
     pub fn variants(&self) -> Vec<Variant> {
-        Variant::ALL.into_iter().filter(|v| v.config() == *self).collect()
+        Variant::ALL
+            .into_iter()
+            .filter(|v| v.config() == *self)
+            .collect()
     }
 
     /// The variant when the structure names exactly one.
@@ -185,7 +213,11 @@ impl TaesdConfig {
                 "custom (C={}, {}x{})",
                 self.latent_channels,
                 self.spatial_scale(),
-                if self.midblock_pool { ", mid-block pool" } else { "" }
+                if self.midblock_pool {
+                    ", mid-block pool"
+                } else {
+                    ""
+                }
             )
         } else {
             names.iter().map(|v| v.name()).collect::<Vec<_>>().join("/")
@@ -217,22 +249,61 @@ mod tests {
         }
         assert_eq!(Variant::parse("TAESD-XL"), Some(Variant::Taesdxl));
         assert!("taesd4".parse::<Variant>().is_err());
-        assert_eq!(Variant::from_file_name("taesdxl_decoder.pth"), Some(Variant::Taesdxl));
-        assert_eq!(Variant::from_file_name("/x/taef2_encoder.pth"), Some(Variant::Taef2));
-        assert_eq!(Variant::from_file_name("taesd_encoder.safetensors"), Some(Variant::Taesd));
+        assert_eq!(
+            Variant::from_file_name("taesdxl_decoder.pth"),
+            Some(Variant::Taesdxl)
+        );
+        assert_eq!(
+            Variant::from_file_name("/x/taef2_encoder.pth"),
+            Some(Variant::Taef2)
+        );
+        assert_eq!(
+            Variant::from_file_name("taesd_encoder.safetensors"),
+            Some(Variant::Taesd)
+        );
         assert_eq!(Variant::from_file_name("vae.pth"), None);
+        for v in Variant::ALL {
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{v}\""));
+        }
+        let cfg: TaesdConfig =
+            serde_json::from_str(&serde_json::to_string(&Variant::Taesana.config()).unwrap())
+                .unwrap();
+        assert_eq!(cfg, Variant::Taesana.config());
     }
 
     #[test]
     fn structure_of_each_variant() {
-        let c: Vec<_> = Variant::ALL.iter().map(|v| (v.latent_channels(), v.spatial_scale())).collect();
+        let c: Vec<_> = Variant::ALL
+            .iter()
+            .map(|v| (v.latent_channels(), v.spatial_scale()))
+            .collect();
         assert_eq!(c, [(4, 8), (4, 8), (16, 8), (16, 8), (32, 8), (32, 32)]);
-        assert_eq!(Variant::Taesd.config().variants(), [Variant::Taesd, Variant::Taesdxl]);
-        assert_eq!(Variant::Taef2.config().unique_variant(), Some(Variant::Taef2));
-        assert_eq!(Variant::Taesana.config().unique_variant(), Some(Variant::Taesana));
+        assert_eq!(
+            Variant::Taesd.config().variants(),
+            [Variant::Taesd, Variant::Taesdxl]
+        );
+        assert_eq!(
+            Variant::Taef2.config().unique_variant(),
+            Some(Variant::Taef2)
+        );
+        assert_eq!(
+            Variant::Taesana.config().unique_variant(),
+            Some(Variant::Taesana)
+        );
         assert_eq!(TaesdConfig::custom(8).unique_variant(), None);
-        let supported: Vec<_> = Variant::ALL.into_iter().filter(|v| v.diffusers_supported()).collect();
-        assert_eq!(supported, [Variant::Taesd, Variant::Taesdxl, Variant::Taesd3, Variant::Taef1]);
+        let supported: Vec<_> = Variant::ALL
+            .into_iter()
+            .filter(|v| v.diffusers_supported())
+            .collect();
+        assert_eq!(
+            supported,
+            [
+                Variant::Taesd,
+                Variant::Taesdxl,
+                Variant::Taesd3,
+                Variant::Taef1
+            ]
+        );
         assert_eq!(Variant::Taesdxl.vae_scaling().unwrap().scale, 0.13025);
         assert_eq!(Variant::Taef1.vae_scaling().unwrap().shift, 0.1159);
         assert!(Variant::Taef2.vae_scaling().is_none());

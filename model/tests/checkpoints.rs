@@ -7,8 +7,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use taesd::{
-    load_checkpoint, load_checkpoints, read_tensor_file, save_tensors, save_varmap, varmap_tensors, Layout, SaveOptions,
-    Taesd, TaesdConfig, TaesdError, Variant,
+    load_checkpoint, load_checkpoints, read_tensor_file, save_tensors, save_varmap, varmap_tensors,
+    Layout, SaveOptions, Taesd, TaesdConfig, TaesdError, Variant,
 };
 
 const REF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference");
@@ -18,7 +18,10 @@ fn random_varmap(cfg: &TaesdConfig, dtype: DType) -> VarMap {
     let vm = VarMap::new();
     Taesd::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
     for (_, v) in vm.data().lock().unwrap().iter() {
-        let r = Tensor::randn(0f32, 1f32, v.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let r = Tensor::randn(0f32, 1f32, v.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         v.set(&r).unwrap();
     }
     vm
@@ -26,8 +29,18 @@ fn random_varmap(cfg: &TaesdConfig, dtype: DType) -> VarMap {
 
 fn bits(t: &Tensor) -> (DType, Vec<usize>, Vec<u32>) {
     // f16/bf16 -> f32 is exact, so equal f32 bits mean equal stored bits.
-    let v = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-    (t.dtype(), t.dims().to_vec(), v.into_iter().map(f32::to_bits).collect())
+    let v = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    (
+        t.dtype(),
+        t.dims().to_vec(),
+        v.into_iter().map(f32::to_bits).collect(),
+    )
 }
 
 fn assert_same(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &str) {
@@ -64,10 +77,16 @@ fn every_layout_round_trips_bit_exact() {
             for layout in Layout::ALL {
                 let dir = tmp.path().join(format!("{dtype:?}"));
                 let dest = save_dest(&dir, layout, v);
-                let opts = SaveOptions { variant: Some(v), ..Default::default() };
+                let opts = SaveOptions {
+                    variant: Some(v),
+                    ..Default::default()
+                };
                 let saved = save_varmap(&vm, &cfg, layout, &dest, &opts);
                 if layout == Layout::Diffusers && !v.diffusers_supported() {
-                    assert!(matches!(saved, Err(TaesdError::UnsupportedLayout { .. })), "{v} diffusers: {saved:?}");
+                    assert!(
+                        matches!(saved, Err(TaesdError::UnsupportedLayout { .. })),
+                        "{v} diffusers: {saved:?}"
+                    );
                     continue;
                 }
                 let files = saved.unwrap();
@@ -98,14 +117,21 @@ fn diffusers_files_are_named_as_autoencoder_tiny() {
     let dir = tmp.path().join("taef1");
     save_varmap(&vm, &cfg, Layout::Diffusers, &dir, &SaveOptions::default()).unwrap();
     let f = read_tensor_file(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
-    for n in ["encoder.layers.0.weight", "encoder.layers.14.bias", "decoder.layers.0.weight", "decoder.layers.18.bias", "decoder.layers.16.weight"] {
+    for n in [
+        "encoder.layers.0.weight",
+        "encoder.layers.14.bias",
+        "decoder.layers.0.weight",
+        "decoder.layers.18.bias",
+        "decoder.layers.16.weight",
+    ] {
         assert!(f.tensors.contains_key(n), "{n}");
     }
     assert!(!f.tensors.contains_key("decoder.layers.19.bias"));
     assert_eq!(f.tensors["decoder.layers.0.weight"].dims(), [64, 16, 3, 3]);
     let v = &vm.data().lock().unwrap()["decoder.3.conv.0.weight"];
     assert!(bits(&f.tensors["decoder.layers.2.conv.0.weight"]) == bits(v.as_tensor()));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["_class_name"], "AutoencoderTiny");
     assert_eq!(config["latent_channels"], 16);
     assert_eq!(config["scaling_factor"], 1.0);
@@ -113,7 +139,8 @@ fn diffusers_files_are_named_as_autoencoder_tiny() {
     let plain: HashMap<String, Tensor> = f.tensors.clone();
     let bare = tmp.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
-    candle_core::safetensors::save(&plain, bare.join("diffusion_pytorch_model.safetensors")).unwrap();
+    candle_core::safetensors::save(&plain, bare.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
     std::fs::copy(dir.join("config.json"), bare.join("config.json")).unwrap();
     let ck = load_checkpoint(&bare, None).unwrap();
     assert_eq!((ck.info.variant, ck.info.config), (None, cfg));
@@ -125,7 +152,10 @@ fn diffusers_files_are_named_as_autoencoder_tiny() {
     for f in ["diffusion_pytorch_model.safetensors", "config.json"] {
         std::fs::copy(bare.join(f), pipe.join("vae").join(f)).unwrap();
     }
-    assert_eq!(load_checkpoint(&pipe, None).unwrap().info.variant, Some(Variant::Taef1));
+    assert_eq!(
+        load_checkpoint(&pipe, None).unwrap().info.variant,
+        Some(Variant::Taef1)
+    );
 }
 
 #[test]
@@ -134,9 +164,22 @@ fn comfyui_file_carries_vae_scaling() {
     let cfg = Variant::Taesd3.config();
     let vm = random_varmap(&cfg, DType::F16);
     let path = tmp.path().join("x.safetensors");
-    save_varmap(&vm, &cfg, Layout::ComfyUi, &path, &SaveOptions { variant: Some(Variant::Taesd3), ..Default::default() }).unwrap();
+    save_varmap(
+        &vm,
+        &cfg,
+        Layout::ComfyUi,
+        &path,
+        &SaveOptions {
+            variant: Some(Variant::Taesd3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let f = read_tensor_file(&path).unwrap();
-    assert!(f.tensors.contains_key("taesd_encoder.0.weight") && f.tensors.contains_key("taesd_decoder.19.bias"));
+    assert!(
+        f.tensors.contains_key("taesd_encoder.0.weight")
+            && f.tensors.contains_key("taesd_decoder.19.bias")
+    );
     assert_eq!(f.tensors["vae_scale"].to_scalar::<f32>().unwrap(), 1.5305);
     assert_eq!(f.tensors["vae_shift"].to_scalar::<f32>().unwrap(), 0.0609);
     let ck = load_checkpoint(&path, None).unwrap();
@@ -153,24 +196,52 @@ fn released_pth_round_trips_through_every_layout() {
     for layout in [Layout::TaesdPy, Layout::ComfyUi, Layout::Combined] {
         let dest = save_dest(tmp.path(), layout, Variant::Taef2);
         let files = orig.save(layout, &dest, &SaveOptions::default()).unwrap();
-        let back = if layout == Layout::TaesdPy { load_checkpoints(&files, None).unwrap() } else { load_checkpoint(&dest, None).unwrap() };
+        let back = if layout == Layout::TaesdPy {
+            load_checkpoints(&files, None).unwrap()
+        } else {
+            load_checkpoint(&dest, None).unwrap()
+        };
         assert_eq!(back.info.variant, Some(Variant::Taef2));
-        assert_same(&orig.tensors, &back.tensors, &format!("taef2 pth -> {layout}"));
+        assert_same(
+            &orig.tensors,
+            &back.tensors,
+            &format!("taef2 pth -> {layout}"),
+        );
     }
     // fp16 -> f32 VarMap (fine-tuning) -> saved back as fp16: the original bits.
-    let (vm, info) = taesd::load_varmap(format!("{REF}/taesana/taesana_encoder.pth"), None, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!((info.variant, info.has_encoder(), info.has_decoder()), (Some(Variant::Taesana), true, false));
+    let (vm, info) = taesd::load_varmap(
+        format!("{REF}/taesana/taesana_encoder.pth"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        (info.variant, info.has_encoder(), info.has_decoder()),
+        (Some(Variant::Taesana), true, false)
+    );
     let dest = tmp.path().join("sana");
-    let opts = SaveOptions { dtype: Some(DType::F16), variant: info.variant, ..Default::default() };
+    let opts = SaveOptions {
+        dtype: Some(DType::F16),
+        variant: info.variant,
+        ..Default::default()
+    };
     let files = save_varmap(&vm, &info.config, Layout::TaesdPy, &dest, &opts).unwrap();
     assert_eq!(files, [tmp.path().join("sana_encoder.safetensors")]);
     let back = load_checkpoint(&files[0], None).unwrap();
     let orig = load_checkpoint(format!("{REF}/taesana/taesana_encoder.pth"), None).unwrap();
     assert_same(&orig.tensors, &back.tensors, "taesana f16 -> f32 -> f16");
     // The diffusers layout refuses taef2 with a clear error.
-    let err = load_checkpoint(format!("{REF}/taef2"), None).unwrap().save(Layout::Diffusers, tmp.path().join("d"), &SaveOptions::default());
+    let err = load_checkpoint(format!("{REF}/taef2"), None).unwrap().save(
+        Layout::Diffusers,
+        tmp.path().join("d"),
+        &SaveOptions::default(),
+    );
     let msg = err.unwrap_err().to_string();
-    assert!(msg.contains("diffusers") && msg.contains("taef2") && msg.contains("pool"), "{msg}");
+    assert!(
+        msg.contains("diffusers") && msg.contains("taef2") && msg.contains("pool"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -180,7 +251,10 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
     let lie = tmp.path().join("taesd_encoder.pth");
     std::fs::copy(format!("{REF}/taef2/taef2_encoder.pth"), &lie).unwrap();
     let ck = load_checkpoint(&lie, None).unwrap();
-    assert_eq!((ck.info.variant, ck.info.has_encoder()), (Some(Variant::Taef2), true));
+    assert_eq!(
+        (ck.info.variant, ck.info.has_encoder()),
+        (Some(Variant::Taef2), true)
+    );
     // A decoder file named "encoder" is still a decoder.
     let lie = tmp.path().join("model_encoder.pth");
     std::fs::copy(format!("{REF}/taef2/taef2_decoder.pth"), &lie).unwrap();
@@ -189,8 +263,17 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
     // No metadata, neutral names: C=4 is taesd or taesdxl, the name decides when it can.
     let cfg = Variant::Taesd.config();
     let t = varmap_tensors(&random_varmap(&cfg, DType::F32));
-    let enc: HashMap<String, Tensor> = t.iter().filter_map(|(n, t)| n.strip_prefix("encoder.").map(|n| (n.to_string(), t.clone()))).collect();
-    for (name, want) in [("model_encoder.safetensors", None), ("taesdxl_encoder.safetensors", Some(Variant::Taesdxl))] {
+    let enc: HashMap<String, Tensor> = t
+        .iter()
+        .filter_map(|(n, t)| {
+            n.strip_prefix("encoder.")
+                .map(|n| (n.to_string(), t.clone()))
+        })
+        .collect();
+    for (name, want) in [
+        ("model_encoder.safetensors", None),
+        ("taesdxl_encoder.safetensors", Some(Variant::Taesdxl)),
+    ] {
         let p = tmp.path().join(name);
         candle_core::safetensors::save(&enc, &p).unwrap();
         let ck = load_checkpoint(&p, None).unwrap();
@@ -199,17 +282,37 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
     // A custom channel count is a config without a variant.
     let custom = TaesdConfig::custom(8);
     let p = tmp.path().join("c8.safetensors");
-    save_varmap(&random_varmap(&custom, DType::F32), &custom, Layout::Combined, &p, &SaveOptions::default()).unwrap();
+    save_varmap(
+        &random_varmap(&custom, DType::F32),
+        &custom,
+        Layout::Combined,
+        &p,
+        &SaveOptions::default(),
+    )
+    .unwrap();
     let ck = load_checkpoint(&p, None).unwrap();
     assert_eq!((ck.info.config, ck.info.variant), (custom, None));
 }
 
 /// Save a taesd diffusers checkpoint, rewrite its weights with `edit`, and load it.
-fn load_edited(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> (std::path::PathBuf, taesd::Result<taesd::Checkpoint>, tempfile::TempDir) {
+fn load_edited(
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+) -> (
+    std::path::PathBuf,
+    taesd::Result<taesd::Checkpoint>,
+    tempfile::TempDir,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Variant::Taesd.config();
     let dir = tmp.path().join("taesd-diffusers");
-    save_varmap(&random_varmap(&cfg, DType::F32), &cfg, Layout::Diffusers, &dir, &SaveOptions::default()).unwrap();
+    save_varmap(
+        &random_varmap(&cfg, DType::F32),
+        &cfg,
+        Layout::Diffusers,
+        &dir,
+        &SaveOptions::default(),
+    )
+    .unwrap();
     let file = dir.join("diffusion_pytorch_model.safetensors");
     let mut t = read_tensor_file(&file).unwrap().tensors;
     edit(&mut t);
@@ -226,30 +329,57 @@ fn bad_checkpoints_name_the_tensor_and_the_file() {
     let err = r.unwrap_err();
     println!("{err}");
     match &err {
-        TaesdError::MissingTensor { file: f, name, .. } => assert_eq!((f, name.as_str()), (&file, "decoder.layers.4.conv.2.bias")),
+        TaesdError::MissingTensor { file: f, name, .. } => {
+            assert_eq!((f, name.as_str()), (&file, "decoder.layers.4.conv.2.bias"))
+        }
         e => panic!("{e:?}"),
     }
-    assert!(err.to_string().contains("diffusion_pytorch_model.safetensors") && err.to_string().contains("decoder.layers.4.conv.2.bias"));
+    assert!(
+        err.to_string()
+            .contains("diffusion_pytorch_model.safetensors")
+            && err.to_string().contains("decoder.layers.4.conv.2.bias")
+    );
 
     let (file, r, _tmp) = load_edited(|t| {
-        t.insert("encoder.layers.3.conv.0.weight".into(), Tensor::zeros((64, 64, 1, 1), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "encoder.layers.3.conv.0.weight".into(),
+            Tensor::zeros((64, 64, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = r.unwrap_err();
     println!("{err}");
     match &err {
-        TaesdError::ShapeMismatch { file: f, name, expected, got, .. } => {
-            assert_eq!((f, name.as_str()), (&file, "encoder.layers.3.conv.0.weight"));
-            assert_eq!((expected.as_slice(), got.as_slice()), (&[64, 64, 3, 3][..], &[64, 64, 1, 1][..]));
+        TaesdError::ShapeMismatch {
+            file: f,
+            name,
+            expected,
+            got,
+            ..
+        } => {
+            assert_eq!(
+                (f, name.as_str()),
+                (&file, "encoder.layers.3.conv.0.weight")
+            );
+            assert_eq!(
+                (expected.as_slice(), got.as_slice()),
+                (&[64, 64, 3, 3][..], &[64, 64, 1, 1][..])
+            );
         }
         e => panic!("{e:?}"),
     }
 
     let (_, r, _tmp) = load_edited(|t| {
-        t.insert("encoder.layers.1.skip.weight".into(), Tensor::zeros((64, 64, 1, 1), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "encoder.layers.1.skip.weight".into(),
+            Tensor::zeros((64, 64, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = r.unwrap_err();
     println!("{err}");
-    assert!(matches!(&err, TaesdError::UnexpectedTensor { name, .. } if name == "encoder.layers.1.skip.weight"), "{err:?}");
+    assert!(
+        matches!(&err, TaesdError::UnexpectedTensor { name, .. } if name == "encoder.layers.1.skip.weight"),
+        "{err:?}"
+    );
 
     // The latent-channel tensor itself missing.
     let (_, r, _tmp) = load_edited(|t| {
@@ -257,18 +387,33 @@ fn bad_checkpoints_name_the_tensor_and_the_file() {
     });
     let err = r.unwrap_err();
     println!("{err}");
-    assert!(matches!(&err, TaesdError::MissingTensor { name, .. } if name == "decoder.layers.0.weight"), "{err:?}");
+    assert!(
+        matches!(&err, TaesdError::MissingTensor { name, .. } if name == "decoder.layers.0.weight"),
+        "{err:?}"
+    );
 
     // config.json that disagrees with the weights.
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Variant::Taesd.config();
     let dir = tmp.path().join("d");
-    save_varmap(&random_varmap(&cfg, DType::F32), &cfg, Layout::Diffusers, &dir, &SaveOptions::default()).unwrap();
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"latent_channels\": 4", "\"latent_channels\": 16");
+    save_varmap(
+        &random_varmap(&cfg, DType::F32),
+        &cfg,
+        Layout::Diffusers,
+        &dir,
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"latent_channels\": 4", "\"latent_channels\": 16");
     std::fs::write(dir.join("config.json"), text).unwrap();
     let err = load_checkpoint(&dir, None).unwrap_err();
     println!("{err}");
-    assert!(matches!(&err, TaesdError::Config { .. }) && err.to_string().contains("latent_channels"), "{err:?}");
+    assert!(
+        matches!(&err, TaesdError::Config { .. }) && err.to_string().contains("latent_channels"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -276,26 +421,53 @@ fn wrong_variant_and_foreign_files_are_refused() {
     let enc = format!("{REF}/taef2/taef2_encoder.pth");
     let err = load_checkpoint(&enc, Some(Variant::Taesd)).unwrap_err();
     println!("{err}");
-    assert!(matches!(&err, TaesdError::WrongVariant { expected, .. } if expected == "taesd"), "{err:?}");
+    assert!(
+        matches!(&err, TaesdError::WrongVariant { expected, .. } if expected == "taesd"),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("taef2_encoder.pth") && err.to_string().contains("taef2"));
     // The variant's structure must match even where the name is compatible-looking.
-    assert!(load_checkpoint(format!("{REF}/taesana/taesana_encoder.pth"), Some(Variant::Taef2)).is_err());
+    assert!(load_checkpoint(
+        format!("{REF}/taesana/taesana_encoder.pth"),
+        Some(Variant::Taef2)
+    )
+    .is_err());
     // An encoder of one variant with a decoder of another.
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Variant::Taesd.config();
-    let files = save_varmap(&random_varmap(&cfg, DType::F16), &cfg, Layout::TaesdPy, tmp.path().join("x"), &SaveOptions::default()).unwrap();
+    let files = save_varmap(
+        &random_varmap(&cfg, DType::F16),
+        &cfg,
+        Layout::TaesdPy,
+        tmp.path().join("x"),
+        &SaveOptions::default(),
+    )
+    .unwrap();
     let err = load_checkpoints(&[enc.clone(), files[1].display().to_string()], None).unwrap_err();
     println!("{err}");
-    assert!(err.to_string().contains("taef2") && err.to_string().contains("taesd"), "{err}");
+    assert!(
+        err.to_string().contains("taef2") && err.to_string().contains("taesd"),
+        "{err}"
+    );
     // Not a TAESD checkpoint.
     let p = tmp.path().join("other.safetensors");
-    let t = HashMap::from([("model.weight".to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())]);
+    let t = HashMap::from([(
+        "model.weight".to_string(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    )]);
     candle_core::safetensors::save(&t, &p).unwrap();
     let err = load_checkpoint(&p, None).unwrap_err();
     println!("{err}");
     assert!(matches!(err, TaesdError::UnknownLayout { .. }));
     // Saving the wrong structure under a variant's name.
-    let err = save_tensors(&varmap_tensors(&random_varmap(&cfg, DType::F32)), &Variant::Taef1.config(), Layout::Combined, tmp.path().join("y.safetensors"), &SaveOptions::default()).unwrap_err();
+    let err = save_tensors(
+        &varmap_tensors(&random_varmap(&cfg, DType::F32)),
+        &Variant::Taef1.config(),
+        Layout::Combined,
+        tmp.path().join("y.safetensors"),
+        &SaveOptions::default(),
+    )
+    .unwrap_err();
     println!("{err}");
     assert!(matches!(err, TaesdError::ShapeMismatch { .. }));
 }
@@ -315,6 +487,9 @@ fn diffusers_named_taef2_weights_load() {
     let p = tmp.path().join("taef2.safetensors");
     candle_core::safetensors::save(&renamed, &p).unwrap();
     let ck = load_checkpoint(&p, None).unwrap();
-    assert_eq!((ck.info.layout, ck.info.variant), (Layout::Diffusers, Some(Variant::Taef2)));
+    assert_eq!(
+        (ck.info.layout, ck.info.variant),
+        (Layout::Diffusers, Some(Variant::Taef2))
+    );
     assert_same(&orig.tensors, &ck.tensors, "taef2 diffusers-named");
 }

@@ -14,14 +14,26 @@ fn reference() -> std::collections::HashMap<String, Tensor> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn taef2_encoder_and_decoder_match_reference() {
     let r = reference();
     let dev = Device::Cpu;
-    let files = [format!("{REF}/taef2/taef2_encoder.pth"), format!("{REF}/taef2/taef2_decoder.pth")];
+    let files = [
+        format!("{REF}/taef2/taef2_encoder.pth"),
+        format!("{REF}/taef2/taef2_decoder.pth"),
+    ];
     let model = Taesd::load_files(&files, None, DType::F32, &dev).unwrap();
     assert_eq!(model.variant, Some(Variant::Taef2));
     assert_eq!(model.config, Variant::Taef2.config());
@@ -47,12 +59,21 @@ fn taef2_encoder_and_decoder_match_reference() {
 #[test]
 fn taesana_encoder_matches_reference() {
     let r = reference();
-    let model = Taesd::load(format!("{REF}/taesana/taesana_encoder.pth"), None, DType::F32, &Device::Cpu).unwrap();
+    let model = Taesd::load(
+        format!("{REF}/taesana/taesana_encoder.pth"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(model.variant, Some(Variant::Taesana));
     assert!(model.decoder.is_none());
     let latent = model.encode(&r["image_a"]).unwrap();
     let e = max_abs(&latent, &r["taesana_latent_a"]);
-    println!("taesana image_a [1, 3, 256, 256] -> {:?}: encoder max|err| = {e:.3e} (tol {TOL:.0e})", latent.dims());
+    println!(
+        "taesana image_a [1, 3, 256, 256] -> {:?}: encoder max|err| = {e:.3e} (tol {TOL:.0e})",
+        latent.dims()
+    );
     assert!(e <= TOL, "taesana encoder: {e}");
 }
 
