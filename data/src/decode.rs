@@ -341,14 +341,15 @@ fn to_rgb8_over_background(img: DynamicImage) -> RgbImage {
             image::Rgb([mix(r, bg[0]), mix(g, bg[1]), mix(b, bg[2])])
         })
     } else {
-        // 16-bit or float with alpha: composite at full precision, round once.
-        let rgba = img.into_rgba32f();
+        // 16-bit with alpha: composite at 16 bits and round once to 8 (integers, 8 bytes/pixel).
+        const MAX: u64 = 65535;
+        let rgba = img.into_rgba16();
         RgbImage::from_fn(w, h, |x, y| {
             let [r, g, b, a] = rgba.get_pixel(x, y).0;
-            let a = a.clamp(0.0, 1.0);
-            let mix = |c: f32, k: u8| {
-                let v = c.clamp(0.0, 1.0) * a + (k as f32 / 255.0) * (1.0 - a);
-                (v * 255.0 + 0.5) as u8
+            let a = a as u64;
+            let mix = |c: u16, k: u8| {
+                let num = c as u64 * a + k as u64 * 257 * (MAX - a); // in units of 1 / 65535^2
+                ((num * 255 + MAX * MAX / 2) / (MAX * MAX)) as u8
             };
             image::Rgb([mix(r, bg[0]), mix(g, bg[1]), mix(b, bg[2])])
         })
