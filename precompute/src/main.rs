@@ -1,1 +1,18 @@
-fn main() {}
+use clap::Parser;
+use precompute::cli::{Cli, Command};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Some(Command::Inspect { dir, max_rows }) => precompute::inspect::inspect(dir, *max_rows).map(|r| r.print()),
+        None => precompute::run(&cli.run).map(|s| s.print()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,414 @@
+//! The precompute pipeline: three stages joined by bounded queues, so memory stays bounded
+//! whatever the folder size.
+//!
+//! ```text
+//!  producer (rayon pool, --workers)   teacher thread (ORT)        writer thread
+//!  read + sha256 + decode + crop  ->  batches of --batch-size ->  rows -> shard files (temp +
+//!  + augment + encode stored image    samples, per shard          rename), manifest, progress
+//! ```
+//!
+//! Batches never straddle a shard, so a shard's content does not depend on which shards were
+//! already done: a resumed run writes the same rows as an uninterrupted one.
+
+use crate::teacher::Teacher;
+use anyhow::{anyhow, Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use taesd_data::{
+    decode_rgb8, decode_stored_image, encode_image, make_samples, read_bytes, write_shard, AugmentConfig, CropRect,
+    DecodeLimits, InputItem, ShardFileMeta, ShardRow,
+};
+use taesd_schemas::conventions::u8_to_unit;
+use taesd_schemas::shard::shard_file_name;
+use taesd_schemas::{ErrorRecord, ImageFormat, LatentDtype, ShardEntry, VaeSpec};
+
+use crate::output::OutputDir;
+
+/// Settings of one pipeline run.
+#[derive(Clone)]
+pub struct PipelineConfig {
+    pub batch_size: usize,
+    pub workers: usize,
+    pub augment: AugmentConfig,
+    pub image_format: ImageFormat,
+    pub jpeg_quality: u8,
+    pub limits: DecodeLimits,
+    pub latent_dtype: LatentDtype,
+    pub vae: VaeSpec,
+    pub onnx_sha256: String,
+    pub progress: bool,
+}
+
+/// One crop of one input, ready for the teacher.
+struct PreparedSample {
+    variant: u32,
+    crop: CropRect,
+    flip: bool,
+    color_aug: bool,
+    /// The stored encoding of the image.
+    image: Vec<u8>,
+    /// `3 x N x N` in [0, 1]: exactly the pixels `image` decodes to.
+    pixels: Vec<f32>,
+}
+
+struct PreparedInput {
+    source: String,
+    key: String,
+    sha256: String,
+    width: u32,
+    height: u32,
+    samples: Vec<PreparedSample>,
+}
+
+enum Work {
+    Input(PreparedInput),
+    Failed(ErrorRecord),
+    ShardEnd(u32),
+}
+
+/// Teacher output for one input: its rows and the samples that failed.
+enum Done {
+    Input { rows: Vec<ShardRow>, errors: Vec<ErrorRecord> },
+    Failed(ErrorRecord),
+    ShardEnd(u32),
+}
+
+/// What one run did.
+#[derive(Debug, Default, Clone)]
+pub struct RunStats {
+    pub inputs: u64,
+    pub rows: u64,
+    pub shards_written: u32,
+    pub errors: Vec<ErrorRecord>,
+    pub elapsed: Duration,
+    /// Time the teacher spent inside `Session::run` (and input/output conversion).
+    pub teacher_busy: Duration,
+}
+
+fn err(source: &str, stage: &str, reason: impl ToString) -> ErrorRecord {
+    ErrorRecord { source: source.to_string(), stage: stage.to_string(), reason: reason.to_string() }
+}
+
+/// Read, decode, crop/augment and encode one input (runs in the rayon pool).
+fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, ErrorRecord> {
+    let bytes = read_bytes(item).map_err(|e| err(&item.source, "read", e))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let rgb = decode_rgb8(&bytes, &cfg.limits).map_err(|e| err(&item.source, "decode", e))?;
+    drop(bytes);
+    let (width, height) = rgb.dimensions();
+    let samples = make_samples(&rgb, &item.source, &cfg.augment)
+        .into_iter()
+        .map(|s| {
+            let image = encode_image(&s.rgb, cfg.image_format, cfg.jpeg_quality).map_err(|e| err(&item.source, "encode", format!("{e:#}")))?;
+            // The teacher must see exactly what a reader of the shard will decode.
+            let seen = match cfg.image_format {
+                ImageFormat::Png => s.rgb,
+                ImageFormat::Jpeg => decode_stored_image(&image).map_err(|e| err(&item.source, "encode", format!("{e:#}")))?,
+            };
+            Ok(PreparedSample { variant: s.variant, crop: s.crop, flip: s.flip, color_aug: s.color_aug, image, pixels: to_chw_unit(&seen) })
+        })
+        .collect::<Result<Vec<_>, ErrorRecord>>()?;
+    Ok(PreparedInput { source: item.source.clone(), key: item.key.clone(), sha256, width, height, samples })
+}
+
+/// HWC u8 -> CHW f32 in [0, 1].
+fn to_chw_unit(img: &image::RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = u8_to_unit(px[c]);
+        }
+    }
+    out
+}
+
+/// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`.
+pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut OutputDir, cfg: &PipelineConfig) -> Result<RunStats> {
+    let total_inputs: u64 = shards.iter().map(|(_, v)| v.len() as u64).sum();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.workers.max(1))
+        .thread_name(|i| format!("decode-{i}"))
+        .build()?;
+    let chunk = (cfg.batch_size * 2).max(cfg.workers * 2).max(16);
+    let (work_tx, work_rx) = bounded::<Work>(chunk * 2);
+    let (done_tx, done_rx) = bounded::<Done>(chunk * 2);
+    let bar = progress_bar(total_inputs, cfg.progress);
+    let start = Instant::now();
+
+    let stats = std::thread::scope(|scope| -> Result<RunStats> {
+        let producer = scope.spawn(|| {
+            let work_tx = work_tx;
+            for (index, items) in &shards {
+                for part in items.chunks(chunk) {
+                    let prepared: Vec<Work> = pool.install(|| {
+                        use rayon::prelude::*;
+                        part.par_iter()
+                            .map(|it| match prepare(it, cfg) {
+                                Ok(p) => Work::Input(p),
+                                Err(e) => Work::Failed(e),
+                            })
+                            .collect()
+                    });
+                    for w in prepared {
+                        if work_tx.send(w).is_err() {
+                            return; // a later stage stopped; its error is reported
+                        }
+                    }
+                }
+                if work_tx.send(Work::ShardEnd(*index)).is_err() {
+                    return;
+                }
+            }
+        });
+        let teacher_thread = scope.spawn(move || teacher_stage(&mut teacher, work_rx, done_tx, cfg.batch_size));
+        let writer_result = writer_stage(out, done_rx, cfg, &bar);
+        let teacher_result = teacher_thread.join().map_err(|_| anyhow!("teacher thread panicked"))?;
+        producer.join().map_err(|_| anyhow!("decode thread panicked"))?;
+        let teacher_busy = teacher_result?;
+        let mut stats = writer_result?;
+        stats.teacher_busy = teacher_busy;
+        Ok(stats)
+    });
+    bar.finish_and_clear();
+    let mut stats = stats?;
+    stats.elapsed = start.elapsed();
+    Ok(stats)
+}
+
+fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// A prepared input whose samples are (partly) encoded.
+enum InFlight {
+    Input { input: PreparedInput, out: Vec<Option<SampleOut>> },
+    Failed(ErrorRecord),
+}
+
+type SampleOut = Result<(Vec<f32>, Option<Vec<f32>>, [usize; 3]), ErrorRecord>;
+
+/// Orders samples into teacher batches and hands finished inputs on, in input order.
+struct Batcher<'t> {
+    teacher: &'t mut Teacher,
+    queue: VecDeque<InFlight>,
+    /// Next sample to encode: (index into queue, sample index).
+    cursor: (usize, usize),
+    batch: usize,
+    busy: Duration,
+}
+
+impl Batcher<'_> {
+    /// Samples queued but not yet encoded.
+    fn pending(&self) -> usize {
+        self.queue
+            .iter()
+            .enumerate()
+            .skip(self.cursor.0)
+            .map(|(i, f)| match f {
+                InFlight::Input { input, .. } => input.samples.len() - if i == self.cursor.0 { self.cursor.1 } else { 0 },
+                InFlight::Failed(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Encode the next `n` samples (fewer at the end of the queue).
+    fn run_batch(&mut self, n: usize) -> Result<()> {
+        let mut slots = Vec::with_capacity(n);
+        let mut pixels: Vec<f32> = Vec::new();
+        let mut side = 0usize;
+        while slots.len() < n {
+            match self.queue.get(self.cursor.0) {
+                Some(InFlight::Input { input, .. }) if self.cursor.1 < input.samples.len() => {
+                    let s = &input.samples[self.cursor.1];
+                    side = sample_side(s);
+                    pixels.extend_from_slice(&s.pixels);
+                    slots.push(self.cursor);
+                    self.cursor.1 += 1;
+                }
+                Some(_) => self.cursor = (self.cursor.0 + 1, 0),
+                None => break,
+            }
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let enc = self.teacher.encode(&pixels, slots.len(), side, side)?;
+        self.busy += t0.elapsed();
+        let per = enc.shape.iter().product::<usize>();
+        for (j, (qi, si)) in slots.into_iter().enumerate() {
+            if let InFlight::Input { input, out } = &mut self.queue[qi] {
+                let mean = enc.mean[j * per..(j + 1) * per].to_vec();
+                let std = enc.std.as_ref().map(|s| s[j * per..(j + 1) * per].to_vec());
+                let finite = mean.iter().all(|x| x.is_finite()) && std.as_ref().is_none_or(|s| s.iter().all(|x| x.is_finite()));
+                out[si] = Some(if finite {
+                    Ok((mean, std, enc.shape))
+                } else {
+                    Err(err(
+                        &input.source,
+                        "latent",
+                        format!(
+                            "teacher produced NaN/inf latents for variant {} (an fp16 VAE that overflows? use sdxl-fp16-fix or an fp32 export)",
+                            input.samples[si].variant
+                        ),
+                    ))
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Send every finished input at the front of the queue. False when the writer has stopped.
+    fn emit_ready(&mut self, tx: &Sender<Done>) -> bool {
+        while let Some(front) = self.queue.front() {
+            let ready = match front {
+                InFlight::Input { out, .. } => out.iter().all(|o| o.is_some()),
+                InFlight::Failed(_) => true,
+            };
+            if !ready {
+                break;
+            }
+            let done = match self.queue.pop_front().expect("front exists") {
+                InFlight::Failed(e) => Done::Failed(e),
+                InFlight::Input { input, out } => finish_input(input, out),
+            };
+            // The cursor is relative to the front. A popped front was fully encoded, so a cursor
+            // still on it stands at its end: the next sample is the new front's first.
+            self.cursor = if self.cursor.0 > 0 { (self.cursor.0 - 1, self.cursor.1) } else { (0, 0) };
+            if tx.send(done).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn sample_side(s: &PreparedSample) -> usize {
+    ((s.pixels.len() / 3) as f64).sqrt().round() as usize
+}
+
+/// Batch samples through the teacher, in order; flush at every shard end. Returns the time spent
+/// in the teacher.
+fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<Duration> {
+    let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
+    let mut b = Batcher { teacher, queue: VecDeque::new(), cursor: (0, 0), batch, busy: Duration::ZERO };
+    for work in rx {
+        match work {
+            Work::Input(input) => {
+                let n = input.samples.len();
+                b.queue.push_back(InFlight::Input { input, out: (0..n).map(|_| None).collect() });
+            }
+            Work::Failed(e) => b.queue.push_back(InFlight::Failed(e)),
+            Work::ShardEnd(index) => {
+                while b.pending() > 0 {
+                    b.run_batch(b.batch)?;
+                }
+                if !b.emit_ready(&tx) || tx.send(Done::ShardEnd(index)).is_err() {
+                    return Ok(b.busy);
+                }
+                b.cursor = (0, 0);
+                continue;
+            }
+        }
+        while b.pending() >= b.batch {
+            b.run_batch(b.batch)?;
+        }
+        if !b.emit_ready(&tx) {
+            return Ok(b.busy);
+        }
+    }
+    Ok(b.busy)
+}
+
+fn finish_input(input: PreparedInput, out: Vec<Option<SampleOut>>) -> Done {
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for (s, o) in input.samples.into_iter().zip(out) {
+        let side = sample_side(&s) as u32;
+        match o.expect("encoded") {
+            Ok((latent, latent_std, shape)) => rows.push(ShardRow {
+                key: input.key.clone(),
+                source: input.source.clone(),
+                source_sha256: input.sha256.clone(),
+                source_width: input.width,
+                source_height: input.height,
+                variant: s.variant,
+                crop: s.crop,
+                flip: s.flip,
+                color_aug: s.color_aug,
+                width: side,
+                height: side,
+                image: s.image,
+                latent,
+                latent_shape: [shape[0] as u32, shape[1] as u32, shape[2] as u32],
+                latent_std,
+            }),
+            Err(e) => errors.push(e),
+        }
+    }
+    Done::Input { rows, errors }
+}
+
+/// Collect rows per shard and write each shard when its end marker arrives.
+fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+    let mut stats = RunStats::default();
+    let mut rows: Vec<ShardRow> = Vec::new();
+    let mut errors: Vec<ErrorRecord> = Vec::new();
+    let mut inputs = 0u64;
+    for done in rx {
+        match done {
+            Done::Input { rows: r, errors: e } => {
+                rows.extend(r);
+                errors.extend(e);
+                inputs += 1;
+                bar.inc(1);
+            }
+            Done::Failed(e) => {
+                errors.push(e);
+                inputs += 1;
+                bar.inc(1);
+            }
+            Done::ShardEnd(index) => {
+                let path = out.shard_path(index);
+                let meta = ShardFileMeta {
+                    vae: cfg.vae.clone(),
+                    onnx_sha256: cfg.onnx_sha256.clone(),
+                    latent_dtype: cfg.latent_dtype,
+                    image_format: cfg.image_format,
+                    resolution: cfg.augment.resolution,
+                    shard_index: index,
+                    errors: errors.clone(),
+                };
+                write_shard(&path, &rows, &meta).with_context(|| format!("writing {}", path.display()))?;
+                out.add_shard(ShardEntry {
+                    file: shard_file_name(index),
+                    index,
+                    rows: rows.len() as u64,
+                    inputs,
+                    errors: errors.len() as u64,
+                })?;
+                stats.rows += rows.len() as u64;
+                stats.inputs += inputs;
+                stats.shards_written += 1;
+                stats.errors.append(&mut errors);
+                bar.set_message(format!("{} shards written", stats.shards_written));
+                rows.clear();
+                inputs = 0;
+            }
+        }
+    }
+    Ok(stats)
+}
