@@ -344,7 +344,7 @@ fn write_file(tmp: &Path, rows: &[ShardRow], meta: &ShardFileMeta) -> Result<()>
     let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     // The same key-value pairs also go on the Arrow schema, so that pyarrow's
     // `read_table(f).schema.metadata` shows them, not only the Parquet footer.
-    let kv = kv_pairs(meta)?.into_iter().filter_map(|p| p.value.map(|v| (p.key, v))).collect();
+    let kv: std::collections::HashMap<String, String> = kv_pairs(meta)?.into_iter().filter_map(|p| p.value.map(|v| (p.key, v))).collect();
     let schema: SchemaRef = Arc::new(arrow_schema().with_metadata(kv));
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(meta)?))?;
     for chunk in rows.chunks(ROW_GROUP_ROWS) {
