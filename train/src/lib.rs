@@ -3,4 +3,17 @@
 //!
 //! * [`recipe`]: the training step itself (losses, discriminator, optimisers, EMA, replay buffer)
 //!   and its complete, resumable state.
+//! * [`config`]: the run configuration (TOML, overrides, sweeps).
+//! * [`dataset`], [`order`], [`sample`], [`split`], [`loader`]: the deterministic streaming loader.
+//! * [`device`], [`rng`]: `--device` parsing; seeded randomness of the data pipeline.
+pub mod config;
+pub mod dataset;
+pub mod device;
+pub mod font;
+pub mod loader;
+pub mod order;
+pub mod plot;
 pub mod recipe;
+pub mod rng;
+pub mod sample;
+pub mod split;

@@ -1,0 +1,635 @@
+//! The run configuration: one TOML file with every hyperparameter, command-line overrides, and
+//! sweeps (several runs in one command).
+//!
+//! ```toml
+//! [data]
+//! shards = "latents"          # folder written by `precompute`
+//! batch_size = 16
+//! crop = 256                  # random crops aligned to the latent grid; default min(256, resolution)
+//!
+//! [model]
+//! variant = "taef2"           # default: the shards' manifest `vae.taesd_variant`
+//! init_decoder = "taef2_decoder.pth"
+//!
+//! [run]
+//! steps = 100000
+//! device = "cuda"
+//!
+//! [recipe]                    # the training recipe (losses, optimisers, EMA, ...)
+//! lr = 1e-4
+//! ```
+//!
+//! Layers, later wins: built-in defaults, `--config FILE`, the sweep's `[base]`, one sweep entry,
+//! `--set section.key=value`, then the direct flags (`--steps`, `--batch-size`, ...). Relative
+//! paths are relative to the current directory; the resolved configuration saved in the run
+//! folder holds them absolute, so `--resume` works from anywhere.
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// File name of the resolved configuration inside a run folder.
+pub const RESOLVED_CONFIG: &str = "config.toml";
+
+/// `[data]`: where batches come from and how they are cut.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Shard folder written by `precompute` (`--shards`).
+    pub shards: Option<PathBuf>,
+    pub batch_size: usize,
+    /// Side of the square training crops, a multiple of the variant's spatial scale. Default:
+    /// min(256, the shards' resolution).
+    pub crop: Option<u32>,
+    /// Mirror crops (image and latent) with probability 0.5 — only when the shards were not
+    /// flipped by `precompute --hflip` already.
+    pub hflip: bool,
+    /// Sample latents from the teacher posterior (`latent + std * noise`) where the shards hold
+    /// `latent_std`; otherwise (default) train on the posterior mean.
+    pub sample_posterior: bool,
+    /// Rows in the shuffle buffer (bounds the loader's memory together with `prefetch`).
+    pub shuffle_buffer: usize,
+    /// Batches decoded ahead of the training step.
+    pub prefetch: usize,
+    /// Image decoding threads (0 = all cores).
+    pub workers: usize,
+    /// Fraction of source keys held out for evaluation (by key hash: the same rows for every run
+    /// over the same shards, and all variants of one source image on the same side).
+    pub eval_fraction: f64,
+    /// At most this many held-out rows are used by in-run evaluation and previews.
+    pub eval_max_images: usize,
+    pub eval_batch_size: usize,
+    /// Samples in each preview grid.
+    pub preview_images: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            shards: None,
+            batch_size: 16,
+            crop: None,
+            hflip: true,
+            sample_posterior: false,
+            shuffle_buffer: 1024,
+            prefetch: 4,
+            workers: 0,
+            eval_fraction: 0.02,
+            eval_max_images: 128,
+            eval_batch_size: 8,
+            preview_images: 6,
+        }
+    }
+}
+
+/// `[model]`: what is trained and what it starts from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// taesd, taesdxl, taesd3, taef1, taef2, taesana. Default: the shards' `vae.taesd_variant`;
+    /// shards of a custom VAE train a custom 8x TAESD with its channel count.
+    pub variant: Option<String>,
+    /// Start the encoder / decoder from these checkpoints (any layout `taesd` loads).
+    pub init_encoder: Option<PathBuf>,
+    pub init_decoder: Option<PathBuf>,
+    /// A decoder to compare against in previews and evaluation (e.g. the released one).
+    pub reference_decoder: Option<PathBuf>,
+    /// The encoder of evaluation's latent-cycle error |E(D(z)) - z|; default: ours.
+    pub cycle_encoder: Option<PathBuf>,
+}
+
+/// `[run]`: length, cadence, device, where things go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name (default: the config file's stem, plus the sweep entry's name).
+    pub name: Option<String>,
+    /// Run folder (default `runs/<name>`).
+    pub dir: Option<PathBuf>,
+    /// Total optimisation steps (a resumed run continues up to this).
+    pub steps: u64,
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    pub device: String,
+    /// Checkpoint every N steps (and always at exit); 0 = only at exit.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted once a newer one is complete).
+    pub keep_checkpoints: usize,
+    /// Preview grid + loss curve every N steps (0 = only at the end).
+    pub preview_every: u64,
+    /// Held-out evaluation every N steps (also at step 0 and at the end; 0 = only those).
+    pub eval_every: u64,
+    /// Metrics line every N steps (losses averaged over the interval).
+    pub log_every: u64,
+    /// Layouts of the final EMA export: taesd, diffusers, comfyui, combined (layouts the
+    /// variant cannot be saved in, e.g. diffusers for taef2, are skipped with a note).
+    pub export: Vec<String>,
+    /// Loss curve size in pixels.
+    pub plot_width: u32,
+    pub plot_height: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: None,
+            dir: None,
+            steps: 100_000,
+            seed: 0,
+            device: "auto".into(),
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            preview_every: 500,
+            eval_every: 5000,
+            log_every: 10,
+            export: vec!["taesd".into(), "diffusers".into(), "comfyui".into()],
+            plot_width: 960,
+            plot_height: 540,
+        }
+    }
+}
+
+/// Everything a run is made from. `recipe` is the training recipe's own table, handed to the
+/// recipe engine (whose `RecipeConfig` checks and fills it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub run: RunConfig,
+    pub recipe: toml::Table,
+}
+
+/// Keys that hold paths (made absolute when a configuration is resolved).
+const PATH_KEYS: &[&str] =
+    &["data.shards", "model.init_encoder", "model.init_decoder", "model.reference_decoder", "model.cycle_encoder", "run.dir"];
+
+/// Keys a `--resume` may change: how long and how often, not what is trained.
+pub const RESUME_MAY_CHANGE: &[&str] = &[
+    "run.steps",
+    "run.device",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.preview_every",
+    "run.eval_every",
+    "run.log_every",
+    "run.export",
+    "run.plot_width",
+    "run.plot_height",
+    "data.prefetch",
+    "data.workers",
+    "data.preview_images",
+    "model.reference_decoder",
+    "model.cycle_encoder",
+];
+
+impl TrainConfig {
+    pub fn from_table(t: toml::Table) -> Result<TrainConfig> {
+        let cfg: TrainConfig = t.try_into().map_err(|e| anyhow!("{}", e.to_string().trim()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_table(&self) -> Result<toml::Table> {
+        toml::Table::try_from(self).context("configuration does not serialise to TOML")
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).context("configuration does not serialise to TOML")
+    }
+
+    /// Read a configuration file (every section optional).
+    pub fn load(path: &Path) -> Result<TrainConfig> {
+        TrainConfig::from_table(read_table(path)?).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Checks of values serde cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.data;
+        ensure!(d.batch_size >= 1, "data.batch_size must be at least 1");
+        ensure!(d.eval_batch_size >= 1, "data.eval_batch_size must be at least 1");
+        ensure!(d.shuffle_buffer >= 1, "data.shuffle_buffer must be at least 1");
+        ensure!(d.prefetch >= 1, "data.prefetch must be at least 1");
+        ensure!((0.0..1.0).contains(&d.eval_fraction), "data.eval_fraction = {} must be in [0, 1)", d.eval_fraction);
+        if let Some(c) = d.crop {
+            ensure!(c > 0, "data.crop must be positive");
+        }
+        let r = &self.run;
+        ensure!(r.log_every >= 1, "run.log_every must be at least 1");
+        ensure!(r.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1");
+        ensure!(r.plot_width >= 160 && r.plot_height >= 120, "run.plot_width x plot_height must be at least 160 x 120");
+        crate::device::DeviceSpec::parse(&r.device).context("run.device")?;
+        for l in &r.export {
+            ensure!(taesd::Layout::parse(l).is_some(), "run.export: unknown layout `{l}` (taesd, diffusers, comfyui, combined)");
+        }
+        if let Some(v) = &self.model.variant {
+            ensure!(
+                taesd::Variant::parse(v).is_some(),
+                "model.variant: unknown variant `{v}` (taesd, taesdxl, taesd3, taef1, taef2, taesana)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The variant named in the configuration, if any.
+    pub fn variant(&self) -> Option<taesd::Variant> {
+        self.model.variant.as_deref().and_then(taesd::Variant::parse)
+    }
+}
+
+/// Read a TOML file as a table.
+pub fn read_table(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| anyhow!("{}: not valid TOML: {}", path.display(), e.to_string().trim()))
+}
+
+/// Merge `over` into `base`: tables merge key by key, anything else is replaced.
+pub fn merge(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Parse `section.key=value` (value as TOML: `1e-4`, `true`, `"x"`, `["a", "b"]`; anything that
+/// is not valid TOML is taken as a plain string, so `model.variant=taef2` works).
+pub fn parse_override(s: &str) -> Result<(Vec<String>, toml::Value)> {
+    let (key, value) = s.split_once('=').ok_or_else(|| anyhow!("--set `{s}`: expected section.key=value"))?;
+    let path: Vec<String> = key.trim().split('.').map(|p| p.trim().to_string()).collect();
+    ensure!(
+        path.len() >= 2 && path.iter().all(|p| !p.is_empty()),
+        "--set `{s}`: the key must name a section and a field, e.g. recipe.lr=1e-4"
+    );
+    let value = value.trim();
+    let parsed = value.parse::<toml::Value>().unwrap_or_else(|_| toml::Value::String(value.to_string()));
+    Ok((path, parsed))
+}
+
+/// Set a dotted path in a table (creating sections as needed).
+pub fn set_path(t: &mut toml::Table, path: &[String], value: toml::Value) -> Result<()> {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut cur = t;
+    for (i, p) in parents.iter().enumerate() {
+        let entry = cur.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("`{}` is a value, not a section", path[..=i].join(".")))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Read a dotted path.
+pub fn get_path<'a>(t: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
+    let mut parts = path.split('.');
+    let mut v = t.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+/// Every leaf of a table as `(dotted.key, value)`, sorted.
+pub fn leaves(t: &toml::Table) -> Vec<(String, toml::Value)> {
+    fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(sub) => walk(&key, sub, out),
+                other => out.push((key, other.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", t, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The keys whose values differ between two tables (missing counts as different), as
+/// `key: old -> new` lines.
+pub fn differences(old: &toml::Table, new: &toml::Table) -> Vec<(String, String)> {
+    let (a, b) = (leaves(old), leaves(new));
+    let find = |v: &[(String, toml::Value)], k: &str| v.iter().find(|(x, _)| x == k).map(|(_, v)| v.to_string());
+    let mut keys: Vec<&String> = a.iter().chain(b.iter()).map(|(k, _)| k).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (find(&a, k), find(&b, k));
+            (x != y).then(|| {
+                let show = |v: Option<String>| v.unwrap_or_else(|| "(unset)".into());
+                (k.clone(), format!("{k}: {} -> {}", show(x), show(y)))
+            })
+        })
+        .collect()
+}
+
+fn absolutize_paths(t: &mut toml::Table) -> Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    for key in PATH_KEYS {
+        if let Some(toml::Value::String(s)) = get_path(t, key) {
+            let p = Path::new(s);
+            if p.is_relative() {
+                let abs = cwd.join(p);
+                let path: Vec<String> = key.split('.').map(String::from).collect();
+                set_path(t, &path, toml::Value::String(abs.to_string_lossy().into_owned()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the command line asked for, before resolution into runs.
+#[derive(Debug, Clone, Default)]
+pub struct PlanRequest {
+    /// `--config` files, each its own run (or its own sweep base).
+    pub configs: Vec<PathBuf>,
+    /// `--sweep` file: `[base]` plus `[[runs]]` entries, each with a `name`.
+    pub sweep: Option<PathBuf>,
+    /// `--set` overrides, then the direct flags, in that order.
+    pub overrides: Vec<String>,
+    /// `--resume`: with no `--config`, the run folder's saved config is the base.
+    pub resume: bool,
+}
+
+/// One run of a command.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: TrainConfig,
+}
+
+/// A sweep file.
+#[derive(Debug, Clone, Default)]
+pub struct Sweep {
+    pub base: toml::Table,
+    /// (name, partial configuration) per run.
+    pub runs: Vec<(String, toml::Table)>,
+}
+
+impl Sweep {
+    pub fn load(path: &Path) -> Result<Sweep> {
+        let mut t = read_table(path)?;
+        let ctx = || format!("sweep {}", path.display());
+        let base = match t.remove("base") {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(b)) => b,
+            Some(_) => return Err(anyhow!("`base` must be a table ([base])")).with_context(ctx),
+        };
+        let runs = match t.remove("runs") {
+            Some(toml::Value::Array(a)) => a,
+            _ => return Err(anyhow!("no [[runs]] entries")).with_context(ctx),
+        };
+        if let Some(k) = t.keys().next() {
+            return Err(anyhow!("unknown top-level key `{k}` (a sweep has [base] and [[runs]])")).with_context(ctx);
+        }
+        let mut out = Vec::new();
+        for (i, r) in runs.into_iter().enumerate() {
+            let toml::Value::Table(mut r) = r else {
+                return Err(anyhow!("runs[{i}] is not a table")).with_context(ctx);
+            };
+            let name = match r.remove("name") {
+                Some(toml::Value::String(s)) if valid_name(&s) => s,
+                Some(v) => return Err(anyhow!("runs[{i}].name = {v} is not a usable folder name")).with_context(ctx),
+                None => return Err(anyhow!("runs[{i}] has no `name` (it names the run folder)")).with_context(ctx),
+            };
+            ensure!(!out.iter().any(|(n, _)| *n == name), "{}: two runs are named `{name}`", path.display());
+            out.push((name, r));
+        }
+        ensure!(!out.is_empty(), "{}: [[runs]] is empty", path.display());
+        Ok(Sweep { base, runs: out })
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+=".contains(c))
+}
+
+/// Turn a request into runs: one per config file (or one with defaults), times the sweep
+/// entries. Several runs that would share a folder get `<dir>/<name>` each.
+pub fn plan(req: &PlanRequest, run_dir_flag: Option<&Path>) -> Result<Vec<RunPlan>> {
+    let mut bases: Vec<(Option<String>, toml::Table)> = Vec::new();
+    for c in &req.configs {
+        let t = read_table(c)?;
+        // Fail early, naming the file, on a config that does not parse on its own.
+        TrainConfig::from_table(t.clone()).with_context(|| format!("config {}", c.display()))?;
+        let stem = c.file_stem().map(|s| s.to_string_lossy().into_owned());
+        bases.push((stem, t));
+    }
+    if bases.is_empty() {
+        let saved = run_dir_flag.map(|d| d.join(RESOLVED_CONFIG)).filter(|p| req.resume && p.is_file());
+        match saved {
+            Some(p) => {
+                let t = read_table(&p)?;
+                bases.push((None, t));
+            }
+            None => bases.push((None, toml::Table::new())),
+        }
+    }
+    let sweep = req.sweep.as_deref().map(Sweep::load).transpose()?;
+    let entries: Vec<(Option<String>, toml::Table)> = match &sweep {
+        None => vec![(None, toml::Table::new())],
+        Some(s) => s
+            .runs
+            .iter()
+            .map(|(n, t)| {
+                let mut m = s.base.clone();
+                merge(&mut m, t);
+                (Some(n.clone()), m)
+            })
+            .collect(),
+    };
+    let overrides = req.overrides.iter().map(|s| parse_override(s)).collect::<Result<Vec<_>>>()?;
+
+    let mut plans = Vec::new();
+    for (stem, base) in &bases {
+        for (entry, partial) in &entries {
+            let mut t = base.clone();
+            merge(&mut t, partial);
+            for (path, v) in &overrides {
+                set_path(&mut t, path, v.clone())?;
+            }
+            let explicit = get_path(&t, "run.name").and_then(|v| v.as_str()).map(String::from);
+            let base_name = explicit.clone().or_else(|| stem.clone());
+            let name = match (entry, &base_name) {
+                (Some(e), Some(b)) if bases.len() > 1 || explicit.is_some() => format!("{b}-{e}"),
+                (Some(e), _) => e.clone(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => "train".to_string(),
+            };
+            ensure!(valid_name(&name), "run name `{name}` is not a usable folder name");
+            set_path(&mut t, &["run".into(), "name".into()], toml::Value::String(name.clone()))?;
+            absolutize_paths(&mut t)?;
+            let label = match entry {
+                Some(e) => format!("run `{name}` (sweep entry `{e}`)"),
+                None => format!("run `{name}`"),
+            };
+            let config = TrainConfig::from_table(t).with_context(|| label.clone())?;
+            plans.push(RunPlan { name, dir: PathBuf::new(), config });
+        }
+    }
+    // Run folders: the configured one, or runs/<name>; shared ones get a subfolder per run.
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let dirs: Vec<PathBuf> =
+        plans.iter().map(|p| p.config.run.dir.clone().unwrap_or_else(|| cwd.join("runs").join(&p.name))).collect();
+    for (i, p) in plans.iter_mut().enumerate() {
+        let shared = dirs.iter().filter(|d| **d == dirs[i]).count() > 1;
+        p.dir = if shared { dirs[i].join(&p.name) } else { dirs[i].clone() };
+        p.config.run.dir = Some(p.dir.clone());
+    }
+    for (i, p) in plans.iter().enumerate() {
+        if plans[..i].iter().any(|q| q.dir == p.dir) {
+            bail!("two runs would share the folder {} (give them distinct names)", p.dir.display());
+        }
+    }
+    Ok(plans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = TrainConfig::default();
+        let text = c.to_toml().unwrap();
+        let back = TrainConfig::from_table(text.parse().unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(TrainConfig::from_table(toml::Table::new()).unwrap(), c, "every section is optional");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = TrainConfig::from_table("[data]\nbach_size = 3".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("bach_size"), "{e}");
+        let e = TrainConfig::from_table("[data]\nbatch_size = \"x\"".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("batch_size") || e.contains("integer"), "{e}");
+        let e = TrainConfig::from_table("[run]\ndevice = \"tpu\"".parse().unwrap()).unwrap_err();
+        assert!(format!("{e:#}").contains("tpu"), "{e:#}");
+        let e = TrainConfig::from_table("[model]\nvariant = \"taef3\"".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("taef3"), "{e}");
+        let e = TrainConfig::from_table("[run]\nexport = [\"onnx\"]".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("onnx"), "{e}");
+        let e = TrainConfig::from_table("[data]\neval_fraction = 1.5".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("eval_fraction"), "{e}");
+    }
+
+    #[test]
+    fn overrides_parse_as_toml_or_plain_strings() {
+        let (p, v) = parse_override("recipe.lr=1e-4").unwrap();
+        assert_eq!(p, vec!["recipe", "lr"]);
+        assert_eq!(v.as_float(), Some(1e-4));
+        assert_eq!(parse_override("model.variant=taef2").unwrap().1.as_str(), Some("taef2"));
+        assert_eq!(parse_override("run.steps = 30").unwrap().1.as_integer(), Some(30));
+        assert_eq!(parse_override("data.hflip=false").unwrap().1.as_bool(), Some(false));
+        assert_eq!(parse_override("run.export=[\"taesd\"]").unwrap().1.as_array().unwrap().len(), 1);
+        assert!(parse_override("lr=3").unwrap_err().to_string().contains("section"));
+        assert!(parse_override("recipe.lr").unwrap_err().to_string().contains("section.key=value"));
+        let mut t = toml::Table::new();
+        set_path(&mut t, &["recipe".into(), "gan".into(), "w".into()], toml::Value::Integer(2)).unwrap();
+        assert_eq!(get_path(&t, "recipe.gan.w").unwrap().as_integer(), Some(2));
+        let e = set_path(&mut t, &["recipe".into(), "gan".into(), "w".into(), "x".into()], toml::Value::Integer(1)).unwrap_err();
+        assert!(e.to_string().contains("recipe.gan.w"), "{e}");
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_name_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.toml", "[data]\nbatch_size = 2\n[run]\nsteps = 5\n[recipe]\nlr = 0.5\n");
+        let b = write(dir.path(), "b.toml", "[data]\nbatch_size = 3\n");
+        let runs_dir = dir.path().join("out");
+        let req = PlanRequest { configs: vec![a.clone(), b], overrides: vec!["run.steps=7".into()], ..Default::default() };
+        let p = plan(&req, None).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].name.as_str(), p[0].config.data.batch_size, p[0].config.run.steps), ("a", 2, 7));
+        assert_eq!((p[1].name.as_str(), p[1].config.data.batch_size, p[1].config.run.steps), ("b", 3, 7));
+        assert_eq!(p[0].config.recipe.get("lr").unwrap().as_float(), Some(0.5));
+        assert!(p[0].dir.ends_with("runs/a") && p[0].dir.is_absolute(), "{}", p[0].dir.display());
+
+        // Two runs with one --run-dir: a subfolder each.
+        let req2 = PlanRequest {
+            configs: req.configs.clone(),
+            overrides: vec![format!("run.dir={}", runs_dir.display())],
+            ..Default::default()
+        };
+        let p = plan(&req2, None).unwrap();
+        assert_eq!(p[0].dir, runs_dir.join("a"));
+        assert_eq!(p[1].dir, runs_dir.join("b"));
+        assert_eq!(p[1].config.run.dir.as_deref(), Some(runs_dir.join("b").as_path()));
+
+        // One run: exactly the folder asked for.
+        let req3 = PlanRequest { configs: vec![a], overrides: req2.overrides.clone(), ..Default::default() };
+        assert_eq!(plan(&req3, None).unwrap()[0].dir, runs_dir);
+    }
+
+    #[test]
+    fn sweeps_expand_over_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = write(
+            dir.path(),
+            "sweep.toml",
+            "[base]\nrun.steps = 11\n[[runs]]\nname = \"lo\"\nrecipe.lr = 1e-4\n[[runs]]\nname = \"hi\"\nrecipe.lr = 1e-3\nrun.steps = 12\n",
+        );
+        let req = PlanRequest {
+            sweep: Some(s),
+            overrides: vec![format!("run.dir={}", dir.path().join("sw").display())],
+            ..Default::default()
+        };
+        let p = plan(&req, None).unwrap();
+        assert_eq!(p.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["lo", "hi"]);
+        assert_eq!((p[0].config.run.steps, p[1].config.run.steps), (11, 12));
+        assert_eq!(p[1].config.recipe.get("lr").unwrap().as_float(), Some(1e-3));
+        assert_eq!(p[0].dir, dir.path().join("sw/lo"));
+
+        let bad = write(dir.path(), "bad.toml", "[[runs]]\nrecipe.lr = 1\n");
+        let e = Sweep::load(&bad).unwrap_err();
+        assert!(format!("{e:#}").contains("no `name`"), "{e:#}");
+        let dup = write(dir.path(), "dup.toml", "[[runs]]\nname = \"x\"\n[[runs]]\nname = \"x\"\n");
+        assert!(format!("{:#}", Sweep::load(&dup).unwrap_err()).contains("two runs are named `x`"));
+        let typo = write(dir.path(), "typo.toml", "[[runs]]\nname = \"x\"\ndata.bach_size = 1\n");
+        let e = plan(&PlanRequest { sweep: Some(typo), ..Default::default() }, None).unwrap_err();
+        assert!(format!("{e:#}").contains("bach_size") && format!("{e:#}").contains("sweep entry `x`"), "{e:#}");
+    }
+
+    #[test]
+    fn relative_paths_become_absolute_and_resume_reads_the_saved_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let req = PlanRequest { overrides: vec!["data.shards=some/where".into(), "run.steps=3".into()], ..Default::default() };
+        let p = plan(&req, None).unwrap();
+        let shards = p[0].config.data.shards.clone().unwrap();
+        assert!(shards.is_absolute() && shards.ends_with("some/where"), "{}", shards.display());
+
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let mut saved = p[0].config.clone();
+        saved.run.steps = 40;
+        std::fs::write(run.join(RESOLVED_CONFIG), saved.to_toml().unwrap()).unwrap();
+        let req = PlanRequest { resume: true, overrides: vec!["run.steps=50".into()], ..Default::default() };
+        let p = plan(&req, Some(&run)).unwrap();
+        assert_eq!(p[0].config.run.steps, 50);
+        assert_eq!(p[0].config.data.shards.as_deref(), Some(shards.as_path()));
+    }
+
+    #[test]
+    fn differences_list_changed_leaves() {
+        let a: toml::Table = "[run]\nsteps = 1\nseed = 2\n[recipe]\nlr = 1.0".parse().unwrap();
+        let b: toml::Table = "[run]\nsteps = 1\nseed = 3\n[recipe]\nlr = 1.0\nbeta = 2".parse().unwrap();
+        let d = differences(&a, &b);
+        assert_eq!(d.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["recipe.beta", "run.seed"]);
+        assert_eq!(d[1].1, "run.seed: 2 -> 3");
+        assert!(d[0].1.contains("(unset) -> 2"));
+    }
+}

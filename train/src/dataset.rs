@@ -1,0 +1,169 @@
+//! A folder of shards opened for training: consistency checks across shards, the manifest's
+//! settings, and the list of row groups (the unit the loader reads and shuffles).
+
+use anyhow::{bail, ensure, Context, Result};
+use std::path::{Path, PathBuf};
+use taesd_data::{list_shards, ShardReader, ShardRow};
+use taesd_schemas::shard::MANIFEST_FILE;
+use taesd_schemas::{Manifest, VaeSpec};
+
+/// One row group of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    pub shard: u32,
+    pub group: u32,
+    pub rows: u32,
+}
+
+/// The shards of a `precompute` output folder.
+#[derive(Debug)]
+pub struct ShardSet {
+    pub dir: PathBuf,
+    pub readers: Vec<ShardReader>,
+    /// `manifest.json`, when the folder has one.
+    pub manifest: Option<Manifest>,
+    pub vae: VaeSpec,
+    /// Side of the stored square images.
+    pub resolution: u32,
+    /// `[C, h, w]` of every stored latent.
+    pub latent_shape: [u32; 3],
+    /// `precompute --hflip` mirrored the crops already.
+    pub flipped: bool,
+    pub units: Vec<Unit>,
+    pub rows: u64,
+}
+
+impl ShardSet {
+    /// Open every `shard-*.parquet` of `dir` and check they hold one kind of data.
+    pub fn open(dir: &Path) -> Result<ShardSet> {
+        ensure!(dir.is_dir(), "shard folder {} does not exist (run `precompute --out` first)", dir.display());
+        let files = list_shards(dir)?;
+        ensure!(!files.is_empty(), "{} holds no shard-*.parquet files", dir.display());
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let manifest: Option<Manifest> = if manifest_path.is_file() {
+            let bytes = std::fs::read(&manifest_path).with_context(|| format!("cannot read {}", manifest_path.display()))?;
+            Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid manifest", manifest_path.display()))?)
+        } else {
+            tracing::warn!("{} has no {MANIFEST_FILE}: assuming the shards were not flipped", dir.display());
+            None
+        };
+        if let Some(m) = &manifest {
+            if m.status != "complete" {
+                tracing::warn!("{}: precompute has not finished (status {}); training on the shards present", dir.display(), m.status);
+            }
+        }
+        let mut readers = Vec::with_capacity(files.len());
+        for f in &files {
+            readers.push(ShardReader::open(f)?);
+        }
+        let first = readers[0].meta().clone();
+        for r in &readers[1..] {
+            let m = r.meta();
+            let what = if m.vae != first.vae {
+                Some(format!("VAE {:?} vs {:?}", m.vae.name, first.vae.name))
+            } else if m.onnx_sha256 != first.onnx_sha256 {
+                Some("teacher ONNX sha256".to_string())
+            } else if m.resolution != first.resolution {
+                Some(format!("resolution {} vs {}", m.resolution, first.resolution))
+            } else {
+                None
+            };
+            if let Some(w) = what {
+                bail!(
+                    "{} and {} were written with different settings ({w}); keep one precompute output per folder",
+                    r.path().display(),
+                    readers[0].path().display()
+                );
+            }
+        }
+        if let Some(m) = &manifest {
+            ensure!(
+                m.config.vae == first.vae && m.config.resolution == first.resolution,
+                "{} disagrees with the shards' metadata (VAE or resolution)",
+                manifest_path.display()
+            );
+        }
+        let d = first.vae.downscale as u32;
+        ensure!(d > 0 && first.resolution % d == 0, "resolution {} is not a multiple of the VAE downscale {d}", first.resolution);
+        let latent_shape = [first.vae.channels as u32, first.resolution / d, first.resolution / d];
+        let mut units = Vec::new();
+        let mut rows = 0;
+        for (s, r) in readers.iter().enumerate() {
+            for g in 0..r.num_row_groups() {
+                let n = r.row_group_num_rows(g).unwrap_or(0) as u32;
+                if n > 0 {
+                    units.push(Unit { shard: s as u32, group: g as u32, rows: n });
+                    rows += n as u64;
+                }
+            }
+        }
+        ensure!(rows > 0, "{} holds shards but no rows", dir.display());
+        Ok(ShardSet {
+            dir: dir.to_path_buf(),
+            flipped: manifest.as_ref().is_some_and(|m| m.config.hflip),
+            manifest,
+            vae: first.vae,
+            resolution: first.resolution,
+            latent_shape,
+            readers,
+            units,
+            rows,
+        })
+    }
+
+    /// The TAESD variant the shards were made for (manifest / shard metadata `taesd_variant`).
+    pub fn variant_name(&self) -> Option<&str> {
+        self.vae.taesd_variant.as_deref()
+    }
+
+    /// The rows of one unit, checked against the set's shapes.
+    pub fn read_unit(&self, unit: usize) -> Result<Vec<ShardRow>> {
+        let u = self.units[unit];
+        let reader = &self.readers[u.shard as usize];
+        let rows = reader.read_row_group(u.group as usize)?;
+        ensure!(
+            rows.len() == u.rows as usize,
+            "shard {}: row group {} has {} rows, its footer says {}",
+            reader.path().display(),
+            u.group,
+            rows.len(),
+            u.rows
+        );
+        for r in &rows {
+            self.check_row(r).with_context(|| format!("shard {} row group {}", reader.path().display(), u.group))?;
+        }
+        Ok(rows)
+    }
+
+    fn check_row(&self, r: &ShardRow) -> Result<()> {
+        ensure!(
+            r.width == self.resolution && r.height == self.resolution,
+            "row `{}` is {}x{}, the shards' resolution is {}",
+            r.key,
+            r.width,
+            r.height,
+            self.resolution
+        );
+        ensure!(
+            r.latent_shape == self.latent_shape,
+            "row `{}` has latent shape {:?}, expected {:?}",
+            r.key,
+            r.latent_shape,
+            self.latent_shape
+        );
+        Ok(())
+    }
+
+    /// Every row in file order (shards by name, row groups in order), one unit in memory at a
+    /// time; `f` returns false to stop.
+    pub fn scan(&self, mut f: impl FnMut(ShardRow) -> Result<bool>) -> Result<()> {
+        for u in 0..self.units.len() {
+            for r in self.read_unit(u)? {
+                if !f(r)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,328 @@
+//! The streaming training loader: a background thread walks the deterministic row order
+//! ([`crate::order`]), reads each row group once per epoch when its first row comes up, drops
+//! held-out rows, and cuts batches whose samples are decoded in parallel on a private rayon pool.
+//! Batches come out in a fixed order through a bounded channel (prefetch).
+//!
+//! Memory: the rows of a row group stay in memory (as stored: encoded image + latent) only until
+//! each has been used, so at most about `shuffle_buffer + 64` stored rows plus `prefetch` decoded
+//! batches are held at any time.
+//!
+//! Determinism: batch k is a pure function of (seed, the shards, the start position); each
+//! batch carries the position after its last row, which is what a checkpoint saves.
+
+use crate::dataset::ShardSet;
+use crate::order::{Position, RowRef, RowStream};
+use crate::rng::{rng, tag};
+use crate::sample::{make_sample, SampleSpec};
+use crate::split::is_heldout;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{bounded, Receiver};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use taesd_data::ShardRow;
+
+/// What the loader needs to know.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub sample: SampleSpec,
+    pub shuffle_buffer: usize,
+    pub prefetch: usize,
+    /// Decoding threads (0 = all cores).
+    pub workers: usize,
+    /// Rows whose key is in this held-out fraction are never served.
+    pub eval_fraction: f64,
+    pub seed: u64,
+}
+
+/// A batch on the host, planar f32.
+#[derive(Debug, Clone)]
+pub struct HostBatch {
+    /// `[B, 3, crop, crop]` in [0, 1].
+    pub images: Vec<f32>,
+    /// `[B, C, crop/s, crop/s]`.
+    pub latents: Vec<f32>,
+    pub batch: usize,
+    pub crop: usize,
+    pub latent_shape: [usize; 3],
+    /// Keys of the rows, in batch order.
+    pub keys: Vec<String>,
+    /// Stream position of each row.
+    pub positions: Vec<Position>,
+    /// The stream position after this batch: where a resumed run continues.
+    pub next: Position,
+}
+
+impl HostBatch {
+    /// `(images, latents)` on `device`.
+    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let [c, h, w] = self.latent_shape;
+        let images = Tensor::from_slice(&self.images, (self.batch, 3, self.crop, self.crop), &Device::Cpu)?.to_device(device)?;
+        let latents = Tensor::from_slice(&self.latents, (self.batch, c, h, w), &Device::Cpu)?.to_device(device)?;
+        Ok((images, latents))
+    }
+}
+
+/// The running loader. Dropping it stops the thread.
+pub struct Loader {
+    rx: Option<Receiver<Result<HostBatch>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Start serving batches from `start`.
+    pub fn start(set: Arc<ShardSet>, cfg: LoaderConfig, start: Position) -> Result<Loader> {
+        crate::sample::check_crop(cfg.sample.crop, set.resolution, cfg.sample.scale)?;
+        let threads = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { cfg.workers };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("decode-{i}"))
+            .build()
+            .context("cannot start the decoding threads")?;
+        let (tx, rx) = bounded(cfg.prefetch.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("loader".into())
+            .spawn(move || {
+                let mut producer = Producer::new(&set, &cfg, start);
+                while !stop2.load(Ordering::Relaxed) {
+                    let batch = pool.install(|| producer.next_batch());
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .context("cannot start the loader thread")?;
+        Ok(Loader { rx: Some(rx), stop, handle: Some(handle) })
+    }
+
+    /// The next batch (blocks until it is decoded).
+    pub fn next_batch(&mut self) -> Result<HostBatch> {
+        let rx = self.rx.as_ref().expect("loader running");
+        match rx.recv() {
+            Ok(b) => b,
+            Err(_) => Err(anyhow!("the loader thread stopped unexpectedly")),
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver makes a blocked send fail, so the thread ends.
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The loader's work, on its own thread (also usable synchronously, e.g. in tests).
+pub struct Producer<'a> {
+    set: &'a ShardSet,
+    cfg: LoaderConfig,
+    stream: RowStream,
+    /// Loaded row groups: their rows not yet served, and how many are left.
+    cache: HashMap<u32, (Vec<Option<ShardRow>>, usize)>,
+    /// Training rows seen in the current epoch, to stop on an all-held-out set.
+    epoch_rows: (u64, u64),
+}
+
+impl<'a> Producer<'a> {
+    pub fn new(set: &'a ShardSet, cfg: &LoaderConfig, start: Position) -> Producer<'a> {
+        let unit_rows: Vec<u32> = set.units.iter().map(|u| u.rows).collect();
+        Producer {
+            set,
+            cfg: cfg.clone(),
+            stream: RowStream::new(&unit_rows, cfg.seed, cfg.shuffle_buffer, start),
+            cache: HashMap::new(),
+            epoch_rows: (start.epoch, 1),
+        }
+    }
+
+    fn take_row(&mut self, r: RowRef) -> Result<ShardRow> {
+        if !self.cache.contains_key(&r.unit) {
+            let rows = self.set.read_unit(r.unit as usize)?;
+            let n = rows.len();
+            self.cache.insert(r.unit, (rows.into_iter().map(Some).collect(), n));
+        }
+        let entry = self.cache.get_mut(&r.unit).expect("just inserted");
+        let row = entry.0[r.row as usize].take().ok_or_else(|| anyhow!("row {:?} served twice in one epoch", r))?;
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            self.cache.remove(&r.unit);
+        }
+        Ok(row)
+    }
+
+    /// Stored rows currently held (for the memory bound).
+    pub fn cached_rows(&self) -> usize {
+        self.cache.values().map(|(_, n)| *n).sum()
+    }
+
+    /// The next batch's rows and their positions (no decoding).
+    pub fn next_rows(&mut self) -> Result<(Vec<(Position, ShardRow)>, Position)> {
+        let mut picked = Vec::with_capacity(self.cfg.batch_size);
+        while picked.len() < self.cfg.batch_size {
+            let (pos, r) = self.stream.next_row();
+            if pos.epoch != self.epoch_rows.0 {
+                if self.epoch_rows.1 == 0 {
+                    bail!(
+                        "no training rows in {}: every row is in the held-out split (data.eval_fraction = {})",
+                        self.set.dir.display(),
+                        self.cfg.eval_fraction
+                    );
+                }
+                self.epoch_rows = (pos.epoch, 0);
+            }
+            let row = self.take_row(r)?;
+            if is_heldout(&row.key, self.cfg.eval_fraction) {
+                continue;
+            }
+            self.epoch_rows.1 += 1;
+            picked.push((pos, row));
+        }
+        Ok((picked, self.stream.position()))
+    }
+
+    /// The next batch, decoded (in parallel on the current rayon pool, in a fixed order).
+    pub fn next_batch(&mut self) -> Result<HostBatch> {
+        let (rows, next) = self.next_rows()?;
+        let spec = self.cfg.sample;
+        let seed = self.cfg.seed;
+        let samples = rows
+            .par_iter()
+            .map(|(pos, row)| make_sample(row, &spec, &mut rng(seed, tag::SAMPLE, &[pos.epoch, pos.index])))
+            .collect::<Result<Vec<_>>>()?;
+        let crop = spec.crop as usize;
+        let ls = spec.latent_side() as usize;
+        let c = self.set.latent_shape[0] as usize;
+        let mut images = Vec::with_capacity(rows.len() * 3 * crop * crop);
+        let mut latents = Vec::with_capacity(rows.len() * c * ls * ls);
+        for s in &samples {
+            images.extend_from_slice(&s.image);
+            latents.extend_from_slice(&s.latent);
+        }
+        Ok(HostBatch {
+            images,
+            latents,
+            batch: rows.len(),
+            crop,
+            latent_shape: [c, ls, ls],
+            keys: rows.iter().map(|(_, r)| r.key.clone()).collect(),
+            positions: rows.iter().map(|(p, _)| *p).collect(),
+            next,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::sample::tests::test_row;
+    use taesd_data::{write_shard, ShardFileMeta};
+    use taesd_schemas::{preset, ImageFormat, LatentDtype, VaeSpec};
+
+    /// A shard folder of `n` 32 px rows (4-channel latents) in shards of `per_shard`.
+    pub fn fixture(n: usize, per_shard: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let vae = VaeSpec { channels: 4, ..preset("sd").unwrap().spec() };
+        let rows: Vec<ShardRow> = (0..n).map(|i| test_row(&format!("img{i:04}"), false)).collect();
+        for (s, chunk) in rows.chunks(per_shard).enumerate() {
+            let meta = ShardFileMeta {
+                vae: vae.clone(),
+                onnx_sha256: "ab".into(),
+                latent_dtype: LatentDtype::Float32,
+                image_format: ImageFormat::Png,
+                resolution: 32,
+                shard_index: s as u32,
+                errors: vec![],
+            };
+            write_shard(&dir.path().join(taesd_schemas::shard::shard_file_name(s as u32)), chunk, &meta).unwrap();
+        }
+        dir
+    }
+
+    fn cfg(batch: usize, fraction: f64) -> LoaderConfig {
+        LoaderConfig {
+            batch_size: batch,
+            sample: SampleSpec { crop: 16, scale: 8, hflip: true, sample_posterior: false },
+            shuffle_buffer: 50,
+            prefetch: 2,
+            workers: 2,
+            eval_fraction: fraction,
+            seed: 5,
+        }
+    }
+
+    #[test]
+    fn batches_are_deterministic_resumable_and_never_held_out() {
+        let dir = fixture(150, 70);
+        let set = Arc::new(ShardSet::open(dir.path()).unwrap());
+        assert_eq!(set.units.len(), 5, "shards of 70, 70, 10 rows in row groups of at most 64");
+        assert_eq!(set.rows, 150);
+        let c = cfg(7, 0.2);
+        let mut loader = Loader::start(set.clone(), c.clone(), Position::default()).unwrap();
+        let batches: Vec<HostBatch> = (0..40).map(|_| loader.next_batch().unwrap()).collect();
+        drop(loader);
+        let held: usize = (0..150).filter(|i| is_heldout(&format!("img{i:04}"), 0.2)).count();
+        assert!(held > 10 && held < 60, "{held}");
+        let train_rows = 150 - held;
+        // The first epoch serves every training row exactly once, and no held-out row ever.
+        let first_epoch: Vec<&String> =
+            batches.iter().flat_map(|b| b.keys.iter().zip(&b.positions)).filter(|(_, p)| p.epoch == 0).map(|(k, _)| k).collect();
+        let mut uniq = first_epoch.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!((first_epoch.len(), uniq.len()), (train_rows, train_rows));
+        assert!(batches.iter().flat_map(|b| &b.keys).all(|k| !is_heldout(k, 0.2)));
+        assert!(batches.last().unwrap().next.epoch >= 1, "40 x 7 rows cross an epoch");
+        assert_eq!(batches[0].images.len(), 7 * 3 * 16 * 16);
+        assert_eq!(batches[0].latents.len(), 7 * 4 * 2 * 2);
+
+        // Restarting from any batch's `next` reproduces the rest exactly.
+        for k in [0, 5, 17, 33] {
+            let mut l = Loader::start(set.clone(), c.clone(), batches[k].next).unwrap();
+            for b in &batches[k + 1..k + 4] {
+                let got = l.next_batch().unwrap();
+                assert_eq!(got.keys, b.keys);
+                assert_eq!(got.images, b.images, "decoded pixels, including crops and flips");
+                assert_eq!(got.latents, b.latents);
+                assert_eq!(got.next, b.next);
+            }
+        }
+        // Another seed, another order.
+        let mut l = Loader::start(set.clone(), LoaderConfig { seed: 6, ..c.clone() }, Position::default()).unwrap();
+        assert_ne!(l.next_batch().unwrap().keys, batches[0].keys);
+    }
+
+    #[test]
+    fn memory_stays_bounded_by_the_shuffle_buffer() {
+        let dir = fixture(300, 300);
+        let set = ShardSet::open(dir.path()).unwrap();
+        let c = LoaderConfig { shuffle_buffer: 20, ..cfg(4, 0.0) };
+        let mut p = Producer::new(&set, &c, Position::default());
+        let mut max = 0;
+        for _ in 0..150 {
+            p.next_rows().unwrap();
+            max = max.max(p.cached_rows());
+        }
+        assert!(max <= 20 + 64, "held {max} rows");
+    }
+
+    #[test]
+    fn an_all_held_out_set_is_an_error_not_a_hang() {
+        let dir = fixture(3, 3);
+        let set = ShardSet::open(dir.path()).unwrap();
+        let mut p = Producer::new(&set, &cfg(2, 0.999_999), Position::default());
+        let e = p.next_rows().unwrap_err().to_string();
+        assert!(e.contains("held-out split"), "{e}");
+    }
+}
