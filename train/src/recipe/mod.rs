@@ -1,1 +1,40 @@
 //! The training recipe: one optimisation step of encoder and decoder, and all the state it keeps.
+//!
+//! * [`config`]: [`RecipeConfig`], every hyperparameter with the recipe's defaults.
+//! * [`optim`]: Adam / AMSGrad / AdamW (PyTorch's update rules), propose-then-commit.
+//! * [`ema`]: the EMA copy of the weights.
+//! * [`disc`]: seraena's conditional patch discriminator (functional BatchNorm).
+//! * [`replay`]: the replay buffer of past fakes (f16 on the training device).
+//! * [`losses`]: MSE/L1, the low-resolution MSE, the DFT-amplitude term, the correction.
+//! * [`state`]: the saved-state folder format.
+//! * [`engine`]: [`Recipe`], the step, the NaN guard, save/load/export.
+//!
+//! ```no_run
+//! # use train::recipe::*;
+//! # fn main() -> anyhow::Result<()> {
+//! let dev = candle_core::Device::Cpu;
+//! let cfg = RecipeConfig::default();
+//! let init = ModelInit { encoder: None, decoder: Some("taesd_decoder.pth".into()) };
+//! let mut recipe = Recipe::new(&cfg, taesd::Variant::Taesd.config(), &init, &dev, 0)?;
+//! # let batch: Batch = unimplemented!();
+//! let report = recipe.step(&batch)?;
+//! if let Some(why) = &report.skipped { eprintln!("step {} skipped: {why}", report.step); }
+//! recipe.export(taesd::Layout::TaesdPy, std::path::Path::new("out/taesd"), Some(taesd::Variant::Taesd))?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod disc;
+pub mod ema;
+pub mod engine;
+pub mod losses;
+pub mod optim;
+pub mod replay;
+pub mod state;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{EncoderLoss, OptimizerKind, RecipeConfig, ReplayDtype};
+pub use disc::{BnStats, DiscConfig, Discriminator};
+pub use engine::{Batch, ModelInit, Recipe, StepReport};

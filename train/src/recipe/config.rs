@@ -1,0 +1,329 @@
+//! Every hyperparameter of the training step, with the recipe's values as defaults.
+//!
+//! Deserialised from the `[recipe]` part of a run's config (TOML/JSON): unknown keys are errors,
+//! missing keys take the defaults below.
+
+use serde::{Deserialize, Serialize};
+
+/// The encoder's distillation loss against the teacher latents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderLoss {
+    /// Mean squared error (the recipe).
+    #[default]
+    Mse,
+    /// Mean absolute error.
+    L1,
+}
+
+/// The optimiser of the encoder and decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// `torch.optim.Adam(amsgrad=True)`; `weight_decay` is L2 (added to the gradient).
+    #[default]
+    AdamAmsgrad,
+    /// `torch.optim.Adam`; `weight_decay` is L2.
+    Adam,
+    /// `torch.optim.AdamW` (no amsgrad); `weight_decay` is decoupled (`p *= 1 - lr * wd`).
+    Adamw,
+}
+
+impl OptimizerKind {
+    pub fn amsgrad(self) -> bool {
+        matches!(self, OptimizerKind::AdamAmsgrad)
+    }
+    pub fn decoupled_weight_decay(self) -> bool {
+        matches!(self, OptimizerKind::Adamw)
+    }
+}
+
+/// Storage dtype of the replay buffer's images and latents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayDtype {
+    /// IEEE half: 11 significant bits, exact to ~2.4e-4 on [0.5, 1] (finer than 8-bit pixels),
+    /// range ±65504. 2 bytes per value.
+    #[default]
+    F16,
+    /// bfloat16: 8 significant bits, 2 bytes per value.
+    Bf16,
+    /// f32: exact, 4 bytes per value.
+    F32,
+}
+
+impl ReplayDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ReplayDtype::F16 => candle_core::DType::F16,
+            ReplayDtype::Bf16 => candle_core::DType::BF16,
+            ReplayDtype::F32 => candle_core::DType::F32,
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            ReplayDtype::F16 | ReplayDtype::Bf16 => 2,
+            ReplayDtype::F32 => 4,
+        }
+    }
+}
+
+/// Every hyperparameter of the recipe. `Default` is the recipe (madebyollin's seed recipe,
+/// "seraena" conditional-GAN corrections for the decoder).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecipeConfig {
+    /// Train the encoder (distillation to the teacher latents).
+    pub train_encoder: bool,
+    /// Train the decoder (GAN corrections + low-resolution MSE).
+    pub train_decoder: bool,
+    /// Encoder loss: `mse` (recipe) or `l1`.
+    pub encoder_loss: EncoderLoss,
+
+    /// Encoder/decoder optimiser: `adam_amsgrad` (recipe), `adam`, `adamw`.
+    pub optimizer: OptimizerKind,
+    /// Encoder/decoder learning rate (3e-4).
+    pub lr: f64,
+    /// Encoder/decoder Adam betas ((0.9, 0.9): the recipe's short second-moment memory).
+    pub betas: (f64, f64),
+    /// Adam epsilon (1e-8, PyTorch's).
+    pub eps: f64,
+    /// Encoder/decoder weight decay (0): L2 for `adam*`, decoupled for `adamw`.
+    pub weight_decay: f64,
+    /// Linear learning-rate warm-up of the encoder/decoder over this many steps (0: none).
+    pub lr_warmup_steps: u64,
+    /// Clip the global gradient norm of the encoder and of the decoder (each on its own) to this
+    /// (`torch.nn.utils.clip_grad_norm_`); `None`: no clipping (the recipe).
+    pub grad_clip: Option<f64>,
+
+    /// Decay of the EMA copy of the weights used for previews, evaluation and export.
+    pub ema_decay: f64,
+    /// Ramp the EMA decay up as `min(ema_decay, (1 + n) / (10 + n))` (n = EMA updates so far), so
+    /// the EMA of a model trained from scratch does not remember its random start for thousands of
+    /// steps. Fine-tuning is unaffected apart from the first few hundred steps.
+    pub ema_warmup: bool,
+
+    /// Weight of the GAN term `MSE(decoded, decoded + correction)`; 0 disables the
+    /// discriminator (and its replay buffer) entirely.
+    pub gan_weight: f64,
+    /// Weight of the faint low-resolution term `MSE(avg_pool(decoded), avg_pool(real))`.
+    pub lowres_mse_weight: f64,
+    /// Pooling factor of the low-resolution term (8: one value per latent pixel of an 8x model).
+    pub lowres_factor: usize,
+    /// Weight of a full-resolution `MSE(decoded, real)` (0: off; it blurs).
+    pub fullres_mse_weight: f64,
+    /// Weight of the frequency-amplitude term (0: off): L1 between the DFT amplitudes of
+    /// non-overlapping `freq_patch` x `freq_patch` patches of decoded and real.
+    pub freq_weight: f64,
+    /// Patch size of the frequency-amplitude term (8).
+    pub freq_patch: usize,
+
+    /// Discriminator learning rate (3e-4).
+    pub disc_lr: f64,
+    /// Discriminator AdamW betas ((0.9, 0.99)).
+    pub disc_betas: (f64, f64),
+    /// Discriminator AdamW epsilon (1e-8).
+    pub disc_eps: f64,
+    /// Discriminator decoupled weight decay (0.01: `torch.optim.AdamW`'s default, which the
+    /// recipe leaves in place).
+    pub disc_weight_decay: f64,
+    /// Clip the discriminator's global gradient norm (`None`: no clipping, the recipe).
+    pub disc_grad_clip: Option<f64>,
+    /// For this many first steps the discriminator trains but the decoder is not updated (its
+    /// corrections are meaningless while the discriminator is fresh). 0: the recipe; a few
+    /// hundred protect a pretrained decoder being fine-tuned with a fresh discriminator.
+    pub disc_warmup_steps: u64,
+
+    /// Replay buffer of past fakes (with their latents) for the discriminator: capacity in
+    /// samples (16384); entries are replaced at random once full. 0 disables it.
+    pub replay_capacity: usize,
+    /// Fraction of the discriminator's fakes drawn from the replay buffer (0.5); the rest are
+    /// the current step's fakes. `floor(batch * fraction)` samples are replayed.
+    pub replay_fraction: f64,
+    /// Storage dtype of replay entries (`f16`).
+    pub replay_dtype: ReplayDtype,
+}
+
+impl Default for RecipeConfig {
+    fn default() -> Self {
+        Self {
+            train_encoder: true,
+            train_decoder: true,
+            encoder_loss: EncoderLoss::Mse,
+            optimizer: OptimizerKind::AdamAmsgrad,
+            lr: 3e-4,
+            betas: (0.9, 0.9),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            lr_warmup_steps: 0,
+            grad_clip: None,
+            ema_decay: 0.999,
+            ema_warmup: true,
+            gan_weight: 1.0,
+            lowres_mse_weight: 1.0,
+            lowres_factor: 8,
+            fullres_mse_weight: 0.0,
+            freq_weight: 0.0,
+            freq_patch: 8,
+            disc_lr: 3e-4,
+            disc_betas: (0.9, 0.99),
+            disc_eps: 1e-8,
+            disc_weight_decay: 0.01,
+            disc_grad_clip: None,
+            disc_warmup_steps: 0,
+            replay_capacity: 16384,
+            replay_fraction: 0.5,
+            replay_dtype: ReplayDtype::F16,
+        }
+    }
+}
+
+impl RecipeConfig {
+    /// Whether the discriminator (and replay buffer) exist in this run.
+    pub fn uses_disc(&self) -> bool {
+        self.train_decoder && self.gan_weight > 0.0
+    }
+
+    /// Reject values the step cannot work with, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if !self.train_encoder && !self.train_decoder {
+            bail!("recipe: neither train_encoder nor train_decoder is set: nothing to train");
+        }
+        let pos = |name: &str, v: f64| -> anyhow::Result<()> {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("recipe: {name} must be a positive number, got {v}");
+            }
+            Ok(())
+        };
+        let nonneg = |name: &str, v: f64| -> anyhow::Result<()> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("recipe: {name} must be a finite number >= 0, got {v}");
+            }
+            Ok(())
+        };
+        let beta = |name: &str, (b1, b2): (f64, f64)| -> anyhow::Result<()> {
+            for (i, b) in [b1, b2].into_iter().enumerate() {
+                if !(0.0..1.0).contains(&b) {
+                    bail!("recipe: {name}.{i} must be in [0, 1), got {b}");
+                }
+            }
+            Ok(())
+        };
+        pos("lr", self.lr)?;
+        pos("eps", self.eps)?;
+        beta("betas", self.betas)?;
+        nonneg("weight_decay", self.weight_decay)?;
+        if let Some(c) = self.grad_clip {
+            pos("grad_clip", c)?;
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!(
+                "recipe: ema_decay must be in [0, 1), got {}",
+                self.ema_decay
+            );
+        }
+        nonneg("gan_weight", self.gan_weight)?;
+        nonneg("lowres_mse_weight", self.lowres_mse_weight)?;
+        nonneg("fullres_mse_weight", self.fullres_mse_weight)?;
+        nonneg("freq_weight", self.freq_weight)?;
+        if self.lowres_factor == 0 {
+            bail!("recipe: lowres_factor must be >= 1");
+        }
+        if self.freq_patch < 2 {
+            bail!("recipe: freq_patch must be >= 2, got {}", self.freq_patch);
+        }
+        pos("disc_lr", self.disc_lr)?;
+        pos("disc_eps", self.disc_eps)?;
+        beta("disc_betas", self.disc_betas)?;
+        nonneg("disc_weight_decay", self.disc_weight_decay)?;
+        if let Some(c) = self.disc_grad_clip {
+            pos("disc_grad_clip", c)?;
+        }
+        if !(0.0..=1.0).contains(&self.replay_fraction) {
+            bail!(
+                "recipe: replay_fraction must be in [0, 1], got {}",
+                self.replay_fraction
+            );
+        }
+        if self.train_decoder
+            && self.gan_weight == 0.0
+            && self.lowres_mse_weight == 0.0
+            && self.fullres_mse_weight == 0.0
+            && self.freq_weight == 0.0
+        {
+            bail!("recipe: train_decoder is set but every decoder loss weight is 0");
+        }
+        Ok(())
+    }
+
+    /// Encoder/decoder learning rate at (0-based) step `step`, after warm-up.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.lr_warmup_steps == 0 || step >= self.lr_warmup_steps {
+            self.lr
+        } else {
+            self.lr * (step + 1) as f64 / self.lr_warmup_steps as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_recipe_and_round_trip() {
+        let c = RecipeConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.lr, 3e-4);
+        assert_eq!(c.betas, (0.9, 0.9));
+        assert_eq!(c.disc_betas, (0.9, 0.99));
+        assert_eq!(c.replay_capacity, 16384);
+        assert!(c.optimizer.amsgrad());
+        let json = serde_json::to_string(&c).unwrap();
+        let back: RecipeConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        // Partial TOML: missing keys default, enum names are snake_case.
+        let t: RecipeConfig = toml::from_str(
+            "optimizer = \"adamw\"\nbetas = [0.9, 0.999]\ngrad_clip = 1.0\nencoder_loss = \"l1\"\n",
+        )
+        .unwrap();
+        assert_eq!(t.optimizer, OptimizerKind::Adamw);
+        assert_eq!(t.betas, (0.9, 0.999));
+        assert_eq!(t.grad_clip, Some(1.0));
+        assert_eq!(t.encoder_loss, EncoderLoss::L1);
+        assert_eq!(t.lr, 3e-4);
+        assert!(toml::from_str::<RecipeConfig>("learning_rate = 1.0").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = RecipeConfig {
+            replay_fraction: 1.5,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replay_fraction"));
+        c.replay_fraction = 0.5;
+        c.betas = (0.9, 1.0);
+        assert!(c.validate().unwrap_err().to_string().contains("betas"));
+        c.betas = (0.9, 0.9);
+        c.train_encoder = false;
+        c.train_decoder = false;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn lr_warmup_is_linear() {
+        let c = RecipeConfig {
+            lr_warmup_steps: 4,
+            ..Default::default()
+        };
+        assert_eq!(c.lr_at(0), 3e-4 * 0.25);
+        assert_eq!(c.lr_at(3), 3e-4);
+        assert_eq!(c.lr_at(100), 3e-4);
+    }
+}

@@ -1,0 +1,442 @@
+//! The conditional patch discriminator (seraena's `PatchDiscWithContext`).
+//!
+//! Input: the image mapped to [-1, 1], concatenated with the latent upsampled (nearest) to the
+//! image size. Six conv + BatchNorm + ReLU blocks (64, 128 s2, 256 s2, 512 s2, 512, 512
+//! channels; 4x4 kernels on the stride-2 convs, 3x3 otherwise, padding 1, no conv bias); after
+//! each block a bias-free 1x1 projection to one channel, average-pooled to H/8 x W/8. Output:
+//! the six maps concatenated, `[B, 6, H/8, W/8]`.
+//!
+//! Tensors are named as the PyTorch module's state dict (`blocks.{i}.0.weight` conv,
+//! `blocks.{i}.1.{weight,bias,running_mean,running_var}` BatchNorm, `proj.{i}.weight`).
+//!
+//! The forward is functional ([`Discriminator::forward_with`]): parameters and BatchNorm
+//! statistics are arguments, and a training-mode forward *returns* the updated running
+//! statistics instead of writing them. This is what lets a step compute the correction with the
+//! just-updated discriminator and still be discarded whole when something is non-finite.
+//! (`candle_nn::BatchNorm::forward_t(train=true)` writes its running statistics into `Var`s as
+//! a side effect of the forward pass, so it cannot be used that way.) The BatchNorm math is
+//! PyTorch's: batch statistics with the biased variance for normalising, running variance
+//! updated with the unbiased one, momentum 0.1, eps 1e-5.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// The discriminator's structure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiscConfig {
+    pub image_channels: usize,
+    pub latent_channels: usize,
+    /// Output channels of each block.
+    pub widths: Vec<usize>,
+    /// Stride of each block's conv (2: 4x4 kernel, else 3x3).
+    pub strides: Vec<usize>,
+    pub bn_eps: f64,
+    pub bn_momentum: f64,
+}
+
+impl DiscConfig {
+    /// seraena's discriminator for RGB images and `latent_channels`-channel latents.
+    pub fn seraena(latent_channels: usize) -> Self {
+        Self {
+            image_channels: 3,
+            latent_channels,
+            widths: vec![64, 128, 256, 512, 512, 512],
+            strides: vec![1, 2, 2, 2, 1, 1],
+            bn_eps: 1e-5,
+            bn_momentum: 0.1,
+        }
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.widths.len()
+    }
+
+    fn kernel(stride: usize) -> usize {
+        if stride == 2 {
+            4
+        } else {
+            3
+        }
+    }
+
+    /// Total downscale of the blocks: the output is at H / this (8).
+    pub fn downscale(&self) -> usize {
+        self.strides.iter().product()
+    }
+
+    /// Every trainable tensor, in the order [`Discriminator::forward_with`] takes them:
+    /// per block conv weight, BN weight, BN bias; then the projections.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        let mut c_in = self.image_channels + self.latent_channels;
+        for (i, (&w, &s)) in self.widths.iter().zip(&self.strides).enumerate() {
+            let k = Self::kernel(s);
+            out.push((format!("blocks.{i}.0.weight"), vec![w, c_in, k, k]));
+            out.push((format!("blocks.{i}.1.weight"), vec![w]));
+            out.push((format!("blocks.{i}.1.bias"), vec![w]));
+            c_in = w;
+        }
+        for (i, &w) in self.widths.iter().enumerate() {
+            out.push((format!("proj.{i}.weight"), vec![1, w, 1, 1]));
+        }
+        out
+    }
+
+    pub fn param_names(&self) -> Vec<String> {
+        self.param_shapes().into_iter().map(|(n, _)| n).collect()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Names of the BatchNorm running statistics (not trainable).
+    pub fn stat_names(&self, block: usize) -> (String, String) {
+        (
+            format!("blocks.{block}.1.running_mean"),
+            format!("blocks.{block}.1.running_var"),
+        )
+    }
+}
+
+/// BatchNorm running statistics, one `[C]` mean and variance per block.
+#[derive(Clone, Debug)]
+pub struct BnStats {
+    pub mean: Vec<Tensor>,
+    pub var: Vec<Tensor>,
+}
+
+impl BnStats {
+    /// PyTorch's initial statistics: mean 0, variance 1.
+    pub fn fresh(cfg: &DiscConfig, device: &Device) -> Result<Self> {
+        let mut mean = Vec::new();
+        let mut var = Vec::new();
+        for &w in &cfg.widths {
+            mean.push(Tensor::zeros(w, DType::F32, device)?);
+            var.push(Tensor::ones(w, DType::F32, device)?);
+        }
+        Ok(Self { mean, var })
+    }
+
+    /// Named as the PyTorch state dict.
+    pub fn to_map(&self, cfg: &DiscConfig) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for i in 0..self.mean.len() {
+            let (m, v) = cfg.stat_names(i);
+            out.insert(m, self.mean[i].clone());
+            out.insert(v, self.var[i].clone());
+        }
+        out
+    }
+
+    pub fn from_map(
+        cfg: &DiscConfig,
+        t: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut mean = Vec::new();
+        let mut var = Vec::new();
+        for (i, &w) in cfg.widths.iter().enumerate() {
+            let (m, v) = cfg.stat_names(i);
+            for (name, dst) in [(m, &mut mean), (v, &mut var)] {
+                let x = t
+                    .get(&name)
+                    .with_context(|| format!("discriminator state lacks {name}"))?;
+                if x.dims() != [w] {
+                    bail!(
+                        "discriminator {name} has shape {:?}, expected [{w}]",
+                        x.dims()
+                    );
+                }
+                dst.push(x.to_dtype(DType::F32)?.to_device(device)?);
+            }
+        }
+        Ok(Self { mean, var })
+    }
+}
+
+/// The discriminator: its structure, parameters and BatchNorm statistics.
+#[derive(Clone, Debug)]
+pub struct Discriminator {
+    cfg: DiscConfig,
+    params: Vec<Tensor>,
+    stats: BnStats,
+}
+
+impl Discriminator {
+    /// Parameters from `vb` (with `VarBuilder::from_varmap`: new trainable variables, conv and
+    /// projection weights uniform in ±1/sqrt(fan_in) as PyTorch's default init, BatchNorm
+    /// weight 1 and bias 0); fresh running statistics.
+    pub fn new(cfg: &DiscConfig, vb: VarBuilder) -> Result<Self> {
+        let mut params = Vec::new();
+        for (name, shape) in cfg.param_shapes() {
+            let init = if shape.len() == 4 {
+                let fan_in: usize = shape[1..].iter().product();
+                let b = 1.0 / (fan_in as f64).sqrt();
+                Init::Uniform { lo: -b, up: b }
+            } else if name.ends_with(".weight") {
+                Init::Const(1.0)
+            } else {
+                Init::Const(0.0)
+            };
+            params.push(vb.get_with_hints(shape, &name, init)?);
+        }
+        let stats = BnStats::fresh(cfg, vb.device())?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            params,
+            stats,
+        })
+    }
+
+    pub fn config(&self) -> &DiscConfig {
+        &self.cfg
+    }
+
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    pub fn stats(&self) -> &BnStats {
+        &self.stats
+    }
+
+    pub fn set_stats(&mut self, stats: BnStats) {
+        self.stats = stats;
+    }
+
+    /// Forward with this discriminator's own parameters and statistics. `train`: batch
+    /// statistics, and the updated running statistics are returned (not stored).
+    pub fn forward_t(
+        &self,
+        images: &Tensor,
+        latents: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Option<BnStats>)> {
+        Self::forward_with(&self.cfg, &self.params, &self.stats, images, latents, train)
+    }
+
+    /// `images` `[B, 3, H, W]` in [0, 1] (H, W multiples of 8), `latents` `[B, C, h, w]` ->
+    /// scores `[B, 6, H/8, W/8]`; with `train`, also the running statistics after this batch.
+    pub fn forward_with(
+        cfg: &DiscConfig,
+        params: &[Tensor],
+        stats: &BnStats,
+        images: &Tensor,
+        latents: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Option<BnStats>)> {
+        let n_blocks = cfg.n_blocks();
+        if params.len() != 4 * n_blocks {
+            bail!(
+                "discriminator: {} parameters, expected {}",
+                params.len(),
+                4 * n_blocks
+            );
+        }
+        let (b, c, h, w) = images.dims4()?;
+        let (lb, lc, _, _) = latents.dims4()?;
+        let ds = cfg.downscale();
+        if c != cfg.image_channels || lc != cfg.latent_channels || lb != b {
+            bail!(
+                "discriminator: images {:?} / latents {:?}, expected [B, {}, H, W] / [B, {}, h, w]",
+                images.dims(),
+                latents.dims(),
+                cfg.image_channels,
+                cfg.latent_channels
+            );
+        }
+        if h % ds != 0 || w % ds != 0 || h == 0 || w == 0 {
+            bail!("discriminator: image size {h}x{w} is not a multiple of {ds}");
+        }
+        let (oh, ow) = (h / ds, w / ds);
+        let ctx = latents.upsample_nearest2d(h, w)?;
+        let mut x = Tensor::cat(&[&images.affine(2.0, -1.0)?, &ctx], 1)?;
+        let mut outs = Vec::with_capacity(n_blocks);
+        let mut new_stats = train.then(|| BnStats {
+            mean: Vec::with_capacity(n_blocks),
+            var: Vec::with_capacity(n_blocks),
+        });
+        for i in 0..n_blocks {
+            let (conv_w, bn_w, bn_b) = (&params[3 * i], &params[3 * i + 1], &params[3 * i + 2]);
+            let proj = &params[3 * n_blocks + i];
+            let s = cfg.strides[i];
+            x = x.conv2d(conv_w, 1, s, 1, 1)?;
+            x = match &mut new_stats {
+                Some(ns) => {
+                    let (y, m, v) = batch_norm_train(
+                        &x,
+                        bn_w,
+                        bn_b,
+                        &stats.mean[i],
+                        &stats.var[i],
+                        cfg.bn_eps,
+                        cfg.bn_momentum,
+                    )?;
+                    ns.mean.push(m);
+                    ns.var.push(v);
+                    y
+                }
+                None => batch_norm_eval(&x, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps)?,
+            };
+            x = x.relu()?;
+            let o = x.conv2d(proj, 0, 1, 1, 1)?;
+            let (_, _, hi, wi) = o.dims4()?;
+            let o = if (hi, wi) != (oh, ow) {
+                if hi % oh != 0 || wi % ow != 0 {
+                    bail!("discriminator: block {i} output {hi}x{wi} does not pool to {oh}x{ow}");
+                }
+                o.avg_pool2d((hi / oh, wi / ow))?
+            } else {
+                o
+            };
+            outs.push(o);
+        }
+        Ok((Tensor::cat(&outs, 1)?, new_stats))
+    }
+}
+
+/// Training-mode BatchNorm over (N, H, W): returns the output and the new running mean and
+/// variance (detached).
+fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    momentum: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    let n = (b * h * w) as f64;
+    if n < 2.0 {
+        bail!("BatchNorm in training mode needs more than one value per channel");
+    }
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+    let scale = (var.affine(1.0, eps)?.sqrt()?.recip()? * weight.reshape((1, c, 1, 1))?)?;
+    let y = xc
+        .broadcast_mul(&scale)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+    let new_mean = (running_mean.affine(1.0 - momentum, 0.0)?
+        + mean.detach().flatten_all()?.affine(momentum, 0.0)?)?;
+    let new_var = (running_var.affine(1.0 - momentum, 0.0)?
+        + var
+            .detach()
+            .flatten_all()?
+            .affine(momentum * n / (n - 1.0), 0.0)?)?;
+    Ok((y, new_mean, new_var))
+}
+
+/// Inference-mode BatchNorm with the running statistics.
+fn batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let scale = (running_var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
+    let shift = (bias - (running_mean * &scale)?)?;
+    Ok(x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::{ModuleT, VarMap};
+
+    #[test]
+    fn output_shape_and_parameter_count() {
+        let cfg = DiscConfig::seraena(4);
+        // By hand: convs 7*64*9 + 64*128*16 + 128*256*16 + 256*512*16 + 2 * 512*512*9,
+        // BatchNorms 2 * (64+128+256+512*3), projections 64+128+256+512*3.
+        let by_hand = 7 * 64 * 9
+            + 64 * 128 * 16
+            + 128 * 256 * 16
+            + 256 * 512 * 16
+            + 2 * 512 * 512 * 9
+            + 2 * (64 + 128 + 256 + 3 * 512)
+            + (64 + 128 + 256 + 3 * 512);
+        assert_eq!(by_hand, 7_481_088);
+        assert_eq!(cfg.param_count(), by_hand);
+        assert_eq!(DiscConfig::seraena(32).param_count(), by_hand + 28 * 64 * 9);
+
+        let vm = VarMap::new();
+        let dev = Device::Cpu;
+        let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let n: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
+        assert_eq!(
+            n, by_hand,
+            "the VarMap holds exactly the trainable parameters"
+        );
+        let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 48), &dev).unwrap();
+        let z = Tensor::randn(0f32, 1f32, (2, 4, 4, 6), &dev).unwrap();
+        let (y, st) = d.forward_t(&x, &z, true).unwrap();
+        assert_eq!(y.dims(), [2, 6, 4, 6]);
+        let st = st.unwrap();
+        assert_eq!(st.mean.len(), 6);
+        assert_eq!(st.var[3].dims(), [512]);
+        let (y, st) = d.forward_t(&x, &z, false).unwrap();
+        assert_eq!(y.dims(), [2, 6, 4, 6]);
+        assert!(st.is_none());
+        assert!(d
+            .forward_t(&x.narrow(2, 0, 28).unwrap(), &z, false)
+            .is_err());
+    }
+
+    /// The BatchNorm here against candle-nn's (PyTorch semantics) in both modes, including the
+    /// running statistics.
+    #[test]
+    fn batch_norm_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (3, 5, 4, 4), &dev)
+            .unwrap()
+            .affine(2.0, 0.7)
+            .unwrap();
+        let w = Tensor::new(&[1.0f32, 0.5, -1.0, 2.0, 0.3], &dev).unwrap();
+        let b = Tensor::new(&[0.0f32, 0.1, -0.2, 0.3, 1.0], &dev).unwrap();
+        let rm = Tensor::new(&[0.1f32, -0.1, 0.0, 0.2, 0.5], &dev).unwrap();
+        let rv = Tensor::new(&[1.0f32, 0.5, 2.0, 1.5, 0.9], &dev).unwrap();
+        let reference = candle_nn::BatchNorm::new_with_momentum(
+            5,
+            rm.copy().unwrap(),
+            rv.copy().unwrap(),
+            w.clone(),
+            b.clone(),
+            1e-5,
+            0.1,
+        )
+        .unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let want_eval = reference.forward_t(&x, false).unwrap();
+        let got_eval = batch_norm_eval(&x, &w, &b, &rm, &rv, 1e-5).unwrap();
+        assert!(max_diff(&want_eval, &got_eval) < 1e-5);
+        let want = reference.forward_t(&x, true).unwrap();
+        let (got, m, v) = batch_norm_train(&x, &w, &b, &rm, &rv, 1e-5, 0.1).unwrap();
+        assert!(max_diff(&want, &got) < 1e-5);
+        assert!(max_diff(reference.running_mean(), &m) < 1e-6);
+        assert!(max_diff(reference.running_var(), &v) < 1e-5);
+    }
+}

@@ -1,0 +1,480 @@
+//! Adam, Adam with AMSGrad, and AdamW, as PyTorch's `torch.optim.Adam` / `AdamW` compute them
+//! (candle-nn has AdamW only, and no AMSGrad).
+//!
+//! For step `t` (1-based), gradient `g`, parameter `p`:
+//!
+//! ```text
+//! g  = g + wd * p                      (Adam: L2 weight decay)
+//! p  = p * (1 - lr * wd)               (AdamW: decoupled weight decay)
+//! m  = m + (g - m) * (1 - b1)          (exp_avg.lerp_(g, 1 - b1))
+//! v  = v * b2 + (1 - b2) * g * g       (exp_avg_sq)
+//! vmax = max(vmax, v)                  (AMSGrad: max_exp_avg_sq)
+//! denom = sqrt(vmax or v) / sqrt(1 - b2^t) + eps
+//! p  = p - lr / (1 - b1^t) * m / denom
+//! ```
+//!
+//! The update is split in two so a step can be checked before anything is written:
+//! [`Adam::propose`] computes the new parameters and moments as fresh tensors (nothing is
+//! modified), [`Adam::commit`] writes them (parameters copied into the `Var`s in place, moments
+//! swapped). A proposal that is dropped leaves the optimiser and the weights untouched.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
+
+/// Adam-family hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    /// AdamW: weight decay multiplies the parameter instead of adding to the gradient.
+    pub decoupled_weight_decay: bool,
+}
+
+impl AdamConfig {
+    /// `torch.optim.Adam(amsgrad=True)` defaults but for `lr` and `betas`.
+    pub fn amsgrad(lr: f64, betas: (f64, f64)) -> Self {
+        Self {
+            lr,
+            beta1: betas.0,
+            beta2: betas.1,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: true,
+            decoupled_weight_decay: false,
+        }
+    }
+
+    /// `torch.optim.AdamW` with its default weight decay (0.01) but for `lr` and `betas`.
+    pub fn adamw(lr: f64, betas: (f64, f64)) -> Self {
+        Self {
+            lr,
+            beta1: betas.0,
+            beta2: betas.1,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            amsgrad: false,
+            decoupled_weight_decay: true,
+        }
+    }
+}
+
+/// Optimiser state names as in PyTorch's `state_dict()["state"][i]`.
+const EXP_AVG: &str = "exp_avg";
+const EXP_AVG_SQ: &str = "exp_avg_sq";
+const MAX_EXP_AVG_SQ: &str = "max_exp_avg_sq";
+
+/// Adam / AMSGrad / AdamW over a fixed, named list of variables.
+pub struct Adam {
+    cfg: AdamConfig,
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Empty unless `cfg.amsgrad`.
+    vmax: Vec<Tensor>,
+    /// Updates applied so far (PyTorch's per-parameter `step`, shared here).
+    t: u64,
+}
+
+/// The outcome of one update, not yet written. `params[i]` is the new value of variable `i`
+/// (detached; the current value where the variable had no gradient).
+pub struct Proposal {
+    pub params: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    vmax: Vec<Tensor>,
+}
+
+impl Adam {
+    /// Zero moments for `vars` (kept in the given order; names must be unique).
+    pub fn new(vars: Vec<(String, Var)>, cfg: AdamConfig) -> Result<Self> {
+        let mut m = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            if var.dtype() != DType::F32 {
+                bail!(
+                    "optimiser: {name} is {:?}, only f32 weights are trained",
+                    var.dtype()
+                );
+            }
+            m.push(var.as_tensor().zeros_like()?);
+        }
+        let v = m.clone();
+        let vmax = if cfg.amsgrad { m.clone() } else { Vec::new() };
+        Ok(Self {
+            cfg,
+            vars,
+            m,
+            v,
+            vmax,
+            t: 0,
+        })
+    }
+
+    pub fn config(&self) -> &AdamConfig {
+        &self.cfg
+    }
+
+    /// Change hyperparameters (e.g. on resume with another learning rate). AMSGrad cannot be
+    /// switched on or off once state exists.
+    pub fn set_config(&mut self, cfg: AdamConfig) -> Result<()> {
+        if cfg.amsgrad != self.cfg.amsgrad {
+            bail!("optimiser: amsgrad cannot change on an existing optimiser");
+        }
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Updates applied so far.
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+
+    /// The gradients of this optimiser's variables in `grads`, in order (`None`: no gradient).
+    pub fn gradients(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.vars
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).map(|g| g.detach()))
+            .collect()
+    }
+
+    /// The new parameters and moments for gradients `grads` (aligned with [`Adam::vars`]),
+    /// learning rate `lr`, and an optional scalar gradient multiplier `grad_scale` (a 0-dim
+    /// tensor, e.g. from gradient clipping). Nothing is modified.
+    pub fn propose(
+        &self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: Option<&Tensor>,
+    ) -> Result<Proposal> {
+        if grads.len() != self.vars.len() {
+            bail!(
+                "optimiser: {} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            );
+        }
+        let c = &self.cfg;
+        let t = self.t + 1;
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        let step_size = lr / bc1;
+        let inv_bc2_sqrt = 1.0 / bc2.sqrt();
+        let n = self.vars.len();
+        let mut out = Proposal {
+            params: Vec::with_capacity(n),
+            m: Vec::with_capacity(n),
+            v: Vec::with_capacity(n),
+            vmax: Vec::with_capacity(if c.amsgrad { n } else { 0 }),
+        };
+        for (i, ((name, var), g)) in self.vars.iter().zip(grads).enumerate() {
+            let p = var.as_detached_tensor();
+            let Some(g) = g else {
+                // PyTorch skips parameters without a gradient entirely.
+                out.params.push(p);
+                out.m.push(self.m[i].clone());
+                out.v.push(self.v[i].clone());
+                if c.amsgrad {
+                    out.vmax.push(self.vmax[i].clone());
+                }
+                continue;
+            };
+            let mut upd = || -> candle_core::Result<()> {
+                let mut g = g.detach();
+                if let Some(s) = grad_scale {
+                    g = g.broadcast_mul(s)?;
+                }
+                let mut p = p.clone();
+                if c.weight_decay != 0.0 {
+                    if c.decoupled_weight_decay {
+                        p = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
+                    } else {
+                        g = (g + p.affine(c.weight_decay, 0.0)?)?;
+                    }
+                }
+                let m = (&self.m[i] + (&g - &self.m[i])?.affine(1.0 - c.beta1, 0.0)?)?;
+                let v = (self.v[i].affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+                let second = if c.amsgrad {
+                    let vmax = self.vmax[i].maximum(&v)?;
+                    out.vmax.push(vmax.clone());
+                    vmax
+                } else {
+                    v.clone()
+                };
+                let denom = second.sqrt()?.affine(inv_bc2_sqrt, c.eps)?;
+                let p = (p - (&m / denom)?.affine(step_size, 0.0)?)?;
+                out.params.push(p);
+                out.m.push(m);
+                out.v.push(v);
+                Ok(())
+            };
+            upd().with_context(|| format!("optimiser update of {name}"))?;
+        }
+        Ok(out)
+    }
+
+    /// Write a proposal: parameters into the variables, moments into the state, `t += 1`.
+    pub fn commit(&mut self, p: Proposal) -> Result<()> {
+        for ((name, var), new) in self.vars.iter().zip(&p.params) {
+            var.set(new).with_context(|| format!("writing {name}"))?;
+        }
+        self.m = p.m;
+        self.v = p.v;
+        if self.cfg.amsgrad {
+            self.vmax = p.vmax;
+        }
+        self.t += 1;
+        Ok(())
+    }
+
+    /// One plain step: propose from `grads` and commit.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let g = self.gradients(grads);
+        let p = self.propose(&g, self.cfg.lr, None)?;
+        self.commit(p)
+    }
+
+    /// The moments, named `exp_avg.<var>`, `exp_avg_sq.<var>` (and `max_exp_avg_sq.<var>`).
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("{EXP_AVG}.{name}"), self.m[i].clone());
+            out.insert(format!("{EXP_AVG_SQ}.{name}"), self.v[i].clone());
+            if self.cfg.amsgrad {
+                out.insert(format!("{MAX_EXP_AVG_SQ}.{name}"), self.vmax[i].clone());
+            }
+        }
+        out
+    }
+
+    /// Restore moments written by [`Adam::state_tensors`] and the step count. Every moment
+    /// must be present with the variable's shape; they are moved to the variables' device.
+    pub fn load_state_tensors(&mut self, t: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
+        let get = |kind: &str, name: &str, var: &Var| -> Result<Tensor> {
+            let key = format!("{kind}.{name}");
+            let x = t
+                .get(&key)
+                .with_context(|| format!("optimiser state lacks {key}"))?;
+            if x.dims() != var.dims() {
+                bail!(
+                    "optimiser state {key} has shape {:?}, the variable {:?}",
+                    x.dims(),
+                    var.dims()
+                );
+            }
+            Ok(x.to_dtype(DType::F32)?.to_device(var.device())?)
+        };
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        let mut vmax = Vec::new();
+        for (name, var) in &self.vars {
+            m.push(get(EXP_AVG, name, var)?);
+            v.push(get(EXP_AVG_SQ, name, var)?);
+            if self.cfg.amsgrad {
+                vmax.push(get(MAX_EXP_AVG_SQ, name, var)?);
+            }
+        }
+        self.m = m;
+        self.v = v;
+        self.vmax = vmax;
+        self.t = steps;
+        Ok(())
+    }
+}
+
+/// Sum of squares of the present gradients as a 0-dim f32 tensor (on their device), or `None`
+/// when there are none.
+pub fn grad_norm_sq(grads: &[Option<Tensor>]) -> Result<Option<Tensor>> {
+    let parts = grads
+        .iter()
+        .flatten()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::stack(&parts, 0)?.sum_all()?))
+}
+
+/// `clip_grad_norm_`'s multiplier `min(1, max_norm / (norm + 1e-6))` as a 0-dim tensor.
+pub fn clip_scale(norm_sq: &Tensor, max_norm: f64) -> Result<Tensor> {
+    let norm = norm_sq.sqrt()?;
+    Ok((norm + 1e-6)?
+        .recip()?
+        .affine(max_norm, 0.0)?
+        .clamp(0f32, 1f32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn var(v: &[f32]) -> Var {
+        Var::from_slice(v, v.len(), &Device::Cpu).unwrap()
+    }
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap()
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        for (g, w) in got.iter().zip(want) {
+            let tol = 1e-6 * w.abs().max(1.0);
+            assert!(
+                (*g as f64 - w).abs() <= tol,
+                "{what}: got {got:?}, want {want:?}"
+            );
+        }
+    }
+
+    /// Expected values: PyTorch's update rule evaluated by hand (in f64) for
+    /// p0 = [1, -2, 0.5], g1 = [0.5, -1, 0.1], g2 = [-0.3, 2, 0.1], g3 = [0.2, -0.1, -0.4],
+    /// lr = 0.1, betas = (0.9, 0.9), eps = 1e-8 — AMSGrad, no weight decay.
+    ///
+    /// step 1: m = 0.1 g1, v = 0.1 g1², vmax = v; bc1 = 0.1, sqrt(bc2) = sqrt(0.1):
+    ///   m/bc1 = g1, sqrt(v)/sqrt(bc2) = |g1|  => p1 = p0 - 0.1 sign(g1) (up to eps)
+    ///   = [0.9, -1.9, 0.4]
+    /// step 2: m = [0.015, 0.11, 0.019], v = [0.0315, 0.49, 0.0019], vmax = max(v, v1)
+    ///   = [0.0315, 0.49, 0.0019]; bc1 = 0.19, bc2 = 0.19
+    ///   p2 = p1 - 0.1/0.19 * m / (sqrt(vmax)/sqrt(0.19) + 1e-8)
+    /// step 3: m = [0.0335, 0.089, -0.0229], v = [0.03235, 0.442, 0.01771],
+    ///   vmax = [0.03235, 0.49 (kept: v fell), 0.01771]; bc1 = bc2 = 0.271
+    #[test]
+    fn amsgrad_matches_pytorch_update_rule() {
+        let p = var(&[1.0, -2.0, 0.5]);
+        let mut opt = Adam::new(
+            vec![("p".into(), p.clone())],
+            AdamConfig::amsgrad(0.1, (0.9, 0.9)),
+        )
+        .unwrap();
+        let grads = [[0.5f32, -1.0, 0.1], [-0.3, 2.0, 0.1], [0.2, -0.1, -0.4]];
+        let want = [
+            [0.9000000020, -1.9000000010, 0.4000000100],
+            [0.8806108341, -1.9360510447, 0.3000000200],
+            [0.8448322618, -1.9604745119, 0.3330553532],
+        ];
+        for (g, w) in grads.iter().zip(&want) {
+            let pr = opt.propose(&[Some(t(g))], 0.1, None).unwrap();
+            opt.commit(pr).unwrap();
+            close(&p.as_tensor().to_vec1::<f32>().unwrap(), w, "amsgrad");
+        }
+        assert_eq!(opt.step_count(), 3);
+        // The max is kept where the second moment fell (element 1 at step 3).
+        let st = opt.state_tensors();
+        close(
+            &st["max_exp_avg_sq.p"].to_vec1::<f32>().unwrap(),
+            &[0.03235, 0.49, 0.01771],
+            "max_exp_avg_sq",
+        );
+        close(
+            &st["exp_avg_sq.p"].to_vec1::<f32>().unwrap(),
+            &[0.03235, 0.442, 0.01771],
+            "exp_avg_sq",
+        );
+        close(
+            &st["exp_avg.p"].to_vec1::<f32>().unwrap(),
+            &[0.0335, 0.089, -0.0229],
+            "exp_avg",
+        );
+    }
+
+    /// AdamW (no amsgrad), lr 0.1, betas (0.9, 0.99), eps 1e-8, weight decay 0.1, same p0 and
+    /// gradients as above. Each step first scales p by (1 - 0.1 * 0.1) = 0.99, then
+    /// p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with bc2 = 1 - 0.99^t.
+    #[test]
+    fn adamw_matches_pytorch_update_rule() {
+        let p = var(&[1.0, -2.0, 0.5]);
+        let mut cfg = AdamConfig::adamw(0.1, (0.9, 0.99));
+        cfg.weight_decay = 0.1;
+        let mut opt = Adam::new(vec![("p".into(), p.clone())], cfg).unwrap();
+        let grads = [[0.5f32, -1.0, 0.1], [-0.3, 2.0, 0.1], [0.2, -0.1, -0.4]];
+        let want = [
+            [0.8900000020, -1.8800000010, 0.3950000100],
+            [0.8619297731, -1.8977607721, 0.2910500199],
+            [0.8184805395, -1.9042221191, 0.3224934526],
+        ];
+        for (g, w) in grads.iter().zip(&want) {
+            let pr = opt.propose(&[Some(t(g))], 0.1, None).unwrap();
+            opt.commit(pr).unwrap();
+            close(&p.as_tensor().to_vec1::<f32>().unwrap(), w, "adamw");
+        }
+        assert!(!opt.state_tensors().contains_key("max_exp_avg_sq.p"));
+    }
+
+    /// Adam with L2 weight decay 0.5 (added to the gradient), one step from p0 = [2]:
+    /// g' = 1 + 0.5*2 = 2; m/bc1 = 2, sqrt(v)/sqrt(bc2) = 2 => p = 2 - 0.1 * 2/(2 + 1e-8).
+    #[test]
+    fn adam_l2_weight_decay_enters_the_gradient() {
+        let p = var(&[2.0]);
+        let mut cfg = AdamConfig::amsgrad(0.1, (0.9, 0.9));
+        cfg.weight_decay = 0.5;
+        let mut opt = Adam::new(vec![("p".into(), p.clone())], cfg).unwrap();
+        let pr = opt.propose(&[Some(t(&[1.0]))], 0.1, None).unwrap();
+        opt.commit(pr).unwrap();
+        close(
+            &p.as_tensor().to_vec1::<f32>().unwrap(),
+            &[1.9000000005],
+            "adam l2",
+        );
+        close(
+            &opt.state_tensors()["exp_avg.p"].to_vec1::<f32>().unwrap(),
+            &[0.2],
+            "adam l2 exp_avg",
+        );
+    }
+
+    #[test]
+    fn dropped_proposal_changes_nothing_and_state_round_trips() {
+        let p = var(&[1.0, 2.0]);
+        let mut opt = Adam::new(
+            vec![("p".into(), p.clone())],
+            AdamConfig::amsgrad(0.1, (0.9, 0.9)),
+        )
+        .unwrap();
+        let pr = opt.propose(&[Some(t(&[1.0, 1.0]))], 0.1, None).unwrap();
+        opt.commit(pr).unwrap();
+        let before = p.as_tensor().to_vec1::<f32>().unwrap();
+        let state = opt.state_tensors();
+        let _dropped = opt
+            .propose(&[Some(t(&[f32::NAN, 1.0]))], 0.1, None)
+            .unwrap();
+        assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), before);
+        assert_eq!(opt.step_count(), 1);
+        // A second optimiser loaded from the state continues identically.
+        let p2 = var(&before);
+        let mut opt2 = Adam::new(
+            vec![("p".into(), p2.clone())],
+            AdamConfig::amsgrad(0.1, (0.9, 0.9)),
+        )
+        .unwrap();
+        opt2.load_state_tensors(&state, 1).unwrap();
+        for o in [&mut opt, &mut opt2] {
+            let pr = o.propose(&[Some(t(&[0.3, -0.7]))], 0.1, None).unwrap();
+            o.commit(pr).unwrap();
+        }
+        assert_eq!(
+            p.as_tensor().to_vec1::<f32>().unwrap(),
+            p2.as_tensor().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn clipping_scale_matches_clip_grad_norm() {
+        let g = [Some(t(&[3.0, 4.0]))];
+        let n = grad_norm_sq(&g).unwrap().unwrap();
+        assert_eq!(n.to_scalar::<f32>().unwrap(), 25.0);
+        let s = clip_scale(&n, 1.0).unwrap().to_scalar::<f32>().unwrap();
+        assert!((s - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
+        let s = clip_scale(&n, 10.0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(s, 1.0);
+    }
+}

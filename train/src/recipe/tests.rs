@@ -1,0 +1,530 @@
+//! Whole-recipe tests: NaN guard, exact resume, losses falling, init, export.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::*;
+
+const REFERENCE: &str = "/work/shared/reference/taef2";
+
+fn tiny_cfg() -> RecipeConfig {
+    RecipeConfig {
+        replay_capacity: 4,
+        // Exercise every decoder term.
+        fullres_mse_weight: 0.1,
+        freq_weight: 0.01,
+        ..Default::default()
+    }
+}
+
+fn taesd_cfg() -> taesd::TaesdConfig {
+    taesd::Variant::Taesd.config()
+}
+
+/// Batch `i` of a fixed, seeded sequence: [2, 3, 32, 32] images, [2, 4, 4, 4] latents.
+fn batch(i: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(1000 + i);
+    let im: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.random::<f32>()).collect();
+    let la: Vec<f32> = (0..2 * 4 * 4 * 4)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    Batch {
+        images: Tensor::from_vec(im, (2, 3, 32, 32), &Device::Cpu).unwrap(),
+        latents: Tensor::from_vec(la, (2, 4, 4, 4), &Device::Cpu).unwrap(),
+    }
+}
+
+/// Every tensor of a saved state (file/name -> raw bytes) plus the JSON minus nothing.
+fn snapshot(r: &Recipe) -> (BTreeMap<String, Vec<u8>>, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    r.save_state(dir.path()).unwrap();
+    read_state(dir.path())
+}
+
+fn read_state(dir: &Path) -> (BTreeMap<String, Vec<u8>>, serde_json::Value) {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let file = p.file_name().unwrap().to_string_lossy().to_string();
+        let t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+        for (n, t) in t {
+            let bytes: Vec<u8> = match t.dtype() {
+                DType::F32 => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                DType::F16 => t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                d => panic!("unexpected dtype {d:?}"),
+            };
+            out.insert(format!("{file}:{n}"), bytes);
+        }
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+    (out, json)
+}
+
+fn assert_same_state(
+    a: &(BTreeMap<String, Vec<u8>>, serde_json::Value),
+    b: &(BTreeMap<String, Vec<u8>>, serde_json::Value),
+    what: &str,
+) {
+    assert_eq!(
+        a.0.keys().collect::<Vec<_>>(),
+        b.0.keys().collect::<Vec<_>>(),
+        "{what}: tensor names"
+    );
+    for (k, v) in &a.0 {
+        assert!(v == &b.0[k], "{what}: {k} differs");
+    }
+    let strip = |j: &serde_json::Value| {
+        let mut j = j.clone();
+        j.as_object_mut().unwrap().remove("seed");
+        j
+    };
+    assert_eq!(strip(&a.1), strip(&b.1), "{what}: state.json");
+}
+
+#[test]
+fn steps_report_and_models_are_snapshots() {
+    let mut r = Recipe::new(
+        &tiny_cfg(),
+        taesd_cfg(),
+        &ModelInit::default(),
+        &Device::Cpu,
+        5,
+    )
+    .unwrap();
+    assert_eq!(r.disc_param_count(), 7_481_088);
+    // From scratch: the decoder's output bias starts at 0.5.
+    let dec0 = r.ema_decoder().unwrap().unwrap();
+    let rep = r.step(&batch(0)).unwrap();
+    assert!(rep.skipped.is_none());
+    assert_eq!(rep.step, 1);
+    for k in [
+        "encoder",
+        "decoder",
+        "gan",
+        "lowres_mse",
+        "fullres_mse",
+        "freq",
+        "disc",
+        "disc_acc",
+        "correction_std",
+        "decoder_mse",
+    ] {
+        assert!(
+            rep.losses.get(k).is_some_and(|v| v.is_finite()),
+            "missing {k}: {rep:?}"
+        );
+    }
+    // The GAN term is the mean square of the correction -g / (std(g) + 1e-5): at most ~1, and
+    // well below while the raw gradient's std is under the 1e-5 floor (a fresh discriminator).
+    let s = rep.losses["correction_std"];
+    assert!(
+        rep.losses["gan"] > 0.0 && rep.losses["gan"] <= 1.0 + 1e-3,
+        "{rep:?}"
+    );
+    assert!(
+        rep.losses["gan"] >= 0.9 * (s / (s + 1e-5)).powi(2),
+        "{rep:?}"
+    );
+    for k in ["encoder", "decoder", "disc"] {
+        assert!(rep.grad_norms[k] > 0.0);
+    }
+    assert_eq!(rep.lr, 3e-4);
+    assert_eq!(r.replay_usage().0, 2);
+    // Snapshots do not move with training; the raw model does change.
+    let z = batch(1).latents;
+    let before = dec0.forward(&z).unwrap();
+    let raw1 = r.decoder().unwrap().unwrap().forward(&z).unwrap();
+    r.step(&batch(1)).unwrap();
+    let after = dec0.forward(&z).unwrap();
+    let raw2 = r.decoder().unwrap().unwrap().forward(&z).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(diff(&before, &after), 0.0);
+    assert!(diff(&raw1, &raw2) > 0.0);
+    let mean0 = before.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        (mean0 - 0.5).abs() < 0.2,
+        "fresh decoder output mean {mean0}"
+    );
+    // Export the EMA weights and load them back with the model crate.
+    let dir = tempfile::tempdir().unwrap();
+    let files = r
+        .export(
+            taesd::Layout::TaesdPy,
+            &dir.path().join("taesd"),
+            Some(taesd::Variant::Taesd),
+        )
+        .unwrap();
+    assert_eq!(files.len(), 2);
+    let back = taesd::Taesd::load_files(&files, None, DType::F32, &Device::Cpu).unwrap();
+    let ema = r.ema_decoder().unwrap().unwrap();
+    assert_eq!(
+        diff(&back.decode(&z).unwrap(), &ema.forward(&z).unwrap()),
+        0.0
+    );
+    // Batches that do not fit are errors, not skips.
+    let bad = Batch {
+        images: Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap(),
+        latents: Tensor::zeros((2, 4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+    };
+    assert!(r.step(&bad).is_err());
+}
+
+#[test]
+fn nan_batch_is_skipped_and_writes_nothing() {
+    let mut r = Recipe::new(
+        &tiny_cfg(),
+        taesd_cfg(),
+        &ModelInit::default(),
+        &Device::Cpu,
+        11,
+    )
+    .unwrap();
+    for i in 0..2 {
+        r.step(&batch(i)).unwrap();
+    }
+    let before = snapshot(&r);
+    // One NaN pixel in one image.
+    let b = batch(3);
+    let mut im = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    im[1234] = f32::NAN;
+    let nan = Batch {
+        images: Tensor::from_vec(im, (2, 3, 32, 32), &Device::Cpu).unwrap(),
+        latents: b.latents.clone(),
+    };
+    let rep = r.step(&nan).unwrap();
+    let why = rep.skipped.clone().expect("the NaN step must be skipped");
+    assert!(why.contains("NaN"), "{why}");
+    assert_eq!(r.step_count(), 3);
+    assert_eq!(r.skipped_steps(), 1);
+    let after = snapshot(&r);
+    // Every tensor (weights, EMA, moments, disc + BatchNorm statistics, replay) and the RNG
+    // are unchanged; only the step counters moved.
+    let mut want_json = before.1.clone();
+    want_json["step"] = 3.into();
+    want_json["skipped_steps"] = 1.into();
+    assert_same_state(&(before.0.clone(), want_json), &after, "after a NaN step");
+    // A NaN latent (decoder and discriminator path) is skipped too.
+    let mut la = b.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    la[7] = f32::NAN;
+    let rep = r
+        .step(&Batch {
+            images: b.images.clone(),
+            latents: Tensor::from_vec(la, (2, 4, 4, 4), &Device::Cpu).unwrap(),
+        })
+        .unwrap();
+    assert!(rep.skipped.is_some());
+    let mut want_json = before.1.clone();
+    want_json["step"] = 4.into();
+    want_json["skipped_steps"] = 2.into();
+    assert_same_state(
+        &(before.0.clone(), want_json),
+        &snapshot(&r),
+        "after two bad steps",
+    );
+    // Training goes on normally.
+    assert!(r.step(&batch(3)).unwrap().skipped.is_none());
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let cfg = tiny_cfg();
+    let (m, n) = (2u64, 2u64);
+    // Uninterrupted: m + n steps.
+    let mut u = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 21).unwrap();
+    for i in 0..m {
+        u.step(&batch(i)).unwrap();
+    }
+    let u_at_m = snapshot(&u);
+    for i in m..m + n {
+        u.step(&batch(i)).unwrap();
+    }
+    let u_end = snapshot(&u);
+    // Interrupted: m steps, save, drop.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s =
+            Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 21).unwrap();
+        for i in 0..m {
+            s.step(&batch(i)).unwrap();
+        }
+        s.save_state(dir.path()).unwrap();
+    }
+    // Same seed, same steps: same state (deterministic init and step).
+    assert_same_state(&u_at_m, &read_state(dir.path()), "two runs of m steps");
+    // Resumed: a recipe built with another seed (other fresh weights and RNG), loaded, n steps.
+    let mut r = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 999).unwrap();
+    r.load_state(dir.path()).unwrap();
+    assert_eq!(r.step_count(), m);
+    assert_eq!(r.replay_usage().0, 4);
+    assert_same_state(&u_at_m, &snapshot(&r), "just after loading");
+    for i in m..m + n {
+        r.step(&batch(i)).unwrap();
+    }
+    assert_same_state(&u_end, &snapshot(&r), "resumed vs uninterrupted");
+}
+
+#[test]
+fn load_state_rejects_another_structure() {
+    let cfg = tiny_cfg();
+    let mut a = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 1).unwrap();
+    a.step(&batch(0)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    a.save_state(dir.path()).unwrap();
+    let enc_only = RecipeConfig {
+        train_decoder: false,
+        ..cfg.clone()
+    };
+    let mut b = Recipe::new(
+        &enc_only,
+        taesd_cfg(),
+        &ModelInit::default(),
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
+    assert!(b.load_state(dir.path()).is_err());
+    let mut c = Recipe::new(
+        &cfg,
+        taesd::TaesdConfig::custom(8),
+        &ModelInit::default(),
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
+    assert!(c.load_state(dir.path()).is_err());
+    // Changed learning rate: allowed.
+    let mut d = Recipe::new(
+        &RecipeConfig { lr: 1e-4, ..cfg },
+        taesd_cfg(),
+        &ModelInit::default(),
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
+    d.load_state(dir.path()).unwrap();
+    assert_eq!(d.step(&batch(1)).unwrap().lr, 1e-4);
+}
+
+/// Side of the real crops (small: candle's CPU convolution backward is slow).
+const CROP: u32 = 16;
+
+/// A fixed real batch: two CROP x CROP crops of the reference photo, latents from the released
+/// taef2 encoder. `None` when the reference files are missing.
+fn real_batch() -> Option<(Batch, taesd::Taesd)> {
+    let dir = Path::new(REFERENCE);
+    if !dir.join("parity_source.jpg").is_file() {
+        eprintln!("skipping: {REFERENCE} not present");
+        return None;
+    }
+    let img = image::open(dir.join("parity_source.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let mut data = Vec::new();
+    for (x0, y0) in [(w / 3, h / 3), (w / 2, h / 2)] {
+        let n = (CROP * CROP) as usize;
+        let mut chw = vec![0f32; 3 * n];
+        for y in 0..CROP {
+            for x in 0..CROP {
+                let p = img.get_pixel(x0 + x, y0 + y);
+                for c in 0..3 {
+                    chw[c * n + (y * CROP + x) as usize] =
+                        taesd_schemas::conventions::u8_to_unit(p[c]);
+                }
+            }
+        }
+        data.extend(chw);
+    }
+    let c = CROP as usize;
+    let images = Tensor::from_vec(data, (2, 3, c, c), &Device::Cpu).unwrap();
+    let teacher =
+        taesd::Taesd::load(dir, Some(taesd::Variant::Taef2), DType::F32, &Device::Cpu).unwrap();
+    let latents = teacher.encode(&images).unwrap();
+    Some((Batch { images, latents }, teacher))
+}
+
+#[test]
+fn losses_fall_on_a_fixed_real_batch() {
+    let Some((b, _)) = real_batch() else { return };
+    let cfg = RecipeConfig {
+        replay_capacity: 16,
+        ..Default::default()
+    };
+    let mut r = Recipe::new(
+        &cfg,
+        taesd::Variant::Taef2.config(),
+        &ModelInit::default(),
+        &Device::Cpu,
+        3,
+    )
+    .unwrap();
+    let mut enc = Vec::new();
+    let mut low = Vec::new();
+    let mut dmse = Vec::new();
+    for _ in 0..20 {
+        let rep = r.step(&b).unwrap();
+        assert!(rep.skipped.is_none());
+        enc.push(rep.losses["encoder"]);
+        low.push(rep.losses["lowres_mse"]);
+        dmse.push(rep.losses["decoder_mse"]);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    eprintln!("encoder {:.4} -> {:.4}", mean(&enc[..3]), mean(&enc[15..]));
+    eprintln!("lowres  {:.5} -> {:.5}", mean(&low[..3]), mean(&low[15..]));
+    eprintln!(
+        "dec mse {:.5} -> {:.5}",
+        mean(&dmse[..3]),
+        mean(&dmse[15..])
+    );
+    assert!(
+        mean(&enc[15..]) < 0.5 * mean(&enc[..3]),
+        "encoder loss {enc:?}"
+    );
+    assert!(
+        mean(&low[15..]) < 0.7 * mean(&low[..3]),
+        "low-res MSE {low:?}"
+    );
+    assert!(mean(&dmse[15..]) < mean(&dmse[..3]), "decoder MSE {dmse:?}");
+}
+
+#[test]
+fn fine_tuning_starts_from_the_released_decoder() {
+    let Some((b, teacher)) = real_batch() else {
+        return;
+    };
+    let cfg = RecipeConfig {
+        train_encoder: false,
+        replay_capacity: 4,
+        ..Default::default()
+    };
+    let init = ModelInit {
+        encoder: None,
+        decoder: Some(REFERENCE.into()),
+    };
+    let mut r = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &init, &Device::Cpu, 0).unwrap();
+    assert!(r.encoder().unwrap().is_none() && r.ema_encoder().unwrap().is_none());
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let want = teacher.decode(&b.latents).unwrap();
+    let got = r
+        .ema_decoder()
+        .unwrap()
+        .unwrap()
+        .forward(&b.latents)
+        .unwrap();
+    assert_eq!(
+        diff(&want, &got),
+        0.0,
+        "the initial decoder is the released one (bias not reset)"
+    );
+    let rep = r.step(&b).unwrap();
+    assert!(rep.losses.get("encoder").is_none());
+    // A pretrained decoder starts close to the image.
+    assert!(rep.losses["decoder_mse"] < 0.02, "{rep:?}");
+    // The encoder of a decoder-only run can still come from a checkpoint (frozen).
+    let init = ModelInit {
+        encoder: Some(REFERENCE.into()),
+        decoder: Some(REFERENCE.into()),
+    };
+    let r2 = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &init, &Device::Cpu, 0).unwrap();
+    let e = r2.ema_encoder().unwrap().unwrap();
+    assert_eq!(diff(&e.forward(&b.images).unwrap(), &b.latents), 0.0);
+}
+
+#[test]
+#[ignore]
+fn timing_breakdown() {
+    use std::time::Instant;
+    let dev = Device::Cpu;
+    let cfg = taesd::Variant::Taef2.config();
+    let vm = candle_nn::VarMap::new();
+    let m = taesd::Taesd::new(
+        &cfg,
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )
+    .unwrap();
+    let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 32), &dev).unwrap();
+    let z = Tensor::rand(0f32, 1f32, (2, 32, 4, 4), &dev).unwrap();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let y = m.encoder.as_ref().unwrap().forward(&x).unwrap();
+        let f = t.elapsed();
+        let _g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        eprintln!("encoder fwd {:?} bwd {:?}", f, t.elapsed() - f);
+        let t = Instant::now();
+        let y = m.decoder.as_ref().unwrap().forward(&z).unwrap();
+        let f = t.elapsed();
+        let _g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        eprintln!("decoder fwd {:?} bwd {:?}", f, t.elapsed() - f);
+    }
+    let dcfg = DiscConfig::seraena(32);
+    let dvm = candle_nn::VarMap::new();
+    let d = Discriminator::new(
+        &dcfg,
+        candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let (y, _) = d.forward_t(&x, &z, true).unwrap();
+        let f = t.elapsed();
+        let _g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        eprintln!("disc fwd {:?} bwd {:?}", f, t.elapsed() - f);
+    }
+    let vars: Vec<(String, candle_core::Var)> = dvm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let opt = optim::Adam::new(vars.clone(), optim::AdamConfig::adamw(1e-4, (0.9, 0.99))).unwrap();
+    let grads: Vec<Option<Tensor>> = vars
+        .iter()
+        .map(|(_, v)| Some(v.as_tensor().ones_like().unwrap()))
+        .collect();
+    let t = Instant::now();
+    let p = opt.propose(&grads, 1e-4, None).unwrap();
+    eprintln!("disc adam propose {:?}", t.elapsed());
+    drop(p);
+}
