@@ -81,11 +81,22 @@ impl FreqBasis {
             .reshape((b * c * nh * nw, p, p))?;
         let cos = self.cos.to_dtype(x.dtype())?;
         let sin = self.sin.to_dtype(x.dtype())?;
-        let pc = patches.broadcast_matmul(&cos)?;
-        let ps = patches.broadcast_matmul(&sin)?;
-        let re = (cos.broadcast_matmul(&pc)? - sin.broadcast_matmul(&ps)?)?;
-        let im = (cos.broadcast_matmul(&ps)? + sin.broadcast_matmul(&pc)?)?;
-        Ok((re.sqr()? + im.sqr()?)?.affine(1.0, 1e-8)?.sqrt()?)
+        let n = b * c * nh * nw;
+        // Only plain 2-D matmuls ([n * p, p] x [p, p]); C and S are symmetric, so the left
+        // products are right products of the transposes: C A = (A^T C)^T.
+        let right = |x: &Tensor, m: &Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((n * p, p))?.matmul(m)?.reshape((n, p, p))
+        };
+        let a = right(&patches, &cos)?; // P C
+        let bs = right(&patches, &sin)?; // P S
+        let at = a.transpose(1, 2)?.contiguous()?;
+        let bt = bs.transpose(1, 2)?.contiguous()?;
+        // Re^T = (P C)^T C - (P S)^T S, Im^T = -((P S)^T C + (P C)^T S).
+        let re_t = (right(&at, &cos)? - right(&bt, &sin)?)?;
+        let im_t = (right(&bt, &cos)? + right(&at, &sin)?)?;
+        let amp_t = (re_t.sqr()? + im_t.sqr()?)?.affine(1.0, 1e-8)?.sqrt()?;
+        // [.., k_y, k_x]
+        Ok(amp_t.transpose(1, 2)?)
     }
 
     /// L1 between the patch DFT amplitudes of `decoded` and `real`: penalises missing or extra
@@ -320,6 +331,27 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(l < 1e-3);
+        // A random patch against the DFT summed directly: |sum_{y,x} P e^{-2 pi i (ky y + kx x) / p}| / p.
+        let p = 8usize;
+        let b8 = FreqBasis::new(p, &dev).unwrap();
+        let r = Tensor::rand(0f32, 1f32, (1, 1, p, p), &dev).unwrap();
+        let got = b8.amplitudes(&r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let pv = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for ky in 0..p {
+            for kx in 0..p {
+                let (mut re, mut im) = (0f64, 0f64);
+                for y in 0..p {
+                    for x in 0..p {
+                        let a = -2.0 * std::f64::consts::PI * ((ky * y + kx * x) as f64) / p as f64;
+                        re += pv[y * p + x] as f64 * a.cos();
+                        im += pv[y * p + x] as f64 * a.sin();
+                    }
+                }
+                let want = (re * re + im * im).sqrt() / p as f64;
+                let g = got[ky * p + kx] as f64;
+                assert!((g - want).abs() < 1e-4, "[{ky}, {kx}]: {g} vs {want}");
+            }
+        }
         // Gradients are finite at zero amplitude (where they vanish) and flow elsewhere.
         let target = one.repeat((1, 1, 2, 2)).unwrap();
         let grad_sum = |v: &Var| {

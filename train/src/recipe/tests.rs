@@ -471,60 +471,118 @@ fn fine_tuning_starts_from_the_released_decoder() {
     assert_eq!(diff(&e.forward(&b.images).unwrap(), &b.latents), 0.0);
 }
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Throughput and the state machinery on a GPU (`--ignored`; skips without CUDA). Settings from
+/// `RECIPE_BENCH_{VARIANT,SIZE,BATCH,STEPS,REPLAY}` (taef2, 256, 8, 10, 256).
 #[test]
 #[ignore]
-fn timing_breakdown() {
+fn gpu_step_timing_and_state() {
     use std::time::Instant;
-    let dev = Device::Cpu;
-    let cfg = taesd::Variant::Taef2.config();
-    let vm = candle_nn::VarMap::new();
-    let m = taesd::Taesd::new(
-        &cfg,
-        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
-    )
-    .unwrap();
-    let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 32), &dev).unwrap();
-    let z = Tensor::rand(0f32, 1f32, (2, 32, 4, 4), &dev).unwrap();
-    for _ in 0..2 {
-        let t = Instant::now();
-        let y = m.encoder.as_ref().unwrap().forward(&x).unwrap();
-        let f = t.elapsed();
-        let _g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-        eprintln!("encoder fwd {:?} bwd {:?}", f, t.elapsed() - f);
-        let t = Instant::now();
-        let y = m.decoder.as_ref().unwrap().forward(&z).unwrap();
-        let f = t.elapsed();
-        let _g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-        eprintln!("decoder fwd {:?} bwd {:?}", f, t.elapsed() - f);
-    }
-    let dcfg = DiscConfig::seraena(32);
-    let dvm = candle_nn::VarMap::new();
-    let d = Discriminator::new(
-        &dcfg,
-        candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev),
-    )
-    .unwrap();
-    for _ in 0..2 {
-        let t = Instant::now();
-        let (y, _) = d.forward_t(&x, &z, true).unwrap();
-        let f = t.elapsed();
-        let _g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-        eprintln!("disc fwd {:?} bwd {:?}", f, t.elapsed() - f);
-    }
-    let vars: Vec<(String, candle_core::Var)> = dvm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let opt = optim::Adam::new(vars.clone(), optim::AdamConfig::adamw(1e-4, (0.9, 0.99))).unwrap();
-    let grads: Vec<Option<Tensor>> = vars
-        .iter()
-        .map(|(_, v)| Some(v.as_tensor().ones_like().unwrap()))
-        .collect();
+    let dev = match Device::cuda_if_available(0) {
+        Ok(d) if d.is_cuda() => d,
+        _ => {
+            eprintln!("skipping: no CUDA device");
+            return;
+        }
+    };
+    let variant = taesd::Variant::parse(&env_or("RECIPE_BENCH_VARIANT", "taef2".to_string())).unwrap();
+    let size: usize = env_or("RECIPE_BENCH_SIZE", 256);
+    let bsz: usize = env_or("RECIPE_BENCH_BATCH", 8);
+    let steps: usize = env_or("RECIPE_BENCH_STEPS", 10);
+    let mcfg = variant.config();
+    let cfg = RecipeConfig { replay_capacity: env_or("RECIPE_BENCH_REPLAY", 256), ..Default::default() };
     let t = Instant::now();
-    let p = opt.propose(&grads, 1e-4, None).unwrap();
-    eprintln!("disc adam propose {:?}", t.elapsed());
-    drop(p);
+    let mut r = Recipe::new(&cfg, mcfg, &ModelInit::default(), &dev, 0).unwrap();
+    dev.synchronize().unwrap();
+    eprintln!("{variant} {size}x{size} batch {bsz}: built in {:?}", t.elapsed());
+    let s = mcfg.spatial_scale();
+    let mk = |seed: u64| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let im: Vec<f32> = (0..bsz * 3 * size * size).map(|_| rng.random::<f32>()).collect();
+        let n = bsz * mcfg.latent_channels * (size / s) * (size / s);
+        let la: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+        Batch {
+            images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(),
+            latents: Tensor::from_vec(la, (bsz, mcfg.latent_channels, size / s, size / s), &dev).unwrap(),
+        }
+    };
+    let batches: Vec<Batch> = (0..4).map(mk).collect();
+    for b in batches.iter().take(2) {
+        let rep = r.step(b).unwrap();
+        assert!(rep.skipped.is_none(), "{rep:?}");
+    }
+    dev.synchronize().unwrap();
+    let t = Instant::now();
+    let mut last = None;
+    for i in 0..steps {
+        last = Some(r.step(&batches[i % 4]).unwrap());
+    }
+    dev.synchronize().unwrap();
+    let per = t.elapsed() / steps as u32;
+    eprintln!("step: {per:?} ({:.1} images/s); last report {:?}", bsz as f64 / per.as_secs_f64(), last.unwrap());
+    let (n, bytes) = r.replay_usage();
+    eprintln!("replay: {n} entries, {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+
+    // NaN guard on the device.
+    let mut im = batches[0].images.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    im[17] = f32::NAN;
+    let nan = Batch { images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(), latents: batches[0].latents.clone() };
+    let rep = r.step(&nan).unwrap();
+    assert!(rep.skipped.is_some(), "{rep:?}");
+
+    // Save / load on the device: the loaded state is the saved one.
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    r.save_state(dir.path()).unwrap();
+    eprintln!("save_state: {:?}", t.elapsed());
+    let mut r2 = Recipe::new(&cfg, mcfg, &ModelInit::default(), &dev, 7).unwrap();
+    let t = Instant::now();
+    r2.load_state(dir.path()).unwrap();
+    eprintln!("load_state: {:?}", t.elapsed());
+    assert_same_state(&read_state(dir.path()), &snapshot(&r2), "GPU save/load");
+
+    // Per-phase timings (synchronised), for the record.
+    let b = &batches[0];
+    let enc = r.encoder().unwrap().unwrap();
+    let decm = r.decoder().unwrap().unwrap();
+    let time = |what: &str, f: &dyn Fn()| {
+        f();
+        dev.synchronize().unwrap();
+        let t = Instant::now();
+        for _ in 0..3 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        eprintln!("  {what}: {:?}", t.elapsed() / 3);
+    };
+    time("encoder forward", &|| {
+        enc.forward(&b.images).unwrap();
+    });
+    time("decoder forward", &|| {
+        decm.forward(&b.latents).unwrap();
+    });
+    let vm = candle_nn::VarMap::new();
+    let tr = taesd::Taesd::new(&mcfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    time("encoder forward+backward", &|| {
+        let y = tr.encode(&b.images).unwrap();
+        losses::mse(&y, &b.latents).unwrap().backward().unwrap();
+    });
+    time("decoder forward+backward", &|| {
+        let y = tr.decode(&b.latents).unwrap();
+        losses::mse(&y, &b.images).unwrap().backward().unwrap();
+    });
+    let dcfg = DiscConfig::seraena(mcfg.latent_channels);
+    let dvm = candle_nn::VarMap::new();
+    let d = Discriminator::new(&dcfg, candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev)).unwrap();
+    time("disc forward+backward (train)", &|| {
+        let (y, _) = d.forward_t(&b.images, &b.latents, true).unwrap();
+        y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    });
+    let params: Vec<Tensor> = d.params().iter().map(|p| p.detach()).collect();
+    time("correction", &|| {
+        losses::correction_grad(&dcfg, &params, d.stats(), &b.images, &b.images, &b.latents).unwrap();
+    });
 }
