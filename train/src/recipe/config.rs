@@ -2,6 +2,27 @@
 //!
 //! Deserialised from the `[recipe]` part of a run's config (TOML/JSON): unknown keys are errors,
 //! missing keys take the defaults below.
+//!
+//! Why the defaults:
+//!
+//! * Encoder/decoder: Adam with AMSGrad, lr 3e-4, betas (0.9, 0.9) — the seed recipe. The short
+//!   second-moment memory (0.9) follows the noisy, non-stationary GAN targets quickly; AMSGrad's
+//!   running max keeps that from producing oversized steps when the gradient scale drops.
+//! * Discriminator: `torch.optim.AdamW(lr=3e-4, betas=(0.9, 0.99))` as seraena creates it, which
+//!   includes AdamW's default weight decay of 0.01.
+//! * `gan_weight` 1: the decoder target is `fake + correction` with the correction scaled to unit
+//!   std (once the discriminator is confident; while the raw gradient's std is below seraena's
+//!   1e-5 floor the correction is proportionally smaller — see `correction_std` in the reports).
+//! * `lowres_mse_weight` 1: per pixel, the low-resolution term's gradient is the 8x8 block-mean
+//!   colour error `e` (in [0, 1] units) where the GAN term's is the correction (~1). At a typical
+//!   converged colour error of 0.01-0.02 it is 1-2% of the GAN gradient — faint, it does not
+//!   blur — but a colour drift of 0.1-0.2 pulls back with 10-20%, and early on (weak
+//!   discriminator, small corrections) it is what teaches a fresh decoder its colours. It is
+//!   blind to everything inside a block, so it cannot fight the GAN term on texture.
+//! * `fullres_mse_weight`, `freq_weight` 0: off in the recipe (full-resolution MSE blurs).
+//! * EMA decay 0.999 (an average over the last ~1000 steps) with warm-up, for previews/export.
+//! * Replay buffer: seraena's 16384 entries, half of each discriminator batch replayed, stored as
+//!   f16 (6 GiB at 256x256, see [`super::replay`]).
 
 use serde::{Deserialize, Serialize};
 

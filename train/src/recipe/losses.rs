@@ -335,7 +335,13 @@ mod tests {
         let p = 8usize;
         let b8 = FreqBasis::new(p, &dev).unwrap();
         let r = Tensor::rand(0f32, 1f32, (1, 1, p, p), &dev).unwrap();
-        let got = b8.amplitudes(&r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = b8
+            .amplitudes(&r)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let pv = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for ky in 0..p {
             for kx in 0..p {

@@ -472,7 +472,10 @@ fn fine_tuning_starts_from_the_released_decoder() {
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Throughput and the state machinery on a GPU (`--ignored`; skips without CUDA). Settings from
@@ -488,25 +491,37 @@ fn gpu_step_timing_and_state() {
             return;
         }
     };
-    let variant = taesd::Variant::parse(&env_or("RECIPE_BENCH_VARIANT", "taef2".to_string())).unwrap();
+    let variant =
+        taesd::Variant::parse(&env_or("RECIPE_BENCH_VARIANT", "taef2".to_string())).unwrap();
     let size: usize = env_or("RECIPE_BENCH_SIZE", 256);
     let bsz: usize = env_or("RECIPE_BENCH_BATCH", 8);
     let steps: usize = env_or("RECIPE_BENCH_STEPS", 10);
     let mcfg = variant.config();
-    let cfg = RecipeConfig { replay_capacity: env_or("RECIPE_BENCH_REPLAY", 256), ..Default::default() };
+    let cfg = RecipeConfig {
+        replay_capacity: env_or("RECIPE_BENCH_REPLAY", 256),
+        ..Default::default()
+    };
     let t = Instant::now();
     let mut r = Recipe::new(&cfg, mcfg, &ModelInit::default(), &dev, 0).unwrap();
     dev.synchronize().unwrap();
-    eprintln!("{variant} {size}x{size} batch {bsz}: built in {:?}", t.elapsed());
+    eprintln!(
+        "{variant} {size}x{size} batch {bsz}: built in {:?}",
+        t.elapsed()
+    );
     let s = mcfg.spatial_scale();
     let mk = |seed: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let im: Vec<f32> = (0..bsz * 3 * size * size).map(|_| rng.random::<f32>()).collect();
+        let im: Vec<f32> = (0..bsz * 3 * size * size)
+            .map(|_| rng.random::<f32>())
+            .collect();
         let n = bsz * mcfg.latent_channels * (size / s) * (size / s);
-        let la: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+        let la: Vec<f32> = (0..n)
+            .map(|_| rng.sample::<f32, _>(StandardNormal))
+            .collect();
         Batch {
             images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(),
-            latents: Tensor::from_vec(la, (bsz, mcfg.latent_channels, size / s, size / s), &dev).unwrap(),
+            latents: Tensor::from_vec(la, (bsz, mcfg.latent_channels, size / s, size / s), &dev)
+                .unwrap(),
         }
     };
     let batches: Vec<Batch> = (0..4).map(mk).collect();
@@ -522,14 +537,31 @@ fn gpu_step_timing_and_state() {
     }
     dev.synchronize().unwrap();
     let per = t.elapsed() / steps as u32;
-    eprintln!("step: {per:?} ({:.1} images/s); last report {:?}", bsz as f64 / per.as_secs_f64(), last.unwrap());
+    eprintln!(
+        "step: {per:?} ({:.1} images/s); last report {:?}",
+        bsz as f64 / per.as_secs_f64(),
+        last.unwrap()
+    );
     let (n, bytes) = r.replay_usage();
-    eprintln!("replay: {n} entries, {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+    eprintln!(
+        "replay: {n} entries, {:.1} MiB",
+        bytes as f64 / (1 << 20) as f64
+    );
 
     // NaN guard on the device.
-    let mut im = batches[0].images.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut im = batches[0]
+        .images
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     im[17] = f32::NAN;
-    let nan = Batch { images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(), latents: batches[0].latents.clone() };
+    let nan = Batch {
+        images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(),
+        latents: batches[0].latents.clone(),
+    };
     let rep = r.step(&nan).unwrap();
     assert!(rep.skipped.is_some(), "{rep:?}");
 
@@ -565,7 +597,11 @@ fn gpu_step_timing_and_state() {
         decm.forward(&b.latents).unwrap();
     });
     let vm = candle_nn::VarMap::new();
-    let tr = taesd::Taesd::new(&mcfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let tr = taesd::Taesd::new(
+        &mcfg,
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )
+    .unwrap();
     time("encoder forward+backward", &|| {
         let y = tr.encode(&b.images).unwrap();
         losses::mse(&y, &b.latents).unwrap().backward().unwrap();
@@ -576,13 +612,177 @@ fn gpu_step_timing_and_state() {
     });
     let dcfg = DiscConfig::seraena(mcfg.latent_channels);
     let dvm = candle_nn::VarMap::new();
-    let d = Discriminator::new(&dcfg, candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev)).unwrap();
+    let d = Discriminator::new(
+        &dcfg,
+        candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev),
+    )
+    .unwrap();
     time("disc forward+backward (train)", &|| {
         let (y, _) = d.forward_t(&b.images, &b.latents, true).unwrap();
         y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
     });
     let params: Vec<Tensor> = d.params().iter().map(|p| p.detach()).collect();
     time("correction", &|| {
-        losses::correction_grad(&dcfg, &params, d.stats(), &b.images, &b.images, &b.latents).unwrap();
+        losses::correction_grad(&dcfg, &params, d.stats(), &b.images, &b.images, &b.latents)
+            .unwrap();
     });
+}
+
+/// `t` (f32) as a NumPy `.npy` file.
+fn write_npy(path: &Path, t: &Tensor) {
+    let t = t
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let shape: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
+    let shape = match shape.len() {
+        0 => "()".to_string(),
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for v in t.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+        out.extend(v.to_le_bytes());
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// Writes one discriminator step, correction and AMSGrad run computed here as `.npy` files into
+/// `$RECIPE_PARITY_DIR`, for a PyTorch script to recompute and compare (`--ignored`).
+#[test]
+#[ignore]
+fn export_pytorch_parity_case() {
+    let Ok(out) = std::env::var("RECIPE_PARITY_DIR") else {
+        eprintln!("skipping: RECIPE_PARITY_DIR not set");
+        return;
+    };
+    let out = Path::new(&out);
+    std::fs::create_dir_all(out).unwrap();
+    let dev = Device::Cpu;
+    let c = 4;
+    let (b, h) = (4, 32);
+    // seraena's structure at 1/8 of its widths (keeps the files small).
+    let dcfg = DiscConfig {
+        widths: vec![8, 16, 32, 64, 64, 64],
+        ..DiscConfig::seraena(c)
+    };
+    let vm = candle_nn::VarMap::new();
+    let d = Discriminator::new(
+        &dcfg,
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join("widths.json"),
+        serde_json::to_string(&dcfg.widths).unwrap(),
+    )
+    .unwrap();
+    let vars: Vec<(String, candle_core::Var)> = {
+        let data = vm.data().lock().unwrap();
+        dcfg.param_names()
+            .into_iter()
+            .map(|n| (n.clone(), data[&n].clone()))
+            .collect()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let mut rand_t = |shape: &[usize], normal: bool| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                if normal {
+                    rng.sample::<f32, _>(StandardNormal)
+                } else {
+                    rng.random::<f32>()
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let real = rand_t(&[b, 3, h, h], false);
+    let fake = rand_t(&[b, 3, h, h], false);
+    let lat = rand_t(&[b, c, h / 8, h / 8], true);
+    let mask = Tensor::new(&[1f32, 0., 1., 0.], &dev)
+        .unwrap()
+        .reshape((b, 1, 1, 1))
+        .unwrap();
+    let x = (mask.broadcast_mul(&fake).unwrap()
+        + mask
+            .affine(-1.0, 1.0)
+            .unwrap()
+            .broadcast_mul(&real)
+            .unwrap())
+    .unwrap();
+    let mut names = Vec::new();
+    for (n, v) in &vars {
+        write_npy(&out.join(format!("init.{n}.npy")), v.as_tensor());
+        names.push(n.clone());
+    }
+    std::fs::write(
+        out.join("names.json"),
+        serde_json::to_string(&names).unwrap(),
+    )
+    .unwrap();
+    for (n, t) in [
+        ("real", &real),
+        ("fake", &fake),
+        ("latents", &lat),
+        ("mask", &mask),
+    ] {
+        write_npy(&out.join(format!("{n}.npy")), t);
+    }
+    let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let (scores, stats) =
+        Discriminator::forward_with(&dcfg, &params, d.stats(), &x, &lat, true).unwrap();
+    let stats = stats.unwrap();
+    let targets = mask
+        .affine(2.0, -1.0)
+        .unwrap()
+        .broadcast_as(scores.shape())
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let loss = losses::mse(&scores, &targets).unwrap();
+    let grads = loss.backward().unwrap();
+    write_npy(&out.join("scores.npy"), &scores);
+    write_npy(&out.join("disc_loss.npy"), &loss);
+    let opt = optim::Adam::new(vars.clone(), optim::AdamConfig::adamw(3e-4, (0.9, 0.99))).unwrap();
+    let g = opt.gradients(&grads);
+    let prop = opt.propose(&g, 3e-4, None).unwrap();
+    for (i, (n, _)) in vars.iter().enumerate() {
+        write_npy(&out.join(format!("grad.{n}.npy")), g[i].as_ref().unwrap());
+        write_npy(&out.join(format!("step1.{n}.npy")), &prop.params[i]);
+    }
+    for (n, t) in stats.to_map(&dcfg) {
+        write_npy(&out.join(format!("step1.{n}.npy")), &t);
+    }
+    let cg = losses::correction_grad(&dcfg, &prop.params, &stats, &real, &fake, &lat).unwrap();
+    let (corr, _) = losses::normalize_correction(&cg).unwrap();
+    write_npy(&out.join("correction_grad.npy"), &cg);
+    write_npy(&out.join("correction.npy"), &corr);
+    // AMSGrad, lr 1e-2, betas (0.9, 0.9), five steps.
+    let p = candle_core::Var::from_tensor(&rand_t(&[64], true)).unwrap();
+    write_npy(&out.join("ams.p0.npy"), p.as_tensor());
+    let mut ams = optim::Adam::new(
+        vec![("p".into(), p.clone())],
+        optim::AdamConfig::amsgrad(1e-2, (0.9, 0.9)),
+    )
+    .unwrap();
+    for k in 0..5 {
+        let g = rand_t(&[64], true)
+            .affine(if k == 3 { 0.1 } else { 1.0 }, 0.0)
+            .unwrap();
+        write_npy(&out.join(format!("ams.g{k}.npy")), &g);
+        let pr = ams.propose(&[Some(g)], 1e-2, None).unwrap();
+        ams.commit(pr).unwrap();
+        write_npy(&out.join(format!("ams.p{}.npy", k + 1)), p.as_tensor());
+    }
+    eprintln!("wrote the parity case to {}", out.display());
 }
