@@ -194,8 +194,9 @@ impl TrainConfig {
         toml::Table::try_from(self).context("configuration does not serialise to TOML")
     }
 
+    /// TOML text, sections in the order data, model, run, recipe.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self).context("configuration does not serialise to TOML")
+        toml::to_string(self).context("configuration does not serialise to TOML")
     }
 
     /// Read a configuration file (every section optional).

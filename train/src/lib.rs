@@ -6,13 +6,21 @@
 //! * [`config`]: the run configuration (TOML, overrides, sweeps).
 //! * [`dataset`], [`order`], [`sample`], [`split`], [`loader`]: the deterministic streaming loader.
 //! * [`device`], [`rng`]: `--device` parsing; seeded randomness of the data pipeline.
+pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod dataset;
+pub mod decode;
 pub mod device;
+pub mod encode;
+pub mod eval;
 pub mod font;
 pub mod loader;
+pub mod metrics;
+pub mod models;
 pub mod order;
 pub mod plot;
+pub mod preview;
 pub mod recipe;
 pub mod rng;
 pub mod sample;

@@ -197,7 +197,12 @@ pub fn draw(series: &[Series], width: u32, height: u32, title: &str) -> RgbImage
     img
 }
 
-/// The loss series of a `metrics.jsonl`: every `"type": "train"` line's `losses`.
+/// Entries of `losses` that are diagnostics on another scale, left out of the loss curve (they
+/// stay in `metrics.jsonl`).
+pub const NOT_PLOTTED: &[&str] = &["disc_acc", "correction_std"];
+
+/// The loss series of a `metrics.jsonl`: every `"type": "train"` line's `losses` (but
+/// [`NOT_PLOTTED`]).
 pub fn loss_series(metrics: &Path) -> Result<Vec<Series>> {
     let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
     let mut by_name: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
@@ -209,6 +214,9 @@ pub fn loss_series(metrics: &Path) -> Result<Vec<Series>> {
         let Some(step) = v["step"].as_f64() else { continue };
         if let Some(losses) = v["losses"].as_object() {
             for (k, x) in losses {
+                if NOT_PLOTTED.contains(&k.as_str()) {
+                    continue;
+                }
                 if let Some(x) = x.as_f64() {
                     by_name.entry(k.clone()).or_default().push((step, x));
                 }

@@ -1,0 +1,174 @@
+//! `metrics.jsonl` of a run: one JSON object per line, each with a `type`:
+//!
+//! * `train`: `step`, `epoch`, `lr`, `losses` and `grad_norms` (means over the steps since the
+//!   previous line), `images_per_s`, `steps_per_s`, `data_wait` (fraction of the interval spent
+//!   waiting for the loader), `skipped_total`, `images_seen`, `elapsed_s`.
+//! * `skip`: `step`, `reason` — a step the NaN/inf guard skipped.
+//! * `eval`: `step`, `model` (`ema`, `raw`, `reference`) and the [`crate::eval::Metrics`] fields.
+//! * `checkpoint`, `preview`, `export`, `start`, `end`: `step` and what was written.
+
+use anyhow::{Context, Result};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Appends lines to a run's metrics file, flushed line by line.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Open for appending. `keep_up_to`: drop lines of steps after it first (a resumed run
+    /// repeats the steps after its checkpoint, so their old lines would be duplicates).
+    pub fn open(run_dir: &Path, keep_up_to: Option<u64>) -> Result<MetricsLog> {
+        let path = run_dir.join(METRICS_FILE);
+        if let (Some(limit), true) = (keep_up_to, path.is_file()) {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= limit)
+                })
+                .collect();
+            let tmp = path.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsLog { path, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write one line: `{"type": kind, "step": step, ...fields}`.
+    pub fn write(&mut self, kind: &str, step: u64, fields: Value) -> Result<()> {
+        let mut obj = Map::new();
+        obj.insert("type".into(), json!(kind));
+        obj.insert("step".into(), json!(step));
+        if let Value::Object(f) = fields {
+            obj.extend(f);
+        }
+        let line = serde_json::to_string(&Value::Object(obj))?;
+        writeln!(self.file, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.file.flush().with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Means of per-step values between two metrics lines, plus throughput.
+pub struct Interval {
+    losses: BTreeMap<String, (f64, u64)>,
+    grads: BTreeMap<String, (f64, u64)>,
+    steps: u64,
+    images: u64,
+    wait: f64,
+    start: Instant,
+}
+
+impl Default for Interval {
+    fn default() -> Self {
+        Interval { losses: BTreeMap::new(), grads: BTreeMap::new(), steps: 0, images: 0, wait: 0.0, start: Instant::now() }
+    }
+}
+
+fn add(map: &mut BTreeMap<String, (f64, u64)>, values: &BTreeMap<String, f64>) {
+    for (k, v) in values {
+        if v.is_finite() {
+            let e = map.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+}
+
+fn means(map: &BTreeMap<String, (f64, u64)>) -> Value {
+    Value::Object(map.iter().map(|(k, (s, n))| (k.clone(), json!(s / (*n).max(1) as f64))).collect())
+}
+
+impl Interval {
+    /// A finished (not skipped) step.
+    pub fn add_step(&mut self, losses: &BTreeMap<String, f64>, grads: &BTreeMap<String, f64>, images: u64, wait_s: f64) {
+        add(&mut self.losses, losses);
+        add(&mut self.grads, grads);
+        self.count(images, wait_s);
+    }
+
+    /// A step that consumed a batch (skipped or not).
+    pub fn count(&mut self, images: u64, wait_s: f64) {
+        self.steps += 1;
+        self.images += images;
+        self.wait += wait_s;
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The loss means so far (for the progress bar).
+    pub fn loss_means(&self) -> Vec<(String, f64)> {
+        self.losses.iter().map(|(k, (s, n))| (k.clone(), s / (*n).max(1) as f64)).collect()
+    }
+
+    /// The fields of a `train` line; resets the interval.
+    pub fn take(&mut self) -> Value {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let v = json!({
+            "losses": means(&self.losses),
+            "grad_norms": means(&self.grads),
+            "images_per_s": self.images as f64 / secs,
+            "steps_per_s": self.steps as f64 / secs,
+            "data_wait": (self.wait / secs).min(1.0),
+        });
+        *self = Interval::default();
+        v
+    }
+}
+
+/// Lines of a metrics file of one `type`.
+pub fn read_lines(path: &Path, kind: &str) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v["type"] == kind).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_interval_means_and_truncation_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(dir.path(), None).unwrap();
+        let mut iv = Interval::default();
+        for s in 1..=4u64 {
+            let l = BTreeMap::from([("decoder".to_string(), s as f64)]);
+            iv.add_step(&l, &BTreeMap::new(), 2, 0.0);
+            if s % 2 == 0 {
+                log.write("train", s, iv.take()).unwrap();
+            }
+        }
+        log.write("skip", 5, json!({"reason": "nan"})).unwrap();
+        let lines = read_lines(log.path(), "train").unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["losses"]["decoder"], 1.5);
+        assert_eq!(lines[1]["losses"]["decoder"], 3.5);
+        assert_eq!(lines[1]["step"], 4);
+        assert!(lines[0]["images_per_s"].as_f64().unwrap() > 0.0);
+        drop(log);
+        let mut log = MetricsLog::open(dir.path(), Some(2)).unwrap();
+        log.write("train", 3, json!({})).unwrap();
+        let steps: Vec<u64> = read_lines(log.path(), "train").unwrap().iter().map(|v| v["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [2, 3]);
+        assert!(read_lines(log.path(), "skip").unwrap().is_empty());
+    }
+}
