@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -42,27 +42,29 @@ pub fn pool_subset(n: usize) -> tempfile::TempDir {
     dir
 }
 
-/// Path of workspace binary `name`, built once per test process.
+/// Path of workspace binary `name` (package of the same name), built once per test process with
+/// the cargo and profile that run the tests.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        // target/<profile>/deps/<test exe> -> target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    // target/<profile>/deps/<test exe> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let profile = profile_dir.file_name().unwrap().to_str().unwrap().to_string();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo()).args(["build", "-q", "-p", "precompute", "-p", "train"]);
+        cmd.current_dir(repo()).args(["build", "-q", "-p", name, "--bin", name]);
         if profile == "release" {
             cmd.arg("--release");
         } else if profile != "debug" {
             cmd.args(["--profile", &profile]);
         }
         let st = cmd.status().expect("run cargo build");
-        assert!(st.success(), "building the binaries failed");
-        profile_dir
-    });
-    dir.join(name)
+        assert!(st.success(), "building the {name} binary failed");
+        built.push(name.to_string());
+    }
+    profile_dir.join(name)
 }
 
 /// Run a binary, returning its output; panics with stdout+stderr when `expect_ok` disagrees.

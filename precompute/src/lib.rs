@@ -168,7 +168,8 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     } else {
         let lib = ortlib::find(args.ort_lib.as_deref())?;
         let env = ortlib::init(&lib)?;
-        let teacher = teacher::Teacher::new(&env, onnx, &spec, args.device, args.resolution, args.ort_threads)?;
+        let opts = teacher::TeacherOptions { device: args.device, intra_threads: args.ort_threads, tf32: args.tf32 };
+        let teacher = teacher::Teacher::new(&env, onnx, &spec, args.resolution, opts)?;
         device = teacher.device.clone();
         tracing::info!("teacher {} on {} (ONNX Runtime from {}, found by {})", onnx.display(), device, lib.path.display(), lib.found_by);
         out.manifest.extra.insert("device".into(), device.clone().into());

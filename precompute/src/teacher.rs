@@ -35,6 +35,24 @@ pub struct Encoded {
     pub shape: [usize; 3],
 }
 
+/// How to run the teacher.
+#[derive(Debug, Clone, Copy)]
+pub struct TeacherOptions {
+    pub device: DeviceRequest,
+    /// ONNX Runtime's CPU thread count (None: its default).
+    pub intra_threads: Option<usize>,
+    /// Let the CUDA EP use TF32 for float32 convolutions and matmuls: faster, but latents then
+    /// differ from an fp32 reference by ~5e-3 relative (measured on an H100, docs/gpu.md). Off by
+    /// default: the teacher is the ground truth the student learns.
+    pub tf32: bool,
+}
+
+impl Default for TeacherOptions {
+    fn default() -> Self {
+        TeacherOptions { device: DeviceRequest::Cpu, intra_threads: None, tf32: false }
+    }
+}
+
 pub struct Teacher {
     session: Session,
     input_name: String,
@@ -67,27 +85,26 @@ impl Teacher {
         env: &Environment,
         onnx: &Path,
         spec: &VaeSpec,
-        device: DeviceRequest,
         resolution: u32,
-        intra_threads: Option<usize>,
+        opts: TeacherOptions,
     ) -> Result<Teacher> {
         if !onnx.is_file() {
             bail!("ONNX file {} does not exist", onnx.display());
         }
-        let (session, device_used) = match device {
-            DeviceRequest::Cpu => (Self::session(env, onnx, None, intra_threads)?, "cpu".to_string()),
+        let (session, device_used) = match opts.device {
+            DeviceRequest::Cpu => (Self::session(env, onnx, None, &opts)?, "cpu".to_string()),
             DeviceRequest::Cuda(i) => {
-                let s = Self::session(env, onnx, Some(i), intra_threads).with_context(|| {
+                let s = Self::session(env, onnx, Some(i), &opts).with_context(|| {
                     format!("the CUDA execution provider (device {i}) could not be used; nothing falls back to the CPU when cuda is asked for — use --device cpu or auto")
                 })?;
                 (s, format!("cuda:{i}"))
             }
-            DeviceRequest::Auto => match Self::session(env, onnx, Some(0), intra_threads) {
+            DeviceRequest::Auto => match Self::session(env, onnx, Some(0), &opts) {
                 Ok(s) => (s, "cuda:0".to_string()),
                 Err(e) => {
                     tracing::warn!("--device auto: CUDA execution provider unavailable ({e:#}); USING THE CPU");
                     eprintln!("warning: --device auto: CUDA is not available ({e:#}); running the teacher on the CPU");
-                    (Self::session(env, onnx, None, intra_threads)?, "cpu".to_string())
+                    (Self::session(env, onnx, None, &opts)?, "cpu".to_string())
                 }
             },
         };
@@ -105,13 +122,13 @@ impl Teacher {
         Ok(t)
     }
 
-    fn session(env: &Environment, onnx: &Path, cuda: Option<i32>, intra_threads: Option<usize>) -> Result<Session> {
+    fn session(env: &Environment, onnx: &Path, cuda: Option<i32>, opts: &TeacherOptions) -> Result<Session> {
         let mut b = Session::builder(env).map_err(ort_err)?;
-        if let Some(n) = intra_threads {
+        if let Some(n) = opts.intra_threads {
             b = b.with_intra_threads(n).map_err(ort_err)?;
         }
         if let Some(i) = cuda {
-            let ep = ort::ep::CUDA::default().with_device_id(i).build().error_on_failure();
+            let ep = ort::ep::CUDA::default().with_device_id(i).with_tf32(opts.tf32).build().error_on_failure();
             b = b.with_execution_providers([ep]).map_err(ort_err)?;
         }
         b.commit_from_file(onnx).map_err(|e| anyhow!("could not load ONNX model {}: {e}", onnx.display()))

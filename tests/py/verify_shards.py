@@ -16,6 +16,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("onnx")
 ap.add_argument("--sample", type=int, default=8)
+# JPEG decoders differ by a level or two here and there (Pillow's libjpeg-turbo vs the image crate),
+# so with JPEG storage only our own decoder reproduces the teacher's input exactly; the Rust tests
+# check that. Here JPEG rows get this looser bound on the latent difference.
+ap.add_argument("--jpeg-tolerance", type=float, default=0.1)
 a = ap.parse_args()
 
 manifest = json.load(open(os.path.join(a.out, "manifest.json")))
@@ -64,6 +68,8 @@ for f in files:
             continue
         err = np.abs(stored - z)
         tol = 1e-3 + 1e-3 * np.abs(z)
+        if meta["taesd.image_format"] == "jpeg":
+            tol = np.maximum(tol, a.jpeg_tolerance)
         max_err = max(max_err, float(err.max()))
         if (err > tol).any():
             problems.append(f"{f} row {i} ({d['source'][i]}): max |stored - teacher| = {err.max():.2e}")
