@@ -46,7 +46,7 @@ use super::config::{EncoderLoss, RecipeConfig};
 use super::disc::{BnStats, DiscConfig, Discriminator};
 use super::ema::Ema;
 use super::losses::{self, FreqBasis};
-use super::optim::{clip_scale, grad_norm_sq, Adam, AdamConfig, Proposal};
+use super::optim::{clip_scale, Adam, AdamConfig, Proposal};
 use super::replay::{ReplayBuffer, ReplayPlan};
 use super::state::{self, DiscState, PartState, RngState, StateFile};
 
@@ -597,15 +597,18 @@ impl Recipe {
                     EncoderLoss::L1 => losses::l1(&pred, &latents)?,
                 };
                 let grads = loss.backward()?;
-                let g = tr.opt.gradients(&grads);
+                let g = tr.opt.flat_gradients(&grads)?;
                 drop(grads);
-                let nsq = grad_norm_sq(&g)?.context("the encoder got no gradients")?;
+                if !g.any() {
+                    bail!("the encoder got no gradients");
+                }
+                let nsq = g.norm_sq()?;
                 let scale = self
                     .cfg
                     .grad_clip
                     .map(|c| clip_scale(&nsq, c))
                     .transpose()?;
-                enc_prop = Some(tr.opt.propose(&g, lr, scale.as_ref())?);
+                enc_prop = Some(tr.opt.propose_flat(&g, lr, scale.as_ref())?);
                 rb.push(Kind::Loss, "encoder", loss.detach());
                 rb.push(Kind::NormSq, "encoder", nsq);
             }
@@ -663,15 +666,18 @@ impl Recipe {
                         .contiguous()?;
                     let disc_loss = losses::mse(&scores, &targets)?;
                     let grads = disc_loss.backward()?;
-                    let g = gan.opt.gradients(&grads);
+                    let g = gan.opt.flat_gradients(&grads)?;
                     drop(grads);
-                    let nsq = grad_norm_sq(&g)?.context("the discriminator got no gradients")?;
+                    if !g.any() {
+                        bail!("the discriminator got no gradients");
+                    }
+                    let nsq = g.norm_sq()?;
                     let scale = self
                         .cfg
                         .disc_grad_clip
                         .map(|c| clip_scale(&nsq, c))
                         .transpose()?;
-                    let prop = gan.opt.propose(&g, self.cfg.disc_lr, scale.as_ref())?;
+                    let prop = gan.opt.propose_flat(&g, self.cfg.disc_lr, scale.as_ref())?;
                     // Correction with the updated discriminator.
                     let cg = losses::correction_grad(
                         &gan.cfg,
@@ -740,15 +746,18 @@ impl Recipe {
                 rb.push(Kind::Loss, "decoder_mse", losses::mse(&fake_d, &images)?);
                 if step_idx >= self.cfg.disc_warmup_steps {
                     let grads = total.backward()?;
-                    let g = tr.opt.gradients(&grads);
+                    let g = tr.opt.flat_gradients(&grads)?;
                     drop(grads);
-                    let nsq = grad_norm_sq(&g)?.context("the decoder got no gradients")?;
+                    if !g.any() {
+                        bail!("the decoder got no gradients");
+                    }
+                    let nsq = g.norm_sq()?;
                     let scale = self
                         .cfg
                         .grad_clip
                         .map(|c| clip_scale(&nsq, c))
                         .transpose()?;
-                    dec_prop = Some(tr.opt.propose(&g, lr, scale.as_ref())?);
+                    dec_prop = Some(tr.opt.propose_flat(&g, lr, scale.as_ref())?);
                     rb.push(Kind::NormSq, "decoder", nsq);
                 }
             }
@@ -939,7 +948,7 @@ impl Recipe {
                     state::write_tensors(
                         dir,
                         &format!("optim_{name}.safetensors"),
-                        &tr.opt.state_tensors(),
+                        &tr.opt.state_tensors()?,
                     )?;
                     PartState {
                         trained: true,
@@ -964,7 +973,7 @@ impl Recipe {
                     .collect();
                 t.extend(g.stats.to_map(&g.cfg));
                 state::write_tensors(dir, "disc.safetensors", &t)?;
-                state::write_tensors(dir, "optim_disc.safetensors", &g.opt.state_tensors())?;
+                state::write_tensors(dir, "optim_disc.safetensors", &g.opt.state_tensors()?)?;
                 g.replay.save(dir)?;
                 Some(DiscState {
                     optimizer_steps: g.opt.step_count(),
@@ -1059,9 +1068,14 @@ impl Recipe {
         }
 
         // Read and check everything.
+        struct TrainedLoad {
+            ema: HashMap<String, Tensor>,
+            opt: HashMap<String, Tensor>,
+            saved: PartState,
+        }
         struct PartLoad {
             raw: HashMap<String, Tensor>,
-            trained: Option<(HashMap<String, Tensor>, HashMap<String, Tensor>, PartState)>,
+            trained: Option<TrainedLoad>,
         }
         let mut loads: Vec<Option<PartLoad>> = Vec::new();
         for (name, saved, vars, trained) in [
@@ -1094,7 +1108,11 @@ impl Recipe {
                 let ema = state::read_tensors(dir, &format!("ema_{name}.safetensors"))?;
                 check_all_present(vars, &ema, &format!("ema_{name}.safetensors"))?;
                 let opt = state::read_tensors(dir, &format!("optim_{name}.safetensors"))?;
-                Some((ema, opt, saved.clone()))
+                Some(TrainedLoad {
+                    ema,
+                    opt,
+                    saved: saved.clone(),
+                })
             } else {
                 None
             };
@@ -1126,7 +1144,15 @@ impl Recipe {
             let (Some((vars, trained)), Some(l)) = (p, l) else {
                 continue;
             };
-            if let (Some(tr), Some((ema, opt, ps))) = (trained.as_mut(), &l.trained) {
+            if let (
+                Some(tr),
+                Some(TrainedLoad {
+                    ema,
+                    opt,
+                    saved: ps,
+                }),
+            ) = (trained.as_mut(), &l.trained)
+            {
                 tr.opt.set_config(enc_adam_cfg)?;
                 tr.opt.load_state_tensors(opt, ps.optimizer_steps)?;
                 tr.ema.set_decay(self.cfg.ema_decay, self.cfg.ema_warmup);

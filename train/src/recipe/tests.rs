@@ -458,7 +458,7 @@ fn fine_tuning_starts_from_the_released_decoder() {
         "the initial decoder is the released one (bias not reset)"
     );
     let rep = r.step(&b).unwrap();
-    assert!(rep.losses.get("encoder").is_none());
+    assert!(!rep.losses.contains_key("encoder"));
     // A pretrained decoder starts close to the image.
     assert!(rep.losses["decoder_mse"] < 0.02, "{rep:?}");
     // The encoder of a decoder-only run can still come from a checkpoint (frozen).
@@ -754,10 +754,13 @@ fn export_pytorch_parity_case() {
     write_npy(&out.join("scores.npy"), &scores);
     write_npy(&out.join("disc_loss.npy"), &loss);
     let opt = optim::Adam::new(vars.clone(), optim::AdamConfig::adamw(3e-4, (0.9, 0.99))).unwrap();
-    let g = opt.gradients(&grads);
-    let prop = opt.propose(&g, 3e-4, None).unwrap();
-    for (i, (n, _)) in vars.iter().enumerate() {
-        write_npy(&out.join(format!("grad.{n}.npy")), g[i].as_ref().unwrap());
+    let g = opt.flat_gradients(&grads).unwrap();
+    let prop = opt.propose_flat(&g, 3e-4, None).unwrap();
+    for (i, (n, v)) in vars.iter().enumerate() {
+        write_npy(
+            &out.join(format!("grad.{n}.npy")),
+            grads.get(v.as_tensor()).unwrap(),
+        );
         write_npy(&out.join(format!("step1.{n}.npy")), &prop.params[i]);
     }
     for (n, t) in stats.to_map(&dcfg) {
@@ -785,4 +788,11 @@ fn export_pytorch_parity_case() {
         write_npy(&out.join(format!("ams.p{}.npy", k + 1)), p.as_tensor());
     }
     eprintln!("wrote the parity case to {}", out.display());
+}
+
+#[test]
+fn recipe_is_send() {
+    fn send<T: Send>() {}
+    send::<Recipe>();
+    send::<StepReport>();
 }
