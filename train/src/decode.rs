@@ -109,6 +109,15 @@ fn gather(src: &Path, limit: usize) -> Result<Vec<Item>> {
         items = read_file(src, &stem)?;
     }
     items.truncate(limit);
+    // `a.npy` and `a.safetensors` side by side: keep both, as `a.png` and `a_2.png`.
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for it in &mut items {
+        let n = seen.entry(it.name.clone()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            it.name = format!("{}_{}", it.name, n);
+        }
+    }
     Ok(items)
 }
 

@@ -7,6 +7,7 @@
 //! * [`dataset`], [`order`], [`sample`], [`split`], [`loader`]: the deterministic streaming loader.
 //! * [`device`], [`rng`]: `--device` parsing; seeded randomness of the data pipeline.
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod dataset;
@@ -22,6 +23,7 @@ pub mod order;
 pub mod plot;
 pub mod preview;
 pub mod recipe;
+pub mod runner;
 pub mod rng;
 pub mod sample;
 pub mod split;

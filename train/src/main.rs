@@ -1,1 +1,39 @@
-fn main() {}
+use clap::Parser;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use train::cli::Cli;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Some(c) => train::cli::command(c),
+        None => {
+            // First Ctrl-C / SIGTERM: checkpoint at the end of the current step and exit; a
+            // second one exits at once.
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let handler = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                    std::process::exit(130);
+                }
+                eprintln!("\ninterrupt: saving a checkpoint after this step (interrupt again to quit at once)");
+            });
+            if let Err(e) = handler {
+                eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will not checkpoint");
+            }
+            train::cli::train(&cli.train, stop)
+        }
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Command-line interface of `train`.
+
+use crate::config::{plan, PlanRequest};
+use crate::runner::{RunOptions, RunOutcome};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "train",
+    version,
+    about = "Train TAESD tiny autoencoders with candle from precompute's shards; evaluate, preview and convert checkpoints",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    /// Configuration file (TOML); repeat for several runs, one after another.
+    #[arg(long = "config", value_name = "TOML")]
+    pub configs: Vec<PathBuf>,
+    /// Sweep file: [base] plus [[runs]] entries (each with a `name`), each a run.
+    #[arg(long, value_name = "TOML")]
+    pub sweep: Option<PathBuf>,
+    /// Override any setting: section.key=value (repeatable), e.g. --set recipe.lr=1e-4.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Shard folder written by precompute (data.shards).
+    #[arg(long)]
+    pub shards: Option<PathBuf>,
+    /// Total optimisation steps (run.steps).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// data.batch_size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Training crop side (data.crop).
+    #[arg(long)]
+    pub crop: Option<u32>,
+    /// cpu, cuda, cuda:N or auto (run.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Run folder (run.dir); with several runs, each gets a subfolder named after it.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// run.seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Continue from the run folder's latest checkpoint (with no --config, its saved config).
+    #[arg(long)]
+    pub resume: bool,
+    /// Print the resolved configuration of each run and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// No progress bar or progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// PSNR, SSIM, sharpness and latent errors of a model (and a reference decoder) on shards.
+    Eval {
+        /// Checkpoint (file/folder, any layout), run folder or run checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Shard folder (default: the run's, when --model is a run folder).
+        #[arg(long)]
+        shards: Option<PathBuf>,
+        /// A decoder to compare with (e.g. the released one).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Encoder for the latent-cycle error |E(D(z)) - z| (default: the model's).
+        #[arg(long)]
+        cycle_encoder: Option<PathBuf>,
+        /// heldout (default) or all.
+        #[arg(long, default_value = "heldout")]
+        split: String,
+        /// Held-out fraction (default: the run's data.eval_fraction, else 0.02).
+        #[arg(long)]
+        eval_fraction: Option<f64>,
+        #[arg(long, default_value_t = 256)]
+        max_images: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Variant, where the checkpoint cannot tell (taesd vs taesdxl).
+        #[arg(long)]
+        variant: Option<String>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Images to latents (.safetensors and/or .npy per image).
+    Encode {
+        #[arg(long)]
+        model: PathBuf,
+        /// An image, a folder of images (recursive) or a webdataset .tar.
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// safetensors, npy or both.
+        #[arg(long, default_value = "safetensors")]
+        format: String,
+        /// Resize (short side) and centre-crop to N x N first (default: native size).
+        #[arg(long)]
+        size: Option<u32>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// Latents (shard folder, .safetensors, .npy, or a folder of them) to PNGs.
+    Decode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        latents: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// At most N latents (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// A checkpoint in another layout (taesd, diffusers, comfyui, combined).
+    Convert {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        layout: String,
+        /// Folder (taesd, diffusers) or file (comfyui, combined).
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16 or bf16 (default: as stored).
+        #[arg(long)]
+        dtype: Option<String>,
+        #[arg(long)]
+        variant: Option<String>,
+    },
+}
+
+/// The overrides the direct flags stand for, after the --set ones.
+fn overrides(a: &TrainArgs) -> Vec<String> {
+    let mut o = a.sets.clone();
+    let q = |p: &std::path::Path| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
+    if let Some(s) = &a.shards {
+        o.push(format!("data.shards={}", q(s)));
+    }
+    if let Some(v) = a.steps {
+        o.push(format!("run.steps={v}"));
+    }
+    if let Some(v) = a.batch_size {
+        o.push(format!("data.batch_size={v}"));
+    }
+    if let Some(v) = a.crop {
+        o.push(format!("data.crop={v}"));
+    }
+    if let Some(v) = &a.device {
+        o.push(format!("run.device={}", toml::Value::String(v.clone())));
+    }
+    if let Some(v) = &a.run_dir {
+        o.push(format!("run.dir={}", q(v)));
+    }
+    if let Some(v) = a.seed {
+        o.push(format!("run.seed={v}"));
+    }
+    o
+}
+
+/// `train` (the runs). Returns the process exit code.
+pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
+    let req = PlanRequest { configs: a.configs.clone(), sweep: a.sweep.clone(), overrides: overrides(a), resume: a.resume };
+    let plans = plan(&req, a.run_dir.as_deref())?;
+    if a.print_config {
+        for p in &plans {
+            let r = crate::runner::resolve(&p.config);
+            let text = match r {
+                Ok(r) => r.config_toml()?,
+                Err(e) => {
+                    eprintln!("note: run `{}` not fully resolved ({e:#}); showing the configuration as given", p.name);
+                    let mut c = p.config.clone();
+                    if c.recipe.is_empty() {
+                        c.recipe = toml::Table::try_from(crate::recipe::RecipeConfig::default())?;
+                    }
+                    c.to_toml()?
+                }
+            };
+            println!("# run `{}` -> {}\n{text}", p.name, p.dir.display());
+        }
+        return Ok(0);
+    }
+    let opts = RunOptions { resume: a.resume, quiet: a.quiet, stop };
+    let mut outcomes: Vec<RunOutcome> = Vec::new();
+    for (i, p) in plans.iter().enumerate() {
+        if plans.len() > 1 && !a.quiet {
+            eprintln!("=== run {}/{}: {} ===", i + 1, plans.len(), p.name);
+        }
+        let o = crate::runner::run(p, &opts)?;
+        print_outcome(&o);
+        let stop = o.interrupted;
+        outcomes.push(o);
+        if stop {
+            let left: Vec<&str> = plans[i + 1..].iter().map(|p| p.name.as_str()).collect();
+            if !left.is_empty() {
+                println!("not started: {}", left.join(", "));
+            }
+            return Ok(130);
+        }
+    }
+    if outcomes.len() > 1 {
+        println!("\nsweep summary:");
+        for o in &outcomes {
+            let psnr = o.final_eval.iter().find(|(n, _)| n == "ema").and_then(|(_, m)| m.psnr);
+            println!(
+                "  {:<20} step {:>7}  {:>6.2} steps/s  ema psnr {}",
+                o.name,
+                o.step,
+                o.steps_per_s,
+                psnr.map(|p| format!("{p:.2}")).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn print_outcome(o: &RunOutcome) {
+    if o.interrupted {
+        println!(
+            "run `{}` interrupted at step {}/{}; checkpoint saved. Continue with: train --resume --run-dir {}",
+            o.name,
+            o.step,
+            o.steps,
+            o.dir.display()
+        );
+        return;
+    }
+    println!("run `{}` finished: step {} ({:.2} steps/s this session, {} skipped)", o.name, o.step, o.steps_per_s, o.skipped_steps);
+    if !o.final_eval.is_empty() {
+        print!("{}", crate::eval::table(&o.final_eval));
+    }
+    for f in &o.exported {
+        println!("  exported {}", f.display());
+    }
+}
+
+/// Run a subcommand.
+pub fn command(c: &Command) -> Result<i32> {
+    match c {
+        Command::Eval { model, shards, reference, cycle_encoder, split, eval_fraction, max_images, batch_size, device, variant, json } => {
+            let split = match (split.as_str(), eval_fraction) {
+                ("all", None) => Some(crate::eval::Split::All),
+                ("all", Some(_)) => bail!("--eval-fraction applies to --split heldout"),
+                ("heldout", Some(f)) => Some(crate::eval::Split::HeldOut(*f)),
+                ("heldout", None) => None,
+                (other, _) => bail!("--split {other}: use heldout or all"),
+            };
+            let args = crate::eval::EvalArgs {
+                model: model.clone(),
+                variant: crate::models::parse_variant(variant.as_deref())?,
+                reference: reference.clone(),
+                cycle_encoder: cycle_encoder.clone(),
+                shards: shards.clone(),
+                split,
+                max_images: *max_images,
+                batch_size: *batch_size,
+                device: crate::device::open(device)?,
+            };
+            let rep = crate::eval::command(&args)?;
+            println!("{} images ({}), {} px, shards {}", rep.images, rep.split, rep.resolution, rep.shards.display());
+            let rows: Vec<(String, crate::eval::Metrics)> = rep.models.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            print!("{}", crate::eval::table(&rows));
+            if let Some(p) = json {
+                std::fs::write(p, serde_json::to_string_pretty(&rep)? + "\n").with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            Ok(0)
+        }
+        Command::Encode { model, images, out, format, size, batch_size, device, variant } => {
+            let s = crate::encode::run(&crate::encode::EncodeArgs {
+                model: model.clone(),
+                variant: crate::models::parse_variant(variant.as_deref())?,
+                images: images.clone(),
+                out: out.clone(),
+                formats: crate::encode::Formats::parse(format)?,
+                batch_size: *batch_size,
+                size: *size,
+                device: crate::device::open(device)?,
+            })?;
+            println!("encoded {} images into {} ({} files)", s.encoded, out.display(), s.files.len());
+            for (src, why) in &s.failed {
+                println!("  skipped {src}: {why}");
+            }
+            Ok(if s.encoded == 0 { 1 } else { 0 })
+        }
+        Command::Decode { model, latents, out, batch_size, limit, device, variant } => {
+            let s = crate::decode::run(&crate::decode::DecodeArgs {
+                model: model.clone(),
+                variant: crate::models::parse_variant(variant.as_deref())?,
+                latents: latents.clone(),
+                out: out.clone(),
+                batch_size: *batch_size,
+                limit: *limit,
+                device: crate::device::open(device)?,
+            })?;
+            println!("decoded {} latents into {}", s.files.len(), out.display());
+            Ok(0)
+        }
+        Command::Convert { model, layout, out, dtype, variant } => {
+            let layout = taesd::Layout::parse(layout)
+                .ok_or_else(|| anyhow::anyhow!("--layout {layout}: use taesd, diffusers, comfyui or combined"))?;
+            let files = crate::convert::run(&crate::convert::ConvertArgs {
+                model: model.clone(),
+                variant: crate::models::parse_variant(variant.as_deref())?,
+                layout,
+                out: out.clone(),
+                dtype: dtype.as_deref().map(crate::convert::parse_dtype).transpose()?,
+            })?;
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! One training run: shards + configuration -> checkpoints, metrics, previews, loss curve,
+//! evaluations and the final EMA export, in the run folder:
+//!
+//! ```text
+//! runs/<name>/
+//!   config.toml          the resolved configuration (every value, recipe defaults included)
+//!   metrics.jsonl        see crate::metrics
+//!   loss.png             the loss curve (redrawn with each preview and at the end)
+//!   previews/step-00000500.png
+//!   eval.json            the latest evaluation (all models)
+//!   checkpoints/step-00001000/{recipe/, trainer.json}
+//!   export/taesd/<variant>_{encoder,decoder}.safetensors, export/diffusers/, export/comfyui/
+//! ```
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{differences, RunPlan, TrainConfig, RESOLVED_CONFIG, RESUME_MAY_CHANGE};
+use crate::dataset::ShardSet;
+use crate::eval::{evaluate, EvalSet, Metrics, Split, Subject};
+use crate::loader::{Loader, LoaderConfig};
+use crate::metrics::{Interval, MetricsLog, METRICS_FILE};
+use crate::order::Position;
+use crate::recipe::{Batch, ModelInit, Recipe, RecipeConfig};
+use crate::sample::{check_crop, SampleSpec};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use taesd::{Layout, TaesdConfig, Variant};
+
+/// How a run is driven.
+#[derive(Clone)]
+pub struct RunOptions {
+    pub resume: bool,
+    /// No progress bar and no per-interval lines.
+    pub quiet: bool,
+    /// Set by Ctrl-C / SIGTERM: checkpoint and stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub name: String,
+    pub dir: PathBuf,
+    pub step: u64,
+    pub steps: u64,
+    pub interrupted: bool,
+    pub resumed_from: Option<u64>,
+    pub skipped_steps: u64,
+    /// Steps per second of this session's training loop.
+    pub steps_per_s: f64,
+    pub final_eval: Vec<(String, Metrics)>,
+    pub exported: Vec<PathBuf>,
+}
+
+/// Everything resolved from the configuration and the shards.
+pub struct Resolved {
+    pub config: TrainConfig,
+    pub recipe: RecipeConfig,
+    pub model: TaesdConfig,
+    pub variant: Option<Variant>,
+    pub crop: u32,
+    pub set: Arc<ShardSet>,
+}
+
+/// Fill what the configuration leaves to the shards (variant, crop) and check it all fits.
+pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
+    let mut config = config.clone();
+    let shards = config.data.shards.clone().ok_or_else(|| anyhow!("no shards: pass --shards DIR or set data.shards"))?;
+    let set = Arc::new(ShardSet::open(&shards)?);
+    let channels = set.latent_shape[0] as usize;
+    let variant = match config.variant() {
+        Some(v) => Some(v),
+        None => match set.variant_name() {
+            Some(n) => Some(Variant::parse(n).ok_or_else(|| {
+                anyhow!("{}: the shards name the TAESD variant `{n}`, which this build does not know; set model.variant", shards.display())
+            })?),
+            None => None,
+        },
+    };
+    let model = variant.map(|v| v.config()).unwrap_or_else(|| TaesdConfig::custom(channels));
+    ensure!(
+        model.latent_channels == channels,
+        "model.variant {} has {} latent channels but the shards in {} hold {channels}-channel latents",
+        model.describe(),
+        model.latent_channels,
+        shards.display()
+    );
+    let scale = model.spatial_scale() as u32;
+    ensure!(
+        set.vae.downscale as u32 == scale,
+        "{} downsamples {}x but the shards' VAE downsamples {}x",
+        model.describe(),
+        scale,
+        set.vae.downscale
+    );
+    let crop = config.data.crop.unwrap_or_else(|| (256.min(set.resolution) / scale) * scale);
+    check_crop(crop, set.resolution, scale).context("data.crop")?;
+    let recipe: RecipeConfig =
+        config.recipe.clone().try_into().map_err(|e: toml::de::Error| anyhow!("[recipe]: {}", e.to_string().trim()))?;
+    recipe.validate()?;
+    for (k, p) in [("model.init_encoder", &config.model.init_encoder), ("model.init_decoder", &config.model.init_decoder)] {
+        if let Some(p) = p {
+            ensure!(p.exists(), "{k} = {} does not exist", p.display());
+        }
+    }
+    config.model.variant = variant.map(|v| v.to_string());
+    config.data.crop = Some(crop);
+    config.recipe = toml::Table::try_from(&recipe).context("recipe config does not serialise")?;
+    Ok(Resolved { config, recipe, model, variant, crop, set })
+}
+
+impl Resolved {
+    /// The resolved configuration as TOML, with the `[recipe]` keys in the recipe's own order.
+    pub fn config_toml(&self) -> Result<String> {
+        #[derive(serde::Serialize)]
+        struct Sections<'a> {
+            data: &'a crate::config::DataConfig,
+            model: &'a crate::config::ModelConfig,
+            run: &'a crate::config::RunConfig,
+        }
+        let c = &self.config;
+        let head = toml::to_string(&Sections { data: &c.data, model: &c.model, run: &c.run })?;
+        let recipe = toml::to_string(&self.recipe)?;
+        Ok(format!("{head}\n[recipe]\n{recipe}"))
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Compare a resumed run's configuration with the one it was started with.
+fn check_resume_config(run_dir: &Path, now: &TrainConfig) -> Result<()> {
+    let p = run_dir.join(RESOLVED_CONFIG);
+    if !p.is_file() {
+        return Ok(());
+    }
+    let saved = crate::config::read_table(&p)?;
+    let diffs: Vec<String> = differences(&saved, &now.to_table()?)
+        .into_iter()
+        .filter(|(k, _)| !RESUME_MAY_CHANGE.contains(&k.as_str()) && k != "data.shards")
+        .map(|(_, d)| d)
+        .collect();
+    if !diffs.is_empty() {
+        bail!(
+            "--resume: the settings differ from those {} was started with:\n  {}\nresume with the same settings (only {} may change), or start a new run folder",
+            run_dir.display(),
+            diffs.join("\n  "),
+            RESUME_MAY_CHANGE.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Models evaluated in a run, by name.
+fn run_eval(
+    recipe: &Recipe,
+    set: &EvalSet,
+    reference: Option<&taesd::Decoder>,
+    cycle: Option<&taesd::Encoder>,
+    batch: usize,
+    device: &Device,
+    with_reference: bool,
+) -> Result<Vec<(String, Metrics)>> {
+    let mut out = Vec::new();
+    let (ee, ed) = (recipe.ema_encoder()?, recipe.ema_decoder()?);
+    let s = Subject { encoder: ee.as_ref(), decoder: ed.as_ref(), cycle_encoder: cycle };
+    out.push(("ema".to_string(), evaluate(set, &s, batch, device)?));
+    let (re, rd) = (recipe.encoder()?, recipe.decoder()?);
+    let s = Subject { encoder: re.as_ref(), decoder: rd.as_ref(), cycle_encoder: cycle };
+    out.push(("raw".to_string(), evaluate(set, &s, batch, device)?));
+    if let (Some(r), true) = (reference, with_reference) {
+        let s = Subject { encoder: None, decoder: Some(r), cycle_encoder: cycle.or(ee.as_ref()) };
+        out.push(("reference".to_string(), evaluate(set, &s, batch, device)?));
+    }
+    Ok(out)
+}
+
+/// Write a preview grid of the fixed preview samples.
+fn write_preview(
+    recipe: &Recipe,
+    samples: &(Tensor, Tensor),
+    reference: Option<&taesd::Decoder>,
+    path: &Path,
+) -> Result<()> {
+    let (enc, dec) = (recipe.ema_encoder()?, recipe.ema_decoder()?);
+    let m = crate::preview::PreviewModels { encoder: enc.as_ref(), decoder: dec.as_ref(), reference };
+    crate::preview::write(path, &samples.0, &samples.1, &m)
+}
+
+/// Export the EMA weights in each configured layout under `export/`.
+fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let mut files = Vec::new();
+    let mut notes = Vec::new();
+    let name = r.variant.map(|v| v.name().to_string()).unwrap_or_else(|| format!("taesd-c{}", r.model.latent_channels));
+    for l in &r.config.run.export {
+        let layout = Layout::parse(l).expect("validated");
+        if layout == Layout::Diffusers && !r.model.diffusers_supported() {
+            notes.push(format!("diffusers export skipped: AutoencoderTiny cannot hold {}", r.model.describe()));
+            continue;
+        }
+        let final_dir = crate::models::export_dir(run_dir, layout);
+        let tmp = run_dir.join("export").join(format!(".tmp-{}", layout.name()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let dest = match layout {
+            Layout::TaesdPy | Layout::Diffusers => tmp.clone(),
+            Layout::ComfyUi | Layout::Combined => tmp.join(format!("{name}.safetensors")),
+        };
+        let written = recipe.export(layout, &dest, r.variant).with_context(|| format!("exporting the {layout} layout"))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+        }
+        std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+        files.extend(written.iter().map(|p| final_dir.join(p.strip_prefix(&tmp).unwrap_or(p))));
+    }
+    Ok((files, notes))
+}
+
+fn progress_bar(steps: u64, start: u64, quiet: bool) -> ProgressBar {
+    let target =
+        if quiet || !std::io::stderr().is_terminal() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let pb = ProgressBar::with_draw_target(Some(steps), target);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({per_sec}, eta {eta}) {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.set_position(start);
+    pb
+}
+
+fn short_losses(v: &[(String, f64)]) -> String {
+    v.iter().map(|(k, x)| format!("{k} {x:.4}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Run (or continue) one training run.
+pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
+    let r = resolve(&plan.config).with_context(|| format!("run `{}`", plan.name))?;
+    let cfg = &r.config;
+    let run_dir = plan.dir.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;
+    checkpoint::clean_temp(&run_dir)?;
+    let latest = checkpoint::latest(&run_dir)?;
+    let resume_from = match (&latest, opts.resume) {
+        (Some((s, p)), true) => {
+            check_resume_config(&run_dir, cfg)?;
+            Some((*s, p.clone()))
+        }
+        (None, true) => {
+            tracing::warn!("--resume: {} has no checkpoint yet; starting the run", run_dir.display());
+            None
+        }
+        (_, false) => {
+            checkpoint::ensure_fresh(&run_dir)?;
+            None
+        }
+    };
+    write_atomic(&run_dir.join(RESOLVED_CONFIG), &r.config_toml()?)?;
+
+    let device = crate::device::open(&cfg.run.device)?;
+    let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
+    let mut recipe = Recipe::new(&r.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
+    let mut ts = TrainerState {
+        step: 0,
+        data_position: Position::default(),
+        images_seen: 0,
+        skipped_steps: 0,
+        train_seconds: 0.0,
+        seed: cfg.run.seed,
+        shard_rows: r.set.rows,
+    };
+    if let Some((_, ck)) = &resume_from {
+        let saved = checkpoint::read_state(ck)?;
+        ensure!(
+            saved.shard_rows == r.set.rows,
+            "--resume: the shard folder {} now has {} rows, the run started with {}; the batch order would differ",
+            r.set.dir.display(),
+            r.set.rows,
+            saved.shard_rows
+        );
+        ensure!(saved.seed == cfg.run.seed, "--resume: the run was started with seed {}, not {}", saved.seed, cfg.run.seed);
+        recipe.load_state(&ck.join(checkpoint::RECIPE_DIR)).with_context(|| format!("resuming from {}", ck.display()))?;
+        ensure!(
+            recipe.step_count() == saved.step,
+            "{}: the recipe state is at step {}, the trainer state at {}",
+            ck.display(),
+            recipe.step_count(),
+            saved.step
+        );
+        ts = saved;
+    }
+    let mut log = MetricsLog::open(&run_dir, Some(ts.step))?;
+    let say = |pb: &ProgressBar, msg: String| {
+        if !opts.quiet {
+            pb.suspend(|| eprintln!("{msg}"));
+        }
+    };
+
+    // Evaluation and preview data: the held-out split (or, without one, the first rows).
+    let eval_set = if cfg.data.eval_fraction > 0.0 {
+        EvalSet::load(&r.set, Split::HeldOut(cfg.data.eval_fraction), cfg.data.eval_max_images)?
+    } else {
+        EvalSet { rows: vec![] }
+    };
+    let preview_rows = if eval_set.is_empty() {
+        EvalSet::load(&r.set, Split::All, cfg.data.preview_images)?
+    } else {
+        EvalSet { rows: eval_set.rows.iter().take(cfg.data.preview_images).cloned().collect() }
+    };
+    let preview_samples =
+        if preview_rows.is_empty() || cfg.data.preview_images == 0 { None } else { Some(preview_rows.batch(0..preview_rows.len(), &device)?) };
+    let reference = match &cfg.model.reference_decoder {
+        Some(p) => Some(crate::models::load(p, r.variant, &device)?.decoder.ok_or_else(|| anyhow!("{} has no decoder", p.display()))?),
+        None => None,
+    };
+    let cycle_encoder = match &cfg.model.cycle_encoder {
+        Some(p) => Some(crate::models::load(p, r.variant, &device)?.encoder.ok_or_else(|| anyhow!("{} has no encoder", p.display()))?),
+        None => None,
+    };
+
+    let loader_cfg = LoaderConfig {
+        batch_size: cfg.data.batch_size,
+        sample: SampleSpec {
+            crop: r.crop,
+            scale: r.model.spatial_scale() as u32,
+            hflip: cfg.data.hflip && !r.set.flipped,
+            sample_posterior: cfg.data.sample_posterior,
+        },
+        shuffle_buffer: cfg.data.shuffle_buffer,
+        prefetch: cfg.data.prefetch,
+        workers: cfg.data.workers,
+        eval_fraction: cfg.data.eval_fraction,
+        seed: cfg.run.seed,
+    };
+    let total = cfg.run.steps;
+    let pb = progress_bar(total, ts.step, opts.quiet);
+    say(
+        &pb,
+        format!(
+            "run `{}` in {}: {} on {}, {} rows ({} held out for eval), crop {}, batch {}, steps {}..{}{}",
+            plan.name,
+            run_dir.display(),
+            r.model.describe(),
+            crate::device::describe(&device),
+            r.set.rows,
+            eval_set.len(),
+            r.crop,
+            cfg.data.batch_size,
+            ts.step,
+            total,
+            if resume_from.is_some() { " (resumed)" } else { "" }
+        ),
+    );
+    if cfg.data.hflip && r.set.flipped {
+        tracing::info!("the shards were flipped by precompute --hflip: the loader does not flip again");
+    }
+    log.write(
+        "start",
+        ts.step,
+        json!({"resumed": resume_from.is_some(), "device": crate::device::describe(&device), "rows": r.set.rows, "eval_rows": eval_set.len()}),
+    )?;
+
+    let eval_now = |recipe: &Recipe, log: &mut MetricsLog, step: u64, with_reference: bool| -> Result<Vec<(String, Metrics)>> {
+        if eval_set.is_empty() {
+            return Ok(vec![]);
+        }
+        let res =
+            run_eval(recipe, &eval_set, reference.as_ref(), cycle_encoder.as_ref(), cfg.data.eval_batch_size, &device, with_reference)?;
+        for (name, m) in &res {
+            let mut v = serde_json::to_value(m)?;
+            v["model"] = json!(name);
+            log.write("eval", step, v)?;
+        }
+        let models: serde_json::Map<String, serde_json::Value> =
+            res.iter().map(|(n, m)| (n.clone(), serde_json::to_value(m).expect("json"))).collect();
+        write_atomic(
+            &run_dir.join("eval.json"),
+            &serde_json::to_string_pretty(&json!({"step": step, "images": eval_set.len(), "models": models}))?,
+        )?;
+        Ok(res)
+    };
+    let preview_now = |recipe: &Recipe, log: &mut MetricsLog, step: u64| -> Result<()> {
+        if let Some(s) = &preview_samples {
+            let p = run_dir.join("previews").join(format!("step-{step:08}.png"));
+            write_preview(recipe, s, reference.as_ref(), &p)?;
+            log.write("preview", step, json!({"path": p}))?;
+        }
+        let metrics = run_dir.join(METRICS_FILE);
+        crate::plot::write_loss_curve(&metrics, &run_dir.join("loss.png"), cfg.run.plot_width, cfg.run.plot_height)
+    };
+
+    let mut last_eval = Vec::new();
+    if ts.step == 0 {
+        last_eval = eval_now(&recipe, &mut log, 0, true)?;
+        if !last_eval.is_empty() {
+            say(&pb, format!("step 0 eval:\n{}", crate::eval::table(&last_eval)));
+        }
+        if cfg.run.preview_every > 0 {
+            preview_now(&recipe, &mut log, 0)?;
+        }
+    }
+
+    let mut loader = Loader::start(r.set.clone(), loader_cfg, ts.data_position)?;
+    let mut interval = Interval::default();
+    let mut last_ckpt = resume_from.as_ref().map(|(s, _)| *s);
+    let session_start = ts.step;
+    let t0 = Instant::now();
+    let every = |n: u64, s: u64| n > 0 && s.is_multiple_of(n);
+    let save_ckpt = |recipe: &Recipe, ts: &TrainerState, log: &mut MetricsLog| -> Result<PathBuf> {
+        let p = checkpoint::save(&run_dir, ts, cfg.run.keep_checkpoints, |d| recipe.save_state(d))?;
+        log.write("checkpoint", ts.step, json!({"path": p}))?;
+        Ok(p)
+    };
+    let mut interrupted = false;
+    while ts.step < total {
+        if opts.stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let tw = Instant::now();
+        let hb = loader.next_batch()?;
+        let (images, latents) = hb.to_tensors(&device)?;
+        let wait = tw.elapsed().as_secs_f64();
+        let step_t = Instant::now();
+        let report = recipe.step(&Batch { images, latents }).with_context(|| format!("training step {}", ts.step + 1))?;
+        ts.train_seconds += step_t.elapsed().as_secs_f64() + wait;
+        ts.step = recipe.step_count();
+        ts.data_position = hb.next;
+        ts.images_seen += hb.batch as u64;
+        match &report.skipped {
+            Some(why) => {
+                ts.skipped_steps += 1;
+                interval.count(hb.batch as u64, wait);
+                log.write("skip", ts.step, json!({"reason": why, "skipped_total": ts.skipped_steps}))?;
+                say(&pb, format!("step {}: skipped ({why})", ts.step));
+            }
+            None => interval.add_step(&report.losses, &report.grad_norms, hb.batch as u64, wait),
+        }
+        pb.set_position(ts.step);
+        if every(cfg.run.log_every, ts.step) || ts.step == total {
+            let means = interval.loss_means();
+            let mut v = interval.take();
+            v["lr"] = json!(report.lr);
+            v["epoch"] = json!(hb.next.epoch);
+            v["skipped_total"] = json!(ts.skipped_steps);
+            v["images_seen"] = json!(ts.images_seen);
+            v["elapsed_s"] = json!(ts.train_seconds);
+            let ips = v["images_per_s"].as_f64().unwrap_or(0.0);
+            log.write("train", ts.step, v)?;
+            pb.set_message(short_losses(&means));
+            if pb.is_hidden() && !opts.quiet {
+                eprintln!("step {}/{}: {} ({ips:.1} img/s)", ts.step, total, short_losses(&means));
+            }
+        }
+        if every(cfg.run.checkpoint_every, ts.step) {
+            save_ckpt(&recipe, &ts, &mut log)?;
+            last_ckpt = Some(ts.step);
+        }
+        if every(cfg.run.preview_every, ts.step) {
+            preview_now(&recipe, &mut log, ts.step)?;
+        }
+        if every(cfg.run.eval_every, ts.step) && ts.step < total {
+            last_eval = eval_now(&recipe, &mut log, ts.step, false)?;
+        }
+    }
+    drop(loader);
+    let session_steps = ts.step - session_start;
+    let steps_per_s = session_steps as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    if last_ckpt != Some(ts.step) {
+        save_ckpt(&recipe, &ts, &mut log)?;
+    }
+    let mut exported = Vec::new();
+    if !interrupted {
+        if ts.step % cfg.run.preview_every.max(1) != 0 || cfg.run.preview_every == 0 {
+            preview_now(&recipe, &mut log, ts.step)?;
+        }
+        last_eval = eval_now(&recipe, &mut log, ts.step, true)?;
+        let (files, notes) = export(&recipe, &r, &run_dir)?;
+        for n in notes {
+            say(&pb, n);
+        }
+        log.write("export", ts.step, json!({"files": files}))?;
+        exported = files;
+    } else {
+        crate::plot::write_loss_curve(&run_dir.join(METRICS_FILE), &run_dir.join("loss.png"), cfg.run.plot_width, cfg.run.plot_height)?;
+    }
+    log.write("end", ts.step, json!({"interrupted": interrupted, "steps_per_s": steps_per_s, "skipped_total": ts.skipped_steps}))?;
+    pb.finish_and_clear();
+    Ok(RunOutcome {
+        name: plan.name.clone(),
+        dir: run_dir,
+        step: ts.step,
+        steps: total,
+        interrupted,
+        resumed_from: resume_from.map(|(s, _)| s),
+        skipped_steps: ts.skipped_steps,
+        steps_per_s,
+        final_eval: last_eval,
+        exported,
+    })
+}
