@@ -1,0 +1,366 @@
+//! End to end: `train` on shards that `precompute` made from real pool images with the taef2
+//! ONNX teacher (64 px), on the CPU. Kept small (32 px crops, a handful of steps): candle's CPU
+//! backward pass is slow, and CI has two cores.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use taesd_e2e::*;
+
+/// 48 pool images at 64 px in shards of 16 rows (three shards), made once per test process.
+fn shards() -> &'static Path {
+    static SHARDS: OnceLock<(tempfile::TempDir, tempfile::TempDir)> = OnceLock::new();
+    let (_, out) = SHARDS.get_or_init(|| {
+        let images = pool_subset(48);
+        let out = tempfile::tempdir().unwrap();
+        let x = taef2_onnx();
+        run(
+            "precompute",
+            &[
+                "--vae", "taef2", "--onnx", x.to_str().unwrap(), "--images", images.path().to_str().unwrap(), "--out",
+                out.path().to_str().unwrap(), "--device", "cpu", "--resolution", "64", "--batch-size", "8", "--shard-rows", "16",
+                "--quiet",
+            ],
+            true,
+        );
+        (images, out)
+    });
+    out.path()
+}
+
+fn reference_taef2() -> PathBuf {
+    shared().join("reference/taef2")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `train` flags of the small CPU runs here (without --steps / --batch-size).
+fn base_run(run_dir: &Path) -> Vec<String> {
+    [
+        "--shards", s(shards()), "--run-dir", s(run_dir), "--device", "cpu", "--crop", "32", "--quiet",
+        "--set", "recipe.replay_capacity=16", "--set", "run.log_every=1", "--set", "data.shuffle_buffer=40",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect()
+}
+
+fn small_run(run_dir: &Path, steps: u32, batch: u32) -> Vec<String> {
+    with(base_run(run_dir), &["--steps", &steps.to_string(), "--batch-size", &batch.to_string()])
+}
+
+fn train(args: &[String], ok: bool) -> std::process::Output {
+    let a: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+    run("train", &a, ok)
+}
+
+fn with(mut v: Vec<String>, more: &[&str]) -> Vec<String> {
+    v.extend(more.iter().map(|x| x.to_string()));
+    v
+}
+
+fn json_lines(path: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+/// name -> (dtype, shape, bytes) of every tensor in a safetensors file.
+fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, t)| (n, (format!("{:?}", t.dtype()), t.shape().to_vec(), t.data().to_vec()))).collect()
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_rgb8().dimensions()
+}
+
+fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>()
+        / a.as_raw().len() as f64;
+    10.0 * (255.0f64.powi(2) / mse).log10()
+}
+
+#[test]
+fn a_short_run_learns_writes_previews_curve_metrics_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let args = with(
+        small_run(&run_dir, 12, 4),
+        &[
+            "--set", "data.eval_fraction=0.15", "--set", "data.eval_max_images=4", "--set", "data.preview_images=3",
+            "--set", "run.log_every=2", "--set", "run.preview_every=6", "--set", "run.eval_every=0",
+            "--set", "run.plot_width=480", "--set", "run.plot_height=300", "--set", "recipe.lr=1e-3",
+        ],
+    );
+    let out = train(&args, true);
+    let text = stdout(&out);
+    assert!(text.contains("finished: step 12"), "{text}");
+
+    // The resolved configuration, recipe defaults included.
+    let cfg = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    for k in ["variant = \"taef2\"", "crop = 32", "steps = 12", "[recipe]", "lr = 0.001", "ema_decay = 0.999"] {
+        assert!(cfg.contains(k), "config.toml lacks {k}:\n{cfg}");
+    }
+
+    // Metrics: a train line every 2 steps with losses, lr, throughput; losses fall.
+    let metrics = run_dir.join("metrics.jsonl");
+    let lines = json_lines(&metrics, "train");
+    assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4, 6, 8, 10, 12]);
+    for l in &lines {
+        assert!(l["images_per_s"].as_f64().unwrap() > 0.0 && l["lr"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["grad_norms"]["decoder"].as_f64().is_some() && l["grad_norms"]["encoder"].as_f64().is_some(), "{l}");
+    }
+    let loss = |l: &serde_json::Value, k: &str| l["losses"][k].as_f64().unwrap_or_else(|| panic!("no {k} in {l}"));
+    let (first, last) = (&lines[0], &lines[lines.len() - 1]);
+    assert!(loss(last, "encoder") < loss(first, "encoder"), "encoder loss did not fall: {first} -> {last}");
+    // The decoder's losses move with the discriminator (its target is fake + correction), so a dozen
+    // steps say little about them: the decoder's progress is measured on held-out images below.
+    assert!(json_lines(&metrics, "skip").is_empty());
+
+    // Held-out evaluation at step 0 and at the end: the trained model beats the step-0 one.
+    let evals = json_lines(&metrics, "eval");
+    let ema = |step: u64| evals.iter().find(|e| e["step"] == step && e["model"] == "ema").unwrap_or_else(|| panic!("no ema eval at {step}"));
+    let (p0, p1) = (ema(0)["psnr"].as_f64().unwrap(), ema(12)["psnr"].as_f64().unwrap());
+    assert!(p1 > p0 + 0.1, "held-out PSNR {p0:.3} -> {p1:.3}");
+    let (m0, m1) = (ema(0)["encoder_mae"].as_f64().unwrap(), ema(12)["encoder_mae"].as_f64().unwrap());
+    assert!(m1 < m0, "held-out encoder error {m0:.4} -> {m1:.4}");
+    assert_eq!(ema(12)["images"], 4);
+
+    // Previews at 0, 6, 12: 3 samples x (real, ours D(z), D(E(x)), teacher z, our z) of 64 px.
+    for step in [0, 6, 12] {
+        let p = run_dir.join(format!("previews/step-{step:08}.png"));
+        let (w, h) = png_size(&p);
+        assert_eq!((w, h), (5 * 66 + 2, 13 + 3 * 66 + 2), "{}", p.display());
+    }
+    assert_eq!(png_size(&run_dir.join("loss.png")), (480, 300));
+
+    // Checkpoint and exports.
+    assert!(run_dir.join("checkpoints/step-00000012/trainer.json").is_file());
+    let enc = run_dir.join("export/taesd/taef2_encoder.safetensors");
+    let dec = run_dir.join("export/taesd/taef2_decoder.safetensors");
+    assert!(tensors(&enc).contains_key("0.weight") && tensors(&dec).contains_key("1.weight"));
+    assert!(tensors(&run_dir.join("export/comfyui/taef2.safetensors")).keys().any(|k| k.starts_with("taesd_decoder.")));
+    assert!(!run_dir.join("export/diffusers").exists(), "taef2 has no diffusers layout");
+
+    // `train eval` on the run folder: its shards, its held-out split, its export.
+    let j = dir.path().join("eval.json");
+    let e = run("train", &["eval", "--model", s(&run_dir), "--device", "cpu", "--max-images", "4", "--json", s(&j)], true);
+    assert!(stdout(&e).contains("psnr"), "{}", stdout(&e));
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    let ours = &rep["models"]["ours"];
+    for k in ["psnr", "ssim", "sharpness", "cycle_mae", "encoder_mae", "encoder_rmse", "roundtrip_psnr", "roundtrip_ssim"] {
+        assert!(ours[k].as_f64().is_some_and(f64::is_finite), "{k} missing: {rep}");
+    }
+    assert_eq!(rep["images"], 4);
+    assert!(rep["split"].as_str().unwrap().starts_with("heldout"));
+    assert!((ours["psnr"].as_f64().unwrap() - p1).abs() < 1e-3, "the command and the run agree: {} vs {p1}", ours["psnr"]);
+
+    // Decode with the trained model.
+    let png = dir.path().join("decoded");
+    run("train", &["decode", "--model", s(&run_dir), "--latents", s(shards()), "--out", s(&png), "--limit", "2", "--device", "cpu"], true);
+    assert_eq!(std::fs::read_dir(&png).unwrap().count(), 2);
+}
+
+/// Exported weights and the complete saved state of two runs are identical.
+fn assert_same_run(a: &Path, b: &Path, step: u64) {
+    for f in ["export/taesd/taef2_encoder.safetensors", "export/taesd/taef2_decoder.safetensors"] {
+        assert!(tensors(&a.join(f)) == tensors(&b.join(f)), "{f} differs between {} and {}", a.display(), b.display());
+    }
+    let ck = format!("checkpoints/step-{step:08}/recipe");
+    for f in ["encoder", "decoder", "ema_encoder", "ema_decoder", "disc", "optim_encoder", "optim_decoder", "optim_disc"] {
+        let f = format!("{ck}/{f}.safetensors");
+        assert!(tensors(&a.join(&f)) == tensors(&b.join(&f)), "{f} differs");
+    }
+    let ta: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join(format!("checkpoints/step-{step:08}/trainer.json"))).unwrap()).unwrap();
+    let tb: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join(format!("checkpoints/step-{step:08}/trainer.json"))).unwrap()).unwrap();
+    assert_eq!(ta["data_position"], tb["data_position"]);
+    assert_eq!(ta["images_seen"], tb["images_seen"]);
+}
+
+#[test]
+fn resumed_and_interrupted_runs_end_with_the_same_weights_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = ["--set", "data.eval_fraction=0", "--set", "data.preview_images=0"];
+    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+
+    // A: 4 steps straight.
+    train(&with(small_run(&a, 4, 2), &quiet), true);
+
+    // B: 2 steps, then --resume (from the saved config) for 2 more.
+    train(&with(small_run(&b, 2, 2), &quiet), true);
+    assert!(b.join("export/taesd/taef2_decoder.safetensors").is_file());
+    // Starting over a run folder is refused; so is resuming with other settings.
+    let e = stderr(&train(&with(small_run(&b, 4, 2), &quiet), false));
+    assert!(e.contains("already has a checkpoint at step 2") && e.contains("--resume"), "{e}");
+    let e = stderr(&run("train", &["--resume", "--run-dir", s(&b), "--steps", "4", "--set", "recipe.lr=1e-2", "--quiet"], false));
+    assert!(e.contains("recipe.lr") && e.contains("0.0003 -> 0.01"), "{e}");
+    let r = run("train", &["--resume", "--run-dir", s(&b), "--steps", "4", "--quiet"], true);
+    assert!(stdout(&r).contains("finished: step 4"), "{}", stdout(&r));
+    assert_same_run(&a, &b, 4);
+    let steps: Vec<u64> = json_lines(&b.join("metrics.jsonl"), "train").iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4], "one metrics line per step across the two sessions");
+
+    // C: interrupted by SIGINT part-way (the handler checkpoints and exits), then resumed.
+    let args = with(small_run(&c, 4, 2), &quiet);
+    let child = Command::new(bin("train")).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let metrics = c.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while !(metrics.is_file() && !json_lines(&metrics, "train").is_empty()) {
+        assert!(t0.elapsed().as_secs() < 300, "no training step after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(130), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("interrupted at step") && text.contains("--resume"), "{text}");
+    let ck: Vec<String> = std::fs::read_dir(c.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(ck.len(), 1, "{ck:?}");
+    let k: u64 = ck[0].trim_start_matches("step-").parse().unwrap();
+    assert!((1..4).contains(&k), "interrupted at step {k}");
+    assert!(!c.join("export").exists(), "an interrupted run does not export");
+    run("train", &["--resume", "--run-dir", s(&c), "--quiet"], true);
+    assert_same_run(&a, &c, 4);
+}
+
+#[test]
+fn a_sweep_runs_each_entry_in_its_own_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        "[base]\nrun.steps = 2\ndata.eval_fraction = 0\ndata.preview_images = 0\n\n[[runs]]\nname = \"lr-low\"\nrecipe.lr = 1e-4\n\n[[runs]]\nname = \"dec-only\"\nrecipe.train_encoder = false\nrecipe.lr = 5e-4\n",
+    )
+    .unwrap();
+    let root = dir.path().join("runs");
+    // The steps come from the sweep's [base] (a --steps flag would override it).
+    let out = train(&with(base_run(&root), &["--sweep", s(&sweep), "--batch-size", "2"]), true);
+    let text = stdout(&out);
+    assert!(text.contains("sweep summary") && text.contains("lr-low") && text.contains("dec-only"), "{text}");
+    let lo = std::fs::read_to_string(root.join("lr-low/config.toml")).unwrap();
+    let dec = std::fs::read_to_string(root.join("dec-only/config.toml")).unwrap();
+    assert!(lo.contains("lr = 0.0001") && lo.contains("train_encoder = true"), "{lo}");
+    assert!(dec.contains("lr = 0.0005") && dec.contains("train_encoder = false"), "{dec}");
+    for r in ["lr-low", "dec-only"] {
+        assert!(root.join(r).join("checkpoints/step-00000002/trainer.json").is_file(), "{r}");
+        assert!(root.join(r).join("export/taesd/taef2_decoder.safetensors").is_file(), "{r}");
+    }
+    // The decoder-only run trains no encoder and exports none (it has none to start from).
+    assert!(!root.join("dec-only/export/taesd/taef2_encoder.safetensors").exists());
+    let l = json_lines(&root.join("dec-only/metrics.jsonl"), "train");
+    assert!(l[0]["losses"].get("encoder").is_none(), "{}", l[0]);
+}
+
+#[test]
+fn encode_decode_convert_and_eval_commands_with_the_released_taef2() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = reference_taef2();
+    let images = pool_subset(3);
+
+    // encode: both formats, 64 x 64 squares.
+    let lat = dir.path().join("latents");
+    let o = run(
+        "train",
+        &["encode", "--model", s(&model), "--images", s(images.path()), "--out", s(&lat), "--format", "both", "--size", "64", "--device", "cpu"],
+        true,
+    );
+    assert!(stdout(&o).contains("encoded 3 images"), "{}", stdout(&o));
+    let mut st: Vec<PathBuf> = std::fs::read_dir(&lat).unwrap().map(|e| e.unwrap().path()).collect();
+    st.sort();
+    assert_eq!(st.len(), 6);
+    let first = st.iter().find(|p| p.extension().unwrap() == "safetensors").unwrap().clone();
+    let t = tensors(&first);
+    assert_eq!(t["latent"].1, vec![32, 8, 8]);
+
+    // decode the .safetensors files: close to the input squares.
+    let only_st = dir.path().join("st");
+    std::fs::create_dir(&only_st).unwrap();
+    for p in st.iter().filter(|p| p.extension().unwrap() == "safetensors") {
+        std::fs::copy(p, only_st.join(p.file_name().unwrap())).unwrap();
+    }
+    let png = dir.path().join("png");
+    run("train", &["decode", "--model", s(&model), "--latents", s(&only_st), "--out", s(&png), "--device", "cpu"], true);
+    let stem = first.file_stem().unwrap().to_str().unwrap().to_string();
+    let decoded = image::open(png.join(format!("{stem}.png"))).unwrap().into_rgb8();
+    assert_eq!(decoded.dimensions(), (64, 64));
+    let src = std::fs::read_dir(images.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_stem().unwrap() == stem.as_str()).unwrap();
+    let src = image::open(&src).unwrap().into_rgb8();
+    let (w, h) = src.dimensions();
+    let sq = image::imageops::resize(&src, 64 * w / w.min(h), 64 * h / w.min(h), image::imageops::FilterType::CatmullRom);
+    let sq = image::imageops::crop_imm(&sq, (sq.width() - 64) / 2, (sq.height() - 64) / 2, 64, 64).to_image();
+    let p = psnr(&decoded, &sq);
+    assert!(p > 17.0, "released taef2 round trip at 64 px: {p:.2} dB");
+    // A single .npy file, and a shard folder (teacher latents).
+    let npy = st.iter().find(|p| p.extension().unwrap() == "npy").unwrap();
+    let png2 = dir.path().join("png2");
+    run("train", &["decode", "--model", s(&model), "--latents", s(npy), "--out", s(&png2), "--device", "cpu"], true);
+    assert_eq!(png_size(&png2.join(format!("{}.png", npy.file_stem().unwrap().to_str().unwrap()))), (64, 64));
+    let png3 = dir.path().join("png3");
+    run("train", &["decode", "--model", s(&model), "--latents", s(shards()), "--out", s(&png3), "--limit", "3", "--device", "cpu"], true);
+    assert_eq!(std::fs::read_dir(&png3).unwrap().count(), 3);
+
+    // convert: .pth -> taesd safetensors -> comfyui -> taesd: the same tensors.
+    let t0 = dir.path().join("t0");
+    run("train", &["convert", "--model", s(&model), "--layout", "taesd", "--out", s(&t0)], true);
+    let comfy = dir.path().join("taef2_comfy.safetensors");
+    run("train", &["convert", "--model", s(&t0), "--layout", "comfyui", "--out", s(&comfy)], true);
+    assert!(tensors(&comfy).keys().all(|k| k.starts_with("taesd_encoder.") || k.starts_with("taesd_decoder.")));
+    let t1 = dir.path().join("t1");
+    run("train", &["convert", "--model", s(&comfy), "--layout", "taesd", "--out", s(&t1)], true);
+    for f in ["taef2_encoder.safetensors", "taef2_decoder.safetensors"] {
+        let (x, y) = (tensors(&t0.join(f)), tensors(&t1.join(f)));
+        assert!(!x.is_empty() && x == y, "{f} changed in the round trip");
+    }
+    let e = stderr(&run("train", &["convert", "--model", s(&model), "--layout", "diffusers", "--out", s(&dir.path().join("d"))], false));
+    assert!(e.contains("diffusers") && e.contains("taef2"), "{e}");
+
+    // eval on all rows, with a reference decoder (the same weights: same numbers).
+    let j = dir.path().join("eval.json");
+    let o = run(
+        "train",
+        &["eval", "--model", s(&t1), "--reference", s(&model), "--shards", s(shards()), "--split", "all", "--max-images", "6", "--device", "cpu", "--json", s(&j)],
+        true,
+    );
+    assert!(stdout(&o).contains("reference"), "{}", stdout(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    assert_eq!(rep["images"], 6);
+    let (ours, refd) = (&rep["models"]["ours"], &rep["models"]["reference"]);
+    let psnr_ours = ours["psnr"].as_f64().unwrap();
+    assert!(psnr_ours > 20.0, "released taef2 decoding its teacher's latents: {psnr_ours:.2} dB");
+    assert!((psnr_ours - refd["psnr"].as_f64().unwrap()).abs() < 1e-6);
+    assert!(ours["ssim"].as_f64().unwrap() > 0.5 && ours["sharpness"].as_f64().unwrap() > 0.3, "{ours}");
+    assert!(ours["encoder_mae"].as_f64().unwrap() < 0.05, "our taef2 encoder vs the ONNX teacher: {ours}");
+    assert!(refd["encoder_mae"].is_null(), "a decoder-only reference has no encoder metrics: {refd}");
+}
+
+#[test]
+fn clear_errors_for_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path().join("r");
+    let e = stderr(&train(&with(small_run(&r, 1, 1), &["--set", "data.bach_size=2"]), false));
+    assert!(e.contains("bach_size"), "{e}");
+    // small_run(..) with one flag's value replaced (clap refuses a flag given twice).
+    let replaced = |flag: &str, value: &str| -> Vec<String> {
+        let mut v = small_run(&r, 1, 1);
+        let i = v.iter().position(|a| a == flag).unwrap();
+        v[i + 1] = value.into();
+        v
+    };
+    let e = stderr(&train(&replaced("--crop", "36"), false));
+    assert!(e.contains("crop 36") && e.contains("multiple"), "{e}");
+    let e = stderr(&train(&with(small_run(&r, 1, 1), &["--set", "model.variant=taesdxl"]), false));
+    assert!(e.contains("4 latent channels") && e.contains("32-channel"), "{e}");
+    let e = stderr(&train(&replaced("--device", "cuda:0"), false));
+    assert!(e.contains("without CUDA support") || e.contains("cannot open the GPU"), "{e}");
+    let e = stderr(&run("train", &["--steps", "1", "--run-dir", s(&r), "--device", "cpu"], false));
+    assert!(e.contains("--shards"), "{e}");
+}
