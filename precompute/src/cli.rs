@@ -1,7 +1,8 @@
 //! Command-line interface of `precompute`.
 
 use crate::device::DeviceRequest;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use crate::teacher::ConvSearch;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -50,13 +51,13 @@ pub struct RunArgs {
     #[arg(long, required = true)]
     pub vae: Option<String>,
     /// The VAE encoder as an ONNX file (see tools/export_vae_onnx.py).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "decode_only")]
     pub onnx: Option<PathBuf>,
     /// Folder of images (recursive; jpg/jpeg/png/webp and webdataset .tar shards), or one file.
     #[arg(long, required = true)]
     pub images: Option<PathBuf>,
     /// Output folder for the shards, manifest.json and errors.jsonl.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "decode_only")]
     pub out: Option<PathBuf>,
     /// Side of the square crops the teacher sees.
     #[arg(long, default_value_t = 512)]
@@ -71,6 +72,40 @@ pub struct RunArgs {
     /// relative). Off by default.
     #[arg(long)]
     pub tf32: bool,
+    /// CUDA: cuDNN convolution algorithm search. `exhaustive` times every algorithm once per
+    /// input shape, during the warm-up (--warmup), before anything is timed.
+    #[arg(long, value_enum, default_value_t = ConvSearch::Exhaustive)]
+    pub conv_search: ConvSearch,
+    /// CUDA: run convolutions channels-last (ONNX Runtime's `prefer_nhwc`).
+    #[arg(long, default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
+    pub nhwc: bool,
+    /// CUDA: device-resident input/output buffers bound to the session once (IO binding), filled
+    /// from/read into pinned host buffers. `false`: plain `Session::run` with host tensors.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    pub io_binding: bool,
+    /// CUDA: fix the model's symbolic batch/height/width to --batch-size/--resolution (ONNX
+    /// Runtime free-dimension overrides); the last batch of each shard is padded with grey.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
+    pub static_shapes: bool,
+    /// CUDA: capture the encoder as a CUDA graph and replay it (implies --static-shapes; needs
+    /// --io-binding true).
+    #[arg(long, default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
+    pub cuda_graph: bool,
+    /// CUDA: another CUDA execution provider option, KEY=VALUE as ONNX Runtime names it
+    /// (e.g. `cudnn_conv_use_max_workspace=1`, `use_ep_level_unified_stream=1`). Repeatable.
+    #[arg(long = "cuda-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub cuda_options: Vec<(String, String)>,
+    /// CUDA: grey batches run at the working shape before the timed run starts (cuDNN algorithm
+    /// search, CUDA graph capture; at least 3 with --cuda-graph).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Measure the CPU side alone: read, hash, decode, crop, encode the stored image and convert
+    /// to the encoder's input (f16 with --decode-dtype f16), then discard. No ONNX, no output.
+    #[arg(long)]
+    pub decode_only: bool,
+    /// With --decode-only: the encoder input type to convert to (an fp16 export takes f16).
+    #[arg(long, value_enum, default_value_t = LatentDtypeArg::F16)]
+    pub decode_dtype: LatentDtypeArg,
     /// Decode/resize threads (default: all cores).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -128,4 +163,40 @@ pub struct RunArgs {
     /// custom: spatial downscale factor.
     #[arg(long, default_value_t = 8)]
     pub downscale: usize,
+}
+
+/// `KEY=VALUE`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_flags_parse_with_safe_defaults() {
+        let c = Cli::try_parse_from(["precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o"]).unwrap();
+        assert_eq!(c.run.conv_search, ConvSearch::Exhaustive);
+        assert!(c.run.io_binding && !c.run.nhwc && !c.run.static_shapes && !c.run.cuda_graph);
+        assert!(c.run.cuda_options.is_empty() && !c.run.decode_only);
+        let c = Cli::try_parse_from([
+            "precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o", "--conv-search", "heuristic",
+            "--nhwc", "true", "--io-binding", "false", "--cuda-graph", "true", "--cuda-option", "a=1", "--cuda-option",
+            "b = x", "--warmup", "5",
+        ])
+        .unwrap();
+        assert_eq!(c.run.conv_search, ConvSearch::Heuristic);
+        assert!(c.run.nhwc && !c.run.io_binding && c.run.cuda_graph);
+        assert_eq!(c.run.cuda_options, vec![("a".into(), "1".into()), ("b".into(), "x".into())]);
+        assert_eq!(c.run.warmup, 5);
+        assert!(Cli::try_parse_from(["precompute", "--vae", "sd", "--onnx", "a", "--images", "i", "--out", "o", "--cuda-option", "x"]).is_err());
+        // --decode-only needs neither --onnx nor --out.
+        let c = Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i", "--decode-only"]).unwrap();
+        assert!(c.run.decode_only && c.run.onnx.is_none());
+        assert!(Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i"]).is_err());
+    }
 }

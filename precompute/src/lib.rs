@@ -99,9 +99,103 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Decode/resize threads: --workers, else every core.
+fn workers(args: &RunArgs) -> usize {
+    args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// The teacher's settings from the flags.
+pub fn teacher_options(args: &RunArgs) -> teacher::TeacherOptions {
+    teacher::TeacherOptions {
+        device: args.device,
+        intra_threads: args.ort_threads,
+        tf32: args.tf32,
+        cuda: teacher::CudaTuning {
+            conv_search: args.conv_search,
+            prefer_nhwc: args.nhwc,
+            io_binding: args.io_binding,
+            static_shapes: args.static_shapes || args.cuda_graph,
+            cuda_graph: args.cuda_graph,
+            extra: args.cuda_options.clone(),
+        },
+        batch: args.batch_size.max(1),
+        warmup: args.warmup,
+    }
+}
+
+/// What `--decode-only` measured.
+#[derive(Debug, Clone)]
+pub struct DecodeSummary {
+    pub workers: usize,
+    pub stats: pipeline::DecodeStats,
+}
+
+impl DecodeSummary {
+    pub fn print(&self) {
+        let s = &self.stats;
+        let secs = s.elapsed.as_secs_f64().max(1e-9);
+        println!("precompute --decode-only: {} workers", self.workers);
+        println!("  inputs           {} ({} failed)", s.inputs, s.failed);
+        println!("  samples          {}", s.samples);
+        println!(
+            "  decode rate      {:.1} images/s, {:.1} samples/s over {:.2} s (read + sha256 + decode + crop + stored-image encode + input conversion)",
+            s.inputs as f64 / secs,
+            s.samples as f64 / secs,
+            secs
+        );
+    }
+}
+
+/// `--decode-only`: the CPU side of the pipeline alone, no teacher, no output.
+pub fn decode_only(args: &RunArgs) -> Result<DecodeSummary> {
+    let spec = vae_spec(args)?;
+    let images = args.images.as_deref().context("--images is required")?;
+    if args.resolution == 0 || args.resolution % spec.downscale as u32 != 0 {
+        bail!("--resolution {} must be a positive multiple of {}", args.resolution, spec.downscale);
+    }
+    let mut items = list_inputs(images).with_context(|| format!("cannot read --images {}", images.display()))?.items;
+    if let Some(n) = args.limit {
+        items.truncate(n);
+    }
+    let cfg = pipeline_config(args, &spec, teacher::InputFormat { half: args.decode_dtype == LatentDtypeArg::F16, range: spec.input_range }, String::new());
+    let stats = pipeline::decode_only(&items, &cfg)?;
+    Ok(DecodeSummary { workers: cfg.workers, stats })
+}
+
+fn pipeline_config(args: &RunArgs, spec: &VaeSpec, input_format: teacher::InputFormat, onnx_sha256: String) -> pipeline::PipelineConfig {
+    pipeline::PipelineConfig {
+        input_format,
+        batch_size: args.batch_size.max(1),
+        workers: workers(args),
+        augment: AugmentConfig {
+            resolution: args.resolution,
+            variants: args.variants,
+            hflip: args.hflip,
+            color_augment: args.color_augment,
+            seed: args.seed,
+        },
+        image_format: match args.image_format {
+            ImageFormatArg::Png => ImageFormat::Png,
+            ImageFormatArg::Jpeg => ImageFormat::Jpeg,
+        },
+        jpeg_quality: args.quality,
+        limits: DecodeLimits { max_pixels: args.max_pixels, ..DecodeLimits::default() },
+        latent_dtype: match args.latent_dtype {
+            LatentDtypeArg::F16 => LatentDtype::Float16,
+            LatentDtypeArg::F32 => LatentDtype::Float32,
+        },
+        vae: spec.clone(),
+        onnx_sha256,
+        progress: !args.quiet,
+    }
+}
+
 /// Run precompute end to end.
 pub fn run(args: &RunArgs) -> Result<Summary> {
     let spec = vae_spec(args)?;
+    if args.cuda_graph && !args.io_binding {
+        bail!("--cuda-graph needs --io-binding true (the graph replays fixed device buffers)");
+    }
     let images = args.images.as_deref().context("--images is required")?;
     let out_dir = args.out.as_deref().context("--out is required")?;
     let onnx = args.onnx.as_deref().context("--onnx is required")?;
@@ -168,30 +262,21 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     } else {
         let lib = ortlib::find(args.ort_lib.as_deref())?;
         let env = ortlib::init(&lib)?;
-        let opts = teacher::TeacherOptions { device: args.device, intra_threads: args.ort_threads, tf32: args.tf32 };
+        let opts = teacher_options(args);
         let teacher = teacher::Teacher::new(&env, onnx, &spec, args.resolution, opts)?;
         device = teacher.device.clone();
         tracing::info!("teacher {} on {} (ONNX Runtime from {}, found by {})", onnx.display(), device, lib.path.display(), lib.found_by);
+        if teacher.device != "cpu" {
+            eprintln!(
+                "teacher on {}: {}; warm-up {:.1} s (not timed)",
+                teacher.device,
+                teacher.setup,
+                teacher.warmup_time.as_secs_f64()
+            );
+        }
         out.manifest.extra.insert("device".into(), device.clone().into());
-        let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        let cfg = pipeline::PipelineConfig {
-            batch_size: args.batch_size.max(1),
-            workers,
-            augment: AugmentConfig {
-                resolution: args.resolution,
-                variants: args.variants,
-                hflip: args.hflip,
-                color_augment: args.color_augment,
-                seed: args.seed,
-            },
-            image_format: config.image_format,
-            jpeg_quality: config.jpeg_quality,
-            limits: DecodeLimits { max_pixels: args.max_pixels, ..DecodeLimits::default() },
-            latent_dtype: config.latent_dtype,
-            vae: spec.clone(),
-            onnx_sha256,
-            progress: !args.quiet,
-        };
+        out.manifest.extra.insert("teacher_setup".into(), teacher.setup.clone().into());
+        let cfg = pipeline_config(args, &spec, teacher.input_format(), onnx_sha256);
         pipeline::run(pending, teacher, &mut out, &cfg)?
     };
     out.finish(&listing_errors)?;

@@ -9,6 +9,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Some(Command::Inspect { dir, max_rows }) => precompute::inspect::inspect(dir, *max_rows).map(|r| r.print()),
+        None if cli.run.decode_only => precompute::decode_only(&cli.run).map(|s| s.print()),
         None => precompute::run(&cli.run).map(|s| s.print()),
     };
     if let Err(e) = result {

@@ -10,7 +10,7 @@
 //! Batches never straddle a shard, so a shard's content does not depend on which shards were
 //! already done: a resumed run writes the same rows as an uninterrupted one.
 
-use crate::teacher::Teacher;
+use crate::teacher::{HostAllocator, HostBatch, InputFormat, SamplePixels, Teacher};
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,7 +21,6 @@ use taesd_data::{
     decode_rgb8, decode_stored_image, encode_image, make_samples, read_bytes, write_shard, AugmentConfig, CropRect,
     DecodeLimits, InputItem, ShardFileMeta, ShardRow,
 };
-use taesd_schemas::conventions::u8_to_unit;
 use taesd_schemas::shard::shard_file_name;
 use taesd_schemas::{ErrorRecord, ImageFormat, LatentDtype, ShardEntry, VaeSpec};
 
@@ -30,6 +29,8 @@ use crate::output::OutputDir;
 /// Settings of one pipeline run.
 #[derive(Clone)]
 pub struct PipelineConfig {
+    /// The encoder's input type and range: workers convert each crop to it.
+    pub input_format: InputFormat,
     pub batch_size: usize,
     pub workers: usize,
     pub augment: AugmentConfig,
@@ -50,8 +51,9 @@ struct PreparedSample {
     color_aug: bool,
     /// The stored encoding of the image.
     image: Vec<u8>,
-    /// `3 x N x N` in [0, 1]: exactly the pixels `image` decodes to.
-    pixels: Vec<f32>,
+    /// `3 x N x N` encoder input (type and range of [`PipelineConfig::input_format`]): exactly the
+    /// pixels `image` decodes to.
+    pixels: SamplePixels,
 }
 
 struct PreparedInput {
@@ -108,23 +110,11 @@ fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, Erro
                 ImageFormat::Png => s.rgb,
                 ImageFormat::Jpeg => decode_stored_image(&image).map_err(|e| err(&item.source, "encode", format!("{e:#}")))?,
             };
-            Ok(PreparedSample { variant: s.variant, crop: s.crop, flip: s.flip, color_aug: s.color_aug, image, pixels: to_chw_unit(&seen) })
+            let pixels = cfg.input_format.convert(&seen);
+            Ok(PreparedSample { variant: s.variant, crop: s.crop, flip: s.flip, color_aug: s.color_aug, image, pixels })
         })
         .collect::<Result<Vec<_>, ErrorRecord>>()?;
     Ok(PreparedInput { source: item.source.clone(), key: item.key.clone(), sha256, width, height, samples })
-}
-
-/// HWC u8 -> CHW f32 in [0, 1].
-fn to_chw_unit(img: &image::RgbImage) -> Vec<f32> {
-    let (w, h) = img.dimensions();
-    let plane = (w * h) as usize;
-    let mut out = vec![0f32; 3 * plane];
-    for (i, px) in img.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = u8_to_unit(px[c]);
-        }
-    }
-    out
 }
 
 /// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`.
@@ -203,6 +193,12 @@ type SampleOut = Result<(Vec<f32>, Option<Vec<f32>>, [usize; 3]), ErrorRecord>;
 /// Orders samples into teacher batches and hands finished inputs on, in input order.
 struct Batcher<'t> {
     teacher: &'t mut Teacher,
+    /// Host input buffers (pinned on CUDA), reused batch after batch.
+    host: HostAllocator,
+    buf: Option<HostBatch>,
+    /// Always run full batches (the last one of a shard padded with grey): on CUDA, so that the
+    /// shape never changes (a new shape means a new cuDNN algorithm search, or a static graph).
+    pad: bool,
     queue: VecDeque<InFlight>,
     /// Next sample to encode: (index into queue, sample index).
     cursor: (usize, usize),
@@ -227,14 +223,11 @@ impl Batcher<'_> {
     /// Encode the next `n` samples (fewer at the end of the queue).
     fn run_batch(&mut self, n: usize) -> Result<()> {
         let mut slots = Vec::with_capacity(n);
-        let mut pixels: Vec<f32> = Vec::new();
         let mut side = 0usize;
         while slots.len() < n {
             match self.queue.get(self.cursor.0) {
                 Some(InFlight::Input { input, .. }) if self.cursor.1 < input.samples.len() => {
-                    let s = &input.samples[self.cursor.1];
-                    side = sample_side(s);
-                    pixels.extend_from_slice(&s.pixels);
+                    side = sample_side(&input.samples[self.cursor.1]);
                     slots.push(self.cursor);
                     self.cursor.1 += 1;
                 }
@@ -245,26 +238,38 @@ impl Batcher<'_> {
         if slots.is_empty() {
             return Ok(());
         }
+        let rows = if self.pad || self.teacher.fixed_batch().is_some() { self.batch.max(slots.len()) } else { slots.len() };
         let t0 = Instant::now();
-        let enc = self.teacher.encode(&pixels, slots.len(), side, side)?;
+        if self.buf.as_ref().is_none_or(|b| b.rows() != rows || b.shape() != (side, side)) {
+            self.buf = None; // free the old one first
+            self.buf = Some(self.host.batch(rows, side, side)?);
+        }
+        let buf = self.buf.as_mut().expect("allocated");
+        for (j, (qi, si)) in slots.iter().enumerate() {
+            if let InFlight::Input { input, .. } = &self.queue[*qi] {
+                buf.write(j, &input.samples[*si].pixels)?;
+            }
+        }
+        if rows > slots.len() {
+            buf.fill_from(slots.len(), self.teacher.input_format().grey())?;
+        }
+        let enc = self.teacher.run(buf, slots.len())?;
         self.busy += t0.elapsed();
         let per = enc.shape.iter().product::<usize>();
         for (j, (qi, si)) in slots.into_iter().enumerate() {
             if let InFlight::Input { input, out } = &mut self.queue[qi] {
                 let mean = enc.mean[j * per..(j + 1) * per].to_vec();
                 let std = enc.std.as_ref().map(|s| s[j * per..(j + 1) * per].to_vec());
-                let finite = mean.iter().all(|x| x.is_finite()) && std.as_ref().is_none_or(|s| s.iter().all(|x| x.is_finite()));
-                out[si] = Some(if finite {
-                    Ok((mean, std, enc.shape))
-                } else {
-                    Err(err(
+                out[si] = Some(match nonfinite(&mean, std.as_deref()) {
+                    None => Ok((mean, std, enc.shape)),
+                    Some(what) => Err(err(
                         &input.source,
                         "latent",
                         format!(
-                            "teacher produced NaN/inf latents for variant {} (an fp16 VAE that overflows? use sdxl-fp16-fix or an fp32 export)",
+                            "teacher produced {what} in the latent of variant {} (an fp16 VAE that overflows? use sdxl-fp16-fix or an fp32 export)",
                             input.samples[si].variant
                         ),
-                    ))
+                    )),
                 });
             }
         }
@@ -296,6 +301,18 @@ impl Batcher<'_> {
     }
 }
 
+/// `None` when every value of a sample's latent mean (and std) is finite; else what was found,
+/// e.g. `12 NaN and 3 inf values (of 16384)`.
+pub fn nonfinite(mean: &[f32], std: Option<&[f32]>) -> Option<String> {
+    let all = || mean.iter().chain(std.unwrap_or(&[]));
+    if all().all(|x| x.is_finite()) {
+        return None;
+    }
+    let nan = all().filter(|x| x.is_nan()).count();
+    let inf = all().filter(|x| x.is_infinite()).count();
+    Some(format!("{nan} NaN and {inf} inf values (of {})", mean.len() + std.map_or(0, |s| s.len())))
+}
+
 fn sample_side(s: &PreparedSample) -> usize {
     ((s.pixels.len() / 3) as f64).sqrt().round() as usize
 }
@@ -304,7 +321,9 @@ fn sample_side(s: &PreparedSample) -> usize {
 /// in the teacher.
 fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<Duration> {
     let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
-    let mut b = Batcher { teacher, queue: VecDeque::new(), cursor: (0, 0), batch, busy: Duration::ZERO };
+    let host = teacher.host_allocator()?;
+    let pad = teacher.device != "cpu";
+    let mut b = Batcher { teacher, host, buf: None, pad, queue: VecDeque::new(), cursor: (0, 0), batch, busy: Duration::ZERO };
     for work in rx {
         match work {
             Work::Input(input) => {
@@ -411,4 +430,57 @@ fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, b
         }
     }
     Ok(stats)
+}
+
+/// What `--decode-only` did.
+#[derive(Debug, Default, Clone)]
+pub struct DecodeStats {
+    pub inputs: u64,
+    pub samples: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+}
+
+/// The CPU side alone: `prepare` every input on `cfg.workers` threads (the same chunking as
+/// [`run`]) and drop the result. Measures the rate the teacher could at most be fed at.
+pub fn decode_only(items: &[InputItem], cfg: &PipelineConfig) -> Result<DecodeStats> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.workers.max(1))
+        .thread_name(|i| format!("decode-{i}"))
+        .build()?;
+    let chunk = (cfg.batch_size * 2).max(cfg.workers * 2).max(16);
+    let bar = progress_bar(items.len() as u64, cfg.progress);
+    let start = Instant::now();
+    let mut stats = DecodeStats::default();
+    for part in items.chunks(chunk) {
+        let done: Vec<Option<usize>> = pool.install(|| {
+            use rayon::prelude::*;
+            part.par_iter().map(|it| prepare(it, cfg).ok().map(|p| p.samples.len())).collect()
+        });
+        for d in done {
+            stats.inputs += 1;
+            match d {
+                Some(n) => stats.samples += n as u64,
+                None => stats.failed += 1,
+            }
+        }
+        bar.inc(part.len() as u64);
+    }
+    bar.finish_and_clear();
+    stats.elapsed = start.elapsed();
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonfinite_latents_are_found_and_counted() {
+        assert_eq!(nonfinite(&[0.0, -3.5, 1e30], None), None);
+        assert_eq!(nonfinite(&[0.0], Some(&[1.0, 2.0])), None);
+        assert_eq!(nonfinite(&[f32::NAN, 1.0, f32::INFINITY], None).unwrap(), "1 NaN and 1 inf values (of 3)");
+        // A finite mean with a non-finite std is still refused.
+        assert_eq!(nonfinite(&[1.0, 2.0], Some(&[f32::NEG_INFINITY, 0.0])).unwrap(), "0 NaN and 1 inf values (of 4)");
+    }
 }
