@@ -276,3 +276,57 @@ fn augmented_jpeg_shards_are_deterministic_and_match_the_teacher() {
     assert!(worst < 2e-3, "{worst}");
     verify_with_python(a.path());
 }
+
+/// An fp16 teacher that gives NaN latents for dark images (tests/py/make_nan_onnx.py): those rows
+/// are skipped and reported in errors.jsonl with the file and the reason; the others are written.
+#[test]
+fn nan_latents_are_skipped_and_reported_with_the_file_and_reason() {
+    let images = tempfile::tempdir().unwrap();
+    for (name, v) in [("black.png", 0u8), ("white.png", 255), ("grey.png", 200), ("dark.png", 30)] {
+        image::RgbImage::from_pixel(80, 64, image::Rgb([v, v, v])).save(images.path().join(name)).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let onnx = repo().join("tests/data/nan_encoder_f16.onnx");
+    let (i, o) = (images.path().to_str().unwrap(), out.path().to_str().unwrap());
+    let args = [
+        "--vae", "custom", "--channels", "3", "--scale", "1", "--input-range", "0,1", "--onnx", onnx.to_str().unwrap(),
+        "--images", i, "--out", o, "--device", "cpu", "--resolution", "64", "--batch-size", "3", "--quiet",
+    ];
+    let summary = stdout(&run("precompute", &args, true));
+    let rows = read_rows(out.path());
+    let mut ok: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
+    ok.sort();
+    assert_eq!(ok, ["grey.png", "white.png"], "{summary}");
+    for r in &rows {
+        assert!(r.latent.iter().all(|x| x.is_finite()) && r.latent_shape == [3, 8, 8]);
+    }
+    let errors: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("errors.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut bad: Vec<&str> = errors.iter().map(|e| e["source"].as_str().unwrap()).collect();
+    bad.sort();
+    assert_eq!(bad, ["black.png", "dark.png"], "{summary}");
+    for e in &errors {
+        assert_eq!(e["stage"], "latent");
+        let reason = e["reason"].as_str().unwrap();
+        assert!(reason.contains("192 NaN and 0 inf values (of 192)") && reason.contains("fp16-fix"), "{reason}");
+    }
+    assert!(summary.contains("skipped          2") && summary.contains("black.png"), "{summary}");
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "complete");
+}
+
+/// `--decode-only` runs the CPU side alone: no ONNX, no output folder, a rate.
+#[test]
+fn decode_only_measures_the_cpu_side_without_a_teacher() {
+    let images = pool_subset(6);
+    let o = run(
+        "precompute",
+        &["--vae", "sdxl", "--images", images.path().to_str().unwrap(), "--resolution", "64", "--decode-only", "--quiet", "--workers", "2"],
+        true,
+    );
+    let text = stdout(&o);
+    assert!(text.contains("inputs           6 (0 failed)") && text.contains("images/s"), "{text}");
+}
