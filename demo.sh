@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The whole pipeline, end to end, on real images that are here (../shared):
+#   1. precompute: pool images -> Parquet shards of image/latent pairs, the released TAEF2 encoder
+#      (ONNX) as the teacher;
+#   2. train: a short run that fine-tunes the released taef2 encoder and decoder on those shards
+#      (the full recipe: encoder MSE, decoder GAN + low-res MSE), with previews, metrics, export;
+#   3. train eval: our model vs the released decoder on the held-out split; decode a few latents.
+#
+#   ./demo.sh [OUT]        (default OUT=demo-out; remove it to start over, rerun to resume)
+#
+# Knobs (environment): DEMO_IMAGES (256), DEMO_RESOLUTION (128), DEMO_STEPS (24), DEMO_CROP (64),
+# DEMO_BATCH (4), DEMO_DEVICE (auto: CUDA when built with it and present, else CPU),
+# TAESD_SHARED (../shared). The defaults take ~10 minutes on 2 CPU cores (most of it the build).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SHARED=${TAESD_SHARED:-../shared}
+OUT=${1:-demo-out}
+IMAGES=${DEMO_IMAGES:-256}
+RES=${DEMO_RESOLUTION:-128}
+STEPS=${DEMO_STEPS:-24}
+CROP=${DEMO_CROP:-64}
+BATCH=${DEMO_BATCH:-4}
+DEVICE=${DEMO_DEVICE:-auto}
+REF=$SHARED/reference/taef2
+
+for f in "$SHARED/data/pool" "$REF/taef2_encoder.onnx" "$REF/taef2_encoder.pth" "$REF/taef2_decoder.pth"; do
+  [[ -e $f ]] || { echo "demo: $f is missing (set TAESD_SHARED to the shared folder)" >&2; exit 1; }
+done
+
+# ONNX Runtime: precompute loads the library at run time (ORT_DYLIB_PATH, --ort-lib, or a pip install).
+if [[ -z ${ORT_DYLIB_PATH:-} ]] && ! python3 -c 'import onnxruntime' 2>/dev/null; then
+  echo "== installing ONNX Runtime (pip, user site)"
+  python3 -m pip install --quiet --user --disable-pip-version-check onnxruntime==1.31.1
+fi
+
+echo "== building precompute and train"
+cargo build --quiet -p precompute -p train
+BIN=target/debug
+
+echo "== 1. precompute: $IMAGES pool images at ${RES}x${RES}, taef2 teacher -> $OUT/latents"
+"$BIN/precompute" --vae taef2 --onnx "$REF/taef2_encoder.onnx" --images "$SHARED/data/pool" \
+  --out "$OUT/latents" --resolution "$RES" --limit "$IMAGES" --shard-rows 128 --device "$DEVICE"
+"$BIN/precompute" inspect "$OUT/latents"
+
+echo "== 2. train: fine-tune the released taef2 for $STEPS steps (crop $CROP, batch $BATCH) -> $OUT/run"
+resume=()
+[[ -e $OUT/run/config.toml ]] && resume=(--resume)
+"$BIN/train" --shards "$OUT/latents" --run-dir "$OUT/run" --device "$DEVICE" \
+  --steps "$STEPS" --crop "$CROP" --batch-size "$BATCH" "${resume[@]}" \
+  --set model.init_encoder="\"$REF/taef2_encoder.pth\"" \
+  --set model.init_decoder="\"$REF/taef2_decoder.pth\"" \
+  --set model.reference_decoder="\"$REF/taef2_decoder.pth\"" \
+  --set recipe.lr=1e-4 --set run.preview_every=12 --set run.log_every=4 \
+  --set data.eval_fraction=0.05 --set data.eval_max_images=12
+
+echo "== 3. eval on the held-out split: ours (EMA export) vs the released taef2 decoder"
+"$BIN/train" eval --model "$OUT/run" --reference "$REF/taef2_decoder.pth" --device "$DEVICE" \
+  --json "$OUT/eval.json"
+"$BIN/train" decode --model "$OUT/run" --latents "$OUT/latents" --out "$OUT/decoded" --limit 4 --device "$DEVICE"
+
+echo
+echo "done: shards $OUT/latents, run $OUT/run (previews/, loss.png, metrics.jsonl, export/),"
+echo "      eval $OUT/eval.json, decoded PNGs $OUT/decoded"
