@@ -1,0 +1,279 @@
+//! `act(conv2d(x, w) + b)` as one candle custom op, with its backward.
+//!
+//! Forward, backward-data and backward-filter run through cuDNN on CUDA (cached descriptors,
+//! algorithm and workspace per shape; see [`crate::Settings`]), and through candle's own CPU
+//! convolutions on the CPU (the same ops candle's backprop uses: exact). The bias add and the
+//! ReLU are fused into the op: the graph keeps only `x`, `w`, `b` and the output (what PyTorch's
+//! autograd keeps for conv + ReLU), and the backward is one kernel for the ReLU mask and the
+//! bias gradient, then one cuDNN call each for the input and weight gradients (skipped for an
+//! input or weight that needs no gradient).
+
+use std::sync::Arc;
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
+
+use crate::cpu;
+
+/// The activation fused after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    /// `max(z, 0)`, NaN kept; the gradient passes where the output is > 0 (PyTorch's rule).
+    Relu,
+}
+
+/// Square stride and zero padding (dilation 1, one group: all that TAESD uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvParams {
+    pub fn new(stride: usize, padding: usize) -> Self {
+        Self { stride, padding }
+    }
+
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    pub(crate) fn out_hw(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        (
+            (h + 2 * self.padding - kh) / self.stride + 1,
+            (w + 2 * self.padding - kw) / self.stride + 1,
+        )
+    }
+}
+
+/// `conv2d(x, w) + b`: `x` `[N, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`, `b` `[C_out]`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_act(x, w, b, ConvParams::new(stride, padding), Act::None)
+}
+
+/// `act(conv2d(x, w) + b)`. `w` and `b` are cast to `x`'s dtype first (mixed precision: f32
+/// master weights, bf16/f16 activations; the cast's backward gives f32 gradients).
+pub fn conv2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: ConvParams,
+    act: Act,
+) -> Result<Tensor> {
+    let (_, c_in, h, wd) = x.dims4()?;
+    let (c_out, wc_in, kh, kw) = w.dims4()?;
+    if c_in != wc_in {
+        bail!("conv2d: input has {c_in} channels, the weight {wc_in}");
+    }
+    if h + 2 * p.padding < kh || wd + 2 * p.padding < kw || p.stride == 0 {
+        bail!("conv2d: input {h}x{wd} too small for a {kh}x{kw} kernel with padding {}", p.padding);
+    }
+    if let Some(b) = b {
+        if b.dims() != [c_out] {
+            bail!("conv2d: bias of shape {:?} for {c_out} output channels", b.dims());
+        }
+    }
+    let dt = x.dtype();
+    let cast = |t: &Tensor| -> Result<Tensor> {
+        if t.dtype() == dt {
+            t.contiguous()
+        } else {
+            t.to_dtype(dt)?.contiguous()
+        }
+    };
+    let x = x.contiguous()?;
+    let w = cast(w)?;
+    let b = b.map(cast).transpose()?;
+    if !fast_device(x.device()) {
+        return stock(&x, &w, b.as_ref(), p, act);
+    }
+    let op = ConvOp { p, act };
+    match b {
+        Some(b) => x.apply_op3_arc(&w, &b, Arc::new(Box::new(op))),
+        None => x.apply_op2_arc(&w, Arc::new(Box::new(op))),
+    }
+}
+
+/// candle's own ops, for devices without our path (CUDA without the `cudnn` feature, Metal).
+pub fn stock(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
+    let mut y = x.conv2d(w, p.padding, p.stride, 1, 1)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+    }
+    match act {
+        Act::None => Ok(y),
+        Act::Relu => y.relu(),
+    }
+}
+
+/// Whether conv2d runs our op on this device.
+pub fn fast_device(d: &Device) -> bool {
+    match d {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cudnn"),
+        _ => false,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ConvOp {
+    p: ConvParams,
+    act: Act,
+}
+
+impl ConvOp {
+    fn cpu(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(CpuStorage, Shape)> {
+        cpu::to_storage(&cpu::conv_fwd(x, w, b, self.p, self.act)?)
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let want_b = b.is_some_and(|b| b.track_op());
+        let (dz, db) = act_bias_bwd(&dy, y, self.act, want_b)?;
+        let dx = if x.track_op() {
+            Some(conv_bwd_data(&dz, w, x.dims(), self.p)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(conv_bwd_filter(x, &dz, w.dims(), self.p)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "taesd-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu(&cpu::to_tensor(s1, l1)?, &cpu::to_tensor(s2, l2)?, None)
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::conv::forward((s1, l1), (s2, l2), None, self.p, self.act)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, None, y, dy)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "taesd-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu(
+            &cpu::to_tensor(s1, l1)?,
+            &cpu::to_tensor(s2, l2)?,
+            Some(&cpu::to_tensor(s3, l3)?),
+        )
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::conv::forward((s1, l1), (s2, l2), Some((s3, l3)), self.p, self.act)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, Some(b), y, dy)
+    }
+}
+
+// Backward pieces, by device. They take and give contiguous tensors, outside the graph.
+
+/// Backward of `act(z + b)`: `(dz, db)`.
+pub fn act_bias_bwd(
+    dy: &Tensor,
+    y: &Tensor,
+    act: Act,
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if act == Act::None && !bias {
+        return Ok((dy.clone(), None));
+    }
+    match dy.device() {
+        Device::Cpu => cpu::act_bias_bwd(dy, y, act, bias),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::cuda::kernels::act_bias_bwd(dy, y, act, bias),
+        d => bail!("taesd-ops: no backward on {d:?}"),
+    }
+}
+
+/// The gradient of `conv2d(x, w)` with respect to `x` (of dims `x_dims`), given `dz`.
+pub fn conv_bwd_data(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
+    match dz.device() {
+        Device::Cpu => cpu::conv_bwd_data(dz, w, x_dims, p),
+        #[cfg(feature = "cudnn")]
+        Device::Cuda(_) => crate::cuda::conv::backward_data(dz, w, x_dims, p),
+        d => bail!("taesd-ops: no conv backward on {d:?}"),
+    }
+}
+
+/// The gradient of `conv2d(x, w)` with respect to `w` (of dims `w_dims`), given `dz`.
+pub fn conv_bwd_filter(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: ConvParams) -> Result<Tensor> {
+    match dz.device() {
+        Device::Cpu => cpu::conv_bwd_filter(x, dz, w_dims, p),
+        #[cfg(feature = "cudnn")]
+        Device::Cuda(_) => crate::cuda::conv::backward_filter(x, dz, w_dims, p),
+        d => bail!("taesd-ops: no conv backward on {d:?}"),
+    }
+}

@@ -1,0 +1,138 @@
+//! Fused elementwise ops with a backward that reads only their output: `relu(a + b)` (the
+//! TAESD block's residual) and nearest 2x upsampling.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
+
+use crate::cpu;
+
+/// `relu(a + b)` (same shapes), one kernel; the backward is one kernel too
+/// (`dy * (out > 0)`, given to both inputs).
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!("add_relu: shapes {:?} and {:?}", a.dims(), b.dims());
+    }
+    if a.dtype() != b.dtype() {
+        bail!("add_relu: dtypes {:?} and {:?}", a.dtype(), b.dtype());
+    }
+    if !kernels_on(a.device()) {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+/// Nearest-neighbour 2x upsampling of `[N, C, H, W]`. Its backward sums each 2x2 block (one
+/// kernel on CUDA; a reshape + sum on the CPU) instead of candle's grouped convolution.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if !kernels_on(x.device()) {
+        return x.upsample_nearest2d(2 * h, 2 * w);
+    }
+    x.contiguous()?.apply_op1(Upsample2x)
+}
+
+/// Whether our kernels exist for this device.
+pub fn kernels_on(d: &Device) -> bool {
+    match d {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        _ => false,
+    }
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "taesd-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::to_storage(&cpu::add_relu(
+            &cpu::to_tensor(s1, l1)?,
+            &cpu::to_tensor(s2, l2)?,
+        )?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::kernels::add_relu((s1, l1), (s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !b.track_op() {
+            return Ok((None, None));
+        }
+        let d = relu_bwd(&dy.contiguous()?, y)?;
+        Ok((a.track_op().then(|| d.clone()), b.track_op().then_some(d)))
+    }
+}
+
+/// `dy * (y > 0)`, outside the graph.
+pub fn relu_bwd(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    match dy.device() {
+        Device::Cpu => cpu::relu_bwd(dy, y),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::cuda::kernels::relu_bwd(dy, y),
+        d => bail!("taesd-ops: no relu backward on {d:?}"),
+    }
+}
+
+/// The sum of each 2x2 block of `[N, C, 2H, 2W]` (the upsample's backward), outside the graph.
+pub fn downsum2x(dy: &Tensor) -> Result<Tensor> {
+    let (_, _, h2, w2) = dy.dims4()?;
+    if h2 % 2 != 0 || w2 % 2 != 0 {
+        bail!("downsum2x: odd size {h2}x{w2}");
+    }
+    match dy.device() {
+        Device::Cpu => cpu::downsum2x(dy),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::cuda::kernels::downsum2x(&dy.contiguous()?),
+        d => bail!("taesd-ops: no downsum on {d:?}"),
+    }
+}
+
+struct Upsample2x;
+
+impl CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "taesd-upsample-nearest2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu::to_storage(&cpu::upsample2x(&cpu::to_tensor(s, l)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::kernels::upsample2x((s, l))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(downsum2x(dy)?))
+    }
+}

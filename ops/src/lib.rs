@@ -1,0 +1,34 @@
+//! Training ops for TAESD in candle, fast on CUDA and exact on the CPU.
+//!
+//! - [`conv2d_act`]: `act(conv2d(x, w) + b)` as one custom op with its backward; on CUDA (feature
+//!   `cudnn`) forward, backward-data and backward-filter call cuDNN with cached descriptors,
+//!   algorithm and workspace per shape; on the CPU candle's own convolution forward and a
+//!   conv2d-based backward (see [`cpu`](crate::conv_bwd_data)).
+//! - [`upsample_nearest2x`]: nearest 2x upsampling whose backward sums 2x2 blocks.
+//! - [`add_relu`]: `relu(a + b)`, the TAESD block's residual, backward from the output.
+//! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
+//!
+//! Features: `cuda` (our PTX kernels: bias/ReLU, upsample, Adam), `cudnn` (conv2d through cuDNN;
+//! without it conv2d on CUDA uses candle's stock ops). Other devices use candle's stock ops.
+
+mod adam;
+mod conv;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod elementwise;
+mod settings;
+
+pub use adam::{adam_update, AdamOut, AdamStep};
+pub use conv::{
+    act_bias_bwd, conv2d, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, stock, Act,
+    ConvParams,
+};
+pub use elementwise::{add_relu, downsum2x, kernels_on, relu_bwd, upsample_nearest2x};
+pub use settings::{set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
+
+/// Drops this thread's cached cuDNN plans and workspaces (all devices). A no-op without `cudnn`.
+pub fn clear_caches() {
+    #[cfg(feature = "cudnn")]
+    cuda::conv::clear_caches();
+}

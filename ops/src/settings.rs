@@ -1,0 +1,71 @@
+//! Process-wide settings of the CUDA paths (the CPU paths have none: they are exact).
+
+use std::sync::RwLock;
+
+/// The arithmetic of f32 convolutions on CUDA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum F32Math {
+    /// FMA kernels only (`CUDNN_FMA_MATH`): full fp32 products. candle's stock f32 conv (which
+    /// leaves cuDNN at `CUDNN_DEFAULT_MATH`) gave 4e-4 relative error vs the CPU at real sizes on
+    /// the H100, consistent with TF32; this mode is for parity runs.
+    #[default]
+    Exact,
+    /// Tensor cores in TF32 allowed (`CUDNN_DEFAULT_MATH`), as PyTorch does by default
+    /// (`torch.backends.cudnn.allow_tf32 = True`).
+    Tf32,
+}
+
+/// How cuDNN algorithms are chosen, once per convolution shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AlgoSearch {
+    /// cuDNN's heuristics (`cudnnGetConvolution*Algorithm_v7`), PyTorch's default
+    /// (`cudnn.benchmark = False`).
+    Heuristic,
+    /// Run every algorithm once on the first call of a shape and keep the fastest
+    /// (`cudnn.benchmark = True`).
+    #[default]
+    Benchmark,
+}
+
+/// Settings of the cuDNN convolutions. A change applies to shapes seen afterwards and to shapes
+/// seen before (plans are cached per setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Settings {
+    pub f32_math: F32Math,
+    pub algo_search: AlgoSearch,
+    /// Largest cuDNN workspace an algorithm may use, in bytes (one workspace per device and
+    /// thread, grown to the largest chosen algorithm's need).
+    pub workspace_limit: usize,
+    /// Only deterministic algorithms (no atomics in backward-data / backward-filter).
+    pub deterministic: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            f32_math: F32Math::Exact,
+            algo_search: AlgoSearch::Benchmark,
+            workspace_limit: 512 << 20,
+            deterministic: false,
+        }
+    }
+}
+
+static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
+
+/// The current settings (defaults until [`set_settings`]).
+pub fn settings() -> Settings {
+    SETTINGS.read().unwrap().unwrap_or_default()
+}
+
+pub fn set_settings(s: Settings) {
+    *SETTINGS.write().unwrap() = Some(s);
+}
+
+/// Change one field: `update_settings(|s| s.f32_math = F32Math::Tf32)`.
+pub fn update_settings(f: impl FnOnce(&mut Settings)) {
+    let mut g = SETTINGS.write().unwrap();
+    let mut s = g.unwrap_or_default();
+    f(&mut s);
+    *g = Some(s);
+}
