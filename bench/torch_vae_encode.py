@@ -80,7 +80,8 @@ def main():
         fn = torch.compile(enc, mode=args.compile_mode) if args.compile_mode else torch.compile(enc)
 
     def encode(x_u8):  # [B, H, W, 3] uint8 on the GPU -> (mean, std) in TAESD scale, on the host
-        x = x_u8.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+        # u8 / 255 -> [-1, 1] in float32, then the model's dtype: the values precompute feeds.
+        x = x_u8.permute(0, 3, 1, 2).float().div_(255.0).mul_(2.0).sub_(1.0).to(dtype)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         else:
@@ -145,7 +146,7 @@ def main():
         torch.cuda.synchronize()
         t0 = time.time()
         for _ in range(args.gpu_only_iters):
-            xx = x.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+            xx = x.permute(0, 3, 1, 2).float().div_(255.0).mul_(2.0).sub_(1.0).to(dtype)
             xx = xx.contiguous(memory_format=torch.channels_last) if args.channels_last else xx.contiguous()
             fn(xx)
         torch.cuda.synchronize()

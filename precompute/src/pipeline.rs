@@ -11,7 +11,7 @@
 //! already done: a resumed run writes the same rows as an uninterrupted one.
 
 use crate::teacher::{HostAllocator, HostBatch, InputFormat, SamplePixels, Teacher};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -191,23 +191,42 @@ enum InFlight {
 type SampleOut = Result<(Vec<f32>, Option<Vec<f32>>, [usize; 3]), ErrorRecord>;
 
 /// Orders samples into teacher batches and hands finished inputs on, in input order.
-struct Batcher<'t> {
-    teacher: &'t mut Teacher,
-    /// Host input buffers (pinned on CUDA), reused batch after batch.
+///
+/// Two stages overlap: this thread fills a host buffer (pinned on CUDA) with the next batch while
+/// the runner thread has the teacher encode the previous one ([`PIPELINE_DEPTH`] buffers in all).
+struct Batcher {
+    /// Host input buffers (pinned on CUDA) not in use by the runner.
+    free: Vec<HostBatch>,
     host: HostAllocator,
-    buf: Option<HostBatch>,
+    /// Buffers allocated so far (at most PIPELINE_DEPTH).
+    allocated: usize,
     /// Always run full batches (the last one of a shard padded with grey): on CUDA, so that the
-    /// shape never changes (a new shape means a new cuDNN algorithm search, or a static graph).
+    /// shape never changes (a new shape means a new cuDNN algorithm search, or a static graph),
+    /// and with a fixed-batch model.
     pad: bool,
+    grey: f32,
     queue: VecDeque<InFlight>,
+    /// Id of the queue's front input (inputs are numbered as they arrive): slots of batches in
+    /// flight name inputs by id, since the queue's front may move meanwhile.
+    base: u64,
     /// Next sample to encode: (index into queue, sample index).
     cursor: (usize, usize),
     batch: usize,
+    /// Batches handed to the runner, oldest first: their slots (input id, sample index).
+    in_flight: VecDeque<Vec<(u64, usize)>>,
+    submit: Sender<(HostBatch, usize)>,
+    results: Receiver<RunResult>,
     busy: Duration,
 }
 
-impl Batcher<'_> {
-    /// Samples queued but not yet encoded.
+/// What the runner hands back: the buffer, the teacher's output, the time it took.
+type RunResult = (HostBatch, Result<crate::teacher::Encoded>, Duration);
+
+/// Host buffers per teacher: one being filled while one is encoded.
+const PIPELINE_DEPTH: usize = 2;
+
+impl Batcher {
+    /// Samples queued but not yet handed to the teacher.
     fn pending(&self) -> usize {
         self.queue
             .iter()
@@ -220,7 +239,7 @@ impl Batcher<'_> {
             .sum()
     }
 
-    /// Encode the next `n` samples (fewer at the end of the queue).
+    /// Hand the next `n` samples (fewer at the end of the queue) to the runner.
     fn run_batch(&mut self, n: usize) -> Result<()> {
         let mut slots = Vec::with_capacity(n);
         let mut side = 0usize;
@@ -228,7 +247,7 @@ impl Batcher<'_> {
             match self.queue.get(self.cursor.0) {
                 Some(InFlight::Input { input, .. }) if self.cursor.1 < input.samples.len() => {
                     side = sample_side(&input.samples[self.cursor.1]);
-                    slots.push(self.cursor);
+                    slots.push((self.base + self.cursor.0 as u64, self.cursor.1));
                     self.cursor.1 += 1;
                 }
                 Some(_) => self.cursor = (self.cursor.0 + 1, 0),
@@ -238,26 +257,52 @@ impl Batcher<'_> {
         if slots.is_empty() {
             return Ok(());
         }
-        let rows = if self.pad || self.teacher.fixed_batch().is_some() { self.batch.max(slots.len()) } else { slots.len() };
-        let t0 = Instant::now();
-        if self.buf.as_ref().is_none_or(|b| b.rows() != rows || b.shape() != (side, side)) {
-            self.buf = None; // free the old one first
-            self.buf = Some(self.host.batch(rows, side, side)?);
-        }
-        let buf = self.buf.as_mut().expect("allocated");
-        for (j, (qi, si)) in slots.iter().enumerate() {
-            if let InFlight::Input { input, .. } = &self.queue[*qi] {
+        let rows = if self.pad { self.batch.max(slots.len()) } else { slots.len() };
+        // A buffer: a free one of the right shape, a new one while fewer than PIPELINE_DEPTH
+        // exist, else the next one the runner gives back.
+        let mut buf = loop {
+            if let Some(i) = self.free.iter().position(|b| b.rows() == rows && b.shape() == (side, side)) {
+                break self.free.swap_remove(i);
+            }
+            if let Some(old) = self.free.pop() {
+                drop(old); // wrong shape (a short last batch on the CPU): replace it
+                self.allocated -= 1;
+            }
+            if self.allocated < PIPELINE_DEPTH {
+                self.allocated += 1;
+                break self.host.batch(rows, side, side)?;
+            }
+            self.collect_one()?;
+        };
+        for (j, (id, si)) in slots.iter().enumerate() {
+            if let InFlight::Input { input, .. } = &self.queue[(id - self.base) as usize] {
                 buf.write(j, &input.samples[*si].pixels)?;
             }
         }
         if rows > slots.len() {
-            buf.fill_from(slots.len(), self.teacher.input_format().grey())?;
+            buf.fill_from(slots.len(), self.grey)?;
         }
-        let enc = self.teacher.run(buf, slots.len())?;
-        self.busy += t0.elapsed();
+        if self.submit.send((buf, slots.len())).is_err() {
+            // The runner stops after a failed batch: report that failure, not the stop.
+            while let Ok((_, r, _)) = self.results.try_recv() {
+                r?;
+            }
+            bail!("the teacher runner stopped");
+        }
+        self.in_flight.push_back(slots);
+        Ok(())
+    }
+
+    /// Wait for the oldest batch in flight and store its latents in the queue.
+    fn collect_one(&mut self) -> Result<()> {
+        let slots = self.in_flight.pop_front().ok_or_else(|| anyhow!("no teacher batch in flight"))?;
+        let (buf, enc, took) = self.results.recv().map_err(|_| anyhow!("the teacher runner stopped"))?;
+        self.free.push(buf);
+        self.busy += took;
+        let enc = enc?;
         let per = enc.shape.iter().product::<usize>();
-        for (j, (qi, si)) in slots.into_iter().enumerate() {
-            if let InFlight::Input { input, out } = &mut self.queue[qi] {
+        for (j, (id, si)) in slots.into_iter().enumerate() {
+            if let InFlight::Input { input, out } = &mut self.queue[(id - self.base) as usize] {
                 let mean = enc.mean[j * per..(j + 1) * per].to_vec();
                 let std = enc.std.as_ref().map(|s| s[j * per..(j + 1) * per].to_vec());
                 out[si] = Some(match nonfinite(&mean, std.as_deref()) {
@@ -276,6 +321,15 @@ impl Batcher<'_> {
         Ok(())
     }
 
+    /// Store every result the runner has already finished (without waiting), then keep at most
+    /// `keep` batches in flight.
+    fn collect(&mut self, keep: usize) -> Result<()> {
+        while self.in_flight.len() > keep || (!self.in_flight.is_empty() && !self.results.is_empty()) {
+            self.collect_one()?;
+        }
+        Ok(())
+    }
+
     /// Send every finished input at the front of the queue. False when the writer has stopped.
     fn emit_ready(&mut self, tx: &Sender<Done>) -> bool {
         while let Some(front) = self.queue.front() {
@@ -290,6 +344,7 @@ impl Batcher<'_> {
                 InFlight::Failed(e) => Done::Failed(e),
                 InFlight::Input { input, out } => finish_input(input, out),
             };
+            self.base += 1;
             // The cursor is relative to the front. A popped front was fully encoded, so a cursor
             // still on it stands at its end: the next sample is the new front's first.
             self.cursor = if self.cursor.0 > 0 { (self.cursor.0 - 1, self.cursor.1) } else { (0, 0) };
@@ -318,12 +373,52 @@ fn sample_side(s: &PreparedSample) -> usize {
 }
 
 /// Batch samples through the teacher, in order; flush at every shard end. Returns the time spent
-/// in the teacher.
+/// in the teacher. The teacher itself runs on a thread of its own (the runner), so that the next
+/// batch is staged while the current one is encoded.
 fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<Duration> {
     let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
     let host = teacher.host_allocator()?;
-    let pad = teacher.device != "cpu";
-    let mut b = Batcher { teacher, host, buf: None, pad, queue: VecDeque::new(), cursor: (0, 0), batch, busy: Duration::ZERO };
+    let pad = teacher.device != "cpu" || teacher.fixed_batch().is_some();
+    let grey = teacher.input_format().grey();
+    let (submit, jobs) = bounded::<(HostBatch, usize)>(PIPELINE_DEPTH);
+    let (done, results) = bounded::<RunResult>(PIPELINE_DEPTH);
+    std::thread::scope(|scope| {
+        let runner = std::thread::Builder::new()
+            .name("teacher-run".into())
+            .spawn_scoped(scope, move || {
+                for (buf, n) in jobs {
+                    let t0 = Instant::now();
+                    let enc = teacher.run(&buf, n);
+                    let failed = enc.is_err();
+                    if done.send((buf, enc, t0.elapsed())).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the teacher runner");
+        let mut b = Batcher {
+            free: Vec::new(),
+            host,
+            allocated: 0,
+            pad,
+            grey,
+            queue: VecDeque::new(),
+            base: 0,
+            cursor: (0, 0),
+            batch,
+            in_flight: VecDeque::new(),
+            submit,
+            results,
+            busy: Duration::ZERO,
+        };
+        let r = batch_loop(&mut b, rx, &tx);
+        drop(b); // closes the runner's job queue
+        runner.join().map_err(|_| anyhow!("teacher runner panicked"))?;
+        r
+    })
+}
+
+fn batch_loop(b: &mut Batcher, rx: Receiver<Work>, tx: &Sender<Done>) -> Result<Duration> {
     for work in rx {
         match work {
             Work::Input(input) => {
@@ -335,7 +430,8 @@ fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, ba
                 while b.pending() > 0 {
                     b.run_batch(b.batch)?;
                 }
-                if !b.emit_ready(&tx) || tx.send(Done::ShardEnd(index)).is_err() {
+                b.collect(0)?;
+                if !b.emit_ready(tx) || tx.send(Done::ShardEnd(index)).is_err() {
                     return Ok(b.busy);
                 }
                 b.cursor = (0, 0);
@@ -345,10 +441,12 @@ fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, ba
         while b.pending() >= b.batch {
             b.run_batch(b.batch)?;
         }
-        if !b.emit_ready(&tx) {
+        b.collect(PIPELINE_DEPTH - 1)?;
+        if !b.emit_ready(tx) {
             return Ok(b.busy);
         }
     }
+    b.collect(0)?;
     Ok(b.busy)
 }
 
