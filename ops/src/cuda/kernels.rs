@@ -2,6 +2,7 @@
 
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, CudaStorage};
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 
 use super::{alloc, by_dtype, cfg_1d, check_dtype, err, func, tensor, view, Cuda, Elem};

@@ -1,0 +1,433 @@
+//! cuDNN convolutions (forward, backward-data, backward-filter) through cudarc, with a plan cache.
+//!
+//! A plan holds the cuDNN descriptors of one convolution (device, dtype, input and weight
+//! dims, stride, padding, settings) and the algorithm chosen for each direction, picked on first
+//! use (cuDNN's heuristics, or by timing every algorithm once: [`AlgoSearch`]). The workspace is
+//! one buffer per device, grown to the largest need. Plans, handles and workspaces live in
+//! thread-locals: cuDNN handles are neither `Send` nor `Sync` (candle does the same).
+//!
+//! Arithmetic: f32 convolutions use `CUDNN_FMA_MATH` (exact fp32 products) unless
+//! [`F32Math::Tf32`]; bf16/f16 use tensor cores with f32 accumulation (compute type f32).
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::cuda::cudarc;
+use candle_core::cuda::{CudaDevice, CudaStorage};
+use candle_core::backend::BackendStorage;
+use candle_core::{DType, Layout, Result, Shape, Tensor};
+use cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t as BwdDataAlgo, cudnnConvolutionBwdFilterAlgo_t as BwdFilterAlgo,
+    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
+    cudnnTensorFormat_t,
+};
+use cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor,
+    TensorDescriptor,
+};
+use cudarc::driver::CudaSlice;
+
+use super::{alloc, by_dtype, err, kernels, tensor, view, Cuda, Elem};
+use crate::conv::{Act, ConvParams};
+use crate::settings::{settings, AlgoSearch, F32Math, Settings};
+
+type DevId = candle_core::cuda_backend::DeviceId;
+
+/// What identifies a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    dev: DevId,
+    dtype: DType,
+    x: [usize; 4],
+    w: [usize; 4],
+    p: ConvParams,
+    settings: Settings,
+}
+
+struct Plan<T: Elem> {
+    conv: ConvDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
+    fwd: Option<FwdAlgo>,
+    bwd_data: Option<BwdDataAlgo>,
+    bwd_filter: Option<BwdFilterAlgo>,
+}
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<DevId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<Key, Box<dyn Any>>> = RefCell::new(HashMap::new());
+    static WORKSPACES: RefCell<HashMap<DevId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
+}
+
+/// Drops this thread's plans, workspaces and handles.
+pub(crate) fn clear_caches() {
+    PLANS.with(|p| p.borrow_mut().clear());
+    WORKSPACES.with(|w| w.borrow_mut().clear());
+    HANDLES.with(|h| h.borrow_mut().clear());
+}
+
+fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+    HANDLES.with(|h| {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = Cudnn::new(dev.cuda_stream()).map_err(err)?;
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })
+}
+
+fn i32s(d: [usize; 4]) -> [i32; 4] {
+    d.map(|v| v as i32)
+}
+
+fn dims4(d: &[usize]) -> Result<[usize; 4]> {
+    d.try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("taesd-ops: expected 4 dims, got {d:?}")))
+}
+
+impl<T: Elem> Plan<T> {
+    fn new(dev: &CudaDevice, key: &Key) -> Result<Self> {
+        let c = handle(dev)?;
+        let p = key.p;
+        let (s, pd) = (p.stride as i32, p.padding as i32);
+        let mut conv = c
+            .create_conv2d::<f32>(
+                [pd, pd],
+                [s, s],
+                [1, 1],
+                cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )
+            .map_err(err)?;
+        let math = match (key.dtype, key.settings.f32_math) {
+            (DType::F32, F32Math::Exact) => cudnnMathType_t::CUDNN_FMA_MATH,
+            (DType::F32, F32Math::Tf32) => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            _ => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        };
+        conv.set_math_type(math).map_err(err)?;
+        let [n, _, h, w] = key.x;
+        let [co, _, kh, kw] = key.w;
+        let (ho, wo) = p.out_hw(h, w, kh, kw);
+        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        Ok(Self {
+            x: c.create_4d_tensor::<T>(nchw, i32s(key.x)).map_err(err)?,
+            w: c.create_4d_filter::<T>(nchw, i32s(key.w)).map_err(err)?,
+            y: c.create_4d_tensor::<T>(nchw, i32s([n, co, ho, wo])).map_err(err)?,
+            conv,
+            fwd: None,
+            bwd_data: None,
+            bwd_filter: None,
+        })
+    }
+}
+
+/// Runs `f` with the plan for `key` (created on first use).
+fn with_plan<T: Elem, R>(
+    dev: &CudaDevice,
+    key: Key,
+    f: impl FnOnce(&mut Plan<T>) -> Result<R>,
+) -> Result<R> {
+    // Taken out of the map while in use (no borrow is held across cuDNN calls).
+    let mut plan: Box<dyn Any> = match PLANS.with(|p| p.borrow_mut().remove(&key)) {
+        Some(p) => p,
+        None => Box::new(Plan::<T>::new(dev, &key)?),
+    };
+    let r = match plan.downcast_mut::<Plan<T>>() {
+        Some(p) => f(p),
+        None => Err(candle_core::Error::Msg("taesd-ops: plan of another dtype".into())),
+    };
+    PLANS.with(|p| p.borrow_mut().insert(key, plan));
+    r
+}
+
+/// Runs `f` with a workspace of at least `bytes` (None for 0).
+fn with_workspace<R>(
+    dev: &CudaDevice,
+    bytes: usize,
+    f: impl FnOnce(Option<&mut CudaSlice<u8>>) -> Result<R>,
+) -> Result<R> {
+    if bytes == 0 {
+        return f(None);
+    }
+    let mut ws = match WORKSPACES.with(|w| w.borrow_mut().remove(&dev.id())) {
+        Some(ws) if ws.len() >= bytes => ws,
+        old => {
+            // The old buffer's free is stream-ordered: work queued on it finishes first.
+            drop(old);
+            // SAFETY: cuDNN's scratch space; never read before cuDNN writes it.
+            unsafe { dev.alloc::<u8>(bytes) }?
+        }
+    };
+    let r = f(Some(&mut ws));
+    WORKSPACES.with(|w| w.borrow_mut().insert(dev.id(), ws));
+    r
+}
+
+const FWD_ALGOS: [FwdAlgo; 8] = [
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+];
+/// ALGO_0 accumulates with atomics (non-deterministic).
+const BWD_DATA_ALGOS: [(BwdDataAlgo, bool); 6] = [
+    (BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0, false),
+    (BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, true),
+    (BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT, true),
+    (BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING, true),
+    (BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD, true),
+    (BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED, true),
+];
+/// ALGO_0 and ALGO_3 accumulate with atomics (non-deterministic).
+const BWD_FILTER_ALGOS: [(BwdFilterAlgo, bool); 7] = [
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0, false),
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, true),
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT, true),
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3, false),
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD, true),
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED, true),
+    (BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING, true),
+];
+
+/// Picks an algorithm among `candidates`: the heuristic's choice if allowed (and within the
+/// workspace limit), else by timing each candidate once (after one warm-up run) with `run`.
+/// `workspace(a)` is the algorithm's workspace need (Err: unsupported for this shape).
+fn choose<A: Copy + std::fmt::Debug>(
+    dev: &CudaDevice,
+    s: &Settings,
+    heuristic: Option<A>,
+    candidates: &[(A, bool)],
+    workspace: &dyn Fn(A) -> Option<usize>,
+    run: &mut dyn FnMut(A, usize) -> Result<()>,
+) -> Result<A> {
+    let allowed = |a: A, det: bool| -> Option<usize> {
+        if s.deterministic && !det {
+            return None;
+        }
+        workspace(a).filter(|&b| b <= s.workspace_limit)
+    };
+    if s.algo_search == AlgoSearch::Heuristic {
+        if let Some(h) = heuristic {
+            let det = candidates
+                .iter()
+                .find(|(a, _)| std::mem::discriminant(a) == std::mem::discriminant(&h))
+                .map_or(true, |c| c.1);
+            if allowed(h, det).is_some() {
+                return Ok(h);
+            }
+        }
+    }
+    let stream = dev.cuda_stream();
+    let mut best: Option<(A, f64)> = None;
+    for &(a, det) in candidates {
+        let Some(bytes) = allowed(a, det) else { continue };
+        // An algorithm that fails on this shape is skipped.
+        if run(a, bytes).is_err() || stream.synchronize().is_err() {
+            continue;
+        }
+        let t0 = Instant::now();
+        if run(a, bytes).is_err() {
+            continue;
+        }
+        stream.synchronize().map_err(err)?;
+        let t = t0.elapsed().as_secs_f64();
+        if best.is_none_or(|(_, bt)| t < bt) {
+            best = Some((a, t));
+        }
+    }
+    match best {
+        Some((a, _)) => Ok(a),
+        None => Err(candle_core::Error::Msg(format!(
+            "taesd-ops: no cuDNN algorithm runs this convolution within the settings ({s:?})"
+        ))),
+    }
+}
+
+fn key(dev: &CudaDevice, dtype: DType, x: [usize; 4], w: [usize; 4], p: ConvParams) -> Key {
+    Key {
+        dev: dev.id(),
+        dtype,
+        x,
+        w,
+        p,
+        settings: settings(),
+    }
+}
+
+/// `act(conv2d(x, w) + b)`: cuDNN forward, then one kernel for bias and activation.
+pub(crate) fn forward(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    p: ConvParams,
+    act: Act,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(x.0.dtype(), forward_t(x, w, b, p, act))
+}
+
+fn forward_t<T: Elem>(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    p: ConvParams,
+    act: Act,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.0.device.clone();
+    let xd = dims4(x.1.dims())?;
+    let wd = dims4(w.1.dims())?;
+    let (ho, wo) = p.out_hw(xd[2], xd[3], wd[2], wd[3]);
+    let out = [xd[0], wd[0], ho, wo];
+    let xv = view::<T>(x.0, x.1)?;
+    let wv = view::<T>(w.0, w.1)?;
+    let mut y = alloc::<T>(&dev, out.iter().product())?;
+    let k = key(&dev, T::DTYPE, xd, wd, p);
+    let s = k.settings;
+    with_plan::<T, _>(&dev, k, |plan| {
+        let op = ConvForward {
+            conv: &plan.conv,
+            x: &plan.x,
+            w: &plan.w,
+            y: &plan.y,
+        };
+        let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
+        let algo = match plan.fwd {
+            Some(a) => a,
+            None => {
+                let cands: Vec<(FwdAlgo, bool)> = FWD_ALGOS.iter().map(|&a| (a, true)).collect();
+                let a = choose(
+                    &dev,
+                    &s,
+                    op.pick_algorithm().ok(),
+                    &cands,
+                    &|a| op.get_workspace_size(a).ok(),
+                    &mut |a, bytes| {
+                        with_workspace(&dev, bytes, |ws| {
+                            unsafe { op.launch(a, ws, one_zero, &xv, &wv, &mut y) }.map_err(err)
+                        })
+                    },
+                )?;
+                plan.fwd = Some(a);
+                a
+            }
+        };
+        let bytes = op.get_workspace_size(algo).map_err(err)?;
+        with_workspace(&dev, bytes, |ws| {
+            unsafe { op.launch(algo, ws, one_zero, &xv, &wv, &mut y) }.map_err(err)
+        })
+    })?;
+    if b.is_some() || act != Act::None {
+        let bv = b.map(|(s, l)| view::<T>(s, l)).transpose()?;
+        kernels::bias_act::<T>(&dev, &mut y, bv.as_ref(), out[1], ho * wo, out[0] * out[1], act)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(out.to_vec())))
+}
+
+/// The input gradient (dims `x_dims`) of `conv2d(x, w)` given `dz`.
+pub(crate) fn backward_data(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
+    let dz = dz.contiguous()?;
+    let w = w.contiguous()?;
+    by_dtype!(dz.dtype(), backward_data_t(&dz, &w, x_dims, p))
+}
+
+fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
+    let xd = dims4(x_dims)?;
+    let wd = dims4(w.dims())?;
+    let (dzc, wc) = (Cuda::of(dz)?, Cuda::of(w)?);
+    let dev = dzc.device().clone();
+    let (dzv, wv) = (dzc.view::<T>()?, wc.view::<T>()?);
+    let mut dx = alloc::<T>(&dev, xd.iter().product())?;
+    let k = key(&dev, T::DTYPE, xd, wd, p);
+    let s = k.settings;
+    with_plan::<T, _>(&dev, k, |plan| {
+        let op = ConvBackwardData {
+            conv: &plan.conv,
+            dx: &plan.x,
+            w: &plan.w,
+            dy: &plan.y,
+        };
+        let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
+        let algo = match plan.bwd_data {
+            Some(a) => a,
+            None => {
+                let a = choose(
+                    &dev,
+                    &s,
+                    op.pick_algorithm().ok(),
+                    &BWD_DATA_ALGOS,
+                    &|a| op.get_workspace_size(a).ok(),
+                    &mut |a, bytes| {
+                        with_workspace(&dev, bytes, |ws| {
+                            unsafe { op.launch(a, ws, one_zero, &mut dx, &wv, &dzv) }.map_err(err)
+                        })
+                    },
+                )?;
+                plan.bwd_data = Some(a);
+                a
+            }
+        };
+        let bytes = op.get_workspace_size(algo).map_err(err)?;
+        with_workspace(&dev, bytes, |ws| {
+            unsafe { op.launch(algo, ws, one_zero, &mut dx, &wv, &dzv) }.map_err(err)
+        })
+    })?;
+    Ok(tensor(dx, &dev, xd.to_vec()))
+}
+
+/// The weight gradient (dims `w_dims`) of `conv2d(x, w)` given `dz`.
+pub(crate) fn backward_filter(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: ConvParams) -> Result<Tensor> {
+    let dz = dz.contiguous()?;
+    let x = x.contiguous()?;
+    by_dtype!(dz.dtype(), backward_filter_t(&x, &dz, w_dims, p))
+}
+
+fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: ConvParams) -> Result<Tensor> {
+    let xd = dims4(x.dims())?;
+    let wd = dims4(w_dims)?;
+    let (xc, dzc) = (Cuda::of(x)?, Cuda::of(dz)?);
+    let dev = dzc.device().clone();
+    let (xv, dzv) = (xc.view::<T>()?, dzc.view::<T>()?);
+    let mut dw = alloc::<T>(&dev, wd.iter().product())?;
+    let k = key(&dev, T::DTYPE, xd, wd, p);
+    let s = k.settings;
+    with_plan::<T, _>(&dev, k, |plan| {
+        let op = ConvBackwardFilter {
+            conv: &plan.conv,
+            x: &plan.x,
+            dw: &plan.w,
+            dy: &plan.y,
+        };
+        let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
+        let algo = match plan.bwd_filter {
+            Some(a) => a,
+            None => {
+                let a = choose(
+                    &dev,
+                    &s,
+                    op.pick_algorithm().ok(),
+                    &BWD_FILTER_ALGOS,
+                    &|a| op.get_workspace_size(a).ok(),
+                    &mut |a, bytes| {
+                        with_workspace(&dev, bytes, |ws| {
+                            unsafe { op.launch(a, ws, one_zero, &xv, &mut dw, &dzv) }.map_err(err)
+                        })
+                    },
+                )?;
+                plan.bwd_filter = Some(a);
+                a
+            }
+        };
+        let bytes = op.get_workspace_size(algo).map_err(err)?;
+        with_workspace(&dev, bytes, |ws| {
+            unsafe { op.launch(algo, ws, one_zero, &xv, &mut dw, &dzv) }.map_err(err)
+        })
+    })?;
+    Ok(tensor(dw, &dev, wd.to_vec()))
+}
