@@ -1,10 +1,63 @@
 //! The building blocks: taesd.py's `Block` (with TAEF2's optional mid-block pool), and one
 //! runtime layer per [`LayerSpec`].
+//!
+//! Convolutions, ReLUs, the residual `relu(a + b)` and the 2x upsample run through taesd-ops
+//! (a conv followed by a ReLU is one fused op; cuDNN forward and backward on CUDA with the
+//! `cudnn` feature, candle's own convolution forward on the CPU, so CPU outputs equal candle's
+//! stock ops bit for bit). [`set_use_ops`]`(false)` goes back to candle's stock ops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Module, Result, Tensor};
+use taesd_ops::{Act, ConvParams};
 use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
+
+static USE_OPS: AtomicBool = AtomicBool::new(true);
+
+/// Whether the layers use taesd-ops (the default) or candle's stock ops (process-wide).
+pub fn set_use_ops(on: bool) {
+    USE_OPS.store(on, Ordering::Relaxed);
+}
+
+pub fn use_ops() -> bool {
+    USE_OPS.load(Ordering::Relaxed)
+}
+
+/// `act(conv(x))` for a candle-nn `Conv2d` (its weight, bias, stride and padding).
+pub fn conv_act(c: &Conv2d, x: &Tensor, relu: bool) -> Result<Tensor> {
+    let cfg = c.config();
+    if !use_ops() || cfg.dilation != 1 || cfg.groups != 1 {
+        let y = c.forward(x)?;
+        return if relu { y.relu() } else { Ok(y) };
+    }
+    let act = if relu { Act::Relu } else { Act::None };
+    taesd_ops::conv2d_act(
+        x,
+        c.weight(),
+        c.bias(),
+        ConvParams::new(cfg.stride, cfg.padding),
+        act,
+    )
+}
+
+fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if use_ops() {
+        taesd_ops::add_relu(a, b)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
+fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    if use_ops() {
+        taesd_ops::upsample_nearest2x(x)
+    } else {
+        let (_, _, h, w) = x.dims4()?;
+        x.upsample_nearest2d(h * 2, w * 2)
+    }
+}
 
 /// 3x3 conv, padding 1, as the reference's `conv(n_in, n_out, **kwargs)`.
 pub fn conv3x3(
@@ -52,9 +105,9 @@ impl MidBlockPool {
 
 impl Module for MidBlockPool {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.expand.forward(x)?;
+        let h = conv_act(&self.expand, x, false)?;
         let h = self.norm.forward(&h)?.relu()?;
-        self.project.forward(&h)
+        conv_act(&self.project, &h, false)
     }
 }
 
@@ -99,14 +152,14 @@ impl Module for Block {
             }
             None => x,
         };
-        let h = self.convs[0].forward(x)?.relu()?;
-        let h = self.convs[1].forward(&h)?.relu()?;
-        let h = self.convs[2].forward(&h)?;
+        let h = conv_act(&self.convs[0], x, true)?;
+        let h = conv_act(&self.convs[1], &h, true)?;
+        let h = conv_act(&self.convs[2], &h, false)?;
         let s = match &self.skip {
-            Some(skip) => skip.forward(x)?,
+            Some(skip) => conv_act(skip, x, false)?,
             None => x.clone(),
         };
-        (h + s)?.relu()
+        add_relu(&h, &s)
     }
 }
 
@@ -148,13 +201,10 @@ impl Layer {
 impl Module for Layer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Layer::Conv(c) => c.forward(x),
+            Layer::Conv(c) => conv_act(c, x, false),
             Layer::Block(b) => b.forward(x),
             Layer::Relu => x.relu(),
-            Layer::Upsample => {
-                let (_, _, h, w) = x.dims4()?;
-                x.upsample_nearest2d(h * 2, w * 2)
-            }
+            Layer::Upsample => upsample2x(x),
             Layer::Clamp => latent_clamp(x),
         }
     }
@@ -192,8 +242,16 @@ impl Sequential {
 impl Module for Sequential {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
-        for l in &self.layers {
-            h = l.forward(&h)?;
+        let mut i = 0;
+        while i < self.layers.len() {
+            // conv -> ReLU: one fused op.
+            if let (Layer::Conv(c), Some(Layer::Relu)) = (&self.layers[i], self.layers.get(i + 1)) {
+                h = conv_act(c, &h, true)?;
+                i += 2;
+                continue;
+            }
+            h = self.layers[i].forward(&h)?;
+            i += 1;
         }
         Ok(h)
     }
