@@ -8,7 +8,7 @@
 #
 #   ./demo.sh [OUT]        (default OUT=demo-out; remove it to start over, rerun to resume)
 #
-# Knobs (environment): DEMO_IMAGES (256), DEMO_RESOLUTION (128), DEMO_STEPS (24), DEMO_CROP (64),
+# Knobs (environment): DEMO_IMAGES (256), DEMO_RESOLUTION (64), DEMO_STEPS (24), DEMO_CROP (= resolution),
 # DEMO_BATCH (4), DEMO_DEVICE (auto: CUDA when built with it and present, else CPU),
 # TAESD_SHARED (../shared). The defaults take ~10 minutes on 2 CPU cores (most of it the build).
 set -euo pipefail
@@ -17,9 +17,9 @@ cd "$(dirname "$0")"
 SHARED=${TAESD_SHARED:-../shared}
 OUT=${1:-demo-out}
 IMAGES=${DEMO_IMAGES:-256}
-RES=${DEMO_RESOLUTION:-128}
+RES=${DEMO_RESOLUTION:-64}
 STEPS=${DEMO_STEPS:-24}
-CROP=${DEMO_CROP:-64}
+CROP=${DEMO_CROP:-$RES}   # crop = the stored size: exact encoder targets (see recipe.encoder_margin)
 BATCH=${DEMO_BATCH:-4}
 DEVICE=${DEMO_DEVICE:-auto}
 REF=$SHARED/reference/taef2
@@ -51,7 +51,7 @@ resume=()
   --set model.init_encoder="\"$REF/taef2_encoder.pth\"" \
   --set model.init_decoder="\"$REF/taef2_decoder.pth\"" \
   --set model.reference_decoder="\"$REF/taef2_decoder.pth\"" \
-  --set recipe.lr=1e-4 --set run.preview_every=12 --set run.log_every=4 \
+  --set recipe.lr=1e-4 --set recipe.disc_warmup_steps=12 --set run.preview_every=12 --set run.log_every=4 \
   --set data.eval_fraction=0.05 --set data.eval_max_images=12
 
 echo "== 3. eval on the held-out split: ours (EMA export) vs the released taef2 decoder"

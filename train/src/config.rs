@@ -42,7 +42,11 @@ pub struct DataConfig {
     /// min(256, the shards' resolution).
     pub crop: Option<u32>,
     /// Mirror crops (image and latent) with probability 0.5 — only when the shards were not
-    /// flipped by `precompute --hflip` already.
+    /// flipped by `precompute --hflip` already. Off by default: a mirrored teacher latent is not
+    /// the latent of the mirrored image (the TAESD-family encoders are not mirror-equivariant:
+    /// for the released taef2 encoder on 128 px pool images, MSE(E(x), z) was 2e-8 unflipped and
+    /// 0.05-0.17 with this on), so such pairs teach both networks a wrong mapping. Mirror with
+    /// `precompute --hflip` instead: there the teacher sees the mirrored image.
     pub hflip: bool,
     /// Sample latents from the teacher posterior (`latent + std * noise`) where the shards hold
     /// `latent_std`; otherwise (default) train on the posterior mean.
@@ -69,7 +73,7 @@ impl Default for DataConfig {
             shards: None,
             batch_size: 16,
             crop: None,
-            hflip: true,
+            hflip: false,
             sample_posterior: false,
             shuffle_buffer: 1024,
             prefetch: 4,

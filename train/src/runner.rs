@@ -362,6 +362,16 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
             if resume_from.is_some() { " (resumed)" } else { "" }
         ),
     );
+    if r.recipe.train_encoder && r.crop < r.set.resolution && r.recipe.encoder_margin == 0 {
+        say(
+            &pb,
+            format!(
+                "note: crop {} < the shards' {} px: near the crop edges the teacher latents saw pixels the encoder does not; \
+                 for encoder training use --crop {} (recipe.encoder_margin helps only partly)",
+                r.crop, r.set.resolution, r.set.resolution
+            ),
+        );
+    }
     if cfg.data.hflip && r.set.flipped {
         tracing::info!("the shards were flipped by precompute --hflip: the loader does not flip again");
     }

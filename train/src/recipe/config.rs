@@ -100,6 +100,12 @@ pub struct RecipeConfig {
     pub train_decoder: bool,
     /// Encoder loss: `mse` (recipe) or `l1`.
     pub encoder_loss: EncoderLoss,
+    /// Latent pixels left out of the encoder loss at each edge of the crop (0: none). The teacher
+    /// encoded the whole stored image, so near the edge of a smaller training crop its latent
+    /// depends on pixels the encoder does not see (released taef2 encoder, 64 px crops of 128 px
+    /// pool images: MSE 0.09-0.13 where full crops give 2e-8; margins 1/2/3 leave 0.07/0.06/0.05:
+    /// the encoder's receptive field is wide). Best: crop = the shards' resolution.
+    pub encoder_margin: usize,
 
     /// Encoder/decoder optimiser: `adam_amsgrad` (recipe), `adam`, `adamw`.
     pub optimizer: OptimizerKind,
@@ -171,6 +177,7 @@ impl Default for RecipeConfig {
             train_encoder: true,
             train_decoder: true,
             encoder_loss: EncoderLoss::Mse,
+            encoder_margin: 0,
             optimizer: OptimizerKind::AdamAmsgrad,
             lr: 3e-4,
             betas: (0.9, 0.9),

@@ -591,10 +591,21 @@ impl Recipe {
         let mut enc_prop: Option<Proposal> = None;
         if let Some(enc) = &self.encoder {
             if let Some(tr) = &enc.trained {
-                let pred = enc.model.forward(&images)?;
+                let mut pred = enc.model.forward(&images)?;
+                let mut target = latents.clone();
+                let m = self.cfg.encoder_margin;
+                if m > 0 {
+                    let (h, w) = (target.dim(2)?, target.dim(3)?);
+                    if 2 * m >= h.min(w) {
+                        bail!("recipe.encoder_margin {m} leaves nothing of a {h}x{w} latent crop");
+                    }
+                    let inner = |t: &Tensor| t.narrow(2, m, h - 2 * m)?.narrow(3, m, w - 2 * m);
+                    pred = inner(&pred)?;
+                    target = inner(&target)?;
+                }
                 let loss = match self.cfg.encoder_loss {
-                    EncoderLoss::Mse => losses::mse(&pred, &latents)?,
-                    EncoderLoss::L1 => losses::l1(&pred, &latents)?,
+                    EncoderLoss::Mse => losses::mse(&pred, &target)?,
+                    EncoderLoss::L1 => losses::l1(&pred, &target)?,
                 };
                 let grads = loss.backward()?;
                 let g = tr.opt.flat_gradients(&grads)?;
