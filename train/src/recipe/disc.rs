@@ -267,7 +267,7 @@ impl Discriminator {
             let (conv_w, bn_w, bn_b) = (&params[3 * i], &params[3 * i + 1], &params[3 * i + 2]);
             let proj = &params[3 * n_blocks + i];
             let s = cfg.strides[i];
-            x = x.conv2d(conv_w, 1, s, 1, 1)?;
+            x = taesd_ops::conv2d(&x, conv_w, None, s, 1)?;
             x = match &mut new_stats {
                 Some(ns) => {
                     let (y, m, v) = batch_norm_train(
@@ -286,7 +286,7 @@ impl Discriminator {
                 None => batch_norm_eval(&x, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps)?,
             };
             x = x.relu()?;
-            let o = x.conv2d(proj, 0, 1, 1, 1)?;
+            let o = taesd_ops::conv2d(&x, proj, None, 1, 0)?;
             let (_, _, hi, wi) = o.dims4()?;
             let o = if (hi, wi) != (oh, ow) {
                 if hi % oh != 0 || wi % ow != 0 {

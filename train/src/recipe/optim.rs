@@ -85,6 +85,9 @@ pub struct Adam {
     vmax: Option<Tensor>,
     /// Updates applied so far (PyTorch's per-parameter `step`, shared here).
     t: u64,
+    /// One fused kernel per update (taesd-ops) instead of the op sequence: `None` = on CUDA
+    /// only. Both give the same f32 arithmetic (bit-identical on the CPU, tested).
+    fused: Option<bool>,
 }
 
 /// Gradients of an optimiser's variables, flattened into one buffer (zeros where a variable
@@ -152,7 +155,18 @@ impl Adam {
             v,
             vmax,
             t: 0,
+            fused: None,
         })
+    }
+
+    /// Force the fused update on or off (`None`: fused on CUDA when taesd-ops has its kernels).
+    pub fn set_fused(&mut self, fused: Option<bool>) {
+        self.fused = fused;
+    }
+
+    fn use_fused(&self) -> bool {
+        let dev = self.m.device();
+        self.fused.unwrap_or(dev.is_cuda()) && taesd_ops::kernels_on(dev)
     }
 
     pub fn config(&self) -> &AdamConfig {
@@ -272,27 +286,49 @@ impl Adam {
         let step_size = lr / bc1;
         let inv_bc2_sqrt = 1.0 / bc2.sqrt();
         let p0 = self.flat_params()?;
-        let mut grad = g.flat.clone();
-        if let Some(s) = grad_scale {
-            grad = grad.broadcast_mul(s)?;
-        }
-        let mut p = p0.clone();
-        if c.weight_decay != 0.0 {
-            if c.decoupled_weight_decay {
-                p = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
-            } else {
-                grad = (grad + p.affine(c.weight_decay, 0.0)?)?;
+        let (p, m, v, vmax) = if self.use_fused() {
+            let o = taesd_ops::adam_update(
+                &p0,
+                &g.flat,
+                &self.m,
+                &self.v,
+                self.vmax.as_ref(),
+                grad_scale,
+                &taesd_ops::AdamStep {
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: c.weight_decay,
+                    decoupled_weight_decay: c.decoupled_weight_decay,
+                    step: t,
+                },
+            )?;
+            (o.p, o.m, o.v, o.vmax)
+        } else {
+            let mut grad = g.flat.clone();
+            if let Some(s) = grad_scale {
+                grad = grad.broadcast_mul(s)?;
             }
-        }
-        let m = (&self.m + (&grad - &self.m)?.affine(1.0 - c.beta1, 0.0)?)?;
-        let v = (self.v.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-        let vmax = match &self.vmax {
-            Some(old) => Some(old.maximum(&v)?),
-            None => None,
+            let mut p = p0.clone();
+            if c.weight_decay != 0.0 {
+                if c.decoupled_weight_decay {
+                    p = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
+                } else {
+                    grad = (grad + p.affine(c.weight_decay, 0.0)?)?;
+                }
+            }
+            let m = (&self.m + (&grad - &self.m)?.affine(1.0 - c.beta1, 0.0)?)?;
+            let v = (self.v.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+            let vmax = match &self.vmax {
+                Some(old) => Some(old.maximum(&v)?),
+                None => None,
+            };
+            let second = vmax.as_ref().unwrap_or(&v);
+            let denom = second.sqrt()?.affine(inv_bc2_sqrt, c.eps)?;
+            let p = (p - (&m / denom)?.affine(step_size, 0.0)?)?;
+            (p, m, v, vmax)
         };
-        let second = vmax.as_ref().unwrap_or(&v);
-        let denom = second.sqrt()?.affine(inv_bc2_sqrt, c.eps)?;
-        let p = (p - (&m / denom)?.affine(step_size, 0.0)?)?;
 
         let p = self.keep_missing(p, &p0, &g.missing)?;
         let m = self.keep_missing(m, &self.m, &g.missing)?;
@@ -626,5 +662,54 @@ mod tests {
         assert!((s - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
         let s = clip_scale(&n, 10.0).unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(s, 1.0);
+    }
+
+    /// The fused update (taesd-ops' kernel; its CPU loop here) equals the op sequence bit for
+    /// bit: AMSGrad and AdamW, a variable without a gradient, a gradient scale, several steps.
+    #[test]
+    fn fused_update_is_bit_identical() {
+        for cfg in [
+            AdamConfig::amsgrad(1e-3, (0.9, 0.99)),
+            AdamConfig::adamw(3e-4, (0.5, 0.999)),
+            AdamConfig { weight_decay: 0.05, ..AdamConfig::amsgrad(1e-2, (0.8, 0.9)) },
+        ] {
+            let mk = || {
+                vec![
+                    ("a".to_string(), var(&[0.5, -1.0, 2.0, 0.25])),
+                    ("b".to_string(), var(&[1.5, -0.5])),
+                    ("c".to_string(), var(&[0.1, 0.2, 0.3])),
+                ]
+            };
+            let (va, vb) = (mk(), mk());
+            let mut plain = Adam::new(va.clone(), cfg).unwrap();
+            let mut fused = Adam::new(vb.clone(), cfg).unwrap();
+            plain.set_fused(Some(false));
+            fused.set_fused(Some(true));
+            let scale = Tensor::new(0.75f32, &Device::Cpu).unwrap();
+            for step in 0..4 {
+                let k = step as f32 + 1.0;
+                let grads = [
+                    Some(t(&[0.1 * k, -0.3, 0.7 / k, 1e-4])),
+                    (step % 2 == 0).then(|| t(&[-2.0 * k, 0.05])),
+                    Some(t(&[3.0, -k, 0.0])),
+                ];
+                let s = (step % 2 == 1).then_some(&scale);
+                let pp = plain.propose(&grads, cfg.lr, s).unwrap();
+                let pf = fused.propose(&grads, cfg.lr, s).unwrap();
+                plain.commit(pp).unwrap();
+                fused.commit(pf).unwrap();
+                for ((_, a), (_, b)) in va.iter().zip(&vb) {
+                    let a: Vec<f32> = a.as_tensor().to_vec1().unwrap();
+                    let b: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+                    assert_eq!(a, b, "step {step} {cfg:?}");
+                }
+            }
+            let (sa, sb) = (plain.state_tensors().unwrap(), fused.state_tensors().unwrap());
+            for (k, a) in &sa {
+                let a: Vec<f32> = a.to_vec1().unwrap();
+                let b: Vec<f32> = sb[k].to_vec1().unwrap();
+                assert_eq!(a, b, "{k}");
+            }
+        }
     }
 }

@@ -1,0 +1,266 @@
+//! GPU check of taesd-ops (run on the H100/H200 with a `--features cudnn` build):
+//! 1. every op (conv2d + bias + ReLU in the TAESD shapes, stride 1/2, 1x1/3x3; upsample;
+//!    add_relu; fused Adam) against candle's stock ops on the same CUDA device and against the
+//!    CPU path: forward values and gradients, f32 with TF32 off (cuDNN FMA math), plus bf16;
+//! 2. timings: a 64->64 3x3 conv at 16x64x256x256 (fwd, fwd+bwd; ours vs candle's stock ops),
+//!    nearest upsample fwd+bwd, and a taef2 decoder fwd+bwd+Adam step at 256x256 batch 16
+//!    (ours vs stock).
+//!
+//! `gpu_check [--quick]`; exit 1 if a check fails. Prints `GPU CHECK OK` at the end.
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use taesd_ops::{Act, ConvParams};
+
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let s = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-20);
+    Ok(d / s)
+}
+
+struct Checker {
+    failures: Vec<String>,
+}
+
+impl Checker {
+    fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+        let e = rel_err(got, want)?;
+        let ok = e <= tol && e.is_finite();
+        println!("  {:<60} rel err {e:9.2e} (tol {tol:.0e}) {}", what, if ok { "ok" } else { "FAIL" });
+        if !ok {
+            self.failures.push(format!("{what}: {e:e}"));
+        }
+        Ok(())
+    }
+}
+
+fn sync(d: &Device) -> Result<()> {
+    d.synchronize()?;
+    Ok(())
+}
+
+fn time_ms(d: &Device, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    f()?;
+    sync(d)?;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    sync(d)?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
+/// Forward + gradients of `sum(f(x, w, b) * r)` for one conv config: ours on `dev`, stock on
+/// `dev`, ours on the CPU.
+fn conv_case(
+    c: &mut Checker,
+    dev: &Device,
+    dt: DType,
+    shape: (usize, usize, usize, usize),
+    c_out: usize,
+    k: usize,
+    p: ConvParams,
+    bias: bool,
+    act: Act,
+) -> Result<()> {
+    let (n, ci, h, w) = shape;
+    let x0 = Tensor::randn(0f32, 1.0, (n, ci, h, w), &Device::Cpu)?;
+    let w0 = (Tensor::randn(0f32, 1.0, (c_out, ci, k, k), &Device::Cpu)? / ((ci * k * k) as f64).sqrt())?;
+    let b0 = Tensor::randn(0f32, 0.5, c_out, &Device::Cpu)?;
+    let run = |d: &Device, ours: bool, dt: DType| -> Result<Vec<Tensor>> {
+        let x = Var::from_tensor(&x0.to_device(d)?.to_dtype(dt)?)?;
+        let wv = Var::from_tensor(&w0.to_device(d)?)?;
+        let bv = Var::from_tensor(&b0.to_device(d)?)?;
+        let wt = wv.as_tensor().to_dtype(dt)?;
+        let bt = bv.as_tensor().to_dtype(dt)?;
+        let bo = bias.then_some(&bt);
+        let y = if ours {
+            taesd_ops::conv2d_act(&x, &wt, bo, p, act)?
+        } else {
+            taesd_ops::stock(&x, &wt, bo, p, act)?
+        };
+        let r = Tensor::ones_like(&y)?.to_device(&Device::Cpu)?;
+        let (_, _, yh, yw) = y.dims4()?;
+        let r = (r * Tensor::arange(0f32, (yh * yw) as f32, &Device::Cpu)?.reshape((1, 1, yh, yw))?.broadcast_as(y.shape())?.affine(1.0 / (yh * yw) as f64, -0.5)?)?
+            .to_device(d)?
+            .to_dtype(dt)?;
+        let g = (y.to_dtype(DType::F32)? * r.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        let mut out = vec![y, g.get(&x).unwrap().clone(), g.get(&wv).unwrap().clone()];
+        if bias {
+            out.push(g.get(&bv).unwrap().clone());
+        }
+        Ok(out)
+    };
+    let ours = run(dev, true, dt)?;
+    let stock = run(dev, false, dt)?;
+    let cpu = run(&Device::Cpu, true, DType::F32)?;
+    let tol = if dt == DType::F32 { 2e-5 } else { 3e-2 };
+    let what = format!("{dt:?} {n}x{ci}x{h}x{w} -> {c_out} k{k} s{} p{} bias {bias} {act:?}", p.stride, p.padding);
+    for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate().take(ours.len()) {
+        c.check(&format!("{what} {name} vs CPU"), &ours[i], &cpu[i], tol)?;
+        // candle's stock CUDA conv runs cuDNN at its default math (TF32 for f32).
+        c.check(&format!("{what} {name} vs stock CUDA"), &ours[i], &stock[i], if dt == DType::F32 { 5e-3 } else { 3e-2 })?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let dev = Device::new_cuda(0)?;
+    println!("taesd-ops GPU check on {:?}; cudnn feature: {}", dev, cfg!(feature = "cudnn"));
+    taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);
+    let mut c = Checker { failures: vec![] };
+
+    println!("== conv2d (+bias, +ReLU), values and gradients");
+    for dt in [DType::F32, DType::BF16] {
+        for &(shape, c_out, k, s, pd, bias, act) in &[
+            ((2, 16, 32, 32), 32, 3, 1, 1, true, Act::Relu),
+            ((2, 16, 32, 32), 16, 3, 1, 1, true, Act::None),
+            ((2, 16, 33, 31), 16, 3, 2, 1, false, Act::None),
+            ((2, 16, 32, 32), 32, 1, 1, 0, false, Act::None),
+            ((2, 3, 64, 64), 64, 3, 1, 1, true, Act::Relu),
+            ((2, 64, 32, 32), 3, 3, 1, 1, true, Act::None),
+            ((2, 16, 16, 16), 8, 4, 2, 1, true, Act::Relu),
+        ] {
+            conv_case(&mut c, &dev, dt, shape, c_out, k, ConvParams::new(s, pd), bias, act)?;
+        }
+    }
+
+    println!("== upsample 2x, add_relu");
+    for dt in [DType::F32, DType::BF16] {
+        let x0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
+        let run = |d: &Device, ours: bool| -> Result<(Tensor, Tensor)> {
+            let x = Var::from_tensor(&x0.to_device(d)?)?;
+            let y = if ours { taesd_ops::upsample_nearest2x(&x)? } else { x.upsample_nearest2d(34, 24)? };
+            let r = Tensor::arange(0f32, (34 * 24) as f32, d)?.reshape((1, 1, 34, 24))?.broadcast_as(y.shape())?.to_dtype(dt)?;
+            let g = (&y * r)?.sum_all()?.backward()?;
+            Ok((y, g.get(&x).unwrap().clone()))
+        };
+        let (yo, go) = run(&dev, true)?;
+        let (ys, gs) = run(&dev, false)?;
+        let (yc, gc) = run(&Device::Cpu, true)?;
+        c.check(&format!("{dt:?} upsample y vs stock CUDA"), &yo, &ys, 0.0)?;
+        c.check(&format!("{dt:?} upsample y vs CPU"), &yo, &yc, 0.0)?;
+        c.check(&format!("{dt:?} upsample dx vs stock CUDA"), &go, &gs, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
+        c.check(&format!("{dt:?} upsample dx vs CPU"), &go, &gc, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
+        let a0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
+        let b0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
+        let run = |d: &Device, ours: bool| -> Result<Vec<Tensor>> {
+            let a = Var::from_tensor(&a0.to_device(d)?)?;
+            let b = Var::from_tensor(&b0.to_device(d)?)?;
+            let y = if ours { taesd_ops::add_relu(&a, &b)? } else { (a.as_tensor() + b.as_tensor())?.relu()? };
+            let g = (&y * &y)?.sum_all()?.backward()?;
+            Ok(vec![y, g.get(&a).unwrap().clone(), g.get(&b).unwrap().clone()])
+        };
+        let o = run(&dev, true)?;
+        let s = run(&dev, false)?;
+        let cp = run(&Device::Cpu, true)?;
+        for (i, n) in ["y", "da", "db"].iter().enumerate() {
+            c.check(&format!("{dt:?} add_relu {n} vs stock CUDA"), &o[i], &s[i], 0.0)?;
+            c.check(&format!("{dt:?} add_relu {n} vs CPU"), &o[i], &cp[i], 0.0)?;
+        }
+    }
+
+    println!("== fused Adam (AMSGrad, AdamW) vs the CPU loop (bit-identical f32 expected)");
+    for (amsgrad, decoupled, wd) in [(true, false, 0.0), (false, true, 0.01), (true, false, 0.1)] {
+        let n = 100_003;
+        let mk = |s: f32| -> Result<Tensor> { Ok((Tensor::randn(0f32, 1.0, n, &Device::Cpu)? * s as f64)?) };
+        let (p, g, m) = (mk(1.0)?, mk(0.1)?, mk(0.01)?);
+        let v = mk(0.01)?.sqr()?;
+        let vm = (&v * 1.2)?;
+        let scale = Tensor::new(0.9f32, &Device::Cpu)?;
+        let h = taesd_ops::AdamStep { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: wd, decoupled_weight_decay: decoupled, step: 3 };
+        let run = |d: &Device| -> Result<taesd_ops::AdamOut> {
+            let t = |x: &Tensor| x.to_device(d);
+            let vmt = if amsgrad { Some(t(&vm)?) } else { None };
+            Ok(taesd_ops::adam_update(&t(&p)?, &t(&g)?, &t(&m)?, &t(&v)?, vmt.as_ref(), Some(&t(&scale)?), &h)?)
+        };
+        let (og, oc) = (run(&dev)?, run(&Device::Cpu)?);
+        let what = format!("adam amsgrad {amsgrad} decoupled {decoupled} wd {wd}");
+        c.check(&format!("{what} p"), &og.p, &oc.p, 1e-7)?;
+        c.check(&format!("{what} m"), &og.m, &oc.m, 1e-7)?;
+        c.check(&format!("{what} v"), &og.v, &oc.v, 1e-7)?;
+    }
+
+    println!("== timings (ms, CUDA, f32 FMA math unless noted)");
+    let reps = if quick { 3 } else { 10 };
+    for (label, math) in [("fp32", taesd_ops::F32Math::Exact), ("tf32", taesd_ops::F32Math::Tf32)] {
+        taesd_ops::update_settings(|s| s.f32_math = math);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 64, 256, 256), &dev)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (64, 64, 3, 3), &dev)? * 0.05)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(64, DType::F32, &dev)?)?;
+        let p = ConvParams::new(1, 1);
+        let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
+        let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?; Ok(()) })?;
+        println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({label}): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+        for dt in [DType::BF16] {
+            if label != "fp32" { break; }
+            let xb = Var::from_tensor(&x.as_tensor().to_dtype(dt)?)?;
+            let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
+            let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
+            println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({dt:?} activations): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+        }
+    }
+    taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);
+    if !quick {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 64, 256, 256), &dev)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (64, 64, 3, 3), &dev)? * 0.05)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(64, DType::F32, &dev)?)?;
+        let p = ConvParams::new(1, 1);
+        let fwd = time_ms(&dev, 2, &mut || { taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
+        let fb = time_ms(&dev, 2, &mut || { let _ = taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?; Ok(()) })?;
+        println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU: stock candle fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+    }
+    {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 64, 128, 128), &dev)?)?;
+        let ours = time_ms(&dev, reps, &mut || { let _ = taesd_ops::upsample_nearest2x(&x)?.sum_all()?.backward()?; Ok(()) })?;
+        let stock = time_ms(&dev, 2, &mut || { let _ = x.upsample_nearest2d(256, 256)?.sum_all()?.backward()?; Ok(()) })?;
+        println!("  upsample 2x 16x64x128x128 fwd+bwd: ours {ours:8.2}  stock {stock:8.2}");
+    }
+
+    println!("== taef2 decoder 256x256 batch 16: fwd, fwd+bwd+Adam step (MSE)");
+    let cfg = taesd::Variant::Taef2.config();
+    for (label, ops) in [("ours", true), ("stock", false)] {
+        if !ops && quick {
+            continue;
+        }
+        taesd::layers::set_use_ops(ops);
+        let vm = VarMap::new();
+        let dec = taesd::Decoder::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let z = Tensor::randn(0f32, 1.0, (16, cfg.latent_channels, 32, 32), &dev)?;
+        let target = Tensor::rand(0f32, 1.0, (16, 3, 256, 256), &dev)?;
+        let vars: Vec<(String, Var)> = {
+            let d = vm.data().lock().unwrap();
+            let mut v: Vec<_> = d.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let mut opt = train::recipe::optim::Adam::new(vars, train::recipe::optim::AdamConfig::amsgrad(1e-3, (0.9, 0.99)))?;
+        opt.set_fused(Some(ops));
+        let fwd = time_ms(&dev, reps, &mut || { dec.forward(&z)?; Ok(()) })?;
+        let n = if ops { reps } else { 2 };
+        let step = time_ms(&dev, n, &mut || {
+            let l = (dec.forward(&z)? - &target)?.sqr()?.mean_all()?;
+            let g = l.backward()?;
+            opt.step(&g)?;
+            Ok(())
+        })?;
+        println!("  {label:<6} decoder fwd {fwd:8.2}  fwd+bwd+AMSGrad step {step:8.2}");
+    }
+    taesd::layers::set_use_ops(true);
+
+    if c.failures.is_empty() {
+        println!("GPU CHECK OK");
+        Ok(())
+    } else {
+        for f in &c.failures {
+            println!("FAILED: {f}");
+        }
+        bail!("GPU CHECK FAILED: {} checks", c.failures.len())
+    }
+}
