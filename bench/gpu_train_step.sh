@@ -6,15 +6,16 @@
 # Run on the GPU machine from the repository root (device tool: carry [".carry"]):
 #   bash bench/gpu_train_step.sh            # writes $OUT/gpu_train_step.{jsonl,md} (or bench/results/)
 # Each run is time-limited (RUN_TIMEOUT s, default 40); the whole bench stays under ~8 min.
-set -uo pipefail
 cd "$(dirname "$0")/.."
+# gpu-env.sh is sourced before `set -u` (it may read unset variables).
+# shellcheck disable=SC1091
+source tools/cuda/gpu-env.sh >/dev/null
+set -uo pipefail
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 PY=${TORCH_PY:-/opt/torch/.venv/bin/python}
 RUN_TIMEOUT=${RUN_TIMEOUT:-40}
 STEPS=${STEPS:-8}
-# shellcheck disable=SC1091
-source tools/cuda/gpu-env.sh >/dev/null
 JSONL=$OUTDIR/gpu_train_step.jsonl
 : > "$JSONL"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUTDIR/gpu_train_step.device"

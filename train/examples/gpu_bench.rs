@@ -43,7 +43,8 @@ fn main() -> Result<()> {
     if tf32 {
         taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Tf32);
     }
-    let dev = Device::new_cuda(0)?;
+    // `--cpu`: a smoke run of this program on the CPU (tiny sizes).
+    let dev = if args.iter().any(|a| a == "--cpu") { Device::Cpu } else { Device::new_cuda(0)? };
     let _ = Tensor::zeros(1, candle_core::DType::F32, &dev)?;
     dev.synchronize()?;
     let base = used_mib();
