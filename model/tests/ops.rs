@@ -1,0 +1,56 @@
+//! The layers through taesd-ops (the default) vs candle's stock ops (`set_use_ops(false)`), on
+//! the CPU: same forward bit for bit, same gradients of every parameter within f32 rounding
+//! (taef2: pools, blocks, fused conv->ReLU, upsample; taesd: the plain blocks).
+//! Its own test binary: `set_use_ops` is process-wide.
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use taesd::{Taesd, Variant};
+
+fn grads_of(vm: &VarMap, loss: &Tensor) -> Vec<(String, Tensor)> {
+    let g = loss.backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    let mut v: Vec<(String, Tensor)> = data
+        .iter()
+        .map(|(k, var): (&String, &Var)| (k.clone(), g.get(var).expect(k).clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn ops_match_stock_candle_values_and_gradients() {
+    for variant in [Variant::Taef2, Variant::Taesd] {
+        let cfg = variant.config();
+        let vm = VarMap::new();
+        let m = Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let (enc, dec) = (m.encoder.clone().unwrap(), m.decoder.clone().unwrap());
+        let x = Tensor::rand(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let run = |ops: bool| {
+            taesd::layers::set_use_ops(ops);
+            let z = enc.forward(&x).unwrap();
+            let y = dec.forward(&z).unwrap();
+            let loss = ((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+                + z.sqr().unwrap().mean_all().unwrap())
+            .unwrap();
+            let g = grads_of(&vm, &loss);
+            taesd::layers::set_use_ops(true);
+            (z, y, g)
+        };
+        let (z1, y1, g1) = run(true);
+        let (z0, y0, g0) = run(false);
+        let same = |a: &Tensor, b: &Tensor| {
+            let d: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            d
+        };
+        assert_eq!(same(&z1, &z0), 0.0, "{variant:?} encoder forward");
+        assert_eq!(same(&y1, &y0), 0.0, "{variant:?} decoder forward");
+        assert_eq!(g1.len(), g0.len());
+        for ((n1, a), (n0, b)) in g1.iter().zip(&g0) {
+            assert_eq!(n1, n0);
+            let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let d = same(a, b);
+            assert!(d <= 1e-4 * scale.max(1e-6), "{variant:?} grad {n1}: max diff {d:e}, max {scale:e}");
+        }
+    }
+}
