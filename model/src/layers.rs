@@ -15,13 +15,26 @@ use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupN
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
 
 static USE_OPS: AtomicBool = AtomicBool::new(true);
+static ENV: std::sync::Once = std::sync::Once::new();
+
+/// Read `TAESD_STOCK_OPS` once: `1` starts the process with candle's stock ops (an A/B switch
+/// for shipped binaries).
+fn init_from_env() {
+    ENV.call_once(|| {
+        if std::env::var("TAESD_STOCK_OPS").is_ok_and(|v| v == "1") {
+            USE_OPS.store(false, Ordering::Relaxed);
+        }
+    });
+}
 
 /// Whether the layers use taesd-ops (the default) or candle's stock ops (process-wide).
 pub fn set_use_ops(on: bool) {
+    init_from_env();
     USE_OPS.store(on, Ordering::Relaxed);
 }
 
 pub fn use_ops() -> bool {
+    init_from_env();
     USE_OPS.load(Ordering::Relaxed)
 }
 
