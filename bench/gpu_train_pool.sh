@@ -26,9 +26,9 @@ mkdir -p "$OUT"
 echo "== machine: $(nproc) cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 SHARDS=${SHARDS:-}
 if [[ -z $SHARDS ]]; then
-  SHARDS=$WORK/lat256
+  SHARDS=$WORK/lat${RES:-256}
   echo "== precompute: pool at 256, $VARIANTS variant(s), taef2 teacher, CUDA EP"
-  precompute --vae taef2 --onnx "$ONNX" --images "$POOL" --resolution 256 --variants "$VARIANTS" \
+  precompute --vae taef2 --onnx "$ONNX" --images "$POOL" --resolution "${RES:-256}" --variants "$VARIANTS" \
     --device cuda --batch-size 32 --out "$SHARDS" --quiet 2>&1 | tail -8
 fi
 precompute inspect "$SHARDS" | head -12
@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits
 smi=$!
 # Ctrl-C (SIGINT) makes train checkpoint and stop; the --resume below (at the step reached) then
 # writes the final eval, preview and export.
-timeout -s INT "$SECONDS_TRAIN" train --shards "$SHARDS" --run-dir "$RUN" --device cuda --steps 1000000 \
+timeout --foreground -s INT "$SECONDS_TRAIN" train --shards "$SHARDS" --run-dir "$RUN" --device cuda --steps 1000000 \
   --crop "$CROP" --batch-size "$BATCH" --quiet "${init[@]}" \
   --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" \
   --set run.log_every=20 --set run.preview_every=200 --set run.eval_every=0 --set run.checkpoint_every=0 \
