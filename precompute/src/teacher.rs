@@ -40,7 +40,8 @@ pub struct Encoded {
 }
 
 /// How the CUDA execution provider runs the teacher. Every field is a `precompute` flag; the
-/// defaults are what measured fastest on an H100 (bench/results/, docs/gpu.md).
+/// defaults are what worked fastest on an H100 (bench/results/, docs/gpu.md): heuristic
+/// algorithm choice, no IO binding (it failed there).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CudaTuning {
     /// cuDNN convolution algorithm search (`cudnn_conv_algo_search`).
@@ -62,9 +63,9 @@ pub struct CudaTuning {
 impl Default for CudaTuning {
     fn default() -> Self {
         CudaTuning {
-            conv_search: ConvSearch::Exhaustive,
+            conv_search: ConvSearch::Heuristic,
             prefer_nhwc: false,
-            io_binding: true,
+            io_binding: false,
             static_shapes: false,
             cuda_graph: false,
             extra: Vec::new(),
