@@ -13,14 +13,20 @@ fn main() {
         Some(c) => train::cli::command(c),
         None => {
             // First Ctrl-C / SIGTERM: checkpoint at the end of the current step and exit; a
-            // second one exits at once.
+            // second one exits at once. A repeat within a second counts as the same interrupt:
+            // senders such as GNU `timeout` signal the process and then its whole group.
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
+            let first = std::sync::OnceLock::<std::time::Instant>::new();
             let handler = ctrlc::set_handler(move || {
                 if flag.swap(true, Ordering::SeqCst) {
+                    if first.get().is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+                        return;
+                    }
                     eprintln!("\nsecond interrupt: exiting without a checkpoint");
                     std::process::exit(130);
                 }
+                let _ = first.set(std::time::Instant::now());
                 eprintln!("\ninterrupt: saving a checkpoint after this step (interrupt again to quit at once)");
             });
             if let Err(e) = handler {

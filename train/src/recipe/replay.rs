@@ -261,12 +261,14 @@ impl ReplayBuffer {
                 bail!("{}: {n} images but {} latents", path.display(), la.dim(0)?);
             }
             let st = self.dtype.dtype();
+            // One host-to-device copy per chunk (not two per entry), then an own copy per entry.
+            let (im, la) = (im.to_dtype(st)?.to_device(device)?, la.to_dtype(st)?.to_device(device)?);
             for k in 0..n {
                 if images.len() >= self.capacity || images.len() >= len {
                     break 'chunks;
                 }
-                images.push(own(&im.get(k)?.to_dtype(st)?, st)?.to_device(device)?);
-                latents.push(own(&la.get(k)?.to_dtype(st)?, st)?.to_device(device)?);
+                images.push(own(&im.get(k)?, st)?);
+                latents.push(own(&la.get(k)?, st)?);
             }
         }
         if images.len() != len.min(self.capacity) {
