@@ -84,7 +84,7 @@ fn conv_case(
         } else {
             taesd_ops::stock(&x, &wt, bo, p, act)?
         };
-        let r = Tensor::ones_like(&y)?.to_device(&Device::Cpu)?;
+        let r = Tensor::ones(y.shape(), DType::F32, &Device::Cpu)?;
         let (_, _, yh, yw) = y.dims4()?;
         let r = (r * Tensor::arange(0f32, (yh * yw) as f32, &Device::Cpu)?.reshape((1, 1, yh, yw))?.broadcast_as(y.shape())?.affine(1.0 / (yh * yw) as f64, -0.5)?)?
             .to_device(d)?
