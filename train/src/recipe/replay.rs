@@ -284,11 +284,13 @@ impl ReplayBuffer {
     }
 }
 
-/// `t` in `dtype` with storage of its own (never a view of a larger tensor, which would keep
-/// that alive).
+/// `t` in `dtype` with storage of its own holding just its elements (never a view of a larger
+/// tensor, which would keep that alive). Not `Tensor::copy`: that clones the whole underlying
+/// storage, so entry `k` of a loaded 1024-entry chunk kept a copy of the entire chunk (a CUDA
+/// resume ran out of memory that way).
 fn own(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
-        Ok(t.detach().copy()?)
+        Ok(t.detach().force_contiguous()?)
     } else {
         Ok(t.to_dtype(dtype)?)
     }
@@ -404,6 +406,15 @@ mod tests {
         let mut back = ReplayBuffer::new(4, ReplayDtype::Bf16);
         back.load(dir.path(), 3, &Device::Cpu).unwrap();
         assert_eq!(first_values(&back), first_values(&buf));
+        // Each loaded entry owns storage of its own size, not the whole chunk's.
+        for t in back.entries().0.iter().chain(back.entries().1) {
+            assert_eq!(t.layout().start_offset(), 0);
+            let elems = match &*t.storage_and_layout().0 {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => v.len(),
+                other => panic!("unexpected storage {:?}", other.dtype()),
+            };
+            assert_eq!(elems, t.elem_count());
+        }
         // Lowered capacity keeps the first entries.
         let mut small = ReplayBuffer::new(2, ReplayDtype::Bf16);
         small.load(dir.path(), 3, &Device::Cpu).unwrap();
