@@ -51,7 +51,7 @@ resume=()
   --set model.init_encoder="\"$REF/taef2_encoder.pth\"" \
   --set model.init_decoder="\"$REF/taef2_decoder.pth\"" \
   --set model.reference_decoder="\"$REF/taef2_decoder.pth\"" \
-  --set recipe.lr=1e-4 --set recipe.disc_warmup_steps=12 --set run.preview_every=12 --set run.log_every=4 \
+  --set recipe.lr=1e-5 --set recipe.disc_warmup_steps=12 --set run.preview_every=12 --set run.log_every=4 \
   --set data.eval_fraction=0.05 --set data.eval_max_images=12
 
 echo "== 3. eval on the held-out split: ours (EMA export) vs the released taef2 decoder"
