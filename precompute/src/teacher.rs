@@ -267,7 +267,9 @@ impl HostAllocator {
 struct Bound {
     binding: IoBinding,
     dev_in: DynTensor,
-    dev_out: DynTensor,
+    /// The output is bound to this pinned host tensor: ONNX Runtime copies the result into it at
+    /// the end of each run. (Binding a device tensor and copying it back with `copy_into` failed
+    /// on the H100 with ORT 1.31.1: `gpu_data_transfer.cc: dst_data != src_data`.)
     host_out: DynTensor,
     shape: [usize; 4],
 }
@@ -583,7 +585,6 @@ impl Teacher {
             Some(b) => {
                 batch.tensor.copy_into(&mut b.dev_in).map_err(|e| anyhow!("copy to the device: {e}"))?;
                 self.session.run_binding(&b.binding).map_err(ort_err)?;
-                b.dev_out.copy_into(&mut b.host_out).map_err(|e| anyhow!("copy from the device: {e}"))?;
                 extract(&b.host_out)?
             }
             None => {
@@ -616,13 +617,12 @@ impl Teacher {
         let cuda = Allocator::new(&self.session, MemoryInfo::new(AllocationDevice::CUDA, dev, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?)
             .map_err(|e| anyhow!("CUDA allocator: {e}"))?;
         let dev_in = DynTensor::new(&cuda, self.input_type, shape).map_err(ort_err)?;
-        let mut dev_out = DynTensor::new(&cuda, oty, out_shape).map_err(ort_err)?;
         let host = self.host_allocator()?;
-        let host_out = DynTensor::new(&host.alloc, oty, out_shape).map_err(ort_err)?;
+        let mut host_out = DynTensor::new(&host.alloc, oty, out_shape).map_err(ort_err)?;
         let mut binding = self.session.create_binding().map_err(ort_err)?;
         binding.bind_input(self.input_name.as_str(), &dev_in).map_err(ort_err)?;
-        binding.bind_output(self.output_name.as_str(), &mut dev_out).map_err(ort_err)?;
-        self.bound = Some(Bound { binding, dev_in, dev_out, host_out, shape });
+        binding.bind_output(self.output_name.as_str(), &mut host_out).map_err(ort_err)?;
+        self.bound = Some(Bound { binding, dev_in, host_out, shape });
         Ok(())
     }
 
