@@ -174,16 +174,10 @@ fn pipeline_config(args: &RunArgs, spec: &VaeSpec, input_format: teacher::InputF
             color_augment: args.color_augment,
             seed: args.seed,
         },
-        image_format: match args.image_format {
-            ImageFormatArg::Png => ImageFormat::Png,
-            ImageFormatArg::Jpeg => ImageFormat::Jpeg,
-        },
+        image_format: image_format(args),
         jpeg_quality: args.quality,
         limits: DecodeLimits { max_pixels: args.max_pixels, ..DecodeLimits::default() },
-        latent_dtype: match args.latent_dtype {
-            LatentDtypeArg::F16 => LatentDtype::Float16,
-            LatentDtypeArg::F32 => LatentDtype::Float32,
-        },
+        latent_dtype: latent_dtype(args),
         vae: spec.clone(),
         onnx_sha256,
         progress: !args.quiet,
@@ -229,15 +223,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         hflip: args.hflip,
         color_augment: args.color_augment,
         seed: args.seed,
-        image_format: match args.image_format {
-            ImageFormatArg::Png => ImageFormat::Png,
-            ImageFormatArg::Jpeg => ImageFormat::Jpeg,
-        },
+        image_format: image_format(args),
         jpeg_quality: args.quality,
-        latent_dtype: match args.latent_dtype {
-            LatentDtypeArg::F16 => LatentDtype::Float16,
-            LatentDtypeArg::F32 => LatentDtype::Float32,
-        },
+        latent_dtype: latent_dtype(args),
         inputs_per_shard,
     };
     let inputs_info = output::InputsInfo {
@@ -290,4 +278,20 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         listing_errors,
         rows_total: out.manifest.rows,
     })
+}
+
+/// The stored-image format the flags ask for.
+fn image_format(args: &RunArgs) -> ImageFormat {
+    match args.image_format {
+        ImageFormatArg::Png => ImageFormat::Png,
+        ImageFormatArg::Jpeg => ImageFormat::Jpeg,
+    }
+}
+
+/// The stored-latent element type the flags ask for.
+fn latent_dtype(args: &RunArgs) -> LatentDtype {
+    match args.latent_dtype {
+        LatentDtypeArg::F16 => LatentDtype::Float16,
+        LatentDtypeArg::F32 => LatentDtype::Float32,
+    }
 }
