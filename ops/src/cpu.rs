@@ -75,6 +75,16 @@ fn relu<F: PartialOrd + Default>(v: F) -> F {
     }
 }
 
+/// Half-precision (bf16, f16) operands of a convolution are widened to f32 and the result is
+/// rounded once on store: what tensor-core convolutions compute (exact products, f32 sums).
+/// (candle's CPU matmul has no bf16 kernel.) Other dtypes pass through.
+fn widen(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
 /// `act(conv(x, w) + b)` with candle's CPU convolution.
 pub(crate) fn conv_fwd(
     x: &Tensor,
@@ -83,9 +93,10 @@ pub(crate) fn conv_fwd(
     p: ConvParams,
     act: Act,
 ) -> Result<Tensor> {
-    let y = x.conv2d(w, p.padding, p.stride, 1, 1)?;
+    let dt = x.dtype();
+    let y = widen(x)?.conv2d(&widen(w)?, p.padding, p.stride, 1, 1)?;
     if b.is_none() && act == Act::None {
-        return Ok(y);
+        return y.to_dtype(dt);
     }
     let (_, c, h, wd) = y.dims4()?;
     let hw = h * wd;
@@ -98,7 +109,7 @@ pub(crate) fn conv_fwd(
         let z = *e + bias[(i / hw) % c];
         *e = if act == Act::Relu { relu(z) } else { z };
     }
-    from_f64s(v, y.shape(), y.dtype())
+    from_f64s(v, y.shape(), dt)
 }
 
 /// Backward of `act(z + b)` given the output `y` and its gradient: (dz, db). `dz` is `dy`
@@ -148,6 +159,15 @@ pub(crate) fn act_bias_bwd(
 /// `conv_transpose2d`, whose CPU kernel is a naive loop (~50x slower); the result is the same sum
 /// in another order. Falls back to `conv_transpose2d` when padding exceeds `k - 1`.
 pub(crate) fn conv_bwd_data(
+    dz: &Tensor,
+    w: &Tensor,
+    x_dims: &[usize],
+    p: ConvParams,
+) -> Result<Tensor> {
+    conv_bwd_data_wide(&widen(dz)?, &widen(w)?, x_dims, p)?.to_dtype(dz.dtype())
+}
+
+fn conv_bwd_data_wide(
     dz: &Tensor,
     w: &Tensor,
     x_dims: &[usize],
@@ -203,10 +223,11 @@ pub(crate) fn conv_bwd_filter(
     w_dims: &[usize],
     p: ConvParams,
 ) -> Result<Tensor> {
-    let g = x
+    let g = widen(x)?
         .transpose(0, 1)?
-        .conv2d(&dz.transpose(0, 1)?, p.padding, 1, p.stride, 1)?
-        .transpose(0, 1)?;
+        .conv2d(&widen(dz)?.transpose(0, 1)?, p.padding, 1, p.stride, 1)?
+        .transpose(0, 1)?
+        .to_dtype(x.dtype())?;
     let (_, _, g0, g1) = g.dims4()?;
     let g = if g0 != w_dims[2] || g1 != w_dims[3] {
         g.narrow(2, 0, w_dims[2])?.narrow(3, 0, w_dims[3])?

@@ -100,6 +100,43 @@ fn conv_matches_candle_values_and_grads() -> Result<()> {
     Ok(())
 }
 
+/// Mixed precision on the CPU: bf16 activations with f32 master weights (cast on use, as the
+/// model does). Values and gradients equal the f32 computation on the same bf16-valued operands
+/// rounded once (tensor-core semantics), within one bf16 rounding (2^-8 relative); the weight
+/// and bias gradients come back f32.
+#[test]
+fn bf16_conv_is_the_f32_conv_of_bf16_operands_rounded_once() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for c in cases() {
+        let what = format!("bf16 k{} s{} p{} bias {} {:?} {}", c.k, c.stride, c.pad, c.bias, c.act, c.hw);
+        let round = |t: Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let x0 = round(randn(&mut rng, &[2, c.c_in, c.hw, c.hw], DType::F32));
+        let w0 = round(randn(&mut rng, &[c.c_out, c.c_in, c.k, c.k], DType::F32));
+        let b0 = round(randn(&mut rng, &[c.c_out], DType::F32));
+        let p = ConvParams::new(c.stride, c.pad);
+        // bf16 activations, f32 weights.
+        let xh = Var::from_tensor(&x0.to_dtype(DType::BF16)?)?;
+        let (wh, bh) = (Var::from_tensor(&w0)?, Var::from_tensor(&b0)?);
+        let yh = conv2d_act(&xh, &wh, c.bias.then(|| bh.as_tensor()), p, c.act)?;
+        assert_eq!(yh.dtype(), DType::BF16, "{what}");
+        // f32 reference on the same values.
+        let (xf, wf, bf) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?, Var::from_tensor(&b0)?);
+        let yf = conv2d_act(&xf, &wf, c.bias.then(|| bf.as_tensor()), p, c.act)?;
+        assert_close(&yh, &yf, 1e-2, &format!("{what}: forward"));
+        let r = round(randn(&mut rng, yf.dims(), DType::F32));
+        let gh = (yh.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        assert_eq!(gh.get(&xh).unwrap().dtype(), DType::BF16, "{what}");
+        assert_eq!(gh.get(&wh).unwrap().dtype(), DType::F32, "{what}: master weight gradient");
+        assert_close(gh.get(&xh).unwrap(), gf.get(&xf).unwrap(), 2e-2, &format!("{what}: dx"));
+        assert_close(gh.get(&wh).unwrap(), gf.get(&wf).unwrap(), 2e-2, &format!("{what}: dw"));
+        if c.bias {
+            assert_close(gh.get(&bh).unwrap(), gf.get(&bf).unwrap(), 2e-2, &format!("{what}: db"));
+        }
+    }
+    Ok(())
+}
+
 /// A directional finite difference of `L(t) = sum(f(t) * r)` in f64 vs the backward.
 fn check_fd(
     what: &str,

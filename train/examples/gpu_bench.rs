@@ -1,9 +1,10 @@
 //! Times our training step (train::recipe::Recipe::step) on CUDA, for bench/gpu_train_step.sh.
 //!
 //! `gpu_bench --size 256 --batch 32 --recipe full|decoder [--steps 10] [--warmup 3]
-//!  [--seconds 60] [--tf32] [--stock]`
+//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock]`
 //! full: encoder MSE + decoder GAN (patch discriminator, replay, correction) + low-res MSE;
-//! decoder: decoder-only full-res MSE. `--stock`: candle's stock ops instead of taesd-ops
+//! decoder: decoder-only full-res MSE. `--precision`: the step's arithmetic
+//! (train::recipe::Precision; `--tf32` = `--precision tf32`). `--stock`: candle's stock ops instead of taesd-ops
 //! (layers and optimiser). Prints one JSON line: images/s, ms/step and the device memory in use
 //! at its highest (cuMemGetInfo after each step, minus the use before the model was built: it
 //! includes candle's cached allocations, comparable to PyTorch's max_memory_reserved).
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use train::recipe::{Batch, Recipe, RecipeConfig};
+use train::recipe::{Batch, Precision, Recipe, RecipeConfig};
 
 #[cfg(feature = "cuda")]
 fn used_mib() -> f64 {
@@ -35,13 +36,14 @@ fn main() -> Result<()> {
     let warmup: usize = get("--warmup").map_or(Ok(3), |s| s.parse())?;
     let seconds: f64 = get("--seconds").map_or(Ok(60.0), |s| s.parse())?;
     let recipe_kind = get("--recipe").unwrap_or_else(|| "full".into());
-    let tf32 = args.iter().any(|a| a == "--tf32");
+    let precision = if args.iter().any(|a| a == "--tf32") {
+        Precision::Tf32
+    } else {
+        Precision::parse(&get("--precision").unwrap_or_else(|| "f32".into()))?
+    };
     let stock = args.iter().any(|a| a == "--stock");
     if stock {
         taesd::layers::set_use_ops(false);
-    }
-    if tf32 {
-        taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Tf32);
     }
     // `--cpu`: a smoke run of this program on the CPU (tiny sizes).
     let dev = if args.iter().any(|a| a == "--cpu") { Device::Cpu } else { Device::new_cuda(0)? };
@@ -61,6 +63,7 @@ fn main() -> Result<()> {
         other => bail!("--recipe full|decoder, not {other}"),
     };
     let mut recipe = Recipe::new(&cfg, model, &Default::default(), &dev, 0)?;
+    recipe.set_precision(precision);
     let images = Tensor::rand(0f32, 1.0, (batch, 3, size, size), &dev)?;
     let latents = Tensor::randn(0f32, 1.0, (batch, model.latent_channels, size / 8, size / 8), &dev)?;
     let b = Batch { images, latents };
@@ -86,7 +89,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": if stock { "candle-stock" } else { "ours" },
-            "mode": if tf32 { "tf32" } else { "fp32" },
+            "mode": if precision == Precision::F32 { "fp32" } else { precision.name() },
             "recipe": recipe_kind, "size": size, "batch": batch, "steps": n,
             "ms_per_step": dt * 1e3, "images_per_s": batch as f64 / dt,
             "peak_mem_mib": peak - base,

@@ -14,6 +14,16 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use taesd_ops::{Act, ConvParams};
 
+/// Relative L2 error `|a - b| / |b|`: the measure for half-precision results, whose max-abs
+/// error is dominated by one rounding of the largest element.
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let d = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let s = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt().max(1e-30);
+    Ok(d / s)
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
@@ -28,9 +38,11 @@ struct Checker {
 
 impl Checker {
     fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
-        let e = rel_err(got, want)?;
+        let half = got.dtype() != DType::F32;
+        let e = if half { rel_l2(got, want)? } else { rel_err(got, want)? };
         let ok = e <= tol && e.is_finite();
-        println!("  {:<60} rel err {e:9.2e} (tol {tol:.0e}) {}", what, if ok { "ok" } else { "FAIL" });
+        let m = if half { "rel L2 " } else { "rel err" };
+        println!("  {:<60} {m} {e:9.2e} (tol {tol:.0e}) {}", what, if ok { "ok" } else { "FAIL" });
         if !ok {
             self.failures.push(format!("{what}: {e:e}"));
         }
@@ -98,13 +110,21 @@ fn conv_case(
     };
     let ours = run(dev, true, dt)?;
     let stock = run(dev, false, dt)?;
-    let cpu = run(&Device::Cpu, true, DType::F32)?;
-    let tol = if dt == DType::F32 { 2e-5 } else { 3e-2 };
+    // The CPU path in the same dtype: for bf16 it widens the same bf16 operands to f32 and
+    // rounds once (tensor-core semantics), so the two differ by sum order and final rounding.
+    let cpu = run(&Device::Cpu, true, dt)?;
+    let tol = if dt == DType::F32 { 2e-5 } else { 1e-2 };
     let what = format!("{dt:?} {n}x{ci}x{h}x{w} -> {c_out} k{k} s{} p{} bias {bias} {act:?}", p.stride, p.padding);
     for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate().take(ours.len()) {
         c.check(&format!("{what} {name} vs CPU"), &ours[i], &cpu[i], tol)?;
-        // candle's stock CUDA conv runs cuDNN at its default math (TF32 for f32).
-        c.check(&format!("{what} {name} vs stock CUDA"), &ours[i], &stock[i], if dt == DType::F32 { 5e-3 } else { 3e-2 })?;
+        // candle's stock CUDA conv runs cuDNN at its default math (TF32 for f32). Its bf16
+        // gradients round intermediate results to bf16 (e.g. the bias gradient is a reduction
+        // of a bf16 tensor), so they are shown, not checked: the CPU path is the reference.
+        if dt == DType::F32 || i == 0 {
+            c.check(&format!("{what} {name} vs stock CUDA"), &ours[i], &stock[i], if dt == DType::F32 { 5e-3 } else { 1e-2 })?;
+        } else {
+            println!("  {:<60} rel L2  {:9.2e} (stock bf16 backward; not checked)", format!("{what} {name} vs stock CUDA"), rel_l2(&ours[i], &stock[i])?);
+        }
     }
     Ok(())
 }

@@ -48,6 +48,10 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or auto (run.device).
     #[arg(long)]
     pub device: Option<String>,
+    /// Step arithmetic: f32, tf32 or bf16 (run.precision; bf16 = mixed precision with f32
+    /// master weights, for CUDA).
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Run folder (run.dir); with several runs, each gets a subfolder named after it.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
@@ -175,6 +179,9 @@ fn overrides(a: &TrainArgs) -> Vec<String> {
     }
     if let Some(v) = &a.device {
         o.push(format!("run.device={}", toml::Value::String(v.clone())));
+    }
+    if let Some(v) = &a.precision {
+        o.push(format!("run.precision={}", toml::Value::String(v.clone())));
     }
     if let Some(v) = &a.run_dir {
         o.push(format!("run.dir={}", q(v)));

@@ -115,6 +115,9 @@ pub struct RunConfig {
     pub seed: u64,
     /// cpu, cuda, cuda:N or auto.
     pub device: String,
+    /// Step arithmetic: f32 (exact), tf32 (TF32 tensor-core convolutions), bf16 (bf16
+    /// activations, f32 master weights; see `recipe::precision`).
+    pub precision: String,
     /// Checkpoint every N steps (and always at exit); 0 = only at exit.
     pub checkpoint_every: u64,
     /// Checkpoints kept (older ones are deleted once a newer one is complete).
@@ -141,6 +144,7 @@ impl Default for RunConfig {
             steps: 100_000,
             seed: 0,
             device: "auto".into(),
+            precision: "f32".into(),
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             preview_every: 500,
@@ -172,6 +176,7 @@ const PATH_KEYS: &[&str] =
 pub const RESUME_MAY_CHANGE: &[&str] = &[
     "run.steps",
     "run.device",
+    "run.precision",
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.preview_every",
@@ -224,6 +229,7 @@ impl TrainConfig {
         ensure!(r.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1");
         ensure!(r.plot_width >= 160 && r.plot_height >= 120, "run.plot_width x plot_height must be at least 160 x 120");
         crate::device::DeviceSpec::parse(&r.device).context("run.device")?;
+        crate::recipe::Precision::parse(&r.precision).context("run.precision")?;
         for l in &r.export {
             ensure!(taesd::Layout::parse(l).is_some(), "run.export: unknown layout `{l}` (taesd, diffusers, comfyui, combined)");
         }

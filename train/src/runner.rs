@@ -271,6 +271,7 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
     let device = crate::device::open(&cfg.run.device)?;
     let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
     let mut recipe = Recipe::new(&r.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
+    recipe.set_precision(crate::recipe::Precision::parse(&cfg.run.precision).context("run.precision")?);
     let mut ts = TrainerState {
         step: 0,
         data_position: Position::default(),
@@ -348,11 +349,12 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
     say(
         &pb,
         format!(
-            "run `{}` in {}: {} on {}, {} rows ({} held out for eval), crop {}, batch {}, steps {}..{}{}",
+            "run `{}` in {}: {} on {} ({}), {} rows ({} held out for eval), crop {}, batch {}, steps {}..{}{}",
             plan.name,
             run_dir.display(),
             r.model.describe(),
             crate::device::describe(&device),
+            recipe.precision().name(),
             r.set.rows,
             eval_set.len(),
             r.crop,
@@ -378,7 +380,7 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
     log.write(
         "start",
         ts.step,
-        json!({"resumed": resume_from.is_some(), "device": crate::device::describe(&device), "rows": r.set.rows, "eval_rows": eval_set.len()}),
+        json!({"resumed": resume_from.is_some(), "device": crate::device::describe(&device), "precision": recipe.precision().name(), "rows": r.set.rows, "eval_rows": eval_set.len()}),
     )?;
 
     let eval_now = |recipe: &Recipe, log: &mut MetricsLog, step: u64, with_reference: bool| -> Result<Vec<(String, Metrics)>> {

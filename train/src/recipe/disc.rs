@@ -223,7 +223,9 @@ impl Discriminator {
     }
 
     /// `images` `[B, 3, H, W]` in [0, 1] (H, W multiples of 8), `latents` `[B, C, h, w]` ->
-    /// scores `[B, 6, H/8, W/8]`; with `train`, also the running statistics after this batch.
+    /// scores `[B, 6, H/8, W/8]` (f32 for half-precision inputs); with `train`, also the running statistics after this
+    /// batch. Computes in `images`' dtype (`super::precision`): f32 parameters are cast on use,
+    /// BatchNorm normalises in f32.
     pub fn forward_with(
         cfg: &DiscConfig,
         params: &[Tensor],
@@ -256,6 +258,9 @@ impl Discriminator {
             bail!("discriminator: image size {h}x{w} is not a multiple of {ds}");
         }
         let (oh, ow) = (h / ds, w / ds);
+        let dt = images.dtype();
+        let norm_dt = if matches!(dt, DType::BF16 | DType::F16) { DType::F32 } else { dt };
+        let latents = &latents.to_dtype(dt)?;
         let ctx = latents.upsample_nearest2d(h, w)?;
         let mut x = Tensor::cat(&[&images.affine(2.0, -1.0)?, &ctx], 1)?;
         let mut outs = Vec::with_capacity(n_blocks);
@@ -268,10 +273,12 @@ impl Discriminator {
             let proj = &params[3 * n_blocks + i];
             let s = cfg.strides[i];
             x = taesd_ops::conv2d(&x, conv_w, None, s, 1)?;
+            // BatchNorm in f32 (or f64) for half-precision inputs (precision.rs), back after.
+            let xf = x.to_dtype(norm_dt)?;
             x = match &mut new_stats {
                 Some(ns) => {
                     let (y, m, v) = batch_norm_train(
-                        &x,
+                        &xf,
                         bn_w,
                         bn_b,
                         &stats.mean[i],
@@ -283,9 +290,9 @@ impl Discriminator {
                     ns.var.push(v);
                     y
                 }
-                None => batch_norm_eval(&x, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps)?,
+                None => batch_norm_eval(&xf, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps)?,
             };
-            x = x.relu()?;
+            x = x.relu()?.to_dtype(dt)?;
             let o = taesd_ops::conv2d(&x, proj, None, 1, 0)?;
             let (_, _, hi, wi) = o.dims4()?;
             let o = if (hi, wi) != (oh, ow) {
@@ -298,7 +305,7 @@ impl Discriminator {
             };
             outs.push(o);
         }
-        Ok((Tensor::cat(&outs, 1)?, new_stats))
+        Ok((Tensor::cat(&outs, 1)?.to_dtype(norm_dt)?, new_stats))
     }
 }
 

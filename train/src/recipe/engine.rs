@@ -47,6 +47,7 @@ use super::disc::{BnStats, DiscConfig, Discriminator};
 use super::ema::Ema;
 use super::losses::{self, FreqBasis};
 use super::optim::{clip_scale, Adam, AdamConfig, Proposal};
+use super::precision::{to_f32, Precision};
 use super::replay::{ReplayBuffer, ReplayPlan};
 use super::state::{self, DiscState, PartState, RngState, StateFile};
 
@@ -134,6 +135,7 @@ pub struct Recipe {
     rng: ChaCha8Rng,
     step: u64,
     skipped: u64,
+    precision: Precision,
 }
 
 fn enc_adam(cfg: &RecipeConfig, lr: f64) -> AdamConfig {
@@ -501,7 +503,20 @@ impl Recipe {
             rng,
             step: 0,
             skipped: 0,
+            precision: Precision::F32,
         })
+    }
+
+    /// Compute the steps in `p` from now on (f32 by default). Also sets taesd-ops' process-wide
+    /// convolution math to match. Not part of the saved state: a run may resume in another
+    /// precision.
+    pub fn set_precision(&mut self, p: Precision) {
+        p.apply_to_ops();
+        self.precision = p;
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Steps taken (skipped ones included).
@@ -586,12 +601,13 @@ impl Recipe {
         let lr = self.cfg.lr_at(step_idx);
         let rng_before = self.rng.clone();
         let mut rb = Readback::default();
+        let pc = self.precision;
 
         // 1. Encoder.
         let mut enc_prop: Option<Proposal> = None;
         if let Some(enc) = &self.encoder {
             if let Some(tr) = &enc.trained {
-                let mut pred = enc.model.forward(&images)?;
+                let mut pred = to_f32(&enc.model.forward(&pc.compute(&images)?)?)?;
                 let mut target = latents.clone();
                 let m = self.cfg.encoder_margin;
                 if m > 0 {
@@ -631,7 +647,7 @@ impl Recipe {
         let mut coins: Vec<f32> = Vec::new();
         if let Some(dec) = &self.decoder {
             if let Some(tr) = &dec.trained {
-                let fake = dec.model.forward(&latents)?;
+                let fake = to_f32(&dec.model.forward(&pc.compute(&latents)?)?)?;
                 let fake_d = fake.detach();
                 let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
                 if let Some(gan) = &self.gan {
@@ -665,8 +681,8 @@ impl Recipe {
                         &gan.cfg,
                         &gan.params(),
                         &gan.stats,
-                        &x,
-                        &ctx,
+                        &pc.compute(&x)?,
+                        &pc.compute(&ctx)?,
                         true,
                     )?;
                     let new_stats =
@@ -694,9 +710,9 @@ impl Recipe {
                         &gan.cfg,
                         &prop.params,
                         &new_stats,
-                        &images,
-                        &fake_d,
-                        &latents,
+                        &pc.compute(&images)?,
+                        &pc.compute(&fake_d)?,
+                        &pc.compute(&latents)?,
                     )?;
                     let (corr, raw_std) = losses::normalize_correction(&cg)?;
                     let target = (&fake_d + corr)?;

@@ -1,6 +1,7 @@
 //! The training recipe: one optimisation step of encoder and decoder, and all the state it keeps.
 //!
 //! * [`config`]: [`RecipeConfig`], every hyperparameter with the recipe's defaults.
+//! * [`precision`]: [`Precision`] (f32, tf32, bf16 mixed precision) and its one dtype convention.
 //! * [`optim`]: Adam / AMSGrad / AdamW (PyTorch's update rules), propose-then-commit.
 //! * [`ema`]: the EMA copy of the weights.
 //! * [`disc`]: seraena's conditional patch discriminator (functional BatchNorm).
@@ -29,6 +30,7 @@ pub mod ema;
 pub mod engine;
 pub mod losses;
 pub mod optim;
+pub mod precision;
 pub mod replay;
 pub mod state;
 
@@ -38,3 +40,4 @@ mod tests;
 pub use config::{EncoderLoss, OptimizerKind, RecipeConfig, ReplayDtype};
 pub use disc::{BnStats, DiscConfig, Discriminator};
 pub use engine::{Batch, ModelInit, Recipe, StepReport};
+pub use precision::Precision;
