@@ -48,7 +48,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ok = [r for r in rows if "error" not in r]
 key = lambda r: (r["recipe"], r["size"], r["batch"])
 ours_modes = ["fp32", "tf32", "bf16"]
-print("| recipe | size | batch | ours f32 | ours tf32 | ours bf16 | torch fp32 | torch AMP | best ours / fp32 | best ours / AMP | ours bf16 mem MiB | torch AMP mem MiB (alloc/reserved) |")
+print("| recipe | size | batch | ours f32 | ours tf32 | ours bf16 | torch fp32 | torch AMP | best ours / fp32 | best ours / AMP | ours bf16 mem MiB (pool used/reserved) | torch AMP mem MiB (alloc/reserved) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for k in sorted({key(r) for r in ok}, key=lambda k: (k[0] != "full", k[1])):
     g = {(r["impl"], r["mode"]): r for r in ok if key(r) == k}
@@ -57,7 +57,7 @@ for k in sorted({key(r) for r in ok}, key=lambda k: (k[0] != "full", k[1])):
     ips = lambda r: f"{r['images_per_s']:.1f}" if r else "-"
     best = max((o for o in ours if o), key=lambda o: o["images_per_s"], default=None)
     ratio = lambda r: f"{best['images_per_s'] / r['images_per_s']:.2f}x ({best['mode']})" if best and r else "-"
-    om = f"{ours[2]['peak_mem_mib']:.0f}" if ours[2] else "-"
+    om = f"{ours[2]['peak_mem_mib']:.0f}/{ours[2].get('peak_reserved_mib', float('nan')):.0f}" if ours[2] else "-"
     am = f"{a['peak_mem_mib']:.0f}/{a['peak_reserved_mib']:.0f}" if a else "-"
     print(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(ips(o) for o in ours) + f" | {ips(f)} | {ips(a)} | {ratio(f)} | {ratio(a)} | {om} | {am} |")
 for r in rows:

@@ -81,10 +81,10 @@ pub struct RunArgs {
     /// CUDA: run convolutions channels-last (ONNX Runtime's `prefer_nhwc`).
     #[arg(long, default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
     pub nhwc: bool,
-    /// CUDA: device-resident input/output buffers bound to the session once (IO binding), filled
-    /// from/read into pinned host buffers. `false` (default): plain `Session::run` with host
-    /// tensors. Experimental: on the H100 with ORT 1.31.1 the copy back failed
-    /// (`gpu_data_transfer.cc: dst_data != src_data`); see docs/gpu.md.
+    /// CUDA: a device-resident input buffer bound to the session once (IO binding), filled from
+    /// the pinned host batch; the output is bound to host memory. `false` (default): plain
+    /// `Session::run` with host tensors. Experimental: on the H100 with ORT 1.31.1, device outputs
+    /// could not be copied back (`gpu_data_transfer.cc: dst_data != src_data`); see docs/gpu.md.
     #[arg(long, default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
     pub io_binding: bool,
     /// CUDA: fix the model's symbolic batch/height/width to --batch-size/--resolution (ONNX

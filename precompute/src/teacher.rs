@@ -267,10 +267,10 @@ impl HostAllocator {
 struct Bound {
     binding: IoBinding,
     dev_in: DynTensor,
-    /// The output is bound to this pinned host tensor: ONNX Runtime copies the result into it at
-    /// the end of each run. (Binding a device tensor and copying it back with `copy_into` failed
-    /// on the H100 with ORT 1.31.1: `gpu_data_transfer.cc: dst_data != src_data`.)
-    host_out: DynTensor,
+    // The output is bound to host memory that ONNX Runtime allocates (`bind_output_to_device`
+    // with a CPU MemoryInfo: the device->host copy of a plain run). On the H100 with ORT 1.31.1
+    // both other ways failed with `gpu_data_transfer.cc: dst_data != src_data`: a device output
+    // copied back with ort's `copy_into`, and an output bound to a pinned host tensor.
     shape: [usize; 4],
 }
 
@@ -584,8 +584,9 @@ impl Teacher {
         let (oshape, raw): (Vec<i64>, Vec<f32>) = match self.bound.as_mut().filter(|b| use_binding && b.shape == shape) {
             Some(b) => {
                 batch.tensor.copy_into(&mut b.dev_in).map_err(|e| anyhow!("copy to the device: {e}"))?;
-                self.session.run_binding(&b.binding).map_err(ort_err)?;
-                extract(&b.host_out)?
+                let outputs = self.session.run_binding(&b.binding).map_err(ort_err)?;
+                let v = outputs.get(&self.output_name).ok_or_else(|| anyhow!("output `{}` missing", self.output_name))?;
+                extract(v)?
             }
             None => {
                 let outputs = self.session.run(ort::inputs![self.input_name.as_str() => &batch.tensor]).map_err(ort_err)?;
@@ -600,29 +601,14 @@ impl Teacher {
     fn bind(&mut self, shape: [usize; 4]) -> Result<()> {
         self.bound = None;
         let dev = self.cuda.expect("cuda");
-        let ds = self.spec.downscale;
-        let och = match self.output_kind.expect("output kind known") {
-            OutputKind::Latent => self.spec.channels,
-            OutputKind::Moments => 2 * self.spec.channels,
-        };
-        let out_shape = [shape[0], och, shape[2] / ds, shape[3] / ds];
-        let oty = self
-            .session
-            .outputs()
-            .iter()
-            .find(|o| o.name() == self.output_name)
-            .and_then(|o| tensor_sig(o.dtype()))
-            .map(|(t, _)| t)
-            .unwrap_or(TensorElementType::Float32);
         let cuda = Allocator::new(&self.session, MemoryInfo::new(AllocationDevice::CUDA, dev, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?)
             .map_err(|e| anyhow!("CUDA allocator: {e}"))?;
         let dev_in = DynTensor::new(&cuda, self.input_type, shape).map_err(ort_err)?;
-        let host = self.host_allocator()?;
-        let mut host_out = DynTensor::new(&host.alloc, oty, out_shape).map_err(ort_err)?;
         let mut binding = self.session.create_binding().map_err(ort_err)?;
         binding.bind_input(self.input_name.as_str(), &dev_in).map_err(ort_err)?;
-        binding.bind_output(self.output_name.as_str(), &mut host_out).map_err(ort_err)?;
-        self.bound = Some(Bound { binding, dev_in, host_out, shape });
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?;
+        binding.bind_output_to_device(self.output_name.as_str(), &host).map_err(ort_err)?;
+        self.bound = Some(Bound { binding, dev_in, shape });
         Ok(())
     }
 

@@ -1,18 +1,54 @@
 //! Times our training step (train::recipe::Recipe::step) on CUDA, for bench/gpu_train_step.sh.
 //!
 //! `gpu_bench --size 256 --batch 32 --recipe full|decoder [--steps 10] [--warmup 3]
-//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock]`
+//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N]`
 //! full: encoder MSE + decoder GAN (patch discriminator, replay, correction) + low-res MSE;
 //! decoder: decoder-only full-res MSE. `--precision`: the step's arithmetic
 //! (train::recipe::Precision; `--tf32` = `--precision tf32`). `--stock`: candle's stock ops instead of taesd-ops
-//! (layers and optimiser). Prints one JSON line: images/s, ms/step and the device memory in use
-//! at its highest (cuMemGetInfo after each step, minus the use before the model was built: it
-//! includes candle's cached allocations, comparable to PyTorch's max_memory_reserved).
+//! (layers and optimiser). Prints one JSON line: images/s, ms/step and the memory pool's
+//! high-water marks over the timed steps (`peak_mem_mib` used, `peak_reserved_mib` reserved: as
+//! PyTorch's max_memory_allocated/reserved), plus the growth of cuMemGetInfo after synchronised
+//! steps (a lower bound, kept for comparison with earlier results).
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use train::recipe::{Batch, Precision, Recipe, RecipeConfig};
+
+/// The CUDA memory pool's high-water marks, in MiB: (used, reserved). candle allocates with
+/// `cuMemAllocAsync` from the device's default pool, so these are the analogues of PyTorch's
+/// `max_memory_allocated` / `max_memory_reserved`. (cuMemGetInfo after a synchronize misses
+/// the step's transient peak: the pool gives freed memory back at synchronisation.)
+#[cfg(feature = "cuda")]
+fn pool_high_mib(reset: bool) -> (f64, f64) {
+    use candle_core::cuda::cudarc::driver::sys;
+    unsafe {
+        let mut dev: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        if sys::cuDeviceGet(&mut dev, 0) != sys::CUresult::CUDA_SUCCESS
+            || sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS
+        {
+            return (f64::NAN, f64::NAN);
+        }
+        let mut get = |a: sys::CUmemPool_attribute| -> f64 {
+            let mut v: u64 = 0;
+            if reset {
+                let _ = sys::cuMemPoolSetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void);
+            }
+            let ok = sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void);
+            if ok == sys::CUresult::CUDA_SUCCESS { v as f64 / (1u64 << 20) as f64 } else { f64::NAN }
+        };
+        (
+            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH),
+            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH),
+        )
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pool_high_mib(_reset: bool) -> (f64, f64) {
+    (f64::NAN, f64::NAN)
+}
 
 #[cfg(feature = "cuda")]
 fn used_mib() -> f64 {
@@ -73,6 +109,9 @@ fn main() -> Result<()> {
         dev.synchronize()?;
         peak = peak.max(used_mib());
     }
+    // As the PyTorch script: the high-water marks of the timed steps (after warm-up).
+    dev.synchronize()?;
+    pool_high_mib(true);
     let t0 = Instant::now();
     let mut n = 0;
     while n < steps && (n == 0 || t0.elapsed().as_secs_f64() < seconds) {
@@ -85,6 +124,24 @@ fn main() -> Result<()> {
         n += 1;
     }
     let dt = t0.elapsed().as_secs_f64() / n as f64;
+    let (pool_used, pool_reserved) = pool_high_mib(false);
+    // `--profile N`: N more steps with a synchronising timer at each phase (after the timed
+    // steps, so they do not slow them): where the time goes, ms per step and phase.
+    let mut phases = serde_json::Map::new();
+    let np: u64 = get("--profile").map_or(Ok(0), |s| s.parse())?;
+    if np > 0 {
+        recipe.set_profiling(true);
+        for _ in 0..np {
+            recipe.step(&b)?;
+        }
+        let p = recipe.profile().expect("profiling on");
+        let total: f64 = p.seconds.values().sum();
+        for (k, v) in &p.seconds {
+            let ms = v * 1e3 / p.steps as f64;
+            eprintln!("  {k:<40} {ms:8.2} ms/step  {:5.1}%", 100.0 * v / total);
+            phases.insert((*k).into(), serde_json::json!(ms));
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -92,7 +149,10 @@ fn main() -> Result<()> {
             "mode": if precision == Precision::F32 { "fp32" } else { precision.name() },
             "recipe": recipe_kind, "size": size, "batch": batch, "steps": n,
             "ms_per_step": dt * 1e3, "images_per_s": batch as f64 / dt,
-            "peak_mem_mib": peak - base,
+            "peak_mem_mib": pool_used,
+            "peak_reserved_mib": pool_reserved,
+            "mem_get_info_growth_mib": peak - base,
+            "phase_ms": phases,
         })
     );
     Ok(())

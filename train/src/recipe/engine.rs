@@ -136,6 +136,41 @@ pub struct Recipe {
     step: u64,
     skipped: u64,
     precision: Precision,
+    profile: Option<Profile>,
+}
+
+/// Where a step's time goes (`Recipe::set_profiling`): the device is synchronised at each phase
+/// boundary, so profiled steps are slower than plain ones; seconds accumulate per phase.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    pub seconds: BTreeMap<&'static str, f64>,
+    pub steps: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl Profile {
+    fn start(&mut self, dev: &Device) -> Result<()> {
+        dev.synchronize()?;
+        self.last = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn mark(&mut self, dev: &Device, phase: &'static str) -> Result<()> {
+        dev.synchronize()?;
+        let now = std::time::Instant::now();
+        if let Some(t) = self.last.replace(now) {
+            *self.seconds.entry(phase).or_default() += (now - t).as_secs_f64();
+        }
+        Ok(())
+    }
+}
+
+/// `mark` on an optional profile.
+fn mark(p: &mut Option<Profile>, dev: &Device, phase: &'static str) -> Result<()> {
+    match p {
+        Some(p) => p.mark(dev, phase),
+        None => Ok(()),
+    }
 }
 
 fn enc_adam(cfg: &RecipeConfig, lr: f64) -> AdamConfig {
@@ -504,7 +539,17 @@ impl Recipe {
             step: 0,
             skipped: 0,
             precision: Precision::F32,
+            profile: None,
         })
+    }
+
+    /// Time the phases of the following steps (see [`Profile`]); `false` stops and drops it.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Profile::default);
+    }
+
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
     }
 
     /// Compute the steps in `p` from now on (f32 by default). Also sets taesd-ops' process-wide
@@ -596,6 +641,17 @@ impl Recipe {
     /// One full step (encoder, discriminator, decoder as configured). Increments the step
     /// counter, also when the NaN guard skips the step.
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
+        let mut prof = self.profile.take();
+        if let Some(p) = prof.as_mut() {
+            p.start(&self.device)?;
+            p.steps += 1;
+        }
+        let r = self.step_inner(batch, &mut prof);
+        self.profile = prof;
+        r
+    }
+
+    fn step_inner(&mut self, batch: &Batch, prof: &mut Option<Profile>) -> Result<StepReport> {
         let (images, latents) = self.check_batch(batch)?;
         let step_idx = self.step;
         let lr = self.cfg.lr_at(step_idx);
@@ -641,6 +697,8 @@ impl Recipe {
             }
         }
 
+        mark(prof, &self.device, "encoder fwd+bwd")?;
+
         // 2. Decoder (+ discriminator).
         let mut dec_prop: Option<Proposal> = None;
         let mut disc_commit: Option<(Proposal, BnStats, ReplayPlan, Tensor)> = None;
@@ -648,6 +706,7 @@ impl Recipe {
         if let Some(dec) = &self.decoder {
             if let Some(tr) = &dec.trained {
                 let fake = to_f32(&dec.model.forward(&pc.compute(&latents)?)?)?;
+                mark(prof, &self.device, "decoder fwd")?;
                 let fake_d = fake.detach();
                 let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
                 if let Some(gan) = &self.gan {
@@ -706,6 +765,7 @@ impl Recipe {
                         .transpose()?;
                     let prop = gan.opt.propose_flat(&g, self.cfg.disc_lr, scale.as_ref())?;
                     // Correction with the updated discriminator.
+                    mark(prof, &self.device, "disc fwd+bwd (replay, BatchNorm)")?;
                     let cg = losses::correction_grad(
                         &gan.cfg,
                         &prop.params,
@@ -738,6 +798,7 @@ impl Recipe {
                     );
                     disc_commit = Some((prop, new_stats, plan, fake_d.clone()));
                 }
+                mark(prof, &self.device, "correction (2 disc fwd + input grad)")?;
                 if self.cfg.lowres_mse_weight > 0.0 {
                     terms.push((
                         "lowres_mse",
@@ -790,6 +851,8 @@ impl Recipe {
             }
         }
 
+        mark(prof, &self.device, "decoder losses + bwd")?;
+
         // 3. Guard: one transfer.
         let vals = rb.fetch()?;
         let mut report = StepReport {
@@ -837,6 +900,8 @@ impl Recipe {
             return Ok(report);
         }
 
+        mark(prof, &self.device, "readback (NaN guard)")?;
+
         // 4. Commit.
         if let (Some(p), Some(enc)) = (enc_prop, self.encoder.as_mut()) {
             let tr = enc.trained.as_mut().expect("a proposal implies training");
@@ -853,6 +918,7 @@ impl Recipe {
             tr.opt.commit(p)?;
             tr.ema.update(&dec.vars)?;
         }
+        mark(prof, &self.device, "commit (Adam, EMA, replay)")?;
         Ok(report)
     }
 

@@ -39,5 +39,5 @@ mod tests;
 
 pub use config::{EncoderLoss, OptimizerKind, RecipeConfig, ReplayDtype};
 pub use disc::{BnStats, DiscConfig, Discriminator};
-pub use engine::{Batch, ModelInit, Recipe, StepReport};
+pub use engine::{Batch, ModelInit, Profile, Recipe, StepReport};
 pub use precision::Precision;
