@@ -14,7 +14,7 @@
 #                              the CUDA libraries and ORT_DYLIB_PATH (/opt/ort)
 #   PY=/opt/torch/.venv/bin/python   WHL=.whl (diffusers and its dependencies, pip-downloaded here)
 #   RES_LIST="512 1024"        N512=1024 B512=16   N1024=256 B1024=4
-#   SETTINGS="default io-binding-off nhwc cuda-graph optimized"   (see setting_flags below)
+#   SETTINGS="default io-binding nhwc cuda-graph optimized"   (see setting_flags below)
 #   TORCH_MODES="eager compile"   STEP_TIMEOUT=240 (seconds, each step)   DECODE_ONLY=1   DEVICE=cuda
 # To stay under the device tool's 10 minutes per call, run it once per resolution:
 #   RES_LIST=512 bash bench/gpu_precompute_vs_torch.sh; RES_LIST=1024 bash bench/gpu_precompute_vs_torch.sh
@@ -29,7 +29,7 @@ PY=${PY:-/opt/torch/.venv/bin/python}
 WHL=${WHL:-.whl}
 RES_LIST=${RES_LIST:-512 1024}
 N512=${N512:-1024}; B512=${B512:-16}; N1024=${N1024:-256}; B1024=${B1024:-4}
-SETTINGS=${SETTINGS:-default io-binding-off nhwc cuda-graph optimized}
+SETTINGS=${SETTINGS:-default io-binding nhwc cuda-graph optimized}
 TORCH_MODES=${TORCH_MODES:-eager compile}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 DECODE_ONLY=${DECODE_ONLY:-1}
@@ -135,14 +135,16 @@ PY
 
 setting_flags() { # the precompute flags of one named setting (besides the common ones)
   case $1 in
-    default) echo "" ;;                                   # io binding on, exhaustive conv search
+    default) echo "" ;;                                   # the defaults: heuristic conv search, no io binding
+    io-binding) echo "--io-binding true" ;;
     io-binding-off) echo "--io-binding false" ;;
+    exhaustive) echo "--conv-search exhaustive" ;;
     nhwc) echo "--nhwc true" ;;
     static) echo "--static-shapes true" ;;
-    cuda-graph) echo "--cuda-graph true" ;;
+    cuda-graph) echo "--io-binding true --cuda-graph true" ;;
     heuristic) echo "--conv-search heuristic" ;;
     optimized) echo "" ;;                                 # the --optimize export, default flags
-    optimized-cuda-graph) echo "--cuda-graph true" ;;
+    optimized-cuda-graph) echo "--io-binding true --cuda-graph true" ;;
     *) echo "UNKNOWN" ;;
   esac
 }
