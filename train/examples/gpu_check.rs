@@ -235,12 +235,22 @@ fn main() -> Result<()> {
         let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
         let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?; Ok(()) })?;
         println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({label}): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
-        for dt in [DType::BF16] {
+        for dt in [DType::F32, DType::BF16] {
             if label != "fp32" { break; }
             let xb = Var::from_tensor(&x.as_tensor().to_dtype(dt)?)?;
             let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
             let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
             println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({dt:?} activations): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+            // The backward's pieces on their own (the same calls the op's bwd makes).
+            let y = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.detach();
+            let yv = Var::from_tensor(&y)?;
+            let dy = y.ones_like()?;
+            let wb = w.as_tensor().to_dtype(dt)?;
+            let ab = time_ms(&dev, reps, &mut || { taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true)?; Ok(()) })?;
+            let bd = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?; Ok(()) })?;
+            let bf = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?; Ok(()) })?;
+            let ad = time_ms(&dev, reps, &mut || { let _ = yv.as_tensor().to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
+            println!("    of which: ReLU+bias backward {ab:8.2}  backward-data {bd:8.2}  backward-filter {bf:8.2}  (cast+sum+autograd of y alone {ad:8.2})");
         }
     }
     taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);

@@ -221,6 +221,9 @@ fn choose<A: Copy + std::fmt::Debug>(
                 .find(|(a, _)| std::mem::discriminant(a) == std::mem::discriminant(&h))
                 .map_or(true, |c| c.1);
             if allowed(h, det).is_some() {
+                if std::env::var_os("TAESD_OPS_LOG").is_some() {
+                    eprintln!("taesd-ops: heuristic algorithm {h:?}");
+                }
                 return Ok(h);
             }
         }
@@ -242,6 +245,9 @@ fn choose<A: Copy + std::fmt::Debug>(
         if best.is_none_or(|(_, bt)| t < bt) {
             best = Some((a, t));
         }
+    }
+    if std::env::var_os("TAESD_OPS_LOG").is_some() {
+        eprintln!("taesd-ops: timed {} algorithms, chose {best:?} (heuristic {heuristic:?})", candidates.len());
     }
     match best {
         Some((a, _)) => Ok(a),
