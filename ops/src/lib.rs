@@ -7,6 +7,8 @@
 //! - [`upsample_nearest2x`]: nearest 2x upsampling whose backward sums 2x2 blocks.
 //! - [`add_relu`]: `relu(a + b)`, the TAESD block's residual, backward from the output.
 //! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
+//! - [`retain_freed_memory`]: keep freed CUDA memory cached (candle's pool gives it back at
+//!   every synchronisation otherwise).
 //!
 //! Features: `cuda` (our PTX kernels: bias/ReLU, upsample, Adam), `cudnn` (conv2d through cuDNN;
 //! without it conv2d on CUDA uses candle's stock ops). Other devices use candle's stock ops.
@@ -17,6 +19,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod elementwise;
+mod memory;
 mod settings;
 
 pub use adam::{adam_update, AdamOut, AdamStep};
@@ -25,6 +28,7 @@ pub use conv::{
     ConvParams,
 };
 pub use elementwise::{add_relu, downsum2x, kernels_on, relu_bwd, upsample_nearest2x};
+pub use memory::retain_freed_memory;
 pub use settings::{set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
 
 /// Drops this thread's cached cuDNN plans and workspaces (all devices). A no-op without `cudnn`.

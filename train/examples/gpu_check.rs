@@ -137,10 +137,12 @@ fn conv_case(
         // candle's stock CUDA conv runs cuDNN at its default math (TF32 for f32). Its bf16
         // gradients round intermediate results to bf16 (e.g. the bias gradient is a reduction
         // of a bf16 tensor), so they are shown, not checked: the CPU path is the reference.
-        if dt == DType::F32 || i == 0 {
+        // With ReLU, stock's TF32 forward may flip the mask of a pre-activation near 0 (as
+        // above), so its gradients are shown, not checked, there too.
+        if i == 0 || (dt == DType::F32 && act == Act::None) {
             c.check(&format!("{what} {name} vs stock CUDA"), &ours[i], &stock[i], if dt == DType::F32 { 5e-3 } else { 1e-2 })?;
         } else {
-            println!("  {:<60} rel L2  {:9.2e} (stock bf16 backward; not checked)", format!("{what} {name} vs stock CUDA"), rel_l2(&ours[i], &stock[i])?);
+            println!("  {:<60} rel L2  {:9.2e} (not checked)", format!("{what} {name} vs stock CUDA"), rel_l2(&ours[i], &stock[i])?);
         }
     }
     Ok(())
@@ -149,6 +151,7 @@ fn conv_case(
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let dev = Device::new_cuda(0)?;
+    taesd_ops::retain_freed_memory(&dev)?;
     println!("taesd-ops GPU check on {:?}; cudnn feature: {}", dev, cfg!(feature = "cudnn"));
     taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);
     let mut c = Checker { failures: vec![] };
@@ -262,6 +265,18 @@ fn main() -> Result<()> {
         let fwd = time_ms(&dev, 2, &mut || { taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
         let fb = time_ms(&dev, 2, &mut || { let _ = taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?; Ok(()) })?;
         println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU: stock candle fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+    }
+    {
+        // candle's reductions and broadcasts at BatchNorm shapes (the discriminator's first block).
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (32, 64, 256, 256), &dev)?)?;
+        let s = Var::from_tensor(&Tensor::ones((1, 64, 1, 1), DType::F32, &dev)?)?;
+        let r1 = time_ms(&dev, reps, &mut || { x.as_tensor().sum_keepdim((0, 2, 3))?; Ok(()) })?;
+        let r2 = time_ms(&dev, reps, &mut || { x.as_tensor().sum_keepdim((2, 3))?.sum_keepdim(0)?; Ok(()) })?;
+        let r3 = time_ms(&dev, reps, &mut || { x.as_tensor().sum_all()?; Ok(()) })?;
+        let r4 = time_ms(&dev, reps, &mut || { x.as_tensor().affine(2.0, 1.0)?; Ok(()) })?;
+        let r5 = time_ms(&dev, reps, &mut || { x.as_tensor().broadcast_mul(s.as_tensor())?; Ok(()) })?;
+        let r6 = time_ms(&dev, reps, &mut || { let _ = x.as_tensor().broadcast_mul(s.as_tensor())?.sum_all()?.backward()?; Ok(()) })?;
+        println!("  [32,64,256,256] f32: sum over (0,2,3) {r1:8.2}  sum (2,3) then 0 {r2:8.2}  sum_all {r3:8.2}  affine {r4:8.2}  broadcast_mul [1,C,1,1] {r5:8.2}  its fwd+bwd (sum_all loss) {r6:8.2}");
     }
     {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 64, 128, 128), &dev)?)?;

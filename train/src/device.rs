@@ -1,7 +1,7 @@
 //! `--device cpu|cuda|cuda:N|auto` to a candle [`Device`], with a clear message when this build
 //! has no CUDA.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 /// Whether this binary was built with the `cuda` feature.
@@ -41,7 +41,10 @@ pub fn open(s: &str) -> Result<Device> {
         DeviceSpec::Auto => {
             if cuda_compiled() {
                 match Device::new_cuda(0) {
-                    Ok(d) => return Ok(d),
+                    Ok(d) => {
+                        taesd_ops::retain_freed_memory(&d).context("cuda:0: memory pool")?;
+                        return Ok(d);
+                    }
                     Err(e) => tracing::warn!("--device auto: CUDA device 0 did not open ({e}); using the CPU"),
                 }
             } else {
@@ -60,7 +63,10 @@ fn open_cuda(i: usize) -> Result<Device> {
         );
     }
     match Device::new_cuda(i) {
-        Ok(d) => Ok(d),
+        Ok(d) => {
+            taesd_ops::retain_freed_memory(&d).with_context(|| format!("--device cuda:{i}: memory pool"))?;
+            Ok(d)
+        }
         Err(candle_core::Error::NotCompiledWithCudaSupport) => {
             bail!("--device cuda:{i}: candle was built without CUDA support (enable the `cuda` feature of train)")
         }
