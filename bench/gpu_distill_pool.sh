@@ -4,8 +4,8 @@
 #   PIECE=1 SECONDS_TRAIN=480 bash bench/gpu_distill_pool.sh   # precompute (once) + first piece
 #   PIECE=2 SECONDS_TRAIN=420 bash bench/gpu_distill_pool.sh   # resume, then eval vs the released
 # After `source tools/cuda/gpu-env.sh`. POOL (/data/pool), ONNX (/data/ref/taef2_encoder.onnx),
-# REF (/data/ref/taef2), WORK (/data), OUT (results), PRECISION (f32, tf32 or bf16: run.precision,
-# may differ between pieces). EXTRA: more train flags.
+# REF (/data/ref/taef2), WORK (/data), OUT (results), PRECISION (f32, tf32 or bf16: overrides the
+# config's run.precision; may differ between pieces). EXTRA: more train flags.
 set -uo pipefail
 POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref/taef2}
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; PIECE=${PIECE:-1}; SECONDS_TRAIN=${SECONDS_TRAIN:-480}
@@ -22,10 +22,10 @@ if [[ $PIECE == 1 ]]; then
   rm -rf "$RUN"
   echo "== piece 1: ${SECONDS_TRAIN}s from scratch"
   timeout --foreground -s INT "$SECONDS_TRAIN" train --config configs/distill-taef2-pool.toml --shards "$SHARDS" \
-    --run-dir "$RUN" --quiet --precision "${PRECISION:-f32}" --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" ${EXTRA:-}
+    --run-dir "$RUN" --quiet ${PRECISION:+--precision "$PRECISION"} --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" ${EXTRA:-}
 else
   echo "== piece $PIECE: ${SECONDS_TRAIN}s, resumed"
-  timeout --foreground -s INT "$SECONDS_TRAIN" train --run-dir "$RUN" --resume --quiet --precision "${PRECISION:-f32}"
+  timeout --foreground -s INT "$SECONDS_TRAIN" train --run-dir "$RUN" --resume --quiet ${PRECISION:+--precision "$PRECISION"}
 fi
 kill $smi 2>/dev/null
 python3 - "$RUN/metrics.jsonl" "$OUT/gpu-piece$PIECE.csv" <<'PY'

@@ -14,6 +14,7 @@
 //! [run]
 //! steps = 100000
 //! device = "cuda"
+//! precision = "bf16"         # f32 (default, exact), tf32, bf16 (mixed): recipe::precision
 //!
 //! [recipe]                    # the training recipe (losses, optimisers, EMA, ...)
 //! lr = 1e-4
