@@ -37,6 +37,14 @@ impl Decoder {
         self.dtype
     }
 
+    /// The forward pass computed in `dtype` (the input is cast to it), whatever the weights'
+    /// dtype: weights are cast on use (mixed precision: f32 master weights, bf16 activations;
+    /// the casts' backward hands f32 gradients to the weights). [`Module::forward`] computes in
+    /// the weights' dtype.
+    pub fn forward_in(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.seq.forward(&x.to_dtype(dtype)?)
+    }
+
     pub fn part(&self) -> Part {
         Part::Decoder
     }
@@ -46,6 +54,6 @@ impl Module for Decoder {
     /// `[N, C, h, w]` scaled latents -> `[N, 3, h*s, w*s]` images, nominally [0, 1] but not
     /// clamped (clamp before quantising; training losses want the raw output).
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        self.seq.forward(&z.to_dtype(self.dtype)?)
+        self.forward_in(z, self.dtype)
     }
 }

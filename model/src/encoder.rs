@@ -38,6 +38,14 @@ impl Encoder {
         self.dtype
     }
 
+    /// The forward pass computed in `dtype` (the input is cast to it), whatever the weights'
+    /// dtype: weights are cast on use (mixed precision: f32 master weights, bf16 activations;
+    /// the casts' backward hands f32 gradients to the weights). [`Module::forward`] computes in
+    /// the weights' dtype.
+    pub fn forward_in(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.seq.forward(&x.to_dtype(dtype)?)
+    }
+
     pub fn part(&self) -> Part {
         Part::Encoder
     }
@@ -47,6 +55,6 @@ impl Module for Encoder {
     /// `[N, 3, H, W]` in [0, 1] -> `[N, C, H/s, W/s]` scaled latents (s = 8, or 32 for taesana;
     /// sizes round up), in the weights' dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.seq.forward(&x.to_dtype(self.dtype)?)
+        self.forward_in(x, self.dtype)
     }
 }

@@ -117,10 +117,17 @@ impl MidBlockPool {
 }
 
 impl Module for MidBlockPool {
+    /// Computes in `x`'s dtype; the GroupNorm runs in its weights' dtype when that differs
+    /// (bf16 activations with f32 master weights: normalised in f32, then cast back).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = conv_act(&self.expand, x, false)?;
-        let h = self.norm.forward(&h)?.relu()?;
-        conv_act(&self.project, &h, false)
+        let w_dt = self.expand.weight().dtype();
+        let h = if h.dtype() == w_dt {
+            self.norm.forward(&h)?
+        } else {
+            self.norm.forward(&h.to_dtype(w_dt)?)?.to_dtype(h.dtype())?
+        };
+        conv_act(&self.project, &h.relu()?, false)
     }
 }
 

@@ -56,6 +56,40 @@ fn taef2_encoder_and_decoder_match_reference() {
     }
 }
 
+/// Mixed precision (`forward_in(x, BF16)` with f32 weights, as training's bf16 mode): the whole
+/// network computes in bf16 (the output is bf16, the weights are cast on use, the mid-block
+/// GroupNorm normalises in f32) and stays within bf16 rounding of the reference.
+#[test]
+fn taef2_computes_in_bf16_with_f32_weights() {
+    let r = reference();
+    let dev = Device::Cpu;
+    let files = [
+        format!("{REF}/taef2/taef2_encoder.pth"),
+        format!("{REF}/taef2/taef2_decoder.pth"),
+    ];
+    let model = Taesd::load_files(&files, None, DType::F32, &dev).unwrap();
+    let enc = model.encoder.as_ref().unwrap();
+    let dec = model.decoder.as_ref().unwrap();
+    let rel = |got: &Tensor, want: &Tensor| -> f32 {
+        let got = got.to_dtype(DType::F32).unwrap();
+        let d = (&got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let n = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        (d / n).sqrt()
+    };
+    let image = &r["image_a"];
+    let latent = enc.forward_in(image, DType::BF16).unwrap();
+    assert_eq!(latent.dtype(), DType::BF16, "the encoder computed in f32");
+    let want_latent = &r["taef2_latent_a"];
+    let e_lat = rel(&latent, want_latent);
+    let decoded = dec.forward_in(want_latent, DType::BF16).unwrap();
+    assert_eq!(decoded.dtype(), DType::BF16, "the decoder computed in f32");
+    let e_img = rel(&decoded, &r["taef2_decoded_a"]);
+    println!("taef2 in bf16: encoder rel L2 {e_lat:.3e}, decoder rel L2 {e_img:.3e}");
+    // bf16 keeps 8 bits of mantissa (rounding 2^-9 = 2e-3 per value) through ~40 layers.
+    assert!(e_lat > 1e-4 && e_lat < 5e-2, "encoder bf16 rel L2 {e_lat}");
+    assert!(e_img > 1e-4 && e_img < 5e-2, "decoder bf16 rel L2 {e_img}");
+}
+
 #[test]
 fn taesana_encoder_matches_reference() {
     let r = reference();

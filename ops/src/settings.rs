@@ -45,11 +45,17 @@ impl Default for Settings {
         Self {
             f32_math: F32Math::Exact,
             algo_search: AlgoSearch::Benchmark,
-            workspace_limit: 512 << 20,
+            workspace_limit: DEFAULT_WORKSPACE_LIMIT,
             deterministic: false,
         }
     }
 }
+
+/// 2 GiB. cuDNN's tensor-core algorithms for NCHW tensors transpose through the workspace: at
+/// 32x64x256x256 bf16 the forward, backward-data and backward-filter need more than 512 MiB, and
+/// with a 512 MiB limit only the legacy kernels were left (10-40 ms per call instead of ~1 ms:
+/// the bf16 step at 256/bs32 ran 2x slower; docs/gpu.md). PyTorch lets cuDNN use what is free.
+pub const DEFAULT_WORKSPACE_LIMIT: usize = 2 << 30;
 
 static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
 

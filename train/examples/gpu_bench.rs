@@ -1,7 +1,8 @@
 //! Times our training step (train::recipe::Recipe::step) on CUDA, for bench/gpu_train_step.sh.
 //!
 //! `gpu_bench --size 256 --batch 32 --recipe full|decoder [--steps 10] [--warmup 3]
-//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N] [--release-pool]`
+//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N] [--release-pool]
+//!  [--algo heuristic|benchmark] [--workspace-mib N]`
 //! full: encoder MSE + decoder GAN (patch discriminator, replay, correction) + low-res MSE;
 //! decoder: decoder-only full-res MSE. `--precision`: the step's arithmetic
 //! (train::recipe::Precision; `--tf32` = `--precision tf32`). `--stock`: candle's stock ops instead of taesd-ops
@@ -78,6 +79,20 @@ fn main() -> Result<()> {
         Precision::parse(&get("--precision").unwrap_or_else(|| "f32".into()))?
     };
     let stock = args.iter().any(|a| a == "--stock");
+    // `--algo heuristic|benchmark`: how taesd-ops picks cuDNN algorithms (default benchmark).
+    if let Some(a) = get("--algo") {
+        let search = match a.as_str() {
+            "heuristic" => taesd_ops::AlgoSearch::Heuristic,
+            "benchmark" => taesd_ops::AlgoSearch::Benchmark,
+            other => bail!("--algo heuristic|benchmark, not {other}"),
+        };
+        taesd_ops::update_settings(|s| s.algo_search = search);
+    }
+    // `--workspace-mib N`: the largest cuDNN workspace an algorithm may use.
+    if let Some(m) = get("--workspace-mib") {
+        let bytes = m.parse::<usize>()? << 20;
+        taesd_ops::update_settings(|s| s.workspace_limit = bytes);
+    }
     if stock {
         taesd::layers::set_use_ops(false);
     }

@@ -202,6 +202,7 @@ const BWD_FILTER_ALGOS: [(BwdFilterAlgo, bool); 7] = [
 /// `workspace(a)` is the algorithm's workspace need (Err: unsupported for this shape).
 fn choose<A: Copy + std::fmt::Debug>(
     dev: &CudaDevice,
+    what: &Key,
     s: &Settings,
     heuristic: Option<A>,
     candidates: &[(A, bool)],
@@ -221,8 +222,8 @@ fn choose<A: Copy + std::fmt::Debug>(
                 .find(|(a, _)| std::mem::discriminant(a) == std::mem::discriminant(&h))
                 .map_or(true, |c| c.1);
             if allowed(h, det).is_some() {
-                if std::env::var_os("TAESD_OPS_LOG").is_some() {
-                    eprintln!("taesd-ops: heuristic algorithm {h:?}");
+                if log_on() {
+                    eprintln!("taesd-ops: {} heuristic algorithm {h:?}", describe(what));
                 }
                 return Ok(h);
             }
@@ -230,10 +231,16 @@ fn choose<A: Copy + std::fmt::Debug>(
     }
     let stream = dev.cuda_stream();
     let mut best: Option<(A, f64)> = None;
+    let mut seen = Vec::new();
+    stream.synchronize().map_err(err)?;
     for &(a, det) in candidates {
-        let Some(bytes) = allowed(a, det) else { continue };
+        let Some(bytes) = allowed(a, det) else {
+            seen.push(format!("{a:?}: not allowed"));
+            continue;
+        };
         // An algorithm that fails on this shape is skipped.
-        if run(a, bytes).is_err() || stream.synchronize().is_err() {
+        if let Err(e) = run(a, bytes).and_then(|_| stream.synchronize().map_err(err)) {
+            seen.push(format!("{a:?}: {e}"));
             continue;
         }
         let t0 = Instant::now();
@@ -242,12 +249,17 @@ fn choose<A: Copy + std::fmt::Debug>(
         }
         stream.synchronize().map_err(err)?;
         let t = t0.elapsed().as_secs_f64();
+        seen.push(format!("{a:?}: {:.3} ms", t * 1e3));
         if best.is_none_or(|(_, bt)| t < bt) {
             best = Some((a, t));
         }
     }
-    if std::env::var_os("TAESD_OPS_LOG").is_some() {
-        eprintln!("taesd-ops: timed {} algorithms, chose {best:?} (heuristic {heuristic:?})", candidates.len());
+    if log_on() {
+        eprintln!(
+            "taesd-ops: {} timed: chose {best:?} (heuristic {heuristic:?}); {}",
+            describe(what),
+            seen.join(", ")
+        );
     }
     match best {
         Some((a, _)) => Ok(a),
@@ -255,6 +267,15 @@ fn choose<A: Copy + std::fmt::Debug>(
             "taesd-ops: no cuDNN algorithm runs this convolution within the settings ({s:?})"
         ))),
     }
+}
+
+/// `TAESD_OPS_LOG` set: every algorithm choice is printed (shape, candidates' times or errors).
+fn log_on() -> bool {
+    std::env::var_os("TAESD_OPS_LOG").is_some()
+}
+
+fn describe(k: &Key) -> String {
+    format!("{:?} x{:?} w{:?} stride {} pad {} {:?}", k.dtype, k.x, k.w, k.p.stride, k.p.padding, k.settings.f32_math)
 }
 
 fn key(dev: &CudaDevice, dtype: DType, x: [usize; 4], w: [usize; 4], p: ConvParams) -> Key {
@@ -296,6 +317,7 @@ fn forward_t<T: Elem>(
     let mut y = alloc::<T>(&dev, out.iter().product())?;
     let k = key(&dev, T::DTYPE, xd, wd, p);
     let s = k.settings;
+    let what = k.clone();
     with_plan::<T, _>(&dev, k, |plan| {
         let op = ConvForward {
             conv: &plan.conv,
@@ -310,6 +332,7 @@ fn forward_t<T: Elem>(
                 let cands: Vec<(FwdAlgo, bool)> = FWD_ALGOS.iter().map(|&a| (a, true)).collect();
                 let a = choose(
                     &dev,
+                    &what,
                     &s,
                     op.pick_algorithm().ok(),
                     &cands,
@@ -352,6 +375,7 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
     let mut dx = alloc::<T>(&dev, xd.iter().product())?;
     let k = key(&dev, T::DTYPE, xd, wd, p);
     let s = k.settings;
+    let what = k.clone();
     with_plan::<T, _>(&dev, k, |plan| {
         let op = ConvBackwardData {
             conv: &plan.conv,
@@ -365,6 +389,7 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
             None => {
                 let a = choose(
                     &dev,
+                    &what,
                     &s,
                     op.pick_algorithm().ok(),
                     &BWD_DATA_ALGOS,
@@ -403,6 +428,7 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
     let mut dw = alloc::<T>(&dev, wd.iter().product())?;
     let k = key(&dev, T::DTYPE, xd, wd, p);
     let s = k.settings;
+    let what = k.clone();
     with_plan::<T, _>(&dev, k, |plan| {
         let op = ConvBackwardFilter {
             conv: &plan.conv,
@@ -416,6 +442,7 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
             None => {
                 let a = choose(
                     &dev,
+                    &what,
                     &s,
                     op.pick_algorithm().ok(),
                     &BWD_FILTER_ALGOS,

@@ -663,7 +663,7 @@ impl Recipe {
         let mut enc_prop: Option<Proposal> = None;
         if let Some(enc) = &self.encoder {
             if let Some(tr) = &enc.trained {
-                let mut pred = to_f32(&enc.model.forward(&pc.compute(&images)?)?)?;
+                let mut pred = to_f32(&enc.model.forward_in(&images, pc.dtype())?)?;
                 let mut target = latents.clone();
                 let m = self.cfg.encoder_margin;
                 if m > 0 {
@@ -705,7 +705,7 @@ impl Recipe {
         let mut coins: Vec<f32> = Vec::new();
         if let Some(dec) = &self.decoder {
             if let Some(tr) = &dec.trained {
-                let fake = to_f32(&dec.model.forward(&pc.compute(&latents)?)?)?;
+                let fake = to_f32(&dec.model.forward_in(&latents, pc.dtype())?)?;
                 mark(prof, &self.device, "decoder fwd")?;
                 let fake_d = fake.detach();
                 let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
