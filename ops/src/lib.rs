@@ -6,6 +6,8 @@
 //!   conv2d-based backward (see [`cpu`](crate::conv_bwd_data)).
 //! - [`upsample_nearest2x`]: nearest 2x upsampling whose backward sums 2x2 blocks.
 //! - [`add_relu`]: `relu(a + b)`, the TAESD block's residual, backward from the output.
+//! - [`batch_norm_relu_train`]: training-mode BatchNorm + ReLU on cuDNN (CUDA only; `None`
+//!   elsewhere, where callers keep their plain-op formulation).
 //! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
 //! - [`retain_freed_memory`]: keep freed CUDA memory cached (candle's pool gives it back at
 //!   every synchronisation otherwise).
@@ -14,6 +16,7 @@
 //! without it conv2d on CUDA uses candle's stock ops). Other devices use candle's stock ops.
 
 mod adam;
+mod batch_norm;
 mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -23,6 +26,7 @@ mod memory;
 mod settings;
 
 pub use adam::{adam_update, AdamOut, AdamStep};
+pub use batch_norm::{batch_norm_relu_train, BnOut};
 pub use conv::{
     act_bias_bwd, conv2d, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, stock, Act,
     ConvParams,

@@ -171,6 +171,53 @@ fn main() -> Result<()> {
         }
     }
 
+    println!("== BatchNorm+ReLU (training mode) on cuDNN vs the plain-op formulation in f32");
+    for dt in [DType::F32, DType::BF16] {
+        let (n, ch, h, w) = (4, 16, 24, 20);
+        let x0 = Tensor::randn(0.5f32, 2.0, (n, ch, h, w), &Device::Cpu)?.to_dtype(dt)?;
+        let w0 = Tensor::randn(1f32, 0.3, ch, &Device::Cpu)?;
+        let b0 = Tensor::randn(0f32, 0.3, ch, &Device::Cpu)?;
+        let r = Tensor::randn(0f32, 1.0, (n, ch, h, w), &dev)?;
+        let eps = 1e-5;
+        let run = |ours: bool| -> Result<Vec<Tensor>> {
+            let x = Var::from_tensor(&x0.to_device(&dev)?)?;
+            let wv = Var::from_tensor(&w0.to_device(&dev)?)?;
+            let bv = Var::from_tensor(&b0.to_device(&dev)?)?;
+            let (y, mean, var) = if ours {
+                let o = taesd_ops::batch_norm_relu_train(&x, &wv, &bv, eps)?
+                    .ok_or_else(|| anyhow::anyhow!("batch_norm_relu_train gave None on CUDA"))?;
+                (o.y.to_dtype(DType::F32)?, o.mean, o.var)
+            } else {
+                let xf = x.to_dtype(DType::F32)?;
+                let m = xf.mean_keepdim((0, 2, 3))?;
+                let xc = xf.broadcast_sub(&m)?;
+                let v = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+                let y = xc
+                    .broadcast_div(&(v.affine(1.0, eps)?.sqrt()?))?
+                    .broadcast_mul(&wv.reshape((1, ch, 1, 1))?)?
+                    .broadcast_add(&bv.reshape((1, ch, 1, 1))?)?
+                    .relu()?;
+                (y, m.flatten_all()?, v.flatten_all()?)
+            };
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            Ok(vec![y, mean, var, g.get(&x).unwrap().clone(), g.get(&wv).unwrap().clone(), g.get(&bv).unwrap().clone()])
+        };
+        let (o, p) = (run(true)?, run(false)?);
+        let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
+        for (i, what) in ["y", "batch mean", "batch var", "dx", "dweight", "dbias"].iter().enumerate() {
+            // bf16 results are compared by relative L2 (to_dtype f32 makes `got` f32: force it).
+            let got = if dt == DType::F32 { o[i].clone() } else { o[i].to_dtype(DType::F64)? };
+            c.check(&format!("{dt:?} BatchNorm+ReLU {what}"), &got, &p[i], tol)?;
+        }
+        let big = Tensor::randn(0f32, 1.0, (32, 64, 256, 256), &dev)?.to_dtype(dt)?;
+        let (wb, bb) = (w0.to_device(&dev)?.repeat(4)?, b0.to_device(&dev)?.repeat(4)?);
+        let ms = time_ms(&dev, 10, &mut || {
+            taesd_ops::batch_norm_relu_train(&big, &wb, &bb, eps)?;
+            Ok(())
+        })?;
+        println!("  {dt:?} BatchNorm+ReLU forward at 32x64x256x256: {ms:.3} ms");
+    }
+
     println!("== upsample 2x, add_relu");
     for dt in [DType::F32, DType::BF16] {
         let x0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;

@@ -1,6 +1,8 @@
 //! CUDA implementations: our PTX kernels (`kernels`) and cuDNN convolutions (`conv`).
 
 #[cfg(feature = "cudnn")]
+pub(crate) mod bn;
+#[cfg(feature = "cudnn")]
 pub(crate) mod conv;
 pub(crate) mod kernels;
 

@@ -225,8 +225,9 @@ impl Discriminator {
 
     /// `images` `[B, 3, H, W]` in [0, 1] (H, W multiples of 8), `latents` `[B, C, h, w]` ->
     /// scores `[B, 6, H/8, W/8]` (f32 for half-precision inputs); with `train`, also the running statistics after this
-    /// batch. Computes in `images`' dtype (`super::precision`): f32 parameters are cast on use,
-    /// BatchNorm normalises in f32.
+    /// batch. Computes in `images`' dtype (`super::precision`): f32 parameters are cast on use;
+    /// training-mode BatchNorm takes its statistics in f32 (cuDNN, or the plain ops in f32), the
+    /// inference-mode affine map runs in the activations' dtype.
     pub fn forward_with(
         cfg: &DiscConfig,
         params: &[Tensor],
@@ -274,25 +275,50 @@ impl Discriminator {
             let proj = &params[3 * n_blocks + i];
             let s = cfg.strides[i];
             x = taesd_ops::conv2d(&x, conv_w, None, s, 1)?;
-            // BatchNorm in f32 (or f64) for half-precision inputs (precision.rs), back after.
-            let xf = x.to_dtype(norm_dt)?;
+            // Training: cuDNN's BatchNorm+ReLU where it runs (statistics in f32 for any input
+            // dtype); elsewhere the plain-op formulation, in f32 (or f64) for half-precision
+            // inputs (precision.rs: candle's half-precision sums are not accurate), back after.
             x = match &mut new_stats {
                 Some(ns) => {
-                    let (y, m, v) = batch_norm_train(
-                        &xf,
-                        bn_w,
-                        bn_b,
-                        &stats.mean[i],
-                        &stats.var[i],
-                        cfg.bn_eps,
-                        cfg.bn_momentum,
-                        Act::Relu,
-                    )?;
+                    let (y, m, v) = match taesd_ops::batch_norm_relu_train(&x, bn_w, bn_b, cfg.bn_eps)? {
+                        Some(out) => {
+                            let (b, _, h, w) = x.dims4()?;
+                            let (m, v) = running_update(
+                                &stats.mean[i],
+                                &stats.var[i],
+                                &out.mean,
+                                &out.var,
+                                (b * h * w) as f64,
+                                cfg.bn_momentum,
+                            )?;
+                            (out.y, m, v)
+                        }
+                        None => batch_norm_train(
+                            &x.to_dtype(norm_dt)?,
+                            bn_w,
+                            bn_b,
+                            &stats.mean[i],
+                            &stats.var[i],
+                            cfg.bn_eps,
+                            cfg.bn_momentum,
+                            Act::Relu,
+                        )?,
+                    };
                     ns.mean.push(m);
                     ns.var.push(v);
                     y
                 }
-                None => batch_norm_eval(&xf, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
+                // Inference: a per-channel affine map, computed in the activations' dtype (the
+                // f32 scale and shift are rounded to it once; no f32 copy of the activations).
+                None => batch_norm_eval(
+                    &x,
+                    bn_w,
+                    bn_b,
+                    &stats.mean[i],
+                    &stats.var[i],
+                    cfg.bn_eps,
+                    Act::Relu,
+                )?,
             };
             x = x.to_dtype(dt)?;
             let o = taesd_ops::conv2d(&x, proj, None, 1, 0)?;
@@ -356,10 +382,24 @@ fn batch_norm_train(
     let var = channel_sum(&xc.sqr()?)?.flatten_all()?.affine(1.0 / n, 0.0)?;
     let scale = (var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
     let y = channel_affine(&xc, &scale, bias, act)?;
+    let (new_mean, new_var) = running_update(running_mean, running_var, &mean, &var, n, momentum)?;
+    Ok((y, new_mean, new_var))
+}
+
+/// PyTorch's running statistics after a batch of `n` values per channel with mean `mean` and
+/// biased variance `var` (the running variance takes the unbiased one). Detached.
+fn running_update(
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    n: f64,
+    momentum: f64,
+) -> Result<(Tensor, Tensor)> {
     let new_mean = (running_mean.affine(1.0 - momentum, 0.0)? + mean.detach().affine(momentum, 0.0)?)?;
     let new_var = (running_var.affine(1.0 - momentum, 0.0)?
         + var.detach().affine(momentum * n / (n - 1.0), 0.0)?)?;
-    Ok((y, new_mean, new_var))
+    Ok((new_mean, new_var))
 }
 
 /// Inference-mode BatchNorm with the running statistics, then `act`.

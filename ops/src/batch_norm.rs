@@ -1,0 +1,130 @@
+//! Training-mode BatchNorm over (N, H, W) followed by a ReLU, as one candle custom op on cuDNN.
+//!
+//! `relu(BN(x) * weight + bias)` with batch statistics: cuDNN's
+//! `cudnnBatchNormalizationForwardTraining` / `Backward` (statistics, scale and shift in f32
+//! whatever the activation dtype, so bf16 activations need no f32 copy), and taesd-ops' ReLU
+//! kernels around them. The graph keeps `x`, the f32 parameters and the output; the batch mean and
+//! inverse standard deviation cuDNN saves ride in the op for its backward.
+//!
+//! Only on CUDA with the `cudnn` feature: [`batch_norm_relu_train`] returns `None` elsewhere and
+//! the caller keeps its plain-op formulation (the exact reference, which the GPU check compares
+//! this op against).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// The op's outputs: `y` (in `x`'s dtype, in the graph) and the batch mean and biased variance
+/// (f32 `[C]`, detached) for the running statistics.
+pub struct BnOut {
+    pub y: Tensor,
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// cuDNN's smallest epsilon (`CUDNN_BN_MIN_EPSILON`).
+pub const MIN_EPS: f64 = 1e-5;
+
+/// `relu(batch_norm(x) * weight + bias)` over (N, H, W) with this batch's statistics. `x`
+/// `[N, C, H, W]` (f32, bf16 or f16), `weight` and `bias` f32 `[C]`. `None` where this op does
+/// not run (not CUDA, no `cudnn` feature, `eps` below cuDNN's minimum, non-f32 parameters).
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<BnOut>> {
+    if !cfg!(feature = "cudnn") || !x.device().is_cuda() || eps < MIN_EPS {
+        return Ok(None);
+    }
+    if weight.dtype() != candle_core::DType::F32 || bias.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!("batch_norm_relu_train: weight {:?} / bias {:?} for {c} channels", weight.dims(), bias.dims());
+    }
+    if n * h * w < 2 {
+        bail!("BatchNorm in training mode needs more than one value per channel");
+    }
+    let op = BnReluOp {
+        eps,
+        saved: Arc::new(Mutex::new(None)),
+    };
+    let saved = op.saved.clone();
+    let y = x
+        .contiguous()?
+        .apply_op3_arc(&weight.contiguous()?, &bias.contiguous()?, Arc::new(Box::new(op)))?;
+    let (mean, invstd) = saved
+        .lock()
+        .unwrap()
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("batch_norm_relu_train: no statistics saved".into()))?;
+    // var = 1 / invstd^2 - eps (cuDNN saves 1 / sqrt(var + eps), var biased).
+    let var = invstd.sqr()?.recip()?.affine(1.0, -eps)?;
+    Ok(Some(BnOut { y, mean, var }))
+}
+
+struct BnReluOp {
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    eps: f64,
+    /// (mean, 1 / sqrt(var + eps)), f32 `[C]`, written by the forward.
+    saved: Arc<Mutex<Option<(Tensor, Tensor)>>>,
+}
+
+impl CustomOp3 for BnReluOp {
+    fn name(&self) -> &'static str {
+        "taesd-batch-norm-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("taesd-batch-norm-relu runs on CUDA only (batch_norm_relu_train returns None on the CPU)")
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (y, shape, mean, invstd) = crate::cuda::bn::forward((s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        *self.saved.lock().unwrap() = Some((mean, invstd));
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some((mean, invstd)) = self.saved.lock().unwrap().clone() else {
+            bail!("taesd-batch-norm-relu: backward before forward");
+        };
+        let dz = crate::relu_bwd(&dy.contiguous()?, y)?;
+        #[cfg(feature = "cudnn")]
+        {
+            let (dx, dw, db) = crate::cuda::bn::backward(x, &dz, w, &mean, &invstd, self.eps)?;
+            Ok((Some(dx), Some(dw), Some(db)))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        {
+            let _ = (x, w, dz, mean, invstd);
+            bail!("taesd-batch-norm-relu needs the cudnn feature")
+        }
+    }
+}
