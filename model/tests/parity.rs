@@ -26,15 +26,20 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-#[test]
-fn taef2_encoder_and_decoder_match_reference() {
-    let r = reference();
-    let dev = Device::Cpu;
+/// The released taef2 encoder and decoder (`.pth`, fp16) loaded as f32.
+fn taef2_f32(dev: &Device) -> Taesd {
     let files = [
         format!("{REF}/taef2/taef2_encoder.pth"),
         format!("{REF}/taef2/taef2_decoder.pth"),
     ];
-    let model = Taesd::load_files(&files, None, DType::F32, &dev).unwrap();
+    Taesd::load_files(&files, None, DType::F32, dev).unwrap()
+}
+
+#[test]
+fn taef2_encoder_and_decoder_match_reference() {
+    let r = reference();
+    let dev = Device::Cpu;
+    let model = taef2_f32(&dev);
     assert_eq!(model.variant, Some(Variant::Taef2));
     assert_eq!(model.config, Variant::Taef2.config());
     let enc = model.encoder.as_ref().unwrap();
@@ -63,11 +68,7 @@ fn taef2_encoder_and_decoder_match_reference() {
 fn taef2_computes_in_bf16_with_f32_weights() {
     let r = reference();
     let dev = Device::Cpu;
-    let files = [
-        format!("{REF}/taef2/taef2_encoder.pth"),
-        format!("{REF}/taef2/taef2_decoder.pth"),
-    ];
-    let model = Taesd::load_files(&files, None, DType::F32, &dev).unwrap();
+    let model = taef2_f32(&dev);
     let enc = model.encoder.as_ref().unwrap();
     let dec = model.decoder.as_ref().unwrap();
     let rel = |got: &Tensor, want: &Tensor| -> f32 {

@@ -31,7 +31,7 @@ fn pool_high_mib(reset: bool) -> (f64, f64) {
         {
             return (f64::NAN, f64::NAN);
         }
-        let mut get = |a: sys::CUmemPool_attribute| -> f64 {
+        let get = |a: sys::CUmemPool_attribute| -> f64 {
             let mut v: u64 = 0;
             if reset {
                 let _ = sys::cuMemPoolSetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void);

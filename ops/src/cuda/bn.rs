@@ -12,7 +12,7 @@ use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::sys as c;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::{alloc, by_dtype, kernels, tensor, view, Cuda, Elem};
+use super::{alloc, by_dtype, dims4, kernels, tensor, view, Cuda, Elem};
 use crate::conv::Act;
 
 type DevId = candle_core::cuda_backend::DeviceId;
@@ -98,6 +98,13 @@ impl Drop for Desc {
     }
 }
 
+/// The handle, the activations' descriptor and the parameters' descriptor of one call.
+fn setup(dev: &CudaDevice, dtype: DType, dims: [usize; 4]) -> Result<(c::cudnnHandle_t, Desc, Desc)> {
+    let xd = Desc::nchw(dtype, dims)?;
+    let pd = Desc::bn_params(&xd)?;
+    Ok((handle(dev)?, xd, pd))
+}
+
 const MODE: c::cudnnBatchNormMode_t = c::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
 const ONE: f32 = 1.0;
 const ZERO: f32 = 0.0;
@@ -123,11 +130,7 @@ fn forward_t<T: Elem>(
     eps: f64,
 ) -> Result<(CudaStorage, Shape, Tensor, Tensor)> {
     let dev = x.0.device.clone();
-    let dims: [usize; 4] = x
-        .1
-        .dims()
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg("taesd-ops: BatchNorm wants NCHW".into()))?;
+    let dims = dims4(x.1.dims())?;
     let ch = dims[1];
     let xv = view::<T>(x.0, x.1)?;
     let wv = view::<f32>(w.0, w.1)?;
@@ -135,9 +138,7 @@ fn forward_t<T: Elem>(
     let mut y = alloc::<T>(&dev, dims.iter().product())?;
     let mut mean = alloc::<f32>(&dev, ch)?;
     let mut invstd = alloc::<f32>(&dev, ch)?;
-    let h = handle(&dev)?;
-    let xd = Desc::nchw(T::DTYPE, dims)?;
-    let pd = Desc::bn_params(&xd)?;
+    let (h, xd, pd) = setup(&dev, T::DTYPE, dims)?;
     let stream = dev.cuda_stream();
     {
         let (xp, _g1) = xv.device_ptr(&stream);
@@ -199,10 +200,7 @@ fn backward_t<T: Elem>(
     invstd: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let dims: [usize; 4] = x
-        .dims()
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg("taesd-ops: BatchNorm wants NCHW".into()))?;
+    let dims = dims4(x.dims())?;
     let ch = dims[1];
     let (xc, dzc, wc, mc, ic) = (Cuda::of(x)?, Cuda::of(dz)?, Cuda::of(w)?, Cuda::of(mean)?, Cuda::of(invstd)?);
     let dev = xc.device().clone();
@@ -211,9 +209,7 @@ fn backward_t<T: Elem>(
     let mut dx = alloc::<T>(&dev, dims.iter().product())?;
     let mut dw = alloc::<f32>(&dev, ch)?;
     let mut db = alloc::<f32>(&dev, ch)?;
-    let h = handle(&dev)?;
-    let xd = Desc::nchw(T::DTYPE, dims)?;
-    let pd = Desc::bn_params(&xd)?;
+    let (h, xd, pd) = setup(&dev, T::DTYPE, dims)?;
     let stream = dev.cuda_stream();
     {
         let (xp, _g1) = xv.device_ptr(&stream);

@@ -30,7 +30,7 @@ use cudarc::cudnn::{
 };
 use cudarc::driver::CudaSlice;
 
-use super::{alloc, by_dtype, err, kernels, tensor, view, Cuda, Elem};
+use super::{alloc, by_dtype, dims4, err, kernels, tensor, view, Cuda, Elem};
 use crate::conv::{Act, ConvParams};
 use crate::settings::{settings, AlgoSearch, F32Math, Settings};
 
@@ -83,11 +83,6 @@ fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
 
 fn i32s(d: [usize; 4]) -> [i32; 4] {
     d.map(|v| v as i32)
-}
-
-fn dims4(d: &[usize]) -> Result<[usize; 4]> {
-    d.try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("taesd-ops: expected 4 dims, got {d:?}")))
 }
 
 impl<T: Elem> Plan<T> {

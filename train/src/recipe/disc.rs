@@ -261,7 +261,6 @@ impl Discriminator {
         }
         let (oh, ow) = (h / ds, w / ds);
         let dt = images.dtype();
-        let norm_dt = if matches!(dt, DType::BF16 | DType::F16) { DType::F32 } else { dt };
         let latents = &latents.to_dtype(dt)?;
         let ctx = latents.upsample_nearest2d(h, w)?;
         let mut x = Tensor::cat(&[&images.affine(2.0, -1.0)?, &ctx], 1)?;
@@ -275,52 +274,26 @@ impl Discriminator {
             let proj = &params[3 * n_blocks + i];
             let s = cfg.strides[i];
             x = taesd_ops::conv2d(&x, conv_w, None, s, 1)?;
-            // Training: cuDNN's BatchNorm+ReLU where it runs (statistics in f32 for any input
-            // dtype); elsewhere the plain-op formulation, in f32 (or f64) for half-precision
-            // inputs (precision.rs: candle's half-precision sums are not accurate), back after.
+            // BatchNorm + ReLU, in and out in the activations' dtype (batch_norm_train /
+            // batch_norm_eval say how each computes).
             x = match &mut new_stats {
                 Some(ns) => {
-                    let (y, m, v) = match taesd_ops::batch_norm_relu_train(&x, bn_w, bn_b, cfg.bn_eps)? {
-                        Some(out) => {
-                            let (b, _, h, w) = x.dims4()?;
-                            let (m, v) = running_update(
-                                &stats.mean[i],
-                                &stats.var[i],
-                                &out.mean,
-                                &out.var,
-                                (b * h * w) as f64,
-                                cfg.bn_momentum,
-                            )?;
-                            (out.y, m, v)
-                        }
-                        None => batch_norm_train(
-                            &x.to_dtype(norm_dt)?,
-                            bn_w,
-                            bn_b,
-                            &stats.mean[i],
-                            &stats.var[i],
-                            cfg.bn_eps,
-                            cfg.bn_momentum,
-                            Act::Relu,
-                        )?,
-                    };
+                    let (y, m, v) = batch_norm_train(
+                        &x,
+                        bn_w,
+                        bn_b,
+                        &stats.mean[i],
+                        &stats.var[i],
+                        cfg.bn_eps,
+                        cfg.bn_momentum,
+                        Act::Relu,
+                    )?;
                     ns.mean.push(m);
                     ns.var.push(v);
                     y
                 }
-                // Inference: a per-channel affine map, computed in the activations' dtype (the
-                // f32 scale and shift are rounded to it once; no f32 copy of the activations).
-                None => batch_norm_eval(
-                    &x,
-                    bn_w,
-                    bn_b,
-                    &stats.mean[i],
-                    &stats.var[i],
-                    cfg.bn_eps,
-                    Act::Relu,
-                )?,
+                None => batch_norm_eval(&x, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
             };
-            x = x.to_dtype(dt)?;
             let o = taesd_ops::conv2d(&x, proj, None, 1, 0)?;
             let (_, _, hi, wi) = o.dims4()?;
             let o = if (hi, wi) != (oh, ow) {
@@ -333,7 +306,7 @@ impl Discriminator {
             };
             outs.push(o);
         }
-        Ok((Tensor::cat(&outs, 1)?.to_dtype(norm_dt)?, new_stats))
+        Ok((Tensor::cat(&outs, 1)?.to_dtype(stat_dtype(dt))?, new_stats))
     }
 }
 
@@ -357,9 +330,12 @@ fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act) -> Resul
     Ok(taesd_ops::conv2d_act(x, &w, Some(shift), ConvParams::new(1, 0), act)?)
 }
 
-/// Training-mode BatchNorm over (N, H, W), then `act`: returns the output and the new running
-/// mean and variance (detached). Two-pass statistics (mean, then the mean square of `x - mean`)
-/// as PyTorch; the centring and the affine map are [`channel_affine`]s.
+/// Training-mode BatchNorm over (N, H, W), then `act`: returns the output (in `x`'s dtype) and
+/// the new running mean and variance (detached). With a ReLU on CUDA: cuDNN's BatchNorm
+/// (`taesd_ops::batch_norm_relu_train`, statistics in f32 for any input dtype). Elsewhere the
+/// plain ops, on an f32 copy of half-precision input ([`stat_dtype`]): two-pass statistics (mean,
+/// then the mean square of `x - mean`) as PyTorch; the centring and the affine map are
+/// [`channel_affine`]s.
 #[allow(clippy::too_many_arguments)]
 fn batch_norm_train(
     x: &Tensor,
@@ -376,14 +352,32 @@ fn batch_norm_train(
     if n < 2.0 {
         bail!("BatchNorm in training mode needs more than one value per channel");
     }
+    if act == Act::Relu {
+        if let Some(out) = taesd_ops::batch_norm_relu_train(x, weight, bias, eps)? {
+            let (m, v) = running_update(running_mean, running_var, &out.mean, &out.var, n, momentum)?;
+            return Ok((out.y, m, v));
+        }
+    }
+    let dt = x.dtype();
+    let x = &x.to_dtype(stat_dtype(dt))?;
     let mean = channel_sum(x)?.flatten_all()?.affine(1.0 / n, 0.0)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
     let xc = channel_affine(x, &ones, &mean.neg()?, Act::None)?;
     let var = channel_sum(&xc.sqr()?)?.flatten_all()?.affine(1.0 / n, 0.0)?;
     let scale = (var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
-    let y = channel_affine(&xc, &scale, bias, act)?;
+    let y = channel_affine(&xc, &scale, bias, act)?.to_dtype(dt)?;
     let (new_mean, new_var) = running_update(running_mean, running_var, &mean, &var, n, momentum)?;
     Ok((y, new_mean, new_var))
+}
+
+/// The dtype BatchNorm statistics (and the discriminator's scores) are computed in: f32 for
+/// half-precision activations (precision.rs; candle's half-precision sums are not accurate).
+fn stat_dtype(dt: DType) -> DType {
+    if matches!(dt, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        dt
+    }
 }
 
 /// PyTorch's running statistics after a batch of `n` values per channel with mean `mean` and
@@ -402,7 +396,8 @@ fn running_update(
     Ok((new_mean, new_var))
 }
 
-/// Inference-mode BatchNorm with the running statistics, then `act`.
+/// Inference-mode BatchNorm with the running statistics, then `act`: a per-channel affine map in
+/// `x`'s dtype (the f32 scale and shift are rounded to it once; no f32 copy of the activations).
 fn batch_norm_eval(
     x: &Tensor,
     weight: &Tensor,
