@@ -145,6 +145,10 @@ setting_flags() { # the precompute flags of one named setting (besides the commo
     heuristic) echo "--conv-search heuristic" ;;
     optimized) echo "" ;;                                 # the --optimize export, default flags
     optimized-cuda-graph) echo "--io-binding true --cuda-graph true" ;;
+    optimized-fuse-bias) echo "--cuda-option fuse_conv_bias=1" ;;          # cuDNN frontend conv+bias
+    optimized-max-workspace) echo "--cuda-option cudnn_conv_use_max_workspace=1" ;;
+    optimized-exhaustive) echo "--conv-search exhaustive" ;;
+    fuse-bias) echo "--cuda-option fuse_conv_bias=1" ;;
     *) echo "UNKNOWN" ;;
   esac
 }
@@ -183,7 +187,7 @@ for res in $RES_LIST; do
     if [[ $rc -ne 0 ]]; then
       tail -5 "$LOG/precompute-$s-$res.txt"; fail "precompute $s $res" "exit $rc: $(tail -2 "$LOG/precompute-$s-$res.txt")"; continue
     fi
-    grep -E "teacher on|throughput|skipped|rows " "$LOG/precompute-$s-$res.txt" | sed 's/^/   /'
+    grep -E "teacher on|throughput|pipeline|skipped|rows " "$LOG/precompute-$s-$res.txt" | sed 's/^/   /'
     rate=$(grep -oP "throughput\s+\K[0-9.]+" "$LOG/precompute-$s-$res.txt")
     secs=$(grep -oP "rows/s over \K[0-9.]+" "$LOG/precompute-$s-$res.txt")
     tbusy=$(grep -oP "teacher busy \K[0-9]+" "$LOG/precompute-$s-$res.txt")
@@ -193,7 +197,6 @@ for res in $RES_LIST; do
     echo "   GPU busy ${gb}% (nvidia-smi, $ns samples over the timed ${secs}s)"
     [[ $gb == nan ]] && gb=null
     echo "{\"tool\": \"precompute\", \"setting\": \"$s\", \"resolution\": $res, \"batch\": $b, \"images\": $n, \"images_per_s\": ${rate:-null}, \"seconds\": ${secs:-null}, \"gpu_busy\": $gb, \"teacher_busy\": ${tbusy:-null}, \"skipped\": ${skipped:-null}, \"warmup_s\": ${warm:-null}}" >> "$RESULTS"
-    [[ $s == default ]] || rm -rf "$out"
   done
 
   # --- (d) PyTorch eager / torch.compile --------------------------------------------------------
@@ -214,8 +217,9 @@ for res in $RES_LIST; do
     echo "$line" | "$PY" -c "import json,sys; d=json.load(sys.stdin); d.update(setting='torch '+d['mode'], gpu_busy=None if '$gb' == 'nan' else float('$gb')); print(json.dumps(d))" >> "$RESULTS"
   done
 
-  # Same model, same images? precompute's first rows vs torch's first batch (needs pyarrow).
-  "$PY" - "$WORK/lat-$res-default" "$WORK/torch-eager-$res-first.npy" << 'PY' 2>&1 | tail -2
+  # Same model, same images? each setting's first rows vs torch's first batch (needs pyarrow).
+  for s in $SETTINGS; do
+  "$PY" - "$WORK/lat-$res-$s" "$WORK/torch-eager-$res-first.npy" "$s" << 'PY' 2>&1 | tail -2
 import sys, glob, os, numpy as np
 if not os.path.exists(sys.argv[2]):
     print("   (latent check skipped: no torch eager latents)"); sys.exit()
@@ -230,8 +234,9 @@ if ref is None:
 t = pq.read_table(shards[0]).to_pylist()[: len(ref)]
 got = np.stack([np.frombuffer(r["latent"], np.float16).reshape(r["latent_shape"]).astype(np.float32) for r in t])
 rel = np.linalg.norm(got - ref[: len(got)]) / np.linalg.norm(ref[: len(got)])
-print(f"   latent check: precompute (ORT fp16) vs torch eager fp16 on {len(got)} images: relative L2 {rel:.2e}")
+print(f"   latent check: precompute {sys.argv[3]} (ORT fp16) vs torch eager fp16 on {len(got)} images: relative L2 {rel:.2e}")
 PY
+  done
 done
 
 # --- (e) the table ------------------------------------------------------------------------------

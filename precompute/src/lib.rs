@@ -60,6 +60,14 @@ impl Summary {
                 secs,
                 100.0 * s.teacher_busy.as_secs_f64() / secs
             );
+            let w = &s.waits;
+            println!(
+                "  pipeline         waited {:.2} s for decoded inputs, {:.2} s for the writer; shard files {:.2} s (in parallel), {:.2} s after the last batch",
+                w.for_inputs.as_secs_f64(),
+                w.for_writer.as_secs_f64(),
+                w.writing_files.as_secs_f64(),
+                w.after_teacher.as_secs_f64()
+            );
         }
         println!("  errors           {}", self.out.join(taesd_schemas::shard::ERRORS_FILE).display());
     }

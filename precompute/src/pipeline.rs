@@ -2,9 +2,9 @@
 //! whatever the folder size.
 //!
 //! ```text
-//!  producer (rayon pool, --workers)   teacher thread (ORT)        writer thread
-//!  read + sha256 + decode + crop  ->  batches of --batch-size ->  rows -> shard files (temp +
-//!  + augment + encode stored image    samples, per shard          rename), manifest, progress
+//!  producer (rayon pool, --workers)   teacher thread (ORT)        writer thread (+ a thread
+//!  read + sha256 + decode + crop  ->  batches of --batch-size ->  for the files): rows -> shard
+//!  + augment + encode stored image    samples, per shard          files (temp + rename), manifest
 //! ```
 //!
 //! Batches never straddle a shard, so a shard's content does not depend on which shards were
@@ -88,6 +88,19 @@ pub struct RunStats {
     pub elapsed: Duration,
     /// Time the teacher spent inside `Session::run` (and input/output conversion).
     pub teacher_busy: Duration,
+    /// Where the rest went: the batcher waiting for decoded inputs (the CPU side too slow) and
+    /// for the writer to take finished inputs (backpressure), the shard files' writing (off the
+    /// teacher's path), and the run's end after the last teacher batch (the last shard's file).
+    pub waits: Waits,
+}
+
+/// Time spent waiting in the pipeline (see [`RunStats::waits`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Waits {
+    pub for_inputs: Duration,
+    pub for_writer: Duration,
+    pub writing_files: Duration,
+    pub after_teacher: Duration,
 }
 
 fn err(source: &str, stage: &str, reason: impl ToString) -> ErrorRecord {
@@ -155,13 +168,20 @@ pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut O
                 }
             }
         });
-        let teacher_thread = scope.spawn(move || teacher_stage(&mut teacher, work_rx, done_tx, cfg.batch_size));
+        let teacher_thread = scope.spawn(move || {
+            let r = teacher_stage(&mut teacher, work_rx, done_tx, cfg.batch_size);
+            (r, Instant::now())
+        });
         let writer_result = writer_stage(out, done_rx, cfg, &bar);
-        let teacher_result = teacher_thread.join().map_err(|_| anyhow!("teacher thread panicked"))?;
+        let writer_end = Instant::now();
+        let (teacher_result, teacher_end) = teacher_thread.join().map_err(|_| anyhow!("teacher thread panicked"))?;
         producer.join().map_err(|_| anyhow!("decode thread panicked"))?;
-        let teacher_busy = teacher_result?;
+        let (teacher_busy, waits) = teacher_result?;
         let mut stats = writer_result?;
         stats.teacher_busy = teacher_busy;
+        stats.waits.for_inputs = waits.for_inputs;
+        stats.waits.for_writer = waits.for_writer;
+        stats.waits.after_teacher = writer_end.saturating_duration_since(teacher_end);
         Ok(stats)
     });
     bar.finish_and_clear();
@@ -217,6 +237,7 @@ struct Batcher {
     submit: Sender<(HostBatch, usize)>,
     results: Receiver<RunResult>,
     busy: Duration,
+    waits: Waits,
 }
 
 /// What the runner hands back: the buffer, the teacher's output, the time it took.
@@ -348,7 +369,10 @@ impl Batcher {
             // The cursor is relative to the front. A popped front was fully encoded, so a cursor
             // still on it stands at its end: the next sample is the new front's first.
             self.cursor = if self.cursor.0 > 0 { (self.cursor.0 - 1, self.cursor.1) } else { (0, 0) };
-            if tx.send(done).is_err() {
+            let t0 = Instant::now();
+            let sent = tx.send(done).is_ok();
+            self.waits.for_writer += t0.elapsed();
+            if !sent {
                 return false;
             }
         }
@@ -373,9 +397,9 @@ fn sample_side(s: &PreparedSample) -> usize {
 }
 
 /// Batch samples through the teacher, in order; flush at every shard end. Returns the time spent
-/// in the teacher. The teacher itself runs on a thread of its own (the runner), so that the next
+/// in the teacher and the batcher's waits. The teacher itself runs on a thread of its own (the runner), so that the next
 /// batch is staged while the current one is encoded.
-fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<Duration> {
+fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<(Duration, Waits)> {
     let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
     let host = teacher.host_allocator()?;
     let pad = teacher.device != "cpu" || teacher.fixed_batch().is_some();
@@ -410,6 +434,7 @@ fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, ba
             submit,
             results,
             busy: Duration::ZERO,
+            waits: Waits::default(),
         };
         let r = batch_loop(&mut b, rx, &tx);
         drop(b); // closes the runner's job queue
@@ -418,8 +443,11 @@ fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, ba
     })
 }
 
-fn batch_loop(b: &mut Batcher, rx: Receiver<Work>, tx: &Sender<Done>) -> Result<Duration> {
-    for work in rx {
+fn batch_loop(b: &mut Batcher, rx: Receiver<Work>, tx: &Sender<Done>) -> Result<(Duration, Waits)> {
+    loop {
+        let t0 = Instant::now();
+        let Ok(work) = rx.recv() else { break };
+        b.waits.for_inputs += t0.elapsed();
         match work {
             Work::Input(input) => {
                 let n = input.samples.len();
@@ -432,7 +460,7 @@ fn batch_loop(b: &mut Batcher, rx: Receiver<Work>, tx: &Sender<Done>) -> Result<
                 }
                 b.collect(0)?;
                 if !b.emit_ready(tx) || tx.send(Done::ShardEnd(index)).is_err() {
-                    return Ok(b.busy);
+                    return Ok((b.busy, b.waits));
                 }
                 b.cursor = (0, 0);
                 continue;
@@ -443,11 +471,11 @@ fn batch_loop(b: &mut Batcher, rx: Receiver<Work>, tx: &Sender<Done>) -> Result<
         }
         b.collect(PIPELINE_DEPTH - 1)?;
         if !b.emit_ready(tx) {
-            return Ok(b.busy);
+            return Ok((b.busy, b.waits));
         }
     }
     b.collect(0)?;
-    Ok(b.busy)
+    Ok((b.busy, b.waits))
 }
 
 fn finish_input(input: PreparedInput, out: Vec<Option<SampleOut>>) -> Done {
@@ -480,52 +508,85 @@ fn finish_input(input: PreparedInput, out: Vec<Option<SampleOut>>) -> Done {
 }
 
 /// Collect rows per shard and write each shard when its end marker arrives.
+/// One shard's rows, complete, on its way to its file.
+struct ShardJob {
+    index: u32,
+    rows: Vec<ShardRow>,
+    errors: Vec<ErrorRecord>,
+    inputs: u64,
+}
+
+/// Shards whose files are being written while the next one fills: one in the file writer, one
+/// queued (memory: at most three shards' rows, with the one being collected).
+const SHARDS_IN_WRITING: usize = 1;
+
+/// Collects finished inputs into shards and has a thread of its own write each shard's file, so
+/// that the teacher never waits for a file (a 512-row shard of 512 px images takes long enough to
+/// fill the queues behind it and leave the GPU idle).
 fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
-    let mut stats = RunStats::default();
-    let mut rows: Vec<ShardRow> = Vec::new();
-    let mut errors: Vec<ErrorRecord> = Vec::new();
-    let mut inputs = 0u64;
-    for done in rx {
-        match done {
-            Done::Input { rows: r, errors: e } => {
-                rows.extend(r);
-                errors.extend(e);
-                inputs += 1;
-                bar.inc(1);
-            }
-            Done::Failed(e) => {
-                errors.push(e);
-                inputs += 1;
-                bar.inc(1);
-            }
-            Done::ShardEnd(index) => {
-                let path = out.shard_path(index);
-                let meta = ShardFileMeta {
-                    vae: cfg.vae.clone(),
-                    onnx_sha256: cfg.onnx_sha256.clone(),
-                    latent_dtype: cfg.latent_dtype,
-                    image_format: cfg.image_format,
-                    resolution: cfg.augment.resolution,
-                    shard_index: index,
-                    errors: errors.clone(),
-                };
-                write_shard(&path, &rows, &meta).with_context(|| format!("writing {}", path.display()))?;
-                out.add_shard(ShardEntry {
-                    file: shard_file_name(index),
-                    index,
-                    rows: rows.len() as u64,
-                    inputs,
-                    errors: errors.len() as u64,
-                })?;
-                stats.rows += rows.len() as u64;
-                stats.inputs += inputs;
-                stats.shards_written += 1;
-                stats.errors.append(&mut errors);
-                bar.set_message(format!("{} shards written", stats.shards_written));
-                rows.clear();
-                inputs = 0;
+    let (jobs_tx, jobs_rx) = bounded::<ShardJob>(SHARDS_IN_WRITING);
+    std::thread::scope(|scope| {
+        let files = std::thread::Builder::new()
+            .name("shard-writer".into())
+            .spawn_scoped(scope, move || write_shards(out, jobs_rx, cfg, bar))
+            .expect("spawn the shard writer");
+        let mut job = ShardJob { index: 0, rows: Vec::new(), errors: Vec::new(), inputs: 0 };
+        for done in rx {
+            match done {
+                Done::Input { rows, errors } => {
+                    job.rows.extend(rows);
+                    job.errors.extend(errors);
+                    job.inputs += 1;
+                    bar.inc(1);
+                }
+                Done::Failed(e) => {
+                    job.errors.push(e);
+                    job.inputs += 1;
+                    bar.inc(1);
+                }
+                Done::ShardEnd(index) => {
+                    job.index = index;
+                    let next = ShardJob { index: 0, rows: Vec::new(), errors: Vec::new(), inputs: 0 };
+                    if jobs_tx.send(std::mem::replace(&mut job, next)).is_err() {
+                        break; // the file writer failed: its error is reported below
+                    }
+                }
             }
         }
+        drop(jobs_tx);
+        files.join().map_err(|_| anyhow!("shard writer panicked"))?
+    })
+}
+
+/// Write each shard's file (temp + rename) and record it in the manifest, in order.
+fn write_shards(out: &mut OutputDir, jobs: Receiver<ShardJob>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+    let mut stats = RunStats::default();
+    for mut job in jobs {
+        let path = out.shard_path(job.index);
+        let meta = ShardFileMeta {
+            vae: cfg.vae.clone(),
+            onnx_sha256: cfg.onnx_sha256.clone(),
+            latent_dtype: cfg.latent_dtype,
+            image_format: cfg.image_format,
+            resolution: cfg.augment.resolution,
+            shard_index: job.index,
+            errors: job.errors.clone(),
+        };
+        let t0 = Instant::now();
+        write_shard(&path, &job.rows, &meta).with_context(|| format!("writing {}", path.display()))?;
+        stats.waits.writing_files += t0.elapsed();
+        out.add_shard(ShardEntry {
+            file: shard_file_name(job.index),
+            index: job.index,
+            rows: job.rows.len() as u64,
+            inputs: job.inputs,
+            errors: job.errors.len() as u64,
+        })?;
+        stats.rows += job.rows.len() as u64;
+        stats.inputs += job.inputs;
+        stats.shards_written += 1;
+        stats.errors.append(&mut job.errors);
+        bar.set_message(format!("{} shards written", stats.shards_written));
     }
     Ok(stats)
 }

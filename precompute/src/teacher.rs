@@ -375,6 +375,13 @@ impl Teacher {
             session,
         };
         t.validate(onnx, resolution)?;
+        if t.cuda.is_some() && t.session.metadata().ok().and_then(|m| m.custom("taesd.optimized")).as_deref() == Some("none") {
+            // tools/export_vae_onnx.py writes this key; 1.8x measured at 512 and 1024 (docs/gpu.md).
+            eprintln!(
+                "note: {} is a plain export; on CUDA an export with `tools/export_vae_onnx.py --optimize` (fused GroupNorm, NHWC convolutions) encodes ~1.8x faster",
+                onnx.display()
+            );
+        }
         if t.cuda.is_some() && opts.warmup > 0 {
             let start = Instant::now();
             let rows = t.fixed_batch.unwrap_or(opts.batch.max(1));
