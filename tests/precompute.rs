@@ -330,3 +330,16 @@ fn decode_only_measures_the_cpu_side_without_a_teacher() {
     let text = stdout(&o);
     assert!(text.contains("inputs           6 (0 failed)") && text.contains("images/s"), "{text}");
 }
+
+/// tools/export_vae_onnx.py's conv-bias fold (CUDA-only operators) keeps the graph's outputs,
+/// checked by tools/test_export_vae_onnx.py with a NumPy interpreter of those operators.
+#[test]
+fn export_tool_conv_bias_fold_keeps_the_outputs() {
+    let o = Command::new("python3")
+        .arg(repo().join("tools/test_export_vae_onnx.py"))
+        .output()
+        .expect("python3 is needed (onnx, numpy, onnxruntime)");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("2 passed"), "{text}");
+}

@@ -17,15 +17,19 @@ sd-vae-ft-ema, sdxl-vae-fp16-fix, SD3's or FLUX.1's `vae` subfolder), or `--rand
 benchmarks without weights. The SDXL VAE overflows in fp16 with real weights: export sdxl-vae-fp16-fix
 for fp16 (precompute flags NaN/inf latents when that happens).
 
-`--optimize` runs ONNX Runtime's transformer optimizer for VAE graphs on the float32 export
-(GroupNorm(+SiLU) fusion into com.microsoft.GroupNorm, Conv -> com.microsoft.NhwcConv with channels-last
-GroupNorm and the transposes between them merged, VAE attention fusion where the pattern matches) and
-then converts to float16 if asked, as ONNX Runtime's Stable Diffusion pipeline does. The fused
-operators exist only in the CUDA execution provider: optimized files are for `--device cuda`.
+`--optimize` runs ONNX Runtime's basic graph optimisations (constant folding, Pad -> Conv fusion) and
+then its transformer optimizer for VAE graphs on the float32 export (GroupNorm(+SiLU) fusion into
+com.microsoft.GroupNorm, Conv -> com.microsoft.NhwcConv with channels-last GroupNorm and the transposes
+between them merged, VAE attention fusion where the pattern matches) and then converts to float16 if
+asked, as ONNX Runtime's Stable Diffusion pipeline does. The fused operators exist only in the CUDA
+execution provider: optimized files are for `--device cuda`. Measured on an H100 (SDXL encoder, fp16,
+precompute end to end): 1.8x the plain export at 512 and 1024, 0.91x / 1.03x torch.compile
+(bench/results/2026-11-27-h100-precompute-vs-torch-optimized.txt). `--fold-conv-bias` (opt-in, see
+fold_conv_bias) moves conv biases into the GroupNorm after them: 1.17x more at 512.
 
 Examples:
   python3 tools/export_vae_onnx.py --model madebyollin/sdxl-vae-fp16-fix --preset sdxl-fp16-fix \\
-      --dtype fp16 --optimize --out sdxl_fp16fix_encoder.onnx
+      --dtype fp16 --optimize --out sdxl_fp16fix_encoder.onnx        # for precompute --device cuda
   python3 tools/export_vae_onnx.py --random-init sdxl --dtype fp16 --out sdxl_random_fp16.onnx
   python3 tools/export_vae_onnx.py --random-init sd3 --dtype fp32 --output mean --out sd3_random.onnx
 
@@ -152,6 +156,20 @@ def optimize(src, dst, fp16, args):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    # ONNX Runtime's basic (provider-independent) graph rewrites first: constant folding turns the
+    # pads of diffusers' Downsample2D `F.pad(x, (0, 1, 0, 1))` (a Concat/Slice subgraph in the export)
+    # into a constant, and PadFusion moves it into the strided Conv's pads. Left as a Pad, the NHWC
+    # graph below runs it as ONNX Runtime's generic pad kernel: 38 ms per call at 16x128x512x512 on
+    # an H100, 2/3 of the whole encoder (bench/results/2026-11-27-h100-kprof-precompute-512.md).
+    import onnxruntime as ort
+
+    basic = os.path.splitext(src)[0] + "-basic.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = basic
+    ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    src = basic
+
     opts = FusionOptions("vae")
     opts.enable_nhwc_conv = not args.no_nhwc
     opts.enable_group_norm = not args.no_group_norm
@@ -165,8 +183,102 @@ def optimize(src, dst, fp16, args):
         # As ONNX Runtime's SD pipeline does for the VAE encoder: everything in float16, the
         # GroupNorm gamma/beta stay float32 (the converter knows the contrib op).
         m.convert_float_to_float16(keep_io_types=False, op_block_list=[])
+    if args.fold_conv_bias:
+        stats["ConvBiasIntoGroupNorm"] = fold_conv_bias(m.model)
+        m.topological_sort()
     m.save_model_to_file(dst)
+    os.remove(basic)
+    pads = sum(n.op_type == "Pad" for n in m.model.graph.node)
+    if pads:
+        print(f"warning: {pads} Pad node(s) left in the optimized graph (slow on CUDA in NHWC graphs)",
+              file=sys.stderr)
     return stats
+
+
+def fold_conv_bias(model):
+    """Move NhwcConv biases into the com.microsoft GroupNorm that reads the conv's output.
+
+    ONNX Runtime adds a conv bias with a separate cuDNN tensor op: one more pass over every conv
+    output (1.44 ms per 512x512 image on an H100, a third of the optimized encoder's GPU time;
+    bench/results/2026-11-27-h100-kprof-precompute-512.md). SkipGroupNorm adds a bias (and a skip)
+    inside its first pass anyway, so:
+      conv(+b) -> GroupNorm          becomes  conv -> SkipGroupNorm(skip = zeros [N, C], bias = b)
+      conv(+b) -> SkipGroupNorm      becomes  conv -> SkipGroupNorm(..., bias = b)
+    Other readers of the conv output (a residual) read SkipGroupNorm's second output, the sum
+    `x + skip + bias` (= conv(+b) with a zero skip). Returns how many convs lost their bias.
+
+    Opt-in (--fold-conv-bias): measured 255 vs 218 images/s end to end at 512 (20 of the SDXL
+    encoder's 28 convs folded), but the fused operators run only on CUDA and the outputs of a
+    folded export have not been compared with PyTorch's yet (bench/gpu_precompute_vs_torch.sh
+    setting `optimized-bias-fold` prints that check).
+    """
+    from collections import defaultdict
+
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers = defaultdict(list)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name:
+                readers[name].append((n, i))
+    outputs = {o.name for o in g.output}
+    image = g.input[0].name
+    prefix = "taesd_bias_fold/"
+    added, zeros = [], {}
+
+    def zero_skip(c, data_type):
+        key = (c, data_type)
+        if key not in zeros:
+            if not added:
+                g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), prefix + "i0")])
+                added.append(helper.make_node("Shape", [image], [prefix + "image_shape"]))
+                added.append(helper.make_node("Gather", [prefix + "image_shape", prefix + "i0"], [prefix + "batch"], axis=0))
+            g.initializer.extend([numpy_helper.from_array(np.array([c], np.int64), prefix + f"c{c}")])
+            added.append(helper.make_node("Concat", [prefix + "batch", prefix + f"c{c}"], [prefix + f"shape_{c}"], axis=0))
+            value = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(data_type)), "value")
+            added.append(helper.make_node("ConstantOfShape", [prefix + f"shape_{c}"], [prefix + f"zeros_{c}_{data_type}"], value=value))
+            zeros[key] = prefix + f"zeros_{c}_{data_type}"
+        return zeros[key]
+
+    folded = 0
+    for conv in list(g.node):
+        if conv.op_type != "NhwcConv" or len(conv.input) < 3 or not conv.input[2]:
+            continue
+        bias = inits.get(conv.input[2])
+        y = conv.output[0]
+        if bias is None or len(bias.dims) != 1 or y in outputs:
+            continue
+        users = readers[y]
+        norms = [(n, i) for n, i in users if n.domain == "com.microsoft" and (
+            (n.op_type == "GroupNorm" and i == 0)
+            or (n.op_type == "SkipGroupNorm" and i in (0, 3) and (len(n.input) < 5 or not n.input[4])))]
+        if not norms:
+            continue
+        norm = norms[0][0]
+        others = [(n, i) for n, i in users if n is not norm]
+        if norm.op_type == "SkipGroupNorm":
+            if others:
+                continue  # they need conv + b, which no output of this SkipGroupNorm is
+            while len(norm.input) < 5:
+                norm.input.append("")
+            norm.input[4] = conv.input[2]
+        else:
+            norm.op_type = "SkipGroupNorm"
+            norm.input.extend([zero_skip(bias.dims[0], bias.data_type), conv.input[2]])
+            if others:
+                total = y + "/plus_bias"
+                norm.output.append(total)
+                for n, i in others:
+                    n.input[i] = total
+        del conv.input[2]
+        folded += 1
+    nodes = added + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return folded
 
 
 def op_counts(model):
@@ -194,6 +306,9 @@ def main(argv=None):
     p.add_argument("--no-nhwc", action="store_true", help="--optimize without NhwcConv / channels-last GroupNorm")
     p.add_argument("--no-group-norm", action="store_true", help="--optimize without the GroupNorm fusion")
     p.add_argument("--no-attention", action="store_true", help="--optimize without the attention fusion")
+    p.add_argument("--fold-conv-bias", action="store_true",
+                   help="--optimize and move conv biases into the SkipGroupNorm after them (1.17x faster at 512 on "
+                   "an H100; its outputs are not yet checked against PyTorch on a GPU: opt-in)")
     p.add_argument("--seed", type=int, default=0, help="--random-init seed")
     p.add_argument("--device", default=None, help="torch device for the export (default: cuda if there, for fp16)")
     p.add_argument("--check", action="store_true", help="compare ONNX Runtime (CPU) with PyTorch on a random batch "
