@@ -4,7 +4,9 @@
 //! Convolutions, ReLUs, the residual `relu(a + b)` and the 2x upsample run through taesd-ops
 //! (a conv followed by a ReLU is one fused op; cuDNN forward and backward on CUDA with the
 //! `cudnn` feature, candle's own convolution forward on the CPU, so CPU outputs equal candle's
-//! stock ops bit for bit). [`set_use_ops`]`(false)` goes back to candle's stock ops.
+//! stock ops bit for bit). [`set_use_ops`]`(false)` goes back to candle's stock ops. A whole
+//! `Block` is one graph node ([`taesd_ops::block`]; [`set_fused_blocks`]`(false)` for its single
+//! ops): same values and gradients, less autograd bookkeeping.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,16 +17,33 @@ use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupN
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
 
 static USE_OPS: AtomicBool = AtomicBool::new(true);
+static FUSED_BLOCKS: AtomicBool = AtomicBool::new(true);
 static ENV: std::sync::Once = std::sync::Once::new();
 
-/// Read `TAESD_STOCK_OPS` once: `1` starts the process with candle's stock ops (an A/B switch
-/// for shipped binaries).
+/// Read `TAESD_STOCK_OPS` and `TAESD_FUSED_BLOCKS` once: `TAESD_STOCK_OPS=1` starts the process
+/// with candle's stock ops, `TAESD_FUSED_BLOCKS=0` with blocks composed of single ops (A/B
+/// switches for shipped binaries).
 fn init_from_env() {
     ENV.call_once(|| {
         if std::env::var("TAESD_STOCK_OPS").is_ok_and(|v| v == "1") {
             USE_OPS.store(false, Ordering::Relaxed);
         }
+        if std::env::var("TAESD_FUSED_BLOCKS").is_ok_and(|v| v == "0") {
+            FUSED_BLOCKS.store(false, Ordering::Relaxed);
+        }
     });
+}
+
+/// Whether a `Block` with taesd-ops runs as one graph node ([`taesd_ops::block`], the default)
+/// or as its single ops (the same values and gradients; more autograd bookkeeping).
+pub fn set_fused_blocks(on: bool) {
+    init_from_env();
+    FUSED_BLOCKS.store(on, Ordering::Relaxed);
+}
+
+pub fn fused_blocks() -> bool {
+    init_from_env();
+    FUSED_BLOCKS.load(Ordering::Relaxed)
 }
 
 /// Whether the layers use taesd-ops (the default) or candle's stock ops (process-wide).
@@ -172,6 +191,15 @@ impl Module for Block {
             }
             None => x,
         };
+        if use_ops() && fused_blocks() && taesd_ops::block_on(x.device()) {
+            if let (Some(b0), Some(b1), Some(b2)) = (self.convs[0].bias(), self.convs[1].bias(), self.convs[2].bias()) {
+                let p = taesd_ops::BlockParams {
+                    convs: [(self.convs[0].weight(), b0), (self.convs[1].weight(), b1), (self.convs[2].weight(), b2)],
+                    skip: self.skip.as_ref().map(|s| s.weight()),
+                };
+                return taesd_ops::block(x, &p);
+            }
+        }
         let h = conv_act(&self.convs[0], x, true)?;
         let h = conv_act(&self.convs[1], &h, true)?;
         let h = conv_act(&self.convs[2], &h, false)?;

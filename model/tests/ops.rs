@@ -1,6 +1,7 @@
 //! The layers through taesd-ops (the default) vs candle's stock ops (`set_use_ops(false)`), on
 //! the CPU: same forward bit for bit, same gradients of every parameter within f32 rounding
-//! (taef2: pools, blocks, fused conv->ReLU, upsample; taesd: the plain blocks).
+//! (taef2: pools, blocks, fused conv->ReLU, upsample; taesd: the plain blocks); and blocks as one
+//! graph node (the default) vs their single ops: identical values and gradients.
 //! Its own test binary: `set_use_ops` is process-wide.
 
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -26,8 +27,9 @@ fn ops_match_stock_candle_values_and_gradients() {
         let m = Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let (enc, dec) = (m.encoder.clone().unwrap(), m.decoder.clone().unwrap());
         let x = Tensor::rand(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
-        let run = |ops: bool| {
+        let run = |ops: bool, fused: bool| {
             taesd::layers::set_use_ops(ops);
+            taesd::layers::set_fused_blocks(fused);
             let z = enc.forward(&x).unwrap();
             let y = dec.forward(&z).unwrap();
             let loss = ((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap()
@@ -35,14 +37,23 @@ fn ops_match_stock_candle_values_and_gradients() {
             .unwrap();
             let g = grads_of(&vm, &loss);
             taesd::layers::set_use_ops(true);
+            taesd::layers::set_fused_blocks(true);
             (z, y, g)
         };
-        let (z1, y1, g1) = run(true);
-        let (z0, y0, g0) = run(false);
+        let (z1, y1, g1) = run(true, true);
+        let (zu, yu, gu) = run(true, false);
+        let (z0, y0, g0) = run(false, false);
         let same = |a: &Tensor, b: &Tensor| {
             let d: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             d
         };
+        // Fused blocks (one graph node each) vs the same blocks' single ops: identical.
+        assert_eq!(same(&z1, &zu), 0.0, "{variant:?} encoder forward, fused vs single-op blocks");
+        assert_eq!(same(&y1, &yu), 0.0, "{variant:?} decoder forward, fused vs single-op blocks");
+        for ((n1, a), (nu, b)) in g1.iter().zip(&gu) {
+            assert_eq!(n1, nu);
+            assert_eq!(same(a, b), 0.0, "{variant:?} grad {n1}, fused vs single-op blocks");
+        }
         assert_eq!(same(&z1, &z0), 0.0, "{variant:?} encoder forward");
         assert_eq!(same(&y1, &y0), 0.0, "{variant:?} decoder forward");
         assert_eq!(g1.len(), g0.len());

@@ -6,6 +6,8 @@
 //!   conv2d-based backward (see [`cpu`](crate::conv_bwd_data)).
 //! - [`upsample_nearest2x`]: nearest 2x upsampling whose backward sums 2x2 blocks.
 //! - [`add_relu`]: `relu(a + b)`, the TAESD block's residual, backward from the output.
+//! - [`block`]: the whole TAESD residual block as one graph node (the same pieces, a hand-written
+//!   backward: no per-node gradient buffers inside the block).
 //! - [`batch_norm_relu_train`]: training-mode BatchNorm + ReLU on cuDNN (CUDA only; `None`
 //!   elsewhere, where callers keep their plain-op formulation).
 //! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
@@ -17,6 +19,7 @@
 
 mod adam;
 mod batch_norm;
+mod block;
 mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -27,6 +30,7 @@ mod settings;
 
 pub use adam::{adam_update, AdamOut, AdamStep};
 pub use batch_norm::{batch_norm_relu_train, BnOut};
+pub use block::{block, block_on, BlockParams};
 pub use conv::{
     act_bias_bwd, conv2d, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, stock, Act,
     ConvParams,

@@ -253,6 +253,54 @@ fn main() -> Result<()> {
         }
     }
 
+    println!("== fused block (one graph node) vs its single ops, and vs the CPU");
+    for dt in [DType::F32, DType::BF16] {
+        for (ci, co) in [(64, 64), (32, 64)] {
+            let mk = |shape: &[usize], s: f64| -> Result<Tensor> { Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s)?) };
+            let w: Vec<Tensor> = vec![mk(&[co, ci, 3, 3], 0.1)?, mk(&[co, co, 3, 3], 0.1)?, mk(&[co, co, 3, 3], 0.1)?];
+            let b: Vec<Tensor> = (0..3).map(|_| mk(&[co], 0.1)).collect::<Result<_>>()?;
+            let sk = (ci != co).then(|| mk(&[co, ci, 1, 1], 0.3)).transpose()?;
+            let x0 = mk(&[2, ci, 24, 20], 1.0)?;
+            let run = |d: &Device, fused: bool| -> Result<Vec<Tensor>> {
+                let vars: Vec<Var> = w.iter().chain(&b).chain(&sk).map(|t| Var::from_tensor(&t.to_device(d)?)).collect::<candle_core::Result<_>>()?;
+                let x = Var::from_tensor(&x0.to_device(d)?)?;
+                let xin = x.as_tensor().to_dtype(dt)?;
+                let y = if fused {
+                    let p = taesd_ops::BlockParams {
+                        convs: [(&vars[0], &vars[3]), (&vars[1], &vars[4]), (&vars[2], &vars[5])].map(|(a, b)| (a.as_tensor(), b.as_tensor())),
+                        skip: vars.get(6).map(|v| v.as_tensor()),
+                    };
+                    taesd_ops::block(&xin, &p)?
+                } else {
+                    let p3 = ConvParams::new(1, 1);
+                    let h = taesd_ops::conv2d_act(&xin, &vars[0], Some(&vars[3]), p3, Act::Relu)?;
+                    let h = taesd_ops::conv2d_act(&h, &vars[1], Some(&vars[4]), p3, Act::Relu)?;
+                    let h = taesd_ops::conv2d_act(&h, &vars[2], Some(&vars[5]), p3, Act::None)?;
+                    let s = match vars.get(6) {
+                        Some(v) => taesd_ops::conv2d_act(&xin, v, None, ConvParams::new(1, 0), Act::None)?,
+                        None => xin.clone(),
+                    };
+                    taesd_ops::add_relu(&h, &s)?
+                };
+                let yf = y.to_dtype(DType::F32)?;
+                let g = (yf.sqr()?.sum_all()? + yf.sum_all()?)?.backward()?;
+                let mut out = vec![y.clone(), g.get(&x).unwrap().clone()];
+                out.extend(vars.iter().map(|v| g.get(v).unwrap().clone()));
+                Ok(out)
+            };
+            let f = run(&dev, true)?;
+            let u = run(&dev, false)?;
+            let cp = run(&Device::Cpu, true)?;
+            let names = ["y", "dx", "dw0", "dw1", "dw2", "db0", "db1", "db2", "dskip"];
+            // Same kernels on one device: identical up to cuDNN's algorithm choice per call.
+            let (same, cpu) = if dt == DType::F32 { (1e-5, 1e-5) } else { (1e-2, 2e-2) };
+            for (i, n) in names.iter().enumerate().take(f.len()) {
+                c.check(&format!("{dt:?} block {ci}->{co} {n} fused vs single ops"), &f[i], &u[i], same)?;
+                c.check(&format!("{dt:?} block {ci}->{co} {n} fused CUDA vs CPU"), &f[i], &cp[i], cpu)?;
+            }
+        }
+    }
+
     println!("== fused Adam (AMSGrad, AdamW) vs the CPU loop (bit-identical f32 expected)");
     for (amsgrad, decoupled, wd) in [(true, false, 0.0), (false, true, 0.01), (true, false, 0.1)] {
         let n = 100_003;

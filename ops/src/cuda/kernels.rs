@@ -144,6 +144,17 @@ fn add_relu_t<T: Elem>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), a.1.shape().clone()))
 }
 
+/// `relu(a + b)` of two CUDA tensors (same shape and dtype), as a fresh storage.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+pub(crate) fn add_relu_tensors(a: &Tensor, b: &Tensor) -> Result<(CudaStorage, Shape)> {
+    check_dtype(b, a.dtype())?;
+    if a.shape() != b.shape() {
+        bail!("taesd-ops: add_relu of {:?} and {:?}", a.dims(), b.dims());
+    }
+    let (ac, bc) = (Cuda::of(a)?, Cuda::of(b)?);
+    add_relu((ac.storage(), ac.layout), (bc.storage(), bc.layout))
+}
+
 pub(crate) fn relu_bwd(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     by_dtype!(dy.dtype(), relu_bwd_t(dy, y))
 }

@@ -94,7 +94,7 @@ pub(crate) use by_dtype;
 /// The CUDA storage of a tensor (read-locked while the guard lives).
 pub(crate) struct Cuda<'a> {
     guard: candle_core::StorageRef<'a>,
-    layout: &'a Layout,
+    pub(crate) layout: &'a Layout,
 }
 
 impl<'a> Cuda<'a> {

@@ -1,0 +1,212 @@
+//! TAESD's residual block as one graph node: `relu(c2(relu(c1(relu(c0(x))))) + skip(x))`, the
+//! three 3x3 convs with bias, `skip` a bias-free 1x1 conv (or the identity).
+//!
+//! Built from the same convolutions, bias/ReLU epilogues and backward pieces as [`conv2d_act`] and
+//! [`add_relu`], so its values and gradients equal those of the composed ops (bit for bit on the
+//! CPU: same kernels, same order). What changes is the autograd graph: one node instead of about
+//! eight per block. candle's backprop gives every node's input a zero-filled gradient buffer and
+//! adds each contribution into it (one read-read-write pass over the activation per edge, 28 ms
+//! of a 197 ms training step at 256x256 batch 32 on an H100, bench/results/2026-11-27-*-kprof-*);
+//! inside this node the intermediate gradients are simply handed from one backward piece to the
+//! next. The weights travel as two packed inputs (a custom op has at most three), cast to the
+//! activations' dtype once per block instead of once per tensor.
+//!
+//! [`conv2d_act`]: crate::conv2d_act
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::conv::{act_bias_bwd, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, Act, ConvParams};
+use crate::cpu;
+use crate::elementwise::{add_relu, kernels_on, relu_bwd};
+
+/// The block's parameters: `(weight [C_out, C_in, 3, 3], bias [C_out])` of the three convs, and
+/// the skip conv's weight `[C_out, C_in, 1, 1]` when the channel count changes.
+pub struct BlockParams<'a> {
+    pub convs: [(&'a Tensor, &'a Tensor); 3],
+    pub skip: Option<&'a Tensor>,
+}
+
+const P3: ConvParams = ConvParams { stride: 1, padding: 1 };
+const P1: ConvParams = ConvParams { stride: 1, padding: 0 };
+
+/// Whether [`block`] runs as one node on this device (CPU, or CUDA with the `cudnn` feature).
+pub fn block_on(d: &candle_core::Device) -> bool {
+    fast_device(d) && kernels_on(d)
+}
+
+/// The block's output, in `x`'s dtype (the weights are cast to it, as [`crate::conv2d_act`] does).
+pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
+    if !block_on(x.device()) {
+        bail!("taesd-ops block: no fused block on {:?}", x.device());
+    }
+    let (_, c_in, _, _) = x.dims4()?;
+    let c_out = p.convs[0].0.dim(0)?;
+    for (i, (w, b)) in p.convs.iter().enumerate() {
+        let want_in = if i == 0 { c_in } else { c_out };
+        if w.dims() != [c_out, want_in, 3, 3] || b.dims() != [c_out] {
+            bail!("taesd-ops block: conv {i} has weight {:?} and bias {:?} for {want_in} -> {c_out} channels", w.dims(), b.dims());
+        }
+    }
+    match p.skip {
+        Some(s) if s.dims() != [c_out, c_in, 1, 1] => bail!("taesd-ops block: skip weight {:?} for {c_in} -> {c_out}", s.dims()),
+        None if c_in != c_out => bail!("taesd-ops block: {c_in} -> {c_out} channels needs a skip conv"),
+        _ => {}
+    }
+    // Pack in the weights' dtype, then one cast: the graph keeps the cast's and the pack's backward
+    // (gradients in the weights' dtype), as conv2d_act's per-tensor casts did.
+    let mut ws: Vec<Tensor> = p.convs.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
+    if let Some(s) = p.skip {
+        ws.push(s.flatten_all()?);
+    }
+    let dt = x.dtype();
+    let wpack = Tensor::cat(&ws, 0)?.to_dtype(dt)?;
+    let bpack = Tensor::cat(&[p.convs[0].1, p.convs[1].1, p.convs[2].1], 0)?.to_dtype(dt)?;
+    let layout = Packing { c_in, c_out, skip: p.skip.is_some() };
+
+    // The forward on detached operands (no graph), its intermediates kept for the backward.
+    let xd = x.detach().contiguous()?;
+    let (w, b) = layout.unpack(&wpack.detach(), &bpack.detach())?;
+    let h0 = conv2d_act(&xd, &w[0], Some(&b[0]), P3, Act::Relu)?;
+    let h1 = conv2d_act(&h0, &w[1], Some(&b[1]), P3, Act::Relu)?;
+    let h2 = conv2d_act(&h1, &w[2], Some(&b[2]), P3, Act::None)?;
+    let s = match &w.get(3) {
+        Some(ws) => conv2d_act(&xd, ws, None, P1, Act::None)?,
+        None => xd.clone(),
+    };
+    if !(x.track_op() || wpack.track_op() || bpack.track_op()) {
+        // No graph (inference): nothing to keep for a backward.
+        drop((h0, h1));
+        return add_relu(&h2, &s);
+    }
+    let op = BlockOp { layout, saved: Mutex::new(Some(Saved { h0, h1, h2, s })) };
+    x.contiguous()?.apply_op3_arc(&wpack, &bpack, Arc::new(Box::new(op)))
+}
+
+/// Where each conv's weight and bias sit in the packed inputs.
+#[derive(Clone, Copy, Debug)]
+struct Packing {
+    c_in: usize,
+    c_out: usize,
+    skip: bool,
+}
+
+impl Packing {
+    fn weight_dims(&self) -> Vec<[usize; 4]> {
+        let (i, o) = (self.c_in, self.c_out);
+        let mut d = vec![[o, i, 3, 3], [o, o, 3, 3], [o, o, 3, 3]];
+        if self.skip {
+            d.push([o, i, 1, 1]);
+        }
+        d
+    }
+
+    /// Views of the packed tensors: the weights (3 or 4) and the 3 biases.
+    fn unpack(&self, wpack: &Tensor, bpack: &Tensor) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let mut off = 0;
+        let mut w = Vec::new();
+        for d in self.weight_dims() {
+            let n: usize = d.iter().product();
+            w.push(wpack.narrow(0, off, n)?.reshape(d.as_slice())?);
+            off += n;
+        }
+        let b = (0..3).map(|i| bpack.narrow(0, i * self.c_out, self.c_out)).collect::<Result<_>>()?;
+        Ok((w, b))
+    }
+}
+
+/// The forward's intermediates: the convs' activations and the skip branch.
+struct Saved {
+    h0: Tensor,
+    h1: Tensor,
+    h2: Tensor,
+    s: Tensor,
+}
+
+struct BlockOp {
+    layout: Packing,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl BlockOp {
+    fn saved(&self) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let g = self.saved.lock().map_err(|_| candle_core::Error::Msg("taesd-ops block: poisoned".into()))?;
+        match g.as_ref() {
+            Some(s) => Ok((s.h0.clone(), s.h1.clone(), s.h2.clone(), s.s.clone())),
+            None => bail!("taesd-ops block: intermediates gone"),
+        }
+    }
+}
+
+impl CustomOp3 for BlockOp {
+    fn name(&self) -> &'static str {
+        "taesd-block"
+    }
+
+    /// The last step, `relu(h2 + s)`, from the kept intermediates (the inputs' storages were
+    /// already read by the detached forward).
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, _, h2, s) = self.saved()?;
+        cpu::to_storage(&cpu::add_relu(&h2, &s)?)
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, _, h2, s) = self.saved()?;
+        crate::cuda::kernels::add_relu_tensors(&h2, &s)
+    }
+
+    fn bwd(&self, x: &Tensor, wpack: &Tensor, bpack: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (want_x, want_w) = (x.track_op(), wpack.track_op() || bpack.track_op());
+        if !want_x && !want_w {
+            return Ok((None, None, None));
+        }
+        let (h0, h1, _, _) = self.saved()?;
+        let (w, _) = self.layout.unpack(&wpack.detach(), &bpack.detach())?;
+        let x = x.detach();
+        // relu(h2 + s): the same gradient for both branches.
+        let dz = relu_bwd(&dy.contiguous()?, y)?;
+        let (dz2, db2) = act_bias_bwd(&dz, &dz, Act::None, want_w)?;
+        let dh1 = conv_bwd_data(&dz2, &w[2], h1.dims(), P3)?;
+        let dw2 = want_w.then(|| conv_bwd_filter(&h1, &dz2, w[2].dims(), P3)).transpose()?;
+        let (dz1, db1) = act_bias_bwd(&dh1, &h1, Act::Relu, want_w)?;
+        let dh0 = conv_bwd_data(&dz1, &w[1], h0.dims(), P3)?;
+        let dw1 = want_w.then(|| conv_bwd_filter(&h0, &dz1, w[1].dims(), P3)).transpose()?;
+        let (dz0, db0) = act_bias_bwd(&dh0, &h0, Act::Relu, want_w)?;
+        let dw0 = want_w.then(|| conv_bwd_filter(&x, &dz0, w[0].dims(), P3)).transpose()?;
+        let dws = match (w.get(3), want_w) {
+            (Some(ws), true) => Some(conv_bwd_filter(&x, &dz, ws.dims(), P1)?),
+            _ => None,
+        };
+        let dx = if want_x {
+            let main = conv_bwd_data(&dz0, &w[0], x.dims(), P3)?;
+            let skip = match w.get(3) {
+                Some(ws) => conv_bwd_data(&dz, ws, x.dims(), P1)?,
+                None => dz.clone(),
+            };
+            Some((main + skip)?)
+        } else {
+            None
+        };
+        let (dwp, dbp) = if want_w {
+            let mut parts = vec![dw0.expect("wanted").flatten_all()?, dw1.expect("wanted").flatten_all()?, dw2.expect("wanted").flatten_all()?];
+            if let Some(d) = dws {
+                parts.push(d.flatten_all()?);
+            }
+            let db = [db0, db1, db2].into_iter().map(|d| d.ok_or_else(|| candle_core::Error::Msg("bias gradient".into()))).collect::<Result<Vec<_>>>()?;
+            (Some(Tensor::cat(&parts, 0)?), Some(Tensor::cat(&db, 0)?))
+        } else {
+            (None, None)
+        };
+        Ok((dx, dwp, dbp))
+    }
+}
