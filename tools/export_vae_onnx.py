@@ -187,7 +187,6 @@ def optimize(src, dst, fp16, args):
         stats["ConvBiasIntoGroupNorm"] = fold_conv_bias(m.model)
         m.topological_sort()
     m.save_model_to_file(dst)
-    os.remove(basic)
     pads = sum(n.op_type == "Pad" for n in m.model.graph.node)
     if pads:
         print(f"warning: {pads} Pad node(s) left in the optimized graph (slow on CUDA in NHWC graphs)",

@@ -13,7 +13,7 @@
 //!
 //! [`conv2d_act`]: crate::conv2d_act
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -80,7 +80,7 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         drop((h0, h1));
         return add_relu(&h2, &s);
     }
-    let op = BlockOp { layout, saved: Mutex::new(Some(Saved { h0, h1, h2, s })) };
+    let op = BlockOp { layout, saved: Saved { h0, h1, h2, s } };
     x.contiguous()?.apply_op3_arc(&wpack, &bpack, Arc::new(Box::new(op)))
 }
 
@@ -126,17 +126,7 @@ struct Saved {
 
 struct BlockOp {
     layout: Packing,
-    saved: Mutex<Option<Saved>>,
-}
-
-impl BlockOp {
-    fn saved(&self) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let g = self.saved.lock().map_err(|_| candle_core::Error::Msg("taesd-ops block: poisoned".into()))?;
-        match g.as_ref() {
-            Some(s) => Ok((s.h0.clone(), s.h1.clone(), s.h2.clone(), s.s.clone())),
-            None => bail!("taesd-ops block: intermediates gone"),
-        }
-    }
+    saved: Saved,
 }
 
 impl CustomOp3 for BlockOp {
@@ -147,8 +137,7 @@ impl CustomOp3 for BlockOp {
     /// The last step, `relu(h2 + s)`, from the kept intermediates (the inputs' storages were
     /// already read by the detached forward).
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, _, h2, s) = self.saved()?;
-        cpu::to_storage(&cpu::add_relu(&h2, &s)?)
+        cpu::to_storage(&cpu::add_relu(&self.saved.h2, &self.saved.s)?)
     }
 
     #[cfg(feature = "cudnn")]
@@ -161,8 +150,7 @@ impl CustomOp3 for BlockOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, _, h2, s) = self.saved()?;
-        crate::cuda::kernels::add_relu_tensors(&h2, &s)
+        crate::cuda::kernels::add_relu_tensors(&self.saved.h2, &self.saved.s)
     }
 
     fn bwd(&self, x: &Tensor, wpack: &Tensor, bpack: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -170,18 +158,18 @@ impl CustomOp3 for BlockOp {
         if !want_x && !want_w {
             return Ok((None, None, None));
         }
-        let (h0, h1, _, _) = self.saved()?;
+        let Saved { h0, h1, .. } = &self.saved;
         let (w, _) = self.layout.unpack(&wpack.detach(), &bpack.detach())?;
         let x = x.detach();
         // relu(h2 + s): the same gradient for both branches.
         let dz = relu_bwd(&dy.contiguous()?, y)?;
         let (dz2, db2) = act_bias_bwd(&dz, &dz, Act::None, want_w)?;
         let dh1 = conv_bwd_data(&dz2, &w[2], h1.dims(), P3)?;
-        let dw2 = want_w.then(|| conv_bwd_filter(&h1, &dz2, w[2].dims(), P3)).transpose()?;
-        let (dz1, db1) = act_bias_bwd(&dh1, &h1, Act::Relu, want_w)?;
+        let dw2 = want_w.then(|| conv_bwd_filter(h1, &dz2, w[2].dims(), P3)).transpose()?;
+        let (dz1, db1) = act_bias_bwd(&dh1, h1, Act::Relu, want_w)?;
         let dh0 = conv_bwd_data(&dz1, &w[1], h0.dims(), P3)?;
-        let dw1 = want_w.then(|| conv_bwd_filter(&h0, &dz1, w[1].dims(), P3)).transpose()?;
-        let (dz0, db0) = act_bias_bwd(&dh0, &h0, Act::Relu, want_w)?;
+        let dw1 = want_w.then(|| conv_bwd_filter(h0, &dz1, w[1].dims(), P3)).transpose()?;
+        let (dz0, db0) = act_bias_bwd(&dh0, h0, Act::Relu, want_w)?;
         let dw0 = want_w.then(|| conv_bwd_filter(&x, &dz0, w[0].dims(), P3)).transpose()?;
         let dws = match (w.get(3), want_w) {
             (Some(ws), true) => Some(conv_bwd_filter(&x, &dz, ws.dims(), P1)?),

@@ -179,9 +179,11 @@ pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut O
         let (teacher_busy, waits) = teacher_result?;
         let mut stats = writer_result?;
         stats.teacher_busy = teacher_busy;
-        stats.waits.for_inputs = waits.for_inputs;
-        stats.waits.for_writer = waits.for_writer;
-        stats.waits.after_teacher = writer_end.saturating_duration_since(teacher_end);
+        stats.waits = Waits {
+            writing_files: stats.waits.writing_files,
+            after_teacher: writer_end.saturating_duration_since(teacher_end),
+            ..waits
+        };
         Ok(stats)
     });
     bar.finish_and_clear();
@@ -397,8 +399,8 @@ fn sample_side(s: &PreparedSample) -> usize {
 }
 
 /// Batch samples through the teacher, in order; flush at every shard end. Returns the time spent
-/// in the teacher and the batcher's waits. The teacher itself runs on a thread of its own (the runner), so that the next
-/// batch is staged while the current one is encoded.
+/// in the teacher and the batcher's waits. The teacher itself runs on a thread of its own (the
+/// runner), so that the next batch is staged while the current one is encoded.
 fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<(Duration, Waits)> {
     let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
     let host = teacher.host_allocator()?;
@@ -509,6 +511,7 @@ fn finish_input(input: PreparedInput, out: Vec<Option<SampleOut>>) -> Done {
 
 /// Collect rows per shard and write each shard when its end marker arrives.
 /// One shard's rows, complete, on its way to its file.
+#[derive(Default)]
 struct ShardJob {
     index: u32,
     rows: Vec<ShardRow>,
@@ -530,7 +533,7 @@ fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, b
             .name("shard-writer".into())
             .spawn_scoped(scope, move || write_shards(out, jobs_rx, cfg, bar))
             .expect("spawn the shard writer");
-        let mut job = ShardJob { index: 0, rows: Vec::new(), errors: Vec::new(), inputs: 0 };
+        let mut job = ShardJob::default();
         for done in rx {
             match done {
                 Done::Input { rows, errors } => {
@@ -546,8 +549,7 @@ fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, b
                 }
                 Done::ShardEnd(index) => {
                     job.index = index;
-                    let next = ShardJob { index: 0, rows: Vec::new(), errors: Vec::new(), inputs: 0 };
-                    if jobs_tx.send(std::mem::replace(&mut job, next)).is_err() {
+                    if jobs_tx.send(std::mem::take(&mut job)).is_err() {
                         break; // the file writer failed: its error is reported below
                     }
                 }
