@@ -33,15 +33,24 @@ run() {  # label, command...
 }
 # The goal's case (full recipe, 256/bs32) first: later ones may fall to the time budget.
 # PRECISIONS: our step's arithmetic (train::recipe::Precision), each a run.
-for cfg in "full 256 32" "full 96 32" "full 512 8" "decoder 256 32" "decoder 96 32" "decoder 512 8"; do
-  read -r recipe size batch <<<"$cfg"
+# CASES: "recipe size batch" per line; TORCH_MODES: the reference's modes ("" for ours alone, e.g. an
+# A/B of ours: TAESD_FUSED_BLOCKS=0 TORCH_MODES= bash bench/gpu_train_step.sh).
+CASES=${CASES:-"full 256 32
+full 96 32
+full 512 8
+decoder 256 32
+decoder 96 32
+decoder 512 8"}
+while read -r recipe size batch; do
+  [[ -n $recipe ]] || continue
   a=(--size "$size" --batch "$batch" --recipe "$recipe" --steps "$STEPS" --seconds 15)
   for p in ${PRECISIONS:-f32 tf32 bf16}; do
     run "ours $p $recipe $size" gpu_bench "${a[@]}" --precision "$p"
   done
-  run "torch fp32 $recipe $size" "$PY" bench/torch_train_step.py "${a[@]}" --mode fp32
-  run "torch amp $recipe $size" "$PY" bench/torch_train_step.py "${a[@]}" --mode amp
-done
+  for m in ${TORCH_MODES-fp32 amp}; do
+    run "torch $m $recipe $size" "$PY" bench/torch_train_step.py "${a[@]}" --mode "$m"
+  done
+done <<<"$CASES"
 "$PY" - "$JSONL" > "$OUTDIR/gpu_train_step.md" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

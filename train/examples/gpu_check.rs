@@ -39,9 +39,17 @@ struct Checker {
 impl Checker {
     fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
         let half = got.dtype() != DType::F32 || want.dtype() != DType::F32;
-        let e = if half { rel_l2(got, want)? } else { rel_err(got, want)? };
+        self.check_metric(what, got, want, tol, half)
+    }
+
+    /// `l2`: relative L2 error, else the largest error relative to the largest value. Half
+    /// precision is judged by relative L2: a few values within a rounding of a ReLU's threshold
+    /// take the other side on another device, which moves single entries a lot and the whole
+    /// tensor little.
+    fn check_metric(&mut self, what: &str, got: &Tensor, want: &Tensor, tol: f64, l2: bool) -> Result<()> {
+        let e = if l2 { rel_l2(got, want)? } else { rel_err(got, want)? };
         let ok = e <= tol && e.is_finite();
-        let m = if half { "rel L2 " } else { "rel err" };
+        let m = if l2 { "rel L2 " } else { "rel err" };
         println!("  {:<60} {m} {e:9.2e} (tol {tol:.0e}) {}", what, if ok { "ok" } else { "FAIL" });
         if !ok {
             self.failures.push(format!("{what}: {e:e}"));
@@ -292,11 +300,19 @@ fn main() -> Result<()> {
             let u = run(&dev, false)?;
             let cp = run(&Device::Cpu, true)?;
             let names = ["y", "dx", "dw0", "dw1", "dw2", "db0", "db1", "db2", "dskip"];
-            // Same kernels on one device: identical up to cuDNN's algorithm choice per call.
-            let (same, cpu) = if dt == DType::F32 { (1e-5, 1e-5) } else { (1e-2, 2e-2) };
+            // Same kernels on one device: the fused op must give the single ops' values and
+            // gradients (identical up to cuDNN's algorithm choice per call): the check of its
+            // backward. CUDA vs CPU: the values as every op's; the gradients pass through the
+            // block's inner ReLU masks, and a pre-activation within a rounding of 0 takes the
+            // other side on the other device (seen on the H100: f32 dx off by 1.5e-2 in one
+            // entry, dw0/db0 by 3e-3, in one run of two; bf16 dx 2e-2 in relative L2), which is
+            // not an error of the backward. So they are judged by relative L2, loosely.
+            let half = dt != DType::F32;
+            let (same, cpu_y, cpu_grad) = if half { (1e-2, 2e-2, 5e-2) } else { (1e-5, 1e-5, 1e-2) };
             for (i, n) in names.iter().enumerate().take(f.len()) {
-                c.check(&format!("{dt:?} block {ci}->{co} {n} fused vs single ops"), &f[i], &u[i], same)?;
-                c.check(&format!("{dt:?} block {ci}->{co} {n} fused CUDA vs CPU"), &f[i], &cp[i], cpu)?;
+                c.check_metric(&format!("{dt:?} block {ci}->{co} {n} fused vs single ops"), &f[i], &u[i], same, half)?;
+                let (tol, l2) = if i == 0 { (cpu_y, half) } else { (cpu_grad, true) };
+                c.check_metric(&format!("{dt:?} block {ci}->{co} {n} fused CUDA vs CPU"), &f[i], &cp[i], tol, l2)?;
             }
         }
     }

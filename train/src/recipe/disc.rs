@@ -273,13 +273,12 @@ impl Discriminator {
             let (conv_w, bn_w, bn_b) = (&params[3 * i], &params[3 * i + 1], &params[3 * i + 2]);
             let proj = &params[3 * n_blocks + i];
             let s = cfg.strides[i];
-            x = taesd_ops::conv2d(&x, conv_w, None, s, 1)?;
             // BatchNorm + ReLU, in and out in the activations' dtype (batch_norm_train /
-            // batch_norm_eval say how each computes).
+            // conv_batch_norm_eval say how each computes).
             x = match &mut new_stats {
                 Some(ns) => {
                     let (y, m, v) = batch_norm_train(
-                        &x,
+                        &taesd_ops::conv2d(&x, conv_w, None, s, 1)?,
                         bn_w,
                         bn_b,
                         &stats.mean[i],
@@ -292,7 +291,7 @@ impl Discriminator {
                     ns.var.push(v);
                     y
                 }
-                None => batch_norm_eval(&x, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
+                None => conv_batch_norm_eval(&x, conv_w, s, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
             };
             let o = taesd_ops::conv2d(&x, proj, None, 1, 0)?;
             let (_, _, hi, wi) = o.dims4()?;
@@ -396,10 +395,17 @@ fn running_update(
     Ok((new_mean, new_var))
 }
 
-/// Inference-mode BatchNorm with the running statistics, then `act`: a per-channel affine map in
-/// `x`'s dtype (the f32 scale and shift are rounded to it once; no f32 copy of the activations).
-fn batch_norm_eval(
+/// The 3x3/4x4 convolution (no bias, padding 1), then inference-mode BatchNorm with the running
+/// statistics, then `act`, as one convolution: BatchNorm is then a per-channel affine map, so it
+/// folds into the weights (`w * scale[o]`, in f32, rounded to `x`'s dtype once on use) and a
+/// bias (`shift`) in the convolution's epilogue. Mathematically the same as the three steps; in
+/// f32 equal to rounding (test), in bf16 within one rounding of the activations. No
+/// full-size intermediate, and the correction's backward through it is one backward-data pass.
+#[allow(clippy::too_many_arguments)]
+fn conv_batch_norm_eval(
     x: &Tensor,
+    conv_w: &Tensor,
+    stride: usize,
     weight: &Tensor,
     bias: &Tensor,
     running_mean: &Tensor,
@@ -409,7 +415,8 @@ fn batch_norm_eval(
 ) -> Result<Tensor> {
     let scale = (running_var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
     let shift = (bias - (running_mean * &scale)?)?;
-    channel_affine(x, &scale, &shift, act)
+    let w = conv_w.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+    Ok(taesd_ops::conv2d_act(x, &w, Some(&shift), ConvParams::new(stride, 1), act)?)
 }
 
 #[cfg(test)]
@@ -533,9 +540,23 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
         };
-        let want_eval = reference.forward_t(&x, false).unwrap();
-        let got_eval = batch_norm_eval(&x, &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();
-        assert!(max_diff(&want_eval, &got_eval) < 1e-5);
+        // Inference mode: convolution + BatchNorm folded into one convolution, against the
+        // convolution then candle_nn's BatchNorm; values and the input gradient, stride 1 and 2.
+        for (k, stride) in [(3, 1), (4, 2)] {
+            let cw = Tensor::randn(0f32, 0.3f32, (5, 5, k, k), &dev).unwrap();
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let r = Tensor::randn(0f32, 1f32, (3, 5, 4 / stride, 4 / stride), &dev).unwrap();
+            let want_eval = reference.forward_t(&xv.conv2d(&cw, 1, stride, 1, 1).unwrap(), false).unwrap();
+            let got_eval = conv_batch_norm_eval(&xv, &cw, stride, &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();
+            assert_eq!(got_eval.dims(), want_eval.dims());
+            assert!(max_diff(&want_eval, &got_eval) < 1e-5, "k{k} s{stride}: {}", max_diff(&want_eval, &got_eval));
+            let grad = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap().get(&xv).unwrap().clone();
+            let (gw, gg) = (grad(&want_eval), grad(&got_eval));
+            assert!(max_diff(&gw, &gg) < 1e-5, "dx k{k} s{stride}: {}", max_diff(&gw, &gg));
+            // With the ReLU: the reference's ReLU on the same values.
+            let got_relu = conv_batch_norm_eval(&xv, &cw, stride, &w, &b, &rm, &rv, 1e-5, Act::Relu).unwrap();
+            assert!(max_diff(&want_eval.relu().unwrap(), &got_relu) < 1e-5);
+        }
         let want = reference.forward_t(&x, true).unwrap();
         let (got, m, v) = batch_norm_train(&x, &w, &b, &rm, &rv, 1e-5, 0.1, Act::None).unwrap();
         assert!(max_diff(&want, &got) < 1e-5);
