@@ -13,7 +13,7 @@ pub use decode::{decode_rgb8, DecodeError, DecodeLimits, ALPHA_BACKGROUND};
 pub use policy::{make_samples, AugmentConfig, CropRect, Sample};
 pub use shard::{
     decode_latent, decode_stored_image, encode_image, encode_latent, is_temp_file, list_shards, temp_path, write_shard,
-    LatentRecord, ShardFileMeta, ShardReader, ShardRow, ROW_GROUP_ROWS,
+    LatentRecord, ShardFileMeta, ShardReader, ShardRow, ShardWriter, ROW_GROUP_ROWS,
 };
 pub use source::{
     fingerprint, list_inputs, read_bytes, sha256_hex, InputItem, Listing, SourceError, SourceLoc, IMAGE_EXTENSIONS,

@@ -6,9 +6,10 @@
 //!   range, so `parquet-tools meta` tells what is inside without parsing JSON).
 //! * Row groups of [`ROW_GROUP_ROWS`] rows, zstd-compressed; no dictionary and no min/max
 //!   statistics on the large binary columns (they would be useless and bloat the footer).
-//! * [`write_shard`] is atomic: it writes `<final>.tmp-<pid>` beside the final file, fsyncs it,
-//!   renames it into place and fsyncs the folder. A reader never sees a half-written file under
-//!   a final name, and [`list_shards`] never lists a temp file.
+//! * [`write_shard`] and [`ShardWriter`] (the same, streaming: row groups written as rows
+//!   arrive) are atomic: they write `<final>.tmp-<pid>` beside the final file, fsync it, rename
+//!   it into place and fsync the folder. A reader never sees a half-written file under a final
+//!   name, and [`list_shards`] never lists a temp file.
 //! * Latents are stored as raw little-endian bytes of the file's [`LatentDtype`], C-major
 //!   (`[C, h, w]`); [`ShardRow`] holds them as `f32`.
 
@@ -38,7 +39,8 @@ use crate::policy::CropRect;
 /// Rows per Parquet row group: the unit the trainer shuffles and reads at a time.
 pub const ROW_GROUP_ROWS: usize = 64;
 
-/// zstd level of all columns.
+/// zstd level of every column but the image column, which holds PNG or JPEG bytes: compressed
+/// already, so zstd would only spend the writer's time (it is stored uncompressed).
 const ZSTD_LEVEL: i32 = 3;
 
 /// One row of a shard: one N x N sample of one source image and its teacher latent.
@@ -198,17 +200,18 @@ fn kv_pairs(meta: &ShardFileMeta) -> Result<Vec<KeyValue>> {
     Ok(pairs.into_iter().map(|(k, v)| KeyValue::new(k.to_string(), v)).collect())
 }
 
-fn writer_properties(meta: &ShardFileMeta) -> Result<WriterProperties> {
+fn writer_properties(kv: Vec<KeyValue>) -> Result<WriterProperties> {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_key_value_metadata(Some(kv_pairs(meta)?))
+        .set_key_value_metadata(Some(kv))
         .set_created_by(format!("taesd-data {}", env!("CARGO_PKG_VERSION")));
     for big in [col::IMAGE, col::LATENT, col::LATENT_STD] {
         b = b
             .set_column_dictionary_enabled(ColumnPath::from(big), false)
             .set_column_statistics_enabled(ColumnPath::from(big), EnabledStatistics::None);
     }
+    b = b.set_column_compression(ColumnPath::from(col::IMAGE), Compression::UNCOMPRESSED);
     Ok(b.build())
 }
 
@@ -320,40 +323,124 @@ fn rows_to_batch(schema: &SchemaRef, rows: &[ShardRow], dtype: LatentDtype) -> R
 
 /// Write `rows` and `meta` as one shard file at `final_path`, atomically (see the module
 /// documentation). Zero rows give a valid, empty shard that still carries `meta.errors`.
-/// Rows are validated first (latent length vs shape, channels and spatial size vs the VAE
-/// spec and resolution, finite values within the dtype's range); an invalid row writes nothing.
+/// Rows are validated (latent length vs shape, channels and spatial size vs the VAE spec and
+/// resolution, finite values within the dtype's range); an invalid row leaves nothing behind.
+/// A [`ShardWriter`] with all rows at once.
 pub fn write_shard(final_path: &Path, rows: &[ShardRow], meta: &ShardFileMeta) -> Result<()> {
-    for (i, r) in rows.iter().enumerate() {
-        validate_row(r, meta).with_context(|| {
-            format!("shard {}: row {i} (source {:?}, variant {}) is invalid", final_path.display(), r.source, r.variant)
-        })?;
+    let mut w = ShardWriter::create(final_path, meta)?;
+    for r in rows {
+        w.push(r.clone())?;
     }
-    let tmp = temp_path(final_path);
-    let result = write_file(&tmp, rows, meta).and_then(|()| {
-        std::fs::rename(&tmp, final_path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_path.display()))?;
-        sync_parent_dir(final_path)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing shard {}", final_path.display()))
+    w.finish(&meta.errors)
 }
 
-fn write_file(tmp: &Path, rows: &[ShardRow], meta: &ShardFileMeta) -> Result<()> {
-    let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    // The same key-value pairs also go on the Arrow schema, so that pyarrow's
-    // `read_table(f).schema.metadata` shows them, not only the Parquet footer.
-    let kv: std::collections::HashMap<String, String> = kv_pairs(meta)?.into_iter().filter_map(|p| p.value.map(|v| (p.key, v))).collect();
-    let schema: SchemaRef = Arc::new(arrow_schema().with_metadata(kv));
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(meta)?))?;
-    for chunk in rows.chunks(ROW_GROUP_ROWS) {
-        writer.write(&rows_to_batch(&schema, chunk, meta.latent_dtype)?)?;
-        writer.flush()?;
+/// One shard written while its rows arrive: each complete row group ([`ROW_GROUP_ROWS`] rows)
+/// goes to the temp file at once, so memory holds at most one row group and, when the last row
+/// is in, only that row group and the footer are left to write. [`ShardWriter::finish`] adds the
+/// shard's errors (known only then) to the footer's key-value metadata, fsyncs and renames the
+/// file into place; a writer dropped unfinished (an error, a stop) deletes its temp file. Rows
+/// are validated as they are pushed, with the same checks and messages as [`write_shard`].
+pub struct ShardWriter {
+    final_path: PathBuf,
+    tmp: PathBuf,
+    meta: ShardFileMeta,
+    schema: SchemaRef,
+    /// `None` once finished.
+    writer: Option<ArrowWriter<File>>,
+    pending: Vec<ShardRow>,
+    written: u64,
+}
+
+impl ShardWriter {
+    /// Start the shard `final_path` (its temp file) for rows matching `meta`; `meta.errors` is
+    /// not used (see [`ShardWriter::finish`]).
+    pub fn create(final_path: &Path, meta: &ShardFileMeta) -> Result<ShardWriter> {
+        // The same key-value pairs also go on the Arrow schema, so that pyarrow's
+        // `read_table(f).schema.metadata` shows them, not only the Parquet footer. All but the
+        // errors: the Arrow schema is fixed when the file starts (see docs/format.md).
+        let kv: Vec<KeyValue> = kv_pairs(meta)?.into_iter().filter(|p| p.key != key::ERRORS).collect();
+        let schema_kv: HashMap<String, String> = kv.iter().filter_map(|p| p.value.clone().map(|v| (p.key.clone(), v))).collect();
+        let schema: SchemaRef = Arc::new(arrow_schema().with_metadata(schema_kv));
+        let props = writer_properties(kv)?;
+        let tmp = temp_path(final_path);
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let writer = match ArrowWriter::try_new(file, schema.clone(), Some(props)) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e).with_context(|| format!("writing shard {}", final_path.display()));
+            }
+        };
+        Ok(ShardWriter {
+            final_path: final_path.to_path_buf(),
+            tmp,
+            meta: meta.clone(),
+            schema,
+            writer: Some(writer),
+            pending: Vec::with_capacity(ROW_GROUP_ROWS),
+            written: 0,
+        })
     }
-    let file = writer.into_inner()?;
-    file.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
-    Ok(())
+
+    /// Rows pushed so far.
+    pub fn rows(&self) -> u64 {
+        self.written + self.pending.len() as u64
+    }
+
+    /// Add one row (validated first); a full row group is written at once.
+    pub fn push(&mut self, row: ShardRow) -> Result<()> {
+        let i = self.rows();
+        validate_row(&row, &self.meta).with_context(|| {
+            format!("shard {}: row {i} (source {:?}, variant {}) is invalid", self.final_path.display(), row.source, row.variant)
+        })?;
+        self.pending.push(row);
+        if self.pending.len() >= ROW_GROUP_ROWS {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let w = self.writer.as_mut().ok_or_else(|| anyhow!("shard {} is already finished", self.final_path.display()))?;
+        let batch = rows_to_batch(&self.schema, &self.pending, self.meta.latent_dtype)?;
+        w.write(&batch).and_then(|()| w.flush()).with_context(|| format!("writing shard {}", self.final_path.display()))?;
+        self.written += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Write what is left, the footer with `errors` (the shard's inputs that gave no row), fsync,
+    /// and rename the file into place (then fsync the folder). On failure nothing is left behind.
+    pub fn finish(mut self, errors: &[ErrorRecord]) -> Result<()> {
+        let result = self.finish_inner(errors);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result.with_context(|| format!("writing shard {}", self.final_path.display()))
+    }
+
+    fn finish_inner(&mut self, errors: &[ErrorRecord]) -> Result<()> {
+        self.write_pending()?;
+        let mut w = self.writer.take().ok_or_else(|| anyhow!("already finished"))?;
+        w.append_key_value_metadata(KeyValue::new(key::ERRORS.to_string(), serde_json::to_string(errors)?));
+        let file = w.into_inner()?;
+        file.sync_all().with_context(|| format!("fsync {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.final_path)
+            .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.final_path.display()))?;
+        sync_parent_dir(&self.final_path)
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            drop(w);
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Make a rename in `path`'s folder durable.
@@ -779,13 +866,68 @@ mod tests {
         assert_eq!(errors[0].source, "bad.jpg");
         let vae: VaeSpec = serde_json::from_str(&get(key::VAE)).unwrap();
         assert_eq!(vae, preset("sdxl").unwrap().spec());
-        // zstd everywhere, no statistics on the image column.
+        // zstd everywhere but on the (PNG) image column, no statistics on the image column.
         let rg = reader.metadata().row_group(0);
         for c in rg.columns() {
-            assert!(matches!(c.compression(), Compression::ZSTD(_)), "{:?}", c.column_path());
+            if c.column_path().string() == col::IMAGE {
+                assert_eq!(c.compression(), Compression::UNCOMPRESSED);
+            } else {
+                assert!(matches!(c.compression(), Compression::ZSTD(_)), "{:?}", c.column_path());
+            }
         }
         let image_col = rg.columns().iter().find(|c| c.column_path().string() == col::IMAGE).unwrap();
         assert!(image_col.statistics().is_none_or(|s| s.min_bytes_opt().is_none()));
+    }
+
+    #[test]
+    fn shard_writer_streams_row_groups_and_finishes_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard-00007.parquet");
+        let m = meta(LatentDtype::Float16);
+        let rows: Vec<ShardRow> = (0..150).map(|i| row(i, i % 2 == 0)).collect();
+        let mut w = ShardWriter::create(&path, &m).unwrap();
+        for r in &rows[..130] {
+            w.push(r.clone()).unwrap();
+        }
+        // Two full row groups are on disk already, under the temp name only.
+        assert_eq!(w.rows(), 130);
+        assert!(!path.exists());
+        let tmp = temp_path(&path);
+        let on_disk = std::fs::metadata(&tmp).unwrap().len();
+        let one_image = rows[0].image.len() as u64;
+        assert!(on_disk > 128 * one_image, "{on_disk} bytes on disk after 130 rows");
+        for r in &rows[130..] {
+            w.push(r.clone()).unwrap();
+        }
+        w.finish(&m.errors).unwrap();
+        assert!(!tmp.exists());
+        let r = ShardReader::open(&path).unwrap();
+        assert_eq!(r.num_rows(), 150);
+        assert_eq!((0..r.num_row_groups()).map(|i| r.row_group_num_rows(i).unwrap()).collect::<Vec<_>>(), vec![64, 64, 22]);
+        assert_eq!(r.read_all().unwrap(), rows);
+        assert_eq!(r.meta(), &m, "metadata incl. the errors added at the end");
+    }
+
+    #[test]
+    fn unfinished_shard_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard-00001.parquet");
+        let m = meta(LatentDtype::Float32);
+        let mut w = ShardWriter::create(&path, &m).unwrap();
+        for i in 0..70 {
+            w.push(row(i, true)).unwrap();
+        }
+        drop(w); // a failed run: the temp file goes, no shard appears
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A row that fails validation mid-shard: the error names the row, nothing is left.
+        let mut w = ShardWriter::create(&path, &m).unwrap();
+        w.push(row(0, true)).unwrap();
+        let mut bad = row(1, true);
+        bad.latent.pop();
+        let e = format!("{:#}", w.push(bad).unwrap_err());
+        assert!(e.contains("row 1") && e.contains("shard-00001"), "{e}");
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
