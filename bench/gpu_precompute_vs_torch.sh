@@ -14,8 +14,8 @@
 #                              the CUDA libraries and ORT_DYLIB_PATH (/opt/ort)
 #   PY=/opt/torch/.venv/bin/python   WHL=.whl (diffusers and its dependencies, pip-downloaded here)
 #   RES_LIST="512 1024"        N512=1024 B512=16   N1024=256 B1024=4
-#   SETTINGS="default optimized optimized-bias-fold"   (see setting_flags below; optimized* use the
-#                              tools/export_vae_onnx.py --optimize [--fold-conv-bias] exports)
+#   SETTINGS="default optimized optimized-no-bias-fold"   (see setting_flags below; optimized* use the
+#                              tools/export_vae_onnx.py --optimize [--no-fold-conv-bias] exports)
 #   TORCH_MODES="eager compile"   STEP_TIMEOUT=240 (seconds, each step)   DECODE_ONLY=1   DEVICE=cuda
 # To stay under the device tool's 10 minutes per call, run it once per resolution:
 #   RES_LIST=512 bash bench/gpu_precompute_vs_torch.sh; RES_LIST=1024 bash bench/gpu_precompute_vs_torch.sh
@@ -30,7 +30,7 @@ PY=${PY:-/opt/torch/.venv/bin/python}
 WHL=${WHL:-.whl}
 RES_LIST=${RES_LIST:-512 1024}
 N512=${N512:-1024}; B512=${B512:-16}; N1024=${N1024:-256}; B1024=${B1024:-4}
-SETTINGS=${SETTINGS:-default optimized optimized-bias-fold}
+SETTINGS=${SETTINGS:-default optimized optimized-no-bias-fold}
 TORCH_MODES=${TORCH_MODES:-eager compile}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 DECODE_ONLY=${DECODE_ONLY:-1}
@@ -64,8 +64,8 @@ fi
 
 # --- (a) exports --------------------------------------------------------------------------------
 ONNX_PLAIN=$WORK/sdxl_random_fp16.onnx
-ONNX_OPT=$WORK/sdxl_random_fp16_opt.onnx
-ONNX_OPT_FOLD=$WORK/sdxl_random_fp16_opt_fold.onnx
+ONNX_OPT=$WORK/sdxl_random_fp16_opt_fold.onnx        # --optimize (with its conv-bias fold)
+ONNX_OPT_NOFOLD=$WORK/sdxl_random_fp16_opt.onnx       # --optimize --no-fold-conv-bias
 export_one() { # out, extra flags
   local out=$1; shift
   [[ -s $out ]] && { say "export: $out already there"; return 0; }
@@ -79,7 +79,7 @@ export_one() { # out, extra flags
 }
 export_one "$ONNX_PLAIN"
 [[ " $SETTINGS " == *" optimized"* ]] && export_one "$ONNX_OPT" --optimize
-[[ " $SETTINGS " == *" optimized-bias-fold "* ]] && export_one "$ONNX_OPT_FOLD" --optimize --fold-conv-bias
+[[ " $SETTINGS " == *" optimized-no-bias-fold "* ]] && export_one "$ONNX_OPT_NOFOLD" --optimize --no-fold-conv-bias
 
 # --- (b) JPEG folders ---------------------------------------------------------------------------
 for res in $RES_LIST; do
@@ -146,9 +146,9 @@ setting_flags() { # the precompute flags of one named setting (besides the commo
     static) echo "--static-shapes true" ;;
     cuda-graph) echo "--io-binding true --cuda-graph true" ;;
     heuristic) echo "--conv-search heuristic" ;;
-    optimized) echo "" ;;                                 # the --optimize export, default flags
+    optimized) echo "" ;;                                 # the --optimize export (conv biases folded), default flags
     optimized-cuda-graph) echo "--io-binding true --cuda-graph true" ;;
-    optimized-bias-fold) echo "" ;;                       # the --optimize --fold-conv-bias export
+    optimized-no-bias-fold) echo "" ;;                    # the --optimize --no-fold-conv-bias export
     optimized-fuse-bias) echo "--cuda-option fuse_conv_bias=1" ;;          # cuDNN frontend conv+bias
     optimized-max-workspace) echo "--cuda-option cudnn_conv_use_max_workspace=1" ;;
     optimized-exhaustive) echo "--conv-search exhaustive" ;;
@@ -179,7 +179,7 @@ for res in $RES_LIST; do
   for s in $SETTINGS; do
     flags=$(setting_flags "$s")
     [[ $flags == UNKNOWN ]] && { fail "$s" "unknown setting"; continue; }
-    onnx=$ONNX_PLAIN; [[ $s == optimized* ]] && onnx=$ONNX_OPT; [[ $s == optimized-bias-fold ]] && onnx=$ONNX_OPT_FOLD
+    onnx=$ONNX_PLAIN; [[ $s == optimized* ]] && onnx=$ONNX_OPT; [[ $s == optimized-no-bias-fold ]] && onnx=$ONNX_OPT_NOFOLD
     [[ -s $onnx ]] || { fail "precompute $s $res" "no $onnx"; continue; }
     out=$WORK/lat-$res-$s; rm -rf "$out"
     say "precompute $s at $res (batch $b, $n images)"

@@ -23,9 +23,10 @@ com.microsoft.GroupNorm, Conv -> com.microsoft.NhwcConv with channels-last Group
 between them merged, VAE attention fusion where the pattern matches) and then converts to float16 if
 asked, as ONNX Runtime's Stable Diffusion pipeline does. The fused operators exist only in the CUDA
 execution provider: optimized files are for `--device cuda`. Measured on an H100 (SDXL encoder, fp16,
-precompute end to end): 1.8x the plain export at 512 and 1024, 0.91x / 1.03x torch.compile
-(bench/results/2026-11-27-h100-precompute-vs-torch-optimized.txt). `--fold-conv-bias` (opt-in, see
-fold_conv_bias) moves conv biases into the GroupNorm after them: 1.17x more at 512.
+precompute end to end, bench/results/2026-11-27-h100-precompute-vs-torch-fold.txt): 1.11x / 1.28x
+torch.compile at 512 / 1024 (the plain export: 0.5x / 0.6x). Part of that: `--optimize` also moves
+conv biases into the GroupNorm after them (fold_conv_bias; 1.20x / 1.15x; `--no-fold-conv-bias` to
+leave them), latents as close to PyTorch's as without (relative L2 1.2e-2 fp16 vs fp16).
 
 Examples:
   python3 tools/export_vae_onnx.py --model madebyollin/sdxl-vae-fp16-fix --preset sdxl-fp16-fix \\
@@ -183,7 +184,7 @@ def optimize(src, dst, fp16, args):
         # As ONNX Runtime's SD pipeline does for the VAE encoder: everything in float16, the
         # GroupNorm gamma/beta stay float32 (the converter knows the contrib op).
         m.convert_float_to_float16(keep_io_types=False, op_block_list=[])
-    if args.fold_conv_bias:
+    if not args.no_fold_conv_bias:
         stats["ConvBiasIntoGroupNorm"] = fold_conv_bias(m.model)
         m.topological_sort()
     m.save_model_to_file(dst)
@@ -206,10 +207,11 @@ def fold_conv_bias(model):
     Other readers of the conv output (a residual) read SkipGroupNorm's second output, the sum
     `x + skip + bias` (= conv(+b) with a zero skip). Returns how many convs lost their bias.
 
-    Opt-in (--fold-conv-bias): measured 255 vs 218 images/s end to end at 512 (20 of the SDXL
-    encoder's 28 convs folded), but the fused operators run only on CUDA and the outputs of a
-    folded export have not been compared with PyTorch's yet (bench/gpu_precompute_vs_torch.sh
-    setting `optimized-bias-fold` prints that check).
+    Part of --optimize (off with --no-fold-conv-bias). On an H100 (SDXL encoder fp16, 20 of its 28
+    convs folded), precompute end to end: 279.9 vs 233.9 images/s at 512, 57.1 vs 49.7 at 1024;
+    latents vs PyTorch eager fp16: relative L2 1.20e-2 with and without the fold at 512, 8.0e-3 at
+    1024 (bench/results/2026-11-27-h100-precompute-vs-torch-fold.txt). The fused operators run only
+    on CUDA: tools/test_export_vae_onnx.py checks the rewrite on the CPU with a NumPy model of them.
     """
     from collections import defaultdict
 
@@ -305,9 +307,9 @@ def main(argv=None):
     p.add_argument("--no-nhwc", action="store_true", help="--optimize without NhwcConv / channels-last GroupNorm")
     p.add_argument("--no-group-norm", action="store_true", help="--optimize without the GroupNorm fusion")
     p.add_argument("--no-attention", action="store_true", help="--optimize without the attention fusion")
-    p.add_argument("--fold-conv-bias", action="store_true",
-                   help="--optimize and move conv biases into the SkipGroupNorm after them (1.17x faster at 512 on "
-                   "an H100; its outputs are not yet checked against PyTorch on a GPU: opt-in)")
+    p.add_argument("--no-fold-conv-bias", action="store_true",
+                   help="--optimize without moving conv biases into the (Skip)GroupNorm after them (the fold: 1.2x "
+                   "faster at 512 on an H100, same latents)")
     p.add_argument("--seed", type=int, default=0, help="--random-init seed")
     p.add_argument("--device", default=None, help="torch device for the export (default: cuda if there, for fp16)")
     p.add_argument("--check", action="store_true", help="compare ONNX Runtime (CPU) with PyTorch on a random batch "
@@ -362,7 +364,7 @@ def main(argv=None):
         "taesd.input_range": "-1,1",
         "taesd.output": args.output,
         "taesd.dtype": args.dtype,
-        "taesd.optimized": "ort-vae-fusions" if args.optimize else "none",
+        "taesd.optimized": ("ort-vae-fusions" + ("" if args.no_fold_conv_bias else "+conv-bias-fold")) if args.optimize else "none",
         "taesd.source": source,
         "taesd.exporter": f"{exporter} (torch {torch.__version__}, opset {args.opset})",
     }
