@@ -527,14 +527,14 @@ struct ShardEnd {
 
 /// Finished inputs on their way to the file thread (each a few rows): enough to ride out a
 /// slow write without holding a shard's worth of images in memory.
-const ROWS_IN_WRITING: usize = 256;
+const INPUTS_IN_WRITING: usize = 256;
 
 /// Hands finished rows to a thread of its own that writes them into the current shard's file as
 /// they come (row group by row group, [`ShardWriter`]), so that the teacher never waits for a
 /// file and, after the last batch, only the last row group and the footer are left to write (a
 /// whole 512-row shard of 1024 px images takes ~2 s).
 fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
-    let (files_tx, files_rx) = bounded::<ToFiles>(ROWS_IN_WRITING);
+    let (files_tx, files_rx) = bounded::<ToFiles>(INPUTS_IN_WRITING);
     std::thread::scope(|scope| {
         let files = std::thread::Builder::new()
             .name("shard-writer".into())
