@@ -328,8 +328,11 @@ fn rows_to_batch(schema: &SchemaRef, rows: &[ShardRow], dtype: LatentDtype) -> R
 /// A [`ShardWriter`] with all rows at once.
 pub fn write_shard(final_path: &Path, rows: &[ShardRow], meta: &ShardFileMeta) -> Result<()> {
     let mut w = ShardWriter::create(final_path, meta)?;
-    for r in rows {
-        w.push(r.clone())?;
+    for (i, r) in rows.iter().enumerate() {
+        w.validate(i as u64, r)?;
+    }
+    for group in rows.chunks(ROW_GROUP_ROWS) {
+        w.write_group(group)?;
     }
     w.finish(&meta.errors)
 }
@@ -389,10 +392,7 @@ impl ShardWriter {
 
     /// Add one row (validated first); a full row group is written at once.
     pub fn push(&mut self, row: ShardRow) -> Result<()> {
-        let i = self.rows();
-        validate_row(&row, &self.meta).with_context(|| {
-            format!("shard {}: row {i} (source {:?}, variant {}) is invalid", self.final_path.display(), row.source, row.variant)
-        })?;
+        self.validate(self.rows(), &row)?;
         self.pending.push(row);
         if self.pending.len() >= ROW_GROUP_ROWS {
             self.write_pending()?;
@@ -400,15 +400,30 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// `row`, the shard's row `i`, against the shard's metadata.
+    fn validate(&self, i: u64, row: &ShardRow) -> Result<()> {
+        validate_row(row, &self.meta).with_context(|| {
+            format!("shard {}: row {i} (source {:?}, variant {}) is invalid", self.final_path.display(), row.source, row.variant)
+        })
+    }
+
     fn write_pending(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
+        let rows = std::mem::take(&mut self.pending);
+        self.write_group(&rows)?;
+        self.pending = rows;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Write validated `rows` as one row group (nothing for none).
+    fn write_group(&mut self, rows: &[ShardRow]) -> Result<()> {
+        if rows.is_empty() {
             return Ok(());
         }
         let w = self.writer.as_mut().ok_or_else(|| anyhow!("shard {} is already finished", self.final_path.display()))?;
-        let batch = rows_to_batch(&self.schema, &self.pending, self.meta.latent_dtype)?;
+        let batch = rows_to_batch(&self.schema, rows, self.meta.latent_dtype)?;
         w.write(&batch).and_then(|()| w.flush()).with_context(|| format!("writing shard {}", self.final_path.display()))?;
-        self.written += self.pending.len() as u64;
-        self.pending.clear();
+        self.written += rows.len() as u64;
         Ok(())
     }
 

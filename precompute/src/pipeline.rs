@@ -57,8 +57,6 @@ struct PreparedSample {
 }
 
 struct PreparedInput {
-    /// Index of the shard the input belongs to.
-    shard: u32,
     source: String,
     key: String,
     sha256: String,
@@ -75,7 +73,7 @@ enum Work {
 
 /// Teacher output for one input: its rows and the samples that failed.
 enum Done {
-    Input { shard: u32, rows: Vec<ShardRow>, errors: Vec<ErrorRecord> },
+    Input { rows: Vec<ShardRow>, errors: Vec<ErrorRecord> },
     Failed(ErrorRecord),
     ShardEnd(u32),
 }
@@ -129,12 +127,13 @@ fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, Erro
             Ok(PreparedSample { variant: s.variant, crop: s.crop, flip: s.flip, color_aug: s.color_aug, image, pixels })
         })
         .collect::<Result<Vec<_>, ErrorRecord>>()?;
-    Ok(PreparedInput { shard: 0, source: item.source.clone(), key: item.key.clone(), sha256, width, height, samples })
+    Ok(PreparedInput { source: item.source.clone(), key: item.key.clone(), sha256, width, height, samples })
 }
 
 /// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`.
 pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut OutputDir, cfg: &PipelineConfig) -> Result<RunStats> {
     let total_inputs: u64 = shards.iter().map(|(_, v)| v.len() as u64).sum();
+    let order: Vec<u32> = shards.iter().map(|(i, _)| *i).collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.workers.max(1))
         .thread_name(|i| format!("decode-{i}"))
@@ -154,7 +153,7 @@ pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut O
                         use rayon::prelude::*;
                         part.par_iter()
                             .map(|it| match prepare(it, cfg) {
-                                Ok(p) => Work::Input(PreparedInput { shard: *index, ..p }),
+                                Ok(p) => Work::Input(p),
                                 Err(e) => Work::Failed(e),
                             })
                             .collect()
@@ -174,7 +173,7 @@ pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut O
             let r = teacher_stage(&mut teacher, work_rx, done_tx, cfg.batch_size);
             (r, Instant::now())
         });
-        let writer_result = writer_stage(out, done_rx, cfg, &bar);
+        let writer_result = writer_stage(out, &order, done_rx, cfg, &bar);
         let writer_end = Instant::now();
         let (teacher_result, teacher_end) = teacher_thread.join().map_err(|_| anyhow!("teacher thread panicked"))?;
         producer.join().map_err(|_| anyhow!("decode thread panicked"))?;
@@ -508,12 +507,14 @@ fn finish_input(input: PreparedInput, out: Vec<Option<SampleOut>>) -> Done {
             Err(e) => errors.push(e),
         }
     }
-    Done::Input { shard: input.shard, rows, errors }
+    Done::Input { rows, errors }
 }
 
 /// What the collector hands the file thread: finished rows, as they come, and each shard's end.
+/// Rows belong to the shard being filled: shards come in the run's order, each one's rows before
+/// its end (batches never straddle shards).
 enum ToFiles {
-    Rows { shard: u32, rows: Vec<ShardRow> },
+    Rows(Vec<ShardRow>),
     End(ShardEnd),
 }
 
@@ -533,24 +534,24 @@ const INPUTS_IN_WRITING: usize = 256;
 /// they come (row group by row group, [`ShardWriter`]), so that the teacher never waits for a
 /// file and, after the last batch, only the last row group and the footer are left to write (a
 /// whole 512-row shard of 1024 px images takes ~2 s).
-fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+fn writer_stage(out: &mut OutputDir, order: &[u32], rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
     let (files_tx, files_rx) = bounded::<ToFiles>(INPUTS_IN_WRITING);
     std::thread::scope(|scope| {
         let files = std::thread::Builder::new()
             .name("shard-writer".into())
-            .spawn_scoped(scope, move || write_shards(out, files_rx, cfg, bar))
+            .spawn_scoped(scope, move || write_shards(out, order, files_rx, cfg, bar))
             .expect("spawn the shard writer");
         let mut end = ShardEnd::default();
         for done in rx {
             let msg = match done {
-                Done::Input { shard, rows, errors } => {
+                Done::Input { rows, errors } => {
                     end.errors.extend(errors);
                     end.inputs += 1;
                     bar.inc(1);
                     if rows.is_empty() {
                         continue;
                     }
-                    ToFiles::Rows { shard, rows }
+                    ToFiles::Rows(rows)
                 }
                 Done::Failed(e) => {
                     end.errors.push(e);
@@ -573,8 +574,9 @@ fn writer_stage(out: &mut OutputDir, rx: Receiver<Done>, cfg: &PipelineConfig, b
 }
 
 /// Write each shard's file as its rows arrive (temp + rename at its end) and record it in the
-/// manifest, in order. A shard left unfinished (an error upstream) leaves no file.
-fn write_shards(out: &mut OutputDir, msgs: Receiver<ToFiles>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+/// manifest, in `order` (the run's shards). A shard left unfinished (an error upstream) leaves no
+/// file.
+fn write_shards(out: &mut OutputDir, order: &[u32], msgs: Receiver<ToFiles>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
     let mut stats = RunStats::default();
     let meta = |index: u32| ShardFileMeta {
         vae: cfg.vae.clone(),
@@ -585,27 +587,32 @@ fn write_shards(out: &mut OutputDir, msgs: Receiver<ToFiles>, cfg: &PipelineConf
         shard_index: index,
         errors: Vec::new(),
     };
-    let mut open: Option<(u32, ShardWriter)> = None;
+    let mut upcoming = order.iter().copied();
+    // The shard being filled: its index, and its writer once its first row came.
+    let mut current = upcoming.next();
+    let mut open: Option<ShardWriter> = None;
     for msg in msgs {
         let t0 = Instant::now();
         match msg {
-            ToFiles::Rows { shard, rows } => {
-                if open.as_ref().is_none_or(|(i, _)| *i != shard) {
-                    open = Some((shard, ShardWriter::create(&out.shard_path(shard), &meta(shard))?));
-                }
-                let (_, w) = open.as_mut().expect("opened above");
+            ToFiles::Rows(rows) => {
+                let index = current.ok_or_else(|| anyhow!("internal: rows after the run's last shard"))?;
+                let w = match &mut open {
+                    Some(w) => w,
+                    None => open.insert(ShardWriter::create(&out.shard_path(index), &meta(index))?),
+                };
                 for r in rows {
                     w.push(r)?;
                 }
             }
             ToFiles::End(mut end) => {
-                // Shards come in order: a shard's rows all arrive before its end, the next
-                // shard's after it.
+                if current != Some(end.index) {
+                    bail!("internal: shard {} ended while shard {current:?} was being filled", end.index);
+                }
                 let w = match open.take() {
-                    Some((i, w)) if i == end.index => w,
-                    Some((i, _)) => bail!("internal: rows of shard {i} still open at the end of shard {}", end.index),
+                    Some(w) => w,
                     None => ShardWriter::create(&out.shard_path(end.index), &meta(end.index))?, // a shard without rows
                 };
+                current = upcoming.next();
                 let rows = w.rows();
                 w.finish(&end.errors)?;
                 out.add_shard(ShardEntry {
