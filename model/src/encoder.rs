@@ -46,6 +46,12 @@ impl Encoder {
         self.seq.forward(&x.to_dtype(dtype)?)
     }
 
+    /// [`Self::forward_in`] with the activations in `format` instead of the device's preferred
+    /// one (`taesd_ops::preferred_format`); input and output NCHW either way.
+    pub fn forward_in_format(&self, x: &Tensor, dtype: DType, format: taesd_ops::Format) -> Result<Tensor> {
+        self.seq.forward_in_format(&x.to_dtype(dtype)?, format)
+    }
+
     pub fn part(&self) -> Part {
         Part::Encoder
     }

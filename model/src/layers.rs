@@ -7,11 +7,15 @@
 //! stock ops bit for bit). [`set_use_ops`]`(false)` goes back to candle's stock ops. A whole
 //! `Block` is one graph node ([`taesd_ops::block`]; [`set_fused_blocks`]`(false)` for its single
 //! ops): same values and gradients, less autograd bookkeeping.
+//!
+//! Inside a [`Sequential`] the activations are in [`taesd_ops::preferred_format`] (NHWC on CUDA,
+//! where cuDNN's kernels work in it; NCHW elsewhere): its input and output are NCHW whatever the
+//! format, converted once at each end.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Module, Result, Tensor};
-use taesd_ops::{Act, ConvParams};
+use taesd_ops::{Act, ConvParams, Format};
 use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
@@ -57,11 +61,11 @@ pub fn use_ops() -> bool {
     USE_OPS.load(Ordering::Relaxed)
 }
 
-/// `act(conv(x))` for a candle-nn `Conv2d` (its weight, bias, stride and padding).
-pub fn conv_act(c: &Conv2d, x: &Tensor, relu: bool) -> Result<Tensor> {
+/// `act(conv(x))` for a candle-nn `Conv2d` (its weight, bias, stride and padding), `x` in `f`.
+pub fn conv_act(c: &Conv2d, x: &Tensor, relu: bool, f: Format) -> Result<Tensor> {
     let cfg = c.config();
     if !use_ops() || cfg.dilation != 1 || cfg.groups != 1 {
-        let y = c.forward(x)?;
+        let y = f.from_nchw(&c.forward(&f.to_nchw(x)?)?)?;
         return if relu { y.relu() } else { Ok(y) };
     }
     let act = if relu { Act::Relu } else { Act::None };
@@ -69,7 +73,7 @@ pub fn conv_act(c: &Conv2d, x: &Tensor, relu: bool) -> Result<Tensor> {
         x,
         c.weight(),
         c.bias(),
-        ConvParams::new(cfg.stride, cfg.padding),
+        ConvParams::new(cfg.stride, cfg.padding).with_format(f),
         act,
     )
 }
@@ -82,12 +86,12 @@ fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn upsample2x(x: &Tensor) -> Result<Tensor> {
+fn upsample2x(x: &Tensor, f: Format) -> Result<Tensor> {
     if use_ops() {
-        taesd_ops::upsample_nearest2x(x)
+        taesd_ops::upsample_nearest2x(x, f)
     } else {
         let (_, _, h, w) = x.dims4()?;
-        x.upsample_nearest2d(h * 2, w * 2)
+        f.from_nchw(&f.to_nchw(x)?.upsample_nearest2d(h * 2, w * 2)?)
     }
 }
 
@@ -135,18 +139,24 @@ impl MidBlockPool {
     }
 }
 
-impl Module for MidBlockPool {
+impl MidBlockPool {
     /// Computes in `x`'s dtype; the GroupNorm runs in its weights' dtype when that differs
-    /// (bf16 activations with f32 master weights: normalised in f32, then cast back).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = conv_act(&self.expand, x, false)?;
+    /// (bf16 activations with f32 master weights: normalised in f32, then cast back), on NCHW.
+    pub fn forward_in(&self, x: &Tensor, f: Format) -> Result<Tensor> {
+        let h = f.to_nchw(&conv_act(&self.expand, x, false, f)?)?;
         let w_dt = self.expand.weight().dtype();
         let h = if h.dtype() == w_dt {
             self.norm.forward(&h)?
         } else {
             self.norm.forward(&h.to_dtype(w_dt)?)?.to_dtype(h.dtype())?
         };
-        conv_act(&self.project, &h.relu()?, false)
+        conv_act(&self.project, &f.from_nchw(&h.relu()?)?, false, f)
+    }
+}
+
+impl Module for MidBlockPool {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in(x, Format::Nchw)
     }
 }
 
@@ -181,12 +191,13 @@ impl Block {
     }
 }
 
-impl Module for Block {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Block {
+    /// The block on `x` in `f`.
+    pub fn forward_in(&self, x: &Tensor, f: Format) -> Result<Tensor> {
         let pooled;
         let x = match &self.pool {
             Some(pool) => {
-                pooled = (x + pool.forward(x)?)?;
+                pooled = (x + pool.forward_in(x, f)?)?;
                 &pooled
             }
             None => x,
@@ -196,18 +207,25 @@ impl Module for Block {
                 let p = taesd_ops::BlockParams {
                     convs: [(self.convs[0].weight(), b0), (self.convs[1].weight(), b1), (self.convs[2].weight(), b2)],
                     skip: self.skip.as_ref().map(|s| s.weight()),
+                    format: f,
                 };
                 return taesd_ops::block(x, &p);
             }
         }
-        let h = conv_act(&self.convs[0], x, true)?;
-        let h = conv_act(&self.convs[1], &h, true)?;
-        let h = conv_act(&self.convs[2], &h, false)?;
+        let h = conv_act(&self.convs[0], x, true, f)?;
+        let h = conv_act(&self.convs[1], &h, true, f)?;
+        let h = conv_act(&self.convs[2], &h, false, f)?;
         let s = match &self.skip {
-            Some(skip) => conv_act(skip, x, false)?,
+            Some(skip) => conv_act(skip, x, false, f)?,
             None => x.clone(),
         };
         add_relu(&h, &s)
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in(x, Format::Nchw)
     }
 }
 
@@ -246,15 +264,22 @@ impl Layer {
     }
 }
 
-impl Module for Layer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Layer {
+    /// The layer on `x` in `f`.
+    pub fn forward_in(&self, x: &Tensor, f: Format) -> Result<Tensor> {
         match self {
-            Layer::Conv(c) => conv_act(c, x, false),
-            Layer::Block(b) => b.forward(x),
+            Layer::Conv(c) => conv_act(c, x, false, f),
+            Layer::Block(b) => b.forward_in(x, f),
             Layer::Relu => x.relu(),
-            Layer::Upsample => upsample2x(x),
+            Layer::Upsample => upsample2x(x, f),
             Layer::Clamp => latent_clamp(x),
         }
+    }
+}
+
+impl Module for Layer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in(x, Format::Nchw)
     }
 }
 
@@ -287,20 +312,30 @@ impl Sequential {
     }
 }
 
-impl Module for Sequential {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
+impl Sequential {
+    /// NCHW `x` -> NCHW output, the layers running on activations in `f` (one conversion at each
+    /// end; values equal NCHW's, bit for bit on the CPU).
+    pub fn forward_in_format(&self, x: &Tensor, f: Format) -> Result<Tensor> {
+        let mut h = f.from_nchw(x)?;
         let mut i = 0;
         while i < self.layers.len() {
             // conv -> ReLU: one fused op.
             if let (Layer::Conv(c), Some(Layer::Relu)) = (&self.layers[i], self.layers.get(i + 1)) {
-                h = conv_act(c, &h, true)?;
+                h = conv_act(c, &h, true, f)?;
                 i += 2;
                 continue;
             }
-            h = self.layers[i].forward(&h)?;
+            h = self.layers[i].forward_in(&h, f)?;
             i += 1;
         }
-        Ok(h)
+        f.to_nchw(&h)
+    }
+}
+
+impl Module for Sequential {
+    /// In [`taesd_ops::preferred_format`] for `x`'s device (NCHW with candle's stock ops).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = if use_ops() { taesd_ops::preferred_format(x.device()) } else { Format::Nchw };
+        self.forward_in_format(x, f)
     }
 }

@@ -4,20 +4,12 @@
 //! graph node (the default) vs their single ops: identical values and gradients.
 //! Its own test binary: `set_use_ops` is process-wide.
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use taesd::{Taesd, Variant};
 
-fn grads_of(vm: &VarMap, loss: &Tensor) -> Vec<(String, Tensor)> {
-    let g = loss.backward().unwrap();
-    let data = vm.data().lock().unwrap();
-    let mut v: Vec<(String, Tensor)> = data
-        .iter()
-        .map(|(k, var): (&String, &Var)| (k.clone(), g.get(var).expect(k).clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
+mod common;
+use common::grads_of;
 
 #[test]
 fn ops_match_stock_candle_values_and_gradients() {

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use crate::format::Format;
+
 /// The op's outputs: `y` (in `x`'s dtype, in the graph) and the batch mean and biased variance
 /// (f32 `[C]`, detached) for the running statistics.
 pub struct BnOut {
@@ -26,13 +28,14 @@ pub struct BnOut {
 pub const MIN_EPS: f64 = 1e-5;
 
 /// `relu(batch_norm(x) * weight + bias)` over (N, H, W) with this batch's statistics. `x`
-/// `[N, C, H, W]` (f32, bf16 or f16), `weight` and `bias` f32 `[C]`. `None` where this op does
+/// in `format` (f32, bf16 or f16), `weight` and `bias` f32 `[C]`. `None` where this op does
 /// not run (not CUDA, no `cudnn` feature, `eps` below cuDNN's minimum, non-f32 parameters).
 pub fn batch_norm_relu_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+    format: Format,
 ) -> Result<Option<BnOut>> {
     if !cfg!(feature = "cudnn") || !x.device().is_cuda() || eps < MIN_EPS {
         return Ok(None);
@@ -40,7 +43,7 @@ pub fn batch_norm_relu_train(
     if weight.dtype() != candle_core::DType::F32 || bias.dtype() != candle_core::DType::F32 {
         return Ok(None);
     }
-    let (n, c, h, w) = x.dims4()?;
+    let (n, c, h, w) = format.nchw(x.dims())?;
     if weight.dims() != [c] || bias.dims() != [c] {
         bail!("batch_norm_relu_train: weight {:?} / bias {:?} for {c} channels", weight.dims(), bias.dims());
     }
@@ -49,6 +52,7 @@ pub fn batch_norm_relu_train(
     }
     let op = BnReluOp {
         eps,
+        format,
         saved: Arc::new(Mutex::new(None)),
     };
     let saved = op.saved.clone();
@@ -68,6 +72,8 @@ pub fn batch_norm_relu_train(
 struct BnReluOp {
     #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
     eps: f64,
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    format: Format,
     /// (mean, 1 / sqrt(var + eps)), f32 `[C]`, written by the forward.
     saved: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
@@ -99,7 +105,7 @@ impl CustomOp3 for BnReluOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (y, shape, mean, invstd) = crate::cuda::bn::forward((s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        let (y, shape, mean, invstd) = crate::cuda::bn::forward((s1, l1), (s2, l2), (s3, l3), self.eps, self.format)?;
         *self.saved.lock().unwrap() = Some((mean, invstd));
         Ok((y, shape))
     }
@@ -118,7 +124,7 @@ impl CustomOp3 for BnReluOp {
         let dz = crate::relu_bwd(&dy.contiguous()?, y)?;
         #[cfg(feature = "cudnn")]
         {
-            let (dx, dw, db) = crate::cuda::bn::backward(x, &dz, w, &mean, &invstd, self.eps)?;
+            let (dx, dw, db) = crate::cuda::bn::backward(x, &dz, w, &mean, &invstd, self.eps, self.format)?;
             Ok((Some(dx), Some(dw), Some(db)))
         }
         #[cfg(not(feature = "cudnn"))]

@@ -17,19 +17,28 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::conv::{act_bias_bwd, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, Act, ConvParams};
+use crate::conv::{act_bias_bwd, conv_bwd_data, conv_bwd_filter, conv_op, fast_device, Act, ConvParams};
+use crate::format::Format;
 use crate::cpu;
 use crate::elementwise::{add_relu, kernels_on, relu_bwd};
 
 /// The block's parameters: `(weight [C_out, C_in, 3, 3], bias [C_out])` of the three convs, and
-/// the skip conv's weight `[C_out, C_in, 1, 1]` when the channel count changes.
+/// the skip conv's weight `[C_out, C_in, 1, 1]` when the channel count changes; the activations'
+/// format.
 pub struct BlockParams<'a> {
     pub convs: [(&'a Tensor, &'a Tensor); 3],
     pub skip: Option<&'a Tensor>,
+    pub format: Format,
 }
 
-const P3: ConvParams = ConvParams { stride: 1, padding: 1 };
-const P1: ConvParams = ConvParams { stride: 1, padding: 0 };
+/// The 3x3 convs' and the 1x1 skip's parameters in `f`.
+fn p3(f: Format) -> ConvParams {
+    ConvParams::new(1, 1).with_format(f)
+}
+
+fn p1(f: Format) -> ConvParams {
+    ConvParams::new(1, 0).with_format(f)
+}
 
 /// Whether [`block`] runs as one node on this device (CPU, or CUDA with the `cudnn` feature).
 pub fn block_on(d: &candle_core::Device) -> bool {
@@ -41,7 +50,8 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
     if !block_on(x.device()) {
         bail!("taesd-ops block: no fused block on {:?}", x.device());
     }
-    let (_, c_in, _, _) = x.dims4()?;
+    let f = p.format;
+    let (_, c_in, _, _) = f.nchw(x.dims())?;
     let c_out = p.convs[0].0.dim(0)?;
     for (i, (w, b)) in p.convs.iter().enumerate() {
         let want_in = if i == 0 { c_in } else { c_out };
@@ -54,25 +64,26 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         None if c_in != c_out => bail!("taesd-ops block: {c_in} -> {c_out} channels needs a skip conv"),
         _ => {}
     }
-    // Pack in the weights' dtype, then one cast: the graph keeps the cast's and the pack's backward
-    // (gradients in the weights' dtype), as conv2d_act's per-tensor casts did.
-    let mut ws: Vec<Tensor> = p.convs.iter().map(|(w, _)| w.flatten_all()).collect::<Result<_>>()?;
+    // Pack in the weights' dtype and the format's filter layout, then one cast: the graph keeps
+    // the cast's and the pack's backward (gradients in the weights' dtype), as conv2d_act's
+    // per-tensor casts did.
+    let mut ws: Vec<Tensor> = p.convs.iter().map(|(w, _)| f.filter(w)?.flatten_all()).collect::<Result<_>>()?;
     if let Some(s) = p.skip {
-        ws.push(s.flatten_all()?);
+        ws.push(f.filter(s)?.flatten_all()?);
     }
     let dt = x.dtype();
     let wpack = Tensor::cat(&ws, 0)?.to_dtype(dt)?;
     let bpack = Tensor::cat(&[p.convs[0].1, p.convs[1].1, p.convs[2].1], 0)?.to_dtype(dt)?;
-    let layout = Packing { c_in, c_out, skip: p.skip.is_some() };
+    let layout = Packing { c_in, c_out, skip: p.skip.is_some(), format: f };
 
     // The forward on detached operands (no graph), its intermediates kept for the backward.
     let xd = x.detach().contiguous()?;
     let (w, b) = layout.unpack(&wpack.detach(), &bpack.detach())?;
-    let h0 = conv2d_act(&xd, &w[0], Some(&b[0]), P3, Act::Relu)?;
-    let h1 = conv2d_act(&h0, &w[1], Some(&b[1]), P3, Act::Relu)?;
-    let h2 = conv2d_act(&h1, &w[2], Some(&b[2]), P3, Act::None)?;
+    let h0 = conv_op(&xd, &w[0], Some(&b[0]), p3(f), Act::Relu)?;
+    let h1 = conv_op(&h0, &w[1], Some(&b[1]), p3(f), Act::Relu)?;
+    let h2 = conv_op(&h1, &w[2], Some(&b[2]), p3(f), Act::None)?;
     let s = match &w.get(3) {
-        Some(ws) => conv2d_act(&xd, ws, None, P1, Act::None)?,
+        Some(ws) => conv_op(&xd, ws, None, p1(f), Act::None)?,
         None => xd.clone(),
     };
     if !(x.track_op() || wpack.track_op() || bpack.track_op()) {
@@ -90,16 +101,23 @@ struct Packing {
     c_in: usize,
     c_out: usize,
     skip: bool,
+    format: Format,
 }
 
 impl Packing {
-    fn weight_dims(&self) -> Vec<[usize; 4]> {
+    /// The weights' dims in the format's filter layout.
+    fn weight_dims(&self) -> Vec<Vec<usize>> {
         let (i, o) = (self.c_in, self.c_out);
-        let mut d = vec![[o, i, 3, 3], [o, o, 3, 3], [o, o, 3, 3]];
+        let mut d = vec![(o, i, 3), (o, o, 3), (o, o, 3)];
         if self.skip {
-            d.push([o, i, 1, 1]);
+            d.push((o, i, 1));
         }
-        d
+        d.into_iter()
+            .map(|(o, i, k)| match self.format {
+                Format::Nchw => vec![o, i, k, k],
+                Format::Nhwc => vec![o, k, k, i],
+            })
+            .collect()
     }
 
     /// Views of the packed tensors: the weights (3 or 4) and the 3 biases.
@@ -163,22 +181,23 @@ impl CustomOp3 for BlockOp {
         let x = x.detach();
         // relu(h2 + s): the same gradient for both branches.
         let dz = relu_bwd(&dy.contiguous()?, y)?;
-        let (dz2, db2) = act_bias_bwd(&dz, &dz, Act::None, want_w)?;
-        let dh1 = conv_bwd_data(&dz2, &w[2], h1.dims(), P3)?;
-        let dw2 = want_w.then(|| conv_bwd_filter(h1, &dz2, w[2].dims(), P3)).transpose()?;
-        let (dz1, db1) = act_bias_bwd(&dh1, h1, Act::Relu, want_w)?;
-        let dh0 = conv_bwd_data(&dz1, &w[1], h0.dims(), P3)?;
-        let dw1 = want_w.then(|| conv_bwd_filter(h0, &dz1, w[1].dims(), P3)).transpose()?;
-        let (dz0, db0) = act_bias_bwd(&dh0, h0, Act::Relu, want_w)?;
-        let dw0 = want_w.then(|| conv_bwd_filter(&x, &dz0, w[0].dims(), P3)).transpose()?;
+        let f = self.layout.format;
+        let (dz2, db2) = act_bias_bwd(&dz, &dz, Act::None, want_w, f)?;
+        let dh1 = conv_bwd_data(&dz2, &w[2], h1.dims(), p3(f))?;
+        let dw2 = want_w.then(|| conv_bwd_filter(h1, &dz2, w[2].dims(), p3(f))).transpose()?;
+        let (dz1, db1) = act_bias_bwd(&dh1, h1, Act::Relu, want_w, f)?;
+        let dh0 = conv_bwd_data(&dz1, &w[1], h0.dims(), p3(f))?;
+        let dw1 = want_w.then(|| conv_bwd_filter(h0, &dz1, w[1].dims(), p3(f))).transpose()?;
+        let (dz0, db0) = act_bias_bwd(&dh0, h0, Act::Relu, want_w, f)?;
+        let dw0 = want_w.then(|| conv_bwd_filter(&x, &dz0, w[0].dims(), p3(f))).transpose()?;
         let dws = match (w.get(3), want_w) {
-            (Some(ws), true) => Some(conv_bwd_filter(&x, &dz, ws.dims(), P1)?),
+            (Some(ws), true) => Some(conv_bwd_filter(&x, &dz, ws.dims(), p1(f))?),
             _ => None,
         };
         let dx = if want_x {
-            let main = conv_bwd_data(&dz0, &w[0], x.dims(), P3)?;
+            let main = conv_bwd_data(&dz0, &w[0], x.dims(), p3(f))?;
             let skip = match w.get(3) {
-                Some(ws) => conv_bwd_data(&dz, ws, x.dims(), P1)?,
+                Some(ws) => conv_bwd_data(&dz, ws, x.dims(), p1(f))?,
                 None => dz.clone(),
             };
             Some((main + skip)?)

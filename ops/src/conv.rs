@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
+use crate::format::{via_nchw, Format};
 
 /// The activation fused after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -22,16 +23,23 @@ pub enum Act {
     Relu,
 }
 
-/// Square stride and zero padding (dilation 1, one group: all that TAESD uses).
+/// Square stride and zero padding (dilation 1, one group: all that TAESD uses), and the
+/// activations' [`Format`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvParams {
     pub stride: usize,
     pub padding: usize,
+    pub format: Format,
 }
 
 impl ConvParams {
-    pub fn new(stride: usize, padding: usize) -> Self {
-        Self { stride, padding }
+    /// NCHW activations.
+    pub const fn new(stride: usize, padding: usize) -> Self {
+        Self { stride, padding, format: Format::Nchw }
+    }
+
+    pub const fn with_format(self, format: Format) -> Self {
+        Self { format, ..self }
     }
 
     #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
@@ -43,7 +51,8 @@ impl ConvParams {
     }
 }
 
-/// `conv2d(x, w) + b`: `x` `[N, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`, `b` `[C_out]`.
+/// `conv2d(x, w) + b`: `x` `[N, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`, `b` `[C_out]` (NCHW;
+/// [`conv2d_act`] takes any format).
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -54,8 +63,9 @@ pub fn conv2d(
     conv2d_act(x, w, b, ConvParams::new(stride, padding), Act::None)
 }
 
-/// `act(conv2d(x, w) + b)`. `w` and `b` are cast to `x`'s dtype first (mixed precision: f32
-/// master weights, bf16/f16 activations; the cast's backward gives f32 gradients).
+/// `act(conv2d(x, w) + b)`, `x` in `p.format`, `w` `[C_out, C_in, kh, kw]` whatever the format.
+/// `w` and `b` are cast to `x`'s dtype first (mixed precision: f32 master weights, bf16/f16
+/// activations; the cast's backward gives f32 gradients).
 pub fn conv2d_act(
     x: &Tensor,
     w: &Tensor,
@@ -63,7 +73,7 @@ pub fn conv2d_act(
     p: ConvParams,
     act: Act,
 ) -> Result<Tensor> {
-    let (_, c_in, h, wd) = x.dims4()?;
+    let (_, c_in, h, wd) = p.format.nchw(x.dims())?;
     let (c_out, wc_in, kh, kw) = w.dims4()?;
     if c_in != wc_in {
         bail!("conv2d: input has {c_in} channels, the weight {wc_in}");
@@ -84,29 +94,49 @@ pub fn conv2d_act(
             t.to_dtype(dt)?.contiguous()
         }
     };
+    if p.format == Format::Nhwc && x.device().is_cuda() && (c_in % 8 != 0 || c_out % 8 != 0) {
+        // cuDNN's NHWC tensor-core kernels take channel counts in multiples of 8; others ran
+        // generic kernels 5-20x slower (H100: the discriminator's 35-channel input conv and its
+        // 1-channel projections, 10 ms of a step). Zero channels are appended to the input and
+        // weight (and output channels dropped again): the same sums, in the graph.
+        let (pi, po) = (c_in.next_multiple_of(8) - c_in, c_out.next_multiple_of(8) - c_out);
+        let xp = if pi > 0 { x.pad_with_zeros(3, 0, pi)? } else { x.clone() };
+        let wp = w.pad_with_zeros(1, 0, pi)?.pad_with_zeros(0, 0, po)?;
+        let bp = b.map(|b| b.pad_with_zeros(0, 0, po)).transpose()?;
+        let y = conv2d_act(&xp, &wp, bp.as_ref(), p, act)?;
+        return if po > 0 { y.narrow(3, 0, c_out)?.contiguous() } else { Ok(y) };
+    }
     let x = x.contiguous()?;
-    let w = cast(w)?;
     let b = b.map(cast).transpose()?;
     if !fast_device(x.device()) {
-        return stock(&x, &w, b.as_ref(), p, act);
+        return stock(&x, &cast(w)?, b.as_ref(), p, act);
     }
+    conv_op(&x, &cast(&p.format.filter(w)?)?, b.as_ref(), p, act)
+}
+
+/// The op itself: `x` contiguous in `p.format`, `w` in the format's filter layout
+/// ([`Format::filter`]) and `b` in `x`'s dtype, contiguous.
+pub(crate) fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
     let op = ConvOp { p, act };
     match b {
-        Some(b) => x.apply_op3_arc(&w, &b, Arc::new(Box::new(op))),
-        None => x.apply_op2_arc(&w, Arc::new(Box::new(op))),
+        Some(b) => x.apply_op3_arc(w, b, Arc::new(Box::new(op))),
+        None => x.apply_op2_arc(w, Arc::new(Box::new(op))),
     }
 }
 
 /// candle's own ops, for devices without our path (CUDA without the `cudnn` feature, Metal).
+/// `w` `[C_out, C_in, kh, kw]`.
 pub fn stock(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
-    let mut y = x.conv2d(w, p.padding, p.stride, 1, 1)?;
-    if let Some(b) = b {
-        y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-    }
-    match act {
-        Act::None => Ok(y),
-        Act::Relu => y.relu(),
-    }
+    via_nchw(p.format, &[x], |x| {
+        let mut y = x[0].conv2d(w, p.padding, p.stride, 1, 1)?;
+        if let Some(b) = b {
+            y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+        }
+        match act {
+            Act::None => Ok(y),
+            Act::Relu => y.relu(),
+        }
+    })
 }
 
 /// Whether conv2d runs our op on this device.
@@ -126,7 +156,9 @@ struct ConvOp {
 
 impl ConvOp {
     fn cpu(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(CpuStorage, Shape)> {
-        cpu::to_storage(&cpu::conv_fwd(x, w, b, self.p, self.act)?)
+        let f = self.p.format;
+        let w = f.filter_to_oihw(w)?;
+        cpu::to_storage(&via_nchw(f, &[x], |x| cpu::conv_fwd(&x[0], &w, b, self.p, self.act))?)
     }
 
     fn backward(
@@ -139,7 +171,7 @@ impl ConvOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let want_b = b.is_some_and(|b| b.track_op());
-        let (dz, db) = act_bias_bwd(&dy, y, self.act, want_b)?;
+        let (dz, db) = act_bias_bwd(&dy, y, self.act, want_b, self.p.format)?;
         let dx = if x.track_op() {
             Some(conv_bwd_data(&dz, w, x.dims(), self.p)?)
         } else {
@@ -240,38 +272,58 @@ impl CustomOp3 for ConvOp {
 
 // Backward pieces, by device. They take and give contiguous tensors, outside the graph.
 
-/// Backward of `act(z + b)`: `(dz, db)`.
+/// Backward of `act(z + b)` on activations in `format`: `(dz, db)`.
 pub fn act_bias_bwd(
     dy: &Tensor,
     y: &Tensor,
     act: Act,
     bias: bool,
+    format: Format,
 ) -> Result<(Tensor, Option<Tensor>)> {
     if act == Act::None && !bias {
         return Ok((dy.clone(), None));
     }
     match dy.device() {
-        Device::Cpu => cpu::act_bias_bwd(dy, y, act, bias),
+        Device::Cpu => match format {
+            Format::Nchw => cpu::act_bias_bwd(dy, y, act, bias),
+            Format::Nhwc => {
+                let (dy, y) = (format.to_nchw(dy)?, format.to_nchw(y)?);
+                let (dz, db) = cpu::act_bias_bwd(&dy, &y, act, bias)?;
+                Ok((format.from_nchw(&dz)?, db))
+            }
+        },
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::cuda::kernels::act_bias_bwd(dy, y, act, bias),
+        Device::Cuda(_) => crate::cuda::kernels::act_bias_bwd(dy, y, act, bias, format),
         d => bail!("taesd-ops: no backward on {d:?}"),
     }
 }
 
-/// The gradient of `conv2d(x, w)` with respect to `x` (of dims `x_dims`), given `dz`.
+/// The gradient of `conv2d(x, w)` with respect to `x` (of dims `x_dims`), given `dz`; `w` in
+/// `p.format`'s filter layout.
 pub fn conv_bwd_data(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
     match dz.device() {
-        Device::Cpu => cpu::conv_bwd_data(dz, w, x_dims, p),
+        Device::Cpu => {
+            let f = p.format;
+            let w = f.filter_to_oihw(w)?;
+            let (n, c, h, wd) = f.nchw(x_dims)?;
+            via_nchw(f, &[dz], |dz| cpu::conv_bwd_data(&dz[0], &w, &[n, c, h, wd], p))
+        }
         #[cfg(feature = "cudnn")]
         Device::Cuda(_) => crate::cuda::conv::backward_data(dz, w, x_dims, p),
         d => bail!("taesd-ops: no conv backward on {d:?}"),
     }
 }
 
-/// The gradient of `conv2d(x, w)` with respect to `w` (of dims `w_dims`), given `dz`.
+/// The gradient of `conv2d(x, w)` with respect to `w` (of dims `w_dims`, `p.format`'s filter
+/// layout), given `dz`.
 pub fn conv_bwd_filter(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: ConvParams) -> Result<Tensor> {
     match dz.device() {
-        Device::Cpu => cpu::conv_bwd_filter(x, dz, w_dims, p),
+        Device::Cpu => {
+            let f = p.format;
+            let (o, i, kh, kw) = f.filter_oihw(w_dims)?;
+            let (x, dz) = (f.to_nchw(x)?, f.to_nchw(dz)?);
+            f.filter(&cpu::conv_bwd_filter(&x, &dz, &[o, i, kh, kw], p)?)?.contiguous()
+        }
         #[cfg(feature = "cudnn")]
         Device::Cuda(_) => crate::cuda::conv::backward_filter(x, dz, w_dims, p),
         d => bail!("taesd-ops: no conv backward on {d:?}"),

@@ -1,9 +1,10 @@
 //! Fused elementwise ops with a backward that reads only their output: `relu(a + b)` (the
-//! TAESD block's residual) and nearest 2x upsampling.
+//! TAESD block's residual; any layout) and nearest 2x upsampling (NCHW or NHWC).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
+use crate::format::{via_nchw, Format};
 
 /// `relu(a + b)` (same shapes), one kernel; the backward is one kernel too
 /// (`dy * (out > 0)`, given to both inputs).
@@ -20,14 +21,15 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
-/// Nearest-neighbour 2x upsampling of `[N, C, H, W]`. Its backward sums each 2x2 block (one
-/// kernel on CUDA; a reshape + sum on the CPU) instead of candle's grouped convolution.
-pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+/// Nearest-neighbour 2x upsampling of an activation in `format`. Its backward sums each 2x2
+/// block (one kernel on CUDA; a reshape + sum on the CPU) instead of candle's grouped
+/// convolution.
+pub fn upsample_nearest2x(x: &Tensor, format: Format) -> Result<Tensor> {
+    let (_, _, h, w) = format.nchw(x.dims())?;
     if !kernels_on(x.device()) {
-        return x.upsample_nearest2d(2 * h, 2 * w);
+        return via_nchw(format, &[x], |x| x[0].upsample_nearest2d(2 * h, 2 * w));
     }
-    x.contiguous()?.apply_op1(Upsample2x)
+    x.contiguous()?.apply_op1(Upsample2x { format })
 }
 
 /// Whether our kernels exist for this device.
@@ -95,21 +97,24 @@ pub fn relu_bwd(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The sum of each 2x2 block of `[N, C, 2H, 2W]` (the upsample's backward), outside the graph.
-pub fn downsum2x(dy: &Tensor) -> Result<Tensor> {
-    let (_, _, h2, w2) = dy.dims4()?;
+/// The sum of each 2x2 block of an activation in `format` of size 2H x 2W (the upsample's
+/// backward), outside the graph.
+pub fn downsum2x(dy: &Tensor, format: Format) -> Result<Tensor> {
+    let (_, _, h2, w2) = format.nchw(dy.dims())?;
     if h2 % 2 != 0 || w2 % 2 != 0 {
         bail!("downsum2x: odd size {h2}x{w2}");
     }
-    match dy.device() {
-        Device::Cpu => cpu::downsum2x(dy),
+    match (dy.device(), format) {
+        (Device::Cpu, _) => via_nchw(format, &[dy], |d| cpu::downsum2x(&d[0])),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::cuda::kernels::downsum2x(&dy.contiguous()?),
-        d => bail!("taesd-ops: no downsum on {d:?}"),
+        (Device::Cuda(_), _) => crate::cuda::kernels::downsum2x(&dy.contiguous()?, format),
+        (d, _) => bail!("taesd-ops: no downsum on {d:?}"),
     }
 }
 
-struct Upsample2x;
+struct Upsample2x {
+    format: Format,
+}
 
 impl CustomOp1 for Upsample2x {
     fn name(&self) -> &'static str {
@@ -117,7 +122,8 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu::to_storage(&cpu::upsample2x(&cpu::to_tensor(s, l)?)?)
+        let x = cpu::to_tensor(s, l)?;
+        cpu::to_storage(&via_nchw(self.format, &[&x], |x| cpu::upsample2x(&x[0]))?)
     }
 
     #[cfg(feature = "cuda")]
@@ -126,13 +132,13 @@ impl CustomOp1 for Upsample2x {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::kernels::upsample2x((s, l))
+        crate::cuda::kernels::upsample2x((s, l), self.format)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         if !x.track_op() {
             return Ok(None);
         }
-        Ok(Some(downsum2x(dy)?))
+        Ok(Some(downsum2x(dy, self.format)?))
     }
 }

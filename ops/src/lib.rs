@@ -10,6 +10,8 @@
 //!   backward: no per-node gradient buffers inside the block).
 //! - [`batch_norm_relu_train`]: training-mode BatchNorm + ReLU on cuDNN (CUDA only; `None`
 //!   elsewhere, where callers keep their plain-op formulation).
+//! - [`Format`]: every op takes NCHW or NHWC ("channels last", cuDNN's native layout on the
+//!   H100; [`preferred_format`] on CUDA) activations.
 //! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
 //! - [`retain_freed_memory`]: keep freed CUDA memory cached (candle's pool gives it back at
 //!   every synchronisation otherwise).
@@ -25,6 +27,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod elementwise;
+mod format;
 mod memory;
 mod settings;
 
@@ -36,6 +39,7 @@ pub use conv::{
     ConvParams,
 };
 pub use elementwise::{add_relu, downsum2x, kernels_on, relu_bwd, upsample_nearest2x};
+pub use format::{preferred_format, Format};
 pub use memory::retain_freed_memory;
 pub use settings::{set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
 

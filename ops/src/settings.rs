@@ -38,6 +38,10 @@ pub struct Settings {
     pub workspace_limit: usize,
     /// Only deterministic algorithms (no atomics in backward-data / backward-filter).
     pub deterministic: bool,
+    /// Activations in NHWC on CUDA ([`crate::preferred_format`]; `crate::Format` says why). On by
+    /// default; the environment variable `TAESD_CHANNELS_LAST=0` starts a process with it off
+    /// (an A/B switch for shipped binaries).
+    pub channels_last: bool,
 }
 
 impl Default for Settings {
@@ -47,6 +51,7 @@ impl Default for Settings {
             algo_search: AlgoSearch::Benchmark,
             workspace_limit: DEFAULT_WORKSPACE_LIMIT,
             deterministic: false,
+            channels_last: std::env::var("TAESD_CHANNELS_LAST").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -61,7 +66,11 @@ static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
 
 /// The current settings (defaults until [`set_settings`]).
 pub fn settings() -> Settings {
-    SETTINGS.read().unwrap().unwrap_or_default()
+    if let Some(s) = *SETTINGS.read().unwrap() {
+        return s;
+    }
+    // The defaults read the environment once.
+    *SETTINGS.write().unwrap().get_or_insert_with(Settings::default)
 }
 
 pub fn set_settings(s: Settings) {

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use taesd_ops::{add_relu, block, conv2d_act, Act, BlockParams, ConvParams};
+use taesd_ops::{add_relu, block, conv2d_act, Act, BlockParams, ConvParams, Format};
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
@@ -38,6 +38,7 @@ impl Params {
                 (self.w[2].as_tensor(), self.b[2].as_tensor()),
             ],
             skip: self.skip.as_ref().map(|s| s.as_tensor()),
+            format: Format::Nchw,
         };
         block(x, &p)
     }
@@ -118,7 +119,7 @@ fn fused_block_gives_the_input_gradient_alone_for_frozen_weights() -> Result<()>
     let (w, b): (Vec<Tensor>, Vec<Tensor>) = (p.w.iter().map(frozen).collect(), p.b.iter().map(frozen).collect());
     let s = p.skip.as_ref().map(frozen);
     let x = Var::from_tensor(&randn(&mut rng, &[1, 3, 5, 5], 1.0))?;
-    let bp = BlockParams { convs: [(&w[0], &b[0]), (&w[1], &b[1]), (&w[2], &b[2])], skip: s.as_ref() };
+    let bp = BlockParams { convs: [(&w[0], &b[0]), (&w[1], &b[1]), (&w[2], &b[2])], skip: s.as_ref(), format: Format::Nchw };
     let g = loss(&block(x.as_tensor(), &bp)?)?.backward()?;
     let gc = loss(&p.composed(x.as_tensor())?)?.backward()?;
     assert_eq!(max_abs_diff(g.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()), 0.0);
@@ -134,6 +135,7 @@ fn fused_block_refuses_mismatched_weights() {
     let bp = BlockParams {
         convs: [(p.w[0].as_tensor(), p.b[0].as_tensor()), (p.w[1].as_tensor(), p.b[1].as_tensor()), (p.w[2].as_tensor(), p.b[2].as_tensor())],
         skip: None,
+        format: Format::Nchw,
     };
     let e = block(&x, &bp).unwrap_err().to_string();
     assert!(e.contains("needs a skip conv"), "{e}");

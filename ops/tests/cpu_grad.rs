@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use taesd_ops::{
-    adam_update, add_relu, conv2d_act, stock, upsample_nearest2x, Act, AdamStep, ConvParams,
+    adam_update, add_relu, conv2d_act, stock, upsample_nearest2x, Act, AdamStep, ConvParams, Format,
 };
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], dt: DType) -> Tensor {
@@ -190,7 +190,7 @@ fn upsample_and_add_relu_match_candle_and_finite_differences() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for &(h, w) in &[(4, 4), (3, 5), (1, 1)] {
         let x = Var::from_tensor(&randn(&mut rng, &[2, 3, h, w], DType::F32))?;
-        let ours = upsample_nearest2x(&x)?;
+        let ours = upsample_nearest2x(&x, Format::Nchw)?;
         let want = x.upsample_nearest2d(2 * h, 2 * w)?;
         assert_eq!(max_abs_diff(&ours, &want), 0.0, "upsample {h}x{w}");
         let r = randn(&mut rng, ours.dims(), DType::F32);
@@ -211,7 +211,7 @@ fn upsample_and_add_relu_match_candle_and_finite_differences() -> Result<()> {
         }
     }
     let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 3, 4], DType::F64))?;
-    check_fd("upsample", &[x], &|t| upsample_nearest2x(&t[0]), &mut rng, 1e-2, 1e-6)?;
+    check_fd("upsample", &[x], &|t| upsample_nearest2x(&t[0], Format::Nchw), &mut rng, 1e-2, 1e-6)?;
     let a = Var::from_tensor(&randn(&mut rng, &[2, 3, 3, 4], DType::F64))?;
     let b = Var::from_tensor(&randn(&mut rng, &[2, 3, 3, 4], DType::F64))?;
     check_fd("add_relu", &[a, b], &|t| add_relu(&t[0], &t[1]), &mut rng, 1e-3, 1e-2)?;
@@ -235,7 +235,7 @@ fn chain_matches_candle() -> Result<()> {
         let h = conv2d_act(&x, &w1, Some(&b1), p1, Act::Relu)?;
         let h = conv2d_act(&h, &w2, Some(&b2), p1, Act::None)?;
         let h = add_relu(&h, &x)?;
-        let h = upsample_nearest2x(&h)?;
+        let h = upsample_nearest2x(&h, Format::Nchw)?;
         conv2d_act(&h, &w3, None, p2, Act::None)?
     };
     let want = {

@@ -2,6 +2,7 @@
 //! 1. every op (conv2d + bias + ReLU in the TAESD shapes, stride 1/2, 1x1/3x3; upsample;
 //!    add_relu; fused Adam) against candle's stock ops on the same CUDA device and against the
 //!    CPU path: forward values and gradients, f32 with TF32 off (cuDNN FMA math), plus bf16;
+//!    the activation ops in NCHW and in NHWC (compared in NCHW);
 //! 2. timings: a 64->64 3x3 conv at 16x64x256x256 (fwd, fwd+bwd; ours vs candle's stock ops),
 //!    nearest upsample fwd+bwd, and a taef2 decoder fwd+bwd+Adam step at 256x256 batch 16
 //!    (ours vs stock).
@@ -12,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use taesd_ops::{Act, ConvParams};
+use taesd_ops::{Act, ConvParams, Format};
 
 /// Relative L2 error `|a - b| / |b|`: the measure for half-precision results, whose max-abs
 /// error is dominated by one rounding of the largest element.
@@ -87,6 +88,7 @@ fn conv_case(
     p: ConvParams,
     bias: bool,
     act: Act,
+    f: Format,
 ) -> Result<()> {
     let (n, ci, h, w) = shape;
     let x0 = Tensor::randn(0f32, 1.0, (n, ci, h, w), &Device::Cpu)?;
@@ -100,7 +102,7 @@ fn conv_case(
         let bt = bv.as_tensor().to_dtype(dt)?;
         let bo = bias.then_some(&bt);
         let y = if ours {
-            taesd_ops::conv2d_act(&x, &wt, bo, p, act)?
+            f.to_nchw(&taesd_ops::conv2d_act(&f.from_nchw(&x)?, &wt, bo, p.with_format(f), act)?)?
         } else {
             taesd_ops::stock(&x, &wt, bo, p, act)?
         };
@@ -131,7 +133,7 @@ fn conv_case(
         let r = Tensor::arange(0f32, (yh * yw) as f32, c)?.reshape((1, 1, yh, yw))?.broadcast_as(y.shape())?
             .affine(1.0 / (yh * yw) as f64, -0.5)?.to_dtype(dt)?.contiguous()?;
         let (xb, wb) = (x0.to_dtype(dt)?, w0.to_dtype(dt)?);
-        let (dz, db) = taesd_ops::act_bias_bwd(&r, &y, act, bias)?;
+        let (dz, db) = taesd_ops::act_bias_bwd(&r, &y, act, bias, Format::Nchw)?;
         cpu[1] = taesd_ops::conv_bwd_data(&dz, &wb, xb.dims(), p)?;
         cpu[2] = taesd_ops::conv_bwd_filter(&xb, &dz, wb.dims(), p)?;
         if let Some(db) = db {
@@ -139,7 +141,7 @@ fn conv_case(
         }
     }
     let tol = if dt == DType::F32 { 2e-5 } else { 1e-2 };
-    let what = format!("{dt:?} {n}x{ci}x{h}x{w} -> {c_out} k{k} s{} p{} bias {bias} {act:?}", p.stride, p.padding);
+    let what = format!("{dt:?} {f:?} {n}x{ci}x{h}x{w} -> {c_out} k{k} s{} p{} bias {bias} {act:?}", p.stride, p.padding);
     for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate().take(ours.len()) {
         c.check(&format!("{what} {name} vs CPU"), &ours[i], &cpu[i], tol)?;
         // candle's stock CUDA conv runs cuDNN at its default math (TF32 for f32). Its bf16
@@ -165,7 +167,7 @@ fn main() -> Result<()> {
     let mut c = Checker { failures: vec![] };
 
     println!("== conv2d (+bias, +ReLU), values and gradients");
-    for dt in [DType::F32, DType::BF16] {
+    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
         for &(shape, c_out, k, s, pd, bias, act) in &[
             ((2, 16, 32, 32), 32, 3, 1, 1, true, Act::Relu),
             ((2, 16, 32, 32), 16, 3, 1, 1, true, Act::None),
@@ -175,12 +177,12 @@ fn main() -> Result<()> {
             ((2, 64, 32, 32), 3, 3, 1, 1, true, Act::None),
             ((2, 16, 16, 16), 8, 4, 2, 1, true, Act::Relu),
         ] {
-            conv_case(&mut c, &dev, dt, shape, c_out, k, ConvParams::new(s, pd), bias, act)?;
+            conv_case(&mut c, &dev, dt, shape, c_out, k, ConvParams::new(s, pd), bias, act, f)?;
         }
     }
 
     println!("== BatchNorm+ReLU (training mode) on cuDNN vs the plain-op formulation in f32");
-    for dt in [DType::F32, DType::BF16] {
+    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
         let (n, ch, h, w) = (4, 16, 24, 20);
         let x0 = Tensor::randn(0.5f32, 2.0, (n, ch, h, w), &Device::Cpu)?.to_dtype(dt)?;
         let w0 = Tensor::randn(1f32, 0.3, ch, &Device::Cpu)?;
@@ -192,9 +194,9 @@ fn main() -> Result<()> {
             let wv = Var::from_tensor(&w0.to_device(&dev)?)?;
             let bv = Var::from_tensor(&b0.to_device(&dev)?)?;
             let (y, mean, var) = if ours {
-                let o = taesd_ops::batch_norm_relu_train(&x, &wv, &bv, eps)?
+                let o = taesd_ops::batch_norm_relu_train(&f.from_nchw(&x)?, &wv, &bv, eps, f)?
                     .ok_or_else(|| anyhow::anyhow!("batch_norm_relu_train gave None on CUDA"))?;
-                (o.y.to_dtype(DType::F32)?, o.mean, o.var)
+                (f.to_nchw(&o.y)?.to_dtype(DType::F32)?, o.mean, o.var)
             } else {
                 let xf = x.to_dtype(DType::F32)?;
                 let m = xf.mean_keepdim((0, 2, 3))?;
@@ -215,23 +217,29 @@ fn main() -> Result<()> {
         for (i, what) in ["y", "batch mean", "batch var", "dx", "dweight", "dbias"].iter().enumerate() {
             // bf16 results are compared by relative L2 (to_dtype f32 makes `got` f32: force it).
             let got = if dt == DType::F32 { o[i].clone() } else { o[i].to_dtype(DType::F64)? };
-            c.check(&format!("{dt:?} BatchNorm+ReLU {what}"), &got, &p[i], tol)?;
+            c.check(&format!("{dt:?} {f:?} BatchNorm+ReLU {what}"), &got, &p[i], tol)?;
         }
-        let big = Tensor::randn(0f32, 1.0, (32, 64, 256, 256), &dev)?.to_dtype(dt)?;
+        let big = Tensor::randn(0f32, 1.0, f.dims(32, 64, 256, 256).as_slice(), &dev)?.to_dtype(dt)?;
         let (wb, bb) = (w0.to_device(&dev)?.repeat(4)?, b0.to_device(&dev)?.repeat(4)?);
         let ms = time_ms(&dev, 10, &mut || {
-            taesd_ops::batch_norm_relu_train(&big, &wb, &bb, eps)?;
+            taesd_ops::batch_norm_relu_train(&big, &wb, &bb, eps, f)?;
             Ok(())
         })?;
-        println!("  {dt:?} BatchNorm+ReLU forward at 32x64x256x256: {ms:.3} ms");
+        let bwd = time_ms(&dev, 10, &mut || {
+            let v = Var::from_tensor(&big)?;
+            let o = taesd_ops::batch_norm_relu_train(&v, &wb, &bb, eps, f)?.expect("on CUDA");
+            let _ = o.y.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        println!("  {dt:?} {f:?} BatchNorm+ReLU at 32x64x256x256: forward {ms:.3} ms, forward+backward {bwd:.3} ms");
     }
 
     println!("== upsample 2x, add_relu");
-    for dt in [DType::F32, DType::BF16] {
+    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
         let x0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
         let run = |d: &Device, ours: bool| -> Result<(Tensor, Tensor)> {
             let x = Var::from_tensor(&x0.to_device(d)?)?;
-            let y = if ours { taesd_ops::upsample_nearest2x(&x)? } else { x.upsample_nearest2d(34, 24)? };
+            let y = if ours { f.to_nchw(&taesd_ops::upsample_nearest2x(&f.from_nchw(&x)?, f)?)? } else { x.upsample_nearest2d(34, 24)? };
             let r = Tensor::arange(0f32, (34 * 24) as f32, d)?.reshape((1, 1, 34, 24))?.broadcast_as(y.shape())?.to_dtype(dt)?;
             let g = (&y * r)?.sum_all()?.backward()?;
             Ok((y, g.get(&x).unwrap().clone()))
@@ -239,10 +247,10 @@ fn main() -> Result<()> {
         let (yo, go) = run(&dev, true)?;
         let (ys, gs) = run(&dev, false)?;
         let (yc, gc) = run(&Device::Cpu, true)?;
-        c.check(&format!("{dt:?} upsample y vs stock CUDA"), &yo, &ys, 0.0)?;
-        c.check(&format!("{dt:?} upsample y vs CPU"), &yo, &yc, 0.0)?;
-        c.check(&format!("{dt:?} upsample dx vs stock CUDA"), &go, &gs, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
-        c.check(&format!("{dt:?} upsample dx vs CPU"), &go, &gc, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
+        c.check(&format!("{dt:?} {f:?} upsample y vs stock CUDA"), &yo, &ys, 0.0)?;
+        c.check(&format!("{dt:?} {f:?} upsample y vs CPU"), &yo, &yc, 0.0)?;
+        c.check(&format!("{dt:?} {f:?} upsample dx vs stock CUDA"), &go, &gs, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
+        c.check(&format!("{dt:?} {f:?} upsample dx vs CPU"), &go, &gc, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
         let a0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
         let b0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
         let run = |d: &Device, ours: bool| -> Result<Vec<Tensor>> {
@@ -262,7 +270,7 @@ fn main() -> Result<()> {
     }
 
     println!("== fused block (one graph node) vs its single ops, and vs the CPU");
-    for dt in [DType::F32, DType::BF16] {
+    for (dt, fmt) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
         for (ci, co) in [(64, 64), (32, 64)] {
             let mk = |shape: &[usize], s: f64| -> Result<Tensor> { Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s)?) };
             let w: Vec<Tensor> = vec![mk(&[co, ci, 3, 3], 0.1)?, mk(&[co, co, 3, 3], 0.1)?, mk(&[co, co, 3, 3], 0.1)?];
@@ -277,8 +285,9 @@ fn main() -> Result<()> {
                     let p = taesd_ops::BlockParams {
                         convs: [(&vars[0], &vars[3]), (&vars[1], &vars[4]), (&vars[2], &vars[5])].map(|(a, b)| (a.as_tensor(), b.as_tensor())),
                         skip: vars.get(6).map(|v| v.as_tensor()),
+                        format: fmt,
                     };
-                    taesd_ops::block(&xin, &p)?
+                    fmt.to_nchw(&taesd_ops::block(&fmt.from_nchw(&xin)?, &p)?)?
                 } else {
                     let p3 = ConvParams::new(1, 1);
                     let h = taesd_ops::conv2d_act(&xin, &vars[0], Some(&vars[3]), p3, Act::Relu)?;
@@ -308,11 +317,12 @@ fn main() -> Result<()> {
             // entry, dw0/db0 by 3e-3, in one run of two; bf16 dx 2e-2 in relative L2), which is
             // not an error of the backward. So they are judged by relative L2, loosely.
             let half = dt != DType::F32;
-            let (same, cpu_y, cpu_grad) = if half { (1e-2, 2e-2, 5e-2) } else { (1e-5, 1e-5, 1e-2) };
+            // In NHWC the single ops (NCHW) run other cuDNN kernels: f32 sums in another order.
+            let (same, cpu_y, cpu_grad) = if half { (1e-2, 2e-2, 5e-2) } else if fmt == Format::Nhwc { (1e-4, 1e-5, 1e-2) } else { (1e-5, 1e-5, 1e-2) };
             for (i, n) in names.iter().enumerate().take(f.len()) {
-                c.check_metric(&format!("{dt:?} block {ci}->{co} {n} fused vs single ops"), &f[i], &u[i], same, half)?;
+                c.check_metric(&format!("{dt:?} {fmt:?} block {ci}->{co} {n} fused vs single ops"), &f[i], &u[i], same, half)?;
                 let (tol, l2) = if i == 0 { (cpu_y, half) } else { (cpu_grad, true) };
-                c.check_metric(&format!("{dt:?} block {ci}->{co} {n} fused CUDA vs CPU"), &f[i], &cp[i], tol, l2)?;
+                c.check_metric(&format!("{dt:?} {fmt:?} block {ci}->{co} {n} fused CUDA vs CPU"), &f[i], &cp[i], tol, l2)?;
             }
         }
     }
@@ -360,12 +370,30 @@ fn main() -> Result<()> {
             let yv = Var::from_tensor(&y)?;
             let dy = y.ones_like()?;
             let wb = w.as_tensor().to_dtype(dt)?;
-            let ab = time_ms(&dev, reps, &mut || { taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true)?; Ok(()) })?;
+            let ab = time_ms(&dev, reps, &mut || { taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true, Format::Nchw)?; Ok(()) })?;
             let bd = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?; Ok(()) })?;
             let bf = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?; Ok(()) })?;
             let ad = time_ms(&dev, reps, &mut || { let _ = yv.as_tensor().to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
             println!("    of which: ReLU+bias backward {ab:8.2}  backward-data {bd:8.2}  backward-filter {bf:8.2}  (cast+sum+autograd of y alone {ad:8.2})");
         }
+    }
+    {
+        // The same conv on NHWC activations (no transposes inside cuDNN), bf16, and its pieces.
+        let f = Format::Nhwc;
+        let p = ConvParams::new(1, 1).with_format(f);
+        let xb = Var::from_tensor(&Tensor::randn(0f32, 1.0, f.dims(16, 64, 256, 256).as_slice(), &dev)?.to_dtype(DType::BF16)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (64, 64, 3, 3), &dev)? * 0.05)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(64, DType::F32, &dev)?)?;
+        let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
+        let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
+        println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU (BF16 activations, NHWC): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+        let y = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.detach();
+        let dy = y.ones_like()?;
+        let wb = f.filter(w.as_tensor())?.to_dtype(DType::BF16)?.contiguous()?;
+        let ab = time_ms(&dev, reps, &mut || { taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true, f)?; Ok(()) })?;
+        let bd = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?; Ok(()) })?;
+        let bf = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?; Ok(()) })?;
+        println!("    of which: ReLU+bias backward {ab:8.2}  backward-data {bd:8.2}  backward-filter {bf:8.2}");
     }
     taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);
     if !quick {
@@ -391,7 +419,7 @@ fn main() -> Result<()> {
     }
     {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 64, 128, 128), &dev)?)?;
-        let ours = time_ms(&dev, reps, &mut || { let _ = taesd_ops::upsample_nearest2x(&x)?.sum_all()?.backward()?; Ok(()) })?;
+        let ours = time_ms(&dev, reps, &mut || { let _ = taesd_ops::upsample_nearest2x(&x, Format::Nchw)?.sum_all()?.backward()?; Ok(()) })?;
         let stock = time_ms(&dev, 2, &mut || { let _ = x.upsample_nearest2d(256, 256)?.sum_all()?.backward()?; Ok(()) })?;
         println!("  upsample 2x 16x64x128x128 fwd+bwd: ours {ours:8.2}  stock {stock:8.2}");
     }

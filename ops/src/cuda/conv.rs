@@ -30,13 +30,15 @@ use cudarc::cudnn::{
 };
 use cudarc::driver::CudaSlice;
 
-use super::{alloc, by_dtype, dims4, err, kernels, tensor, view, Cuda, Elem};
+use super::{alloc, by_dtype, err, kernels, tensor, view, Cuda, Elem};
 use crate::conv::{Act, ConvParams};
+use crate::format::Format;
 use crate::settings::{settings, AlgoSearch, F32Math, Settings};
 
 type DevId = candle_core::cuda_backend::DeviceId;
 
-/// What identifies a plan.
+/// What identifies a plan. `x` and `w` are logical dims (N, C, H, W) and (K, C, R, S); the
+/// memory layout is `p.format`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     dev: DevId,
@@ -107,11 +109,15 @@ impl<T: Elem> Plan<T> {
         let [n, _, h, w] = key.x;
         let [co, _, kh, kw] = key.w;
         let (ho, wo) = p.out_hw(h, w, kh, kw);
-        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        // The dims are logical (N, C, H, W) / (K, C, R, S) in either format.
+        let fmt = match p.format {
+            Format::Nchw => cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            Format::Nhwc => cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+        };
         Ok(Self {
-            x: c.create_4d_tensor::<T>(nchw, i32s(key.x)).map_err(err)?,
-            w: c.create_4d_filter::<T>(nchw, i32s(key.w)).map_err(err)?,
-            y: c.create_4d_tensor::<T>(nchw, i32s([n, co, ho, wo])).map_err(err)?,
+            x: c.create_4d_tensor::<T>(fmt, i32s(key.x)).map_err(err)?,
+            w: c.create_4d_filter::<T>(fmt, i32s(key.w)).map_err(err)?,
+            y: c.create_4d_tensor::<T>(fmt, i32s([n, co, ho, wo])).map_err(err)?,
             conv,
             fwd: None,
             bwd_data: None,
@@ -270,7 +276,19 @@ fn log_on() -> bool {
 }
 
 fn describe(k: &Key) -> String {
-    format!("{:?} x{:?} w{:?} stride {} pad {} {:?}", k.dtype, k.x, k.w, k.p.stride, k.p.padding, k.settings.f32_math)
+    format!("{:?} x{:?} w{:?} stride {} pad {} {:?} {:?}", k.dtype, k.x, k.w, k.p.stride, k.p.padding, k.p.format, k.settings.f32_math)
+}
+
+/// Logical (N, C, H, W) of an activation in `f`.
+fn nchw(f: Format, d: &[usize]) -> Result<[usize; 4]> {
+    let (n, c, h, w) = f.nchw(d)?;
+    Ok([n, c, h, w])
+}
+
+/// Logical (K, C, R, S) of a weight in `f`'s filter layout.
+fn oihw(f: Format, d: &[usize]) -> Result<[usize; 4]> {
+    let (o, i, kh, kw) = f.filter_oihw(d)?;
+    Ok([o, i, kh, kw])
 }
 
 fn key(dev: &CudaDevice, dtype: DType, x: [usize; 4], w: [usize; 4], p: ConvParams) -> Key {
@@ -303,8 +321,8 @@ fn forward_t<T: Elem>(
     act: Act,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = x.0.device.clone();
-    let xd = dims4(x.1.dims())?;
-    let wd = dims4(w.1.dims())?;
+    let xd = nchw(p.format, x.1.dims())?;
+    let wd = oihw(p.format, w.1.dims())?;
     let (ho, wo) = p.out_hw(xd[2], xd[3], wd[2], wd[3]);
     let out = [xd[0], wd[0], ho, wo];
     let xv = view::<T>(x.0, x.1)?;
@@ -349,9 +367,10 @@ fn forward_t<T: Elem>(
     })?;
     if b.is_some() || act != Act::None {
         let bv = b.map(|(s, l)| view::<T>(s, l)).transpose()?;
-        kernels::bias_act::<T>(&dev, &mut y, bv.as_ref(), out[1], ho * wo, out[0] * out[1], act)?;
+        kernels::bias_act_in::<T>(&dev, &mut y, bv.as_ref(), out, p.format, act)?;
     }
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(out.to_vec())))
+    let [n, c, h, w] = out;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(p.format.dims(n, c, h, w).to_vec())))
 }
 
 /// The input gradient (dims `x_dims`) of `conv2d(x, w)` given `dz`.
@@ -362,8 +381,8 @@ pub(crate) fn backward_data(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
 }
 
 fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
-    let xd = dims4(x_dims)?;
-    let wd = dims4(w.dims())?;
+    let xd = nchw(p.format, x_dims)?;
+    let wd = oihw(p.format, w.dims())?;
     let (dzc, wc) = (Cuda::of(dz)?, Cuda::of(w)?);
     let dev = dzc.device().clone();
     let (dzv, wv) = (dzc.view::<T>()?, wc.view::<T>()?);
@@ -404,7 +423,7 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
             unsafe { op.launch(algo, ws, one_zero, &mut dx, &wv, &dzv) }.map_err(err)
         })
     })?;
-    Ok(tensor(dx, &dev, xd.to_vec()))
+    Ok(tensor(dx, &dev, x_dims.to_vec()))
 }
 
 /// The weight gradient (dims `w_dims`) of `conv2d(x, w)` given `dz`.
@@ -415,8 +434,8 @@ pub(crate) fn backward_filter(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
 }
 
 fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: ConvParams) -> Result<Tensor> {
-    let xd = dims4(x.dims())?;
-    let wd = dims4(w_dims)?;
+    let xd = nchw(p.format, x.dims())?;
+    let wd = oihw(p.format, w_dims)?;
     let (xc, dzc) = (Cuda::of(x)?, Cuda::of(dz)?);
     let dev = dzc.device().clone();
     let (xv, dzv) = (xc.view::<T>()?, dzc.view::<T>()?);
@@ -457,5 +476,5 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
             unsafe { op.launch(algo, ws, one_zero, &xv, &mut dw, &dzv) }.map_err(err)
         })
     })?;
-    Ok(tensor(dw, &dev, wd.to_vec()))
+    Ok(tensor(dw, &dev, w_dims.to_vec()))
 }

@@ -60,12 +60,6 @@ pub(crate) fn view<'a, T: Elem>(s: &'a CudaStorage, l: &Layout) -> Result<CudaVi
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-/// The four dims of an NCHW tensor (or weight).
-pub(crate) fn dims4(d: &[usize]) -> Result<[usize; 4]> {
-    d.try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("taesd-ops: expected 4 dims, got {d:?}")))
-}
-
 /// An uninitialised device buffer (every element is written by the caller).
 pub(crate) fn alloc<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: callers write every element before the buffer is read.

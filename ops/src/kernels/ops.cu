@@ -1,6 +1,6 @@
 // taesd-ops CUDA kernels (compiled to PTX by build.rs with the pinned nvcc 13.0).
 //
-// Every tensor is NCHW-contiguous. Arithmetic is in f32 whatever the storage type (f32, bf16,
+// Every tensor is contiguous, NCHW or (kernels named *_cl) NHWC ("channels last", src/format.rs). Arithmetic is in f32 whatever the storage type (f32, bf16,
 // f16), rounded once on store. ReLU keeps NaN (as torch.relu), and its gradient passes where
 // the output is > 0 (as PyTorch's threshold_backward).
 #include <cuda_bf16.h>
@@ -131,6 +131,147 @@ __device__ void downsum2x(const T *dy, T *dx, uint32_t h, uint32_t w, size_t n) 
   }
 }
 
+// Channels last: the tensor is [rows, C]. Launched with blockDim a multiple of C, so the
+// grid-stride is one too and thread t always meets channel threadIdx.x % C.
+// y = act(y + b[c]) in place over n elements; `b` may be null.
+template <typename T>
+__device__ void bias_act_cl(T *y, const T *b, uint32_t c, size_t n, int relu) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const float bias = b ? to_f(b[threadIdx.x % c]) : 0.0f;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float v = to_f(y[i]) + bias;
+    y[i] = from_f<T>(relu ? relu_f(v) : v);
+  }
+}
+
+// Backward of act(z + b), channels last (launched as bias_act_cl, blockDim floats of dynamic
+// shared memory): dz as act_bias_bwd; partial[block * C + c] = this block's sum of dz over
+// channel c (f32, fixed order), when `partial` is not null. bias_grad_finish sums the blocks.
+template <typename T>
+__device__ void act_bias_bwd_cl(const T *dy, const T *y, T *dz, float *partial, uint32_t c,
+                                size_t n, int relu) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  float acc = 0.0f;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float g = to_f(dy[i]);
+    if (relu) {
+      g = to_f(y[i]) > 0.0f ? g : 0.0f;
+      dz[i] = from_f<T>(g);
+    }
+    acc += g;
+  }
+  if (!partial) return;
+  extern __shared__ float sums[];
+  sums[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < c) {
+    float s = 0.0f;
+    for (uint32_t k = threadIdx.x; k < blockDim.x; k += c) s += sums[k];
+    partial[(size_t)blockIdx.x * c + threadIdx.x] = s;
+  }
+}
+
+// Nearest 2x upsample, channels last: x [rows = N*H, W, C] -> y [2 rows, 2W, C], one thread
+// per input element.
+template <typename T>
+__device__ void upsample2x_cl(const T *x, T *y, uint32_t w, uint32_t c, size_t n) {
+  const size_t wc = (size_t)w * c;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    const size_t row = i / wc;
+    const size_t rem = i - row * wc;  // col * c + ch
+    const size_t ch = rem % c;
+    const size_t o = (2 * row) * (2 * wc) + 2 * (rem - ch) + ch;
+    const T v = x[i];
+    y[o] = v;
+    y[o + c] = v;
+    y[o + 2 * wc] = v;
+    y[o + 2 * wc + c] = v;
+  }
+}
+
+// Its backward: dx = the sum of the 2x2 block, added as downsum2x does.
+template <typename T>
+__device__ void downsum2x_cl(const T *dy, T *dx, uint32_t w, uint32_t c, size_t n) {
+  const size_t wc = (size_t)w * c;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    const size_t row = i / wc;
+    const size_t rem = i - row * wc;
+    const size_t ch = rem % c;
+    const size_t o = (2 * row) * (2 * wc) + 2 * (rem - ch) + ch;
+    dx[i] = from_f<T>((to_f(dy[o]) + to_f(dy[o + c])) +
+                      (to_f(dy[o + 2 * wc]) + to_f(dy[o + 2 * wc + c])));
+  }
+}
+
+// Training-mode BatchNorm, channels last (launched as bias_act_cl, 2 * blockDim floats of
+// dynamic shared memory). One pass of per-channel sums: with mode 0 p1 = sum a; mode 1
+// p1 = sum (a - mean)^2; mode 2 p1 = sum a, p2 = sum a * (b - mean) * invstd (a = dz, b = x).
+// p1, p2: [blocks, C] partial sums (f32, fixed order); bias_grad_finish_f32 sums the blocks.
+template <typename T>
+__device__ void bn_sums_cl(const T *a, const T *b, const float *mean, const float *invstd,
+                           float *p1, float *p2, uint32_t c, size_t n, int mode) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const uint32_t ch = threadIdx.x % c;
+  const float m = mean ? mean[ch] : 0.0f;
+  const float is = invstd ? invstd[ch] : 1.0f;
+  float s1 = 0.0f, s2 = 0.0f;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float v = to_f(a[i]);
+    if (mode == 0) {
+      s1 += v;
+    } else if (mode == 1) {
+      const float d = v - m;
+      s1 += d * d;
+    } else {
+      s1 += v;
+      s2 += v * ((to_f(b[i]) - m) * is);
+    }
+  }
+  extern __shared__ float sums[];
+  sums[threadIdx.x] = s1;
+  sums[blockDim.x + threadIdx.x] = s2;
+  __syncthreads();
+  if (threadIdx.x < c) {
+    float t1 = 0.0f, t2 = 0.0f;
+    for (uint32_t k = threadIdx.x; k < blockDim.x; k += c) {
+      t1 += sums[k];
+      t2 += sums[blockDim.x + k];
+    }
+    p1[(size_t)blockIdx.x * c + threadIdx.x] = t1;
+    if (p2) p2[(size_t)blockIdx.x * c + threadIdx.x] = t2;
+  }
+}
+
+// y = relu((x - mean[c]) * invstd[c] * w[c] + bias[c]), channels last (as bias_act_cl).
+template <typename T>
+__device__ void bn_apply_relu_cl(const T *x, T *y, const float *mean, const float *invstd,
+                                 const float *w, const float *bias, uint32_t c, size_t n) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const uint32_t ch = threadIdx.x % c;
+  const float sc = invstd[ch] * w[ch];
+  const float sh = bias[ch] - mean[ch] * sc;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    y[i] = from_f<T>(relu_f(to_f(x[i]) * sc + sh));
+}
+
+// dx = w[c] * invstd[c] * (dz - db[c] / m - xhat * dw[c] / m), xhat = (x - mean) * invstd, with
+// db = sum dz and dw = sum dz * xhat over the m = N*H*W values of the channel (as bias_act_cl).
+template <typename T>
+__device__ void bn_bwd_dx_cl(const T *dz, const T *x, T *dx, const float *mean,
+                             const float *invstd, const float *w, const float *db,
+                             const float *dw, float inv_m, uint32_t c, size_t n) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const uint32_t ch = threadIdx.x % c;
+  const float m = mean[ch], is = invstd[ch], k = w[ch] * is;
+  const float gb = db[ch] * inv_m, gw = dw[ch] * inv_m;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float xh = (to_f(x[i]) - m) * is;
+    dx[i] = from_f<T>(k * (to_f(dz[i]) - gb - xh * gw));
+  }
+}
+
 #define INSTANTIATE(NAME, T)                                                                    \
   extern "C" __global__ void bias_act_##NAME(T *y, const T *b, uint32_t c, uint32_t hw,          \
                                              uint32_t planes, int relu) {                        \
@@ -157,6 +298,40 @@ __device__ void downsum2x(const T *dy, T *dx, uint32_t h, uint32_t w, size_t n) 
   extern "C" __global__ void downsum2x_##NAME(const T *dy, T *dx, uint32_t h, uint32_t w,        \
                                               size_t n) {                                        \
     downsum2x<T>(dy, dx, h, w, n);                                                               \
+  }                                                                                             \
+  extern "C" __global__ void bias_act_cl_##NAME(T *y, const T *b, uint32_t c, size_t n,          \
+                                                int relu) {                                      \
+    bias_act_cl<T>(y, b, c, n, relu);                                                            \
+  }                                                                                             \
+  extern "C" __global__ void act_bias_bwd_cl_##NAME(const T *dy, const T *y, T *dz,              \
+                                                    float *partial, uint32_t c, size_t n,        \
+                                                    int relu) {                                  \
+    act_bias_bwd_cl<T>(dy, y, dz, partial, c, n, relu);                                          \
+  }                                                                                             \
+  extern "C" __global__ void upsample2x_cl_##NAME(const T *x, T *y, uint32_t w, uint32_t c,      \
+                                                  size_t n) {                                    \
+    upsample2x_cl<T>(x, y, w, c, n);                                                             \
+  }                                                                                             \
+  extern "C" __global__ void downsum2x_cl_##NAME(const T *dy, T *dx, uint32_t w, uint32_t c,     \
+                                                 size_t n) {                                     \
+    downsum2x_cl<T>(dy, dx, w, c, n);                                                            \
+  }                                                                                             \
+  extern "C" __global__ void bn_sums_cl_##NAME(const T *a, const T *b, const float *mean,        \
+                                               const float *invstd, float *p1, float *p2,        \
+                                               uint32_t c, size_t n, int mode) {                 \
+    bn_sums_cl<T>(a, b, mean, invstd, p1, p2, c, n, mode);                                       \
+  }                                                                                             \
+  extern "C" __global__ void bn_apply_relu_cl_##NAME(const T *x, T *y, const float *mean,        \
+                                                     const float *invstd, const float *w,        \
+                                                     const float *bias, uint32_t c, size_t n) {  \
+    bn_apply_relu_cl<T>(x, y, mean, invstd, w, bias, c, n);                                      \
+  }                                                                                             \
+  extern "C" __global__ void bn_bwd_dx_cl_##NAME(const T *dz, const T *x, T *dx,                 \
+                                                 const float *mean, const float *invstd,         \
+                                                 const float *w, const float *db,                \
+                                                 const float *dw, float inv_m, uint32_t c,       \
+                                                 size_t n) {                                     \
+    bn_bwd_dx_cl<T>(dz, x, dx, mean, invstd, w, db, dw, inv_m, c, n);                            \
   }
 
 INSTANTIATE(f32, float)

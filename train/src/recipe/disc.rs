@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
-use taesd_ops::{Act, ConvParams};
+use taesd_ops::{Act, ConvParams, Format};
 
 /// The discriminator's structure.
 #[derive(Clone, Debug, PartialEq)]
@@ -228,6 +228,9 @@ impl Discriminator {
     /// batch. Computes in `images`' dtype (`super::precision`): f32 parameters are cast on use;
     /// training-mode BatchNorm takes its statistics in f32 (cuDNN, or the plain ops in f32), the
     /// inference-mode affine map runs in the activations' dtype.
+    ///
+    /// The blocks run on activations in [`taesd_ops::preferred_format`] (NHWC on CUDA);
+    /// [`Discriminator::forward_in_format`] chooses.
     pub fn forward_with(
         cfg: &DiscConfig,
         params: &[Tensor],
@@ -235,6 +238,22 @@ impl Discriminator {
         images: &Tensor,
         latents: &Tensor,
         train: bool,
+    ) -> Result<(Tensor, Option<BnStats>)> {
+        let f = taesd_ops::preferred_format(images.device());
+        Self::forward_in_format(cfg, params, stats, images, latents, train, f)
+    }
+
+    /// [`Discriminator::forward_with`] with the blocks' activations in `f` (inputs and scores
+    /// NCHW either way).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_in_format(
+        cfg: &DiscConfig,
+        params: &[Tensor],
+        stats: &BnStats,
+        images: &Tensor,
+        latents: &Tensor,
+        train: bool,
+        f: Format,
     ) -> Result<(Tensor, Option<BnStats>)> {
         let n_blocks = cfg.n_blocks();
         if params.len() != 4 * n_blocks {
@@ -263,7 +282,7 @@ impl Discriminator {
         let dt = images.dtype();
         let latents = &latents.to_dtype(dt)?;
         let ctx = latents.upsample_nearest2d(h, w)?;
-        let mut x = Tensor::cat(&[&images.affine(2.0, -1.0)?, &ctx], 1)?;
+        let mut x = f.from_nchw(&Tensor::cat(&[&images.affine(2.0, -1.0)?, &ctx], 1)?)?;
         let mut outs = Vec::with_capacity(n_blocks);
         let mut new_stats = train.then(|| BnStats {
             mean: Vec::with_capacity(n_blocks),
@@ -278,7 +297,7 @@ impl Discriminator {
             x = match &mut new_stats {
                 Some(ns) => {
                     let (y, m, v) = batch_norm_train(
-                        &taesd_ops::conv2d(&x, conv_w, None, s, 1)?,
+                        &taesd_ops::conv2d_act(&x, conv_w, None, ConvParams::new(s, 1).with_format(f), Act::None)?,
                         bn_w,
                         bn_b,
                         &stats.mean[i],
@@ -286,14 +305,15 @@ impl Discriminator {
                         cfg.bn_eps,
                         cfg.bn_momentum,
                         Act::Relu,
+                        f,
                     )?;
                     ns.mean.push(m);
                     ns.var.push(v);
                     y
                 }
-                None => conv_batch_norm_eval(&x, conv_w, s, bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
+                None => conv_batch_norm_eval(&x, conv_w, ConvParams::new(s, 1).with_format(f), bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
             };
-            let o = taesd_ops::conv2d(&x, proj, None, 1, 0)?;
+            let o = f.to_nchw(&taesd_ops::conv2d_act(&x, proj, None, ConvParams::new(1, 0).with_format(f), Act::None)?)?;
             let (_, _, hi, wi) = o.dims4()?;
             let o = if (hi, wi) != (oh, ow) {
                 if hi % oh != 0 || wi % ow != 0 {
@@ -309,11 +329,17 @@ impl Discriminator {
     }
 }
 
-/// Per-channel sums of an NCHW tensor, `[1, C, 1, 1]`: over H, W first (contiguous rows), then
-/// over N. candle reduces (N, H, W) in one go ~10x slower (2.5 ms vs 0.26 ms at 32x64x256x256
-/// f32 on the H100; docs/gpu.md).
-fn channel_sum(x: &Tensor) -> Result<Tensor> {
-    Ok(x.sum_keepdim((2, 3))?.sum_keepdim(0)?)
+/// Per-channel sums, `[C]`. NCHW: over H, W first (contiguous rows), then over N (candle
+/// reduces (N, H, W) in one go ~10x slower: 2.5 ms vs 0.26 ms at 32x64x256x256 f32 on the H100;
+/// docs/gpu.md). NHWC: the column sums of `[N*H*W, C]`.
+fn channel_sum(x: &Tensor, f: Format) -> Result<Tensor> {
+    Ok(match f {
+        Format::Nchw => x.sum_keepdim((2, 3))?.sum_keepdim(0)?.flatten_all()?,
+        Format::Nhwc => {
+            let c = x.dim(3)?;
+            x.reshape(((), c))?.sum(0)?
+        }
+    })
 }
 
 /// `act(x * scale[c] + shift[c])` as one taesd-ops 1x1 convolution with the diagonal weight
@@ -321,12 +347,12 @@ fn channel_sum(x: &Tensor) -> Result<Tensor> {
 /// kernel ~5x slower than a contiguous one and reduce over (N, H, W) in their backward; the
 /// conv's backward is cuDNN plus one bias-gradient kernel. The products are exact (one nonzero
 /// term per output) with f32 FMA math and on the CPU.
-fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act) -> Result<Tensor> {
+fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act, f: Format) -> Result<Tensor> {
     let c = scale.dim(0)?;
     let w = Tensor::eye(c, scale.dtype(), scale.device())?
         .broadcast_mul(&scale.reshape((c, 1))?)?
         .reshape((c, c, 1, 1))?;
-    Ok(taesd_ops::conv2d_act(x, &w, Some(shift), ConvParams::new(1, 0), act)?)
+    Ok(taesd_ops::conv2d_act(x, &w, Some(shift), ConvParams::new(1, 0).with_format(f), act)?)
 }
 
 /// Training-mode BatchNorm over (N, H, W), then `act`: returns the output (in `x`'s dtype) and
@@ -345,26 +371,27 @@ fn batch_norm_train(
     eps: f64,
     momentum: f64,
     act: Act,
+    f: Format,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, c, h, w) = x.dims4()?;
+    let (b, c, h, w) = f.nchw(x.dims())?;
     let n = (b * h * w) as f64;
     if n < 2.0 {
         bail!("BatchNorm in training mode needs more than one value per channel");
     }
     if act == Act::Relu {
-        if let Some(out) = taesd_ops::batch_norm_relu_train(x, weight, bias, eps)? {
+        if let Some(out) = taesd_ops::batch_norm_relu_train(x, weight, bias, eps, f)? {
             let (m, v) = running_update(running_mean, running_var, &out.mean, &out.var, n, momentum)?;
             return Ok((out.y, m, v));
         }
     }
     let dt = x.dtype();
     let x = &x.to_dtype(stat_dtype(dt))?;
-    let mean = channel_sum(x)?.flatten_all()?.affine(1.0 / n, 0.0)?;
+    let mean = channel_sum(x, f)?.affine(1.0 / n, 0.0)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
-    let xc = channel_affine(x, &ones, &mean.neg()?, Act::None)?;
-    let var = channel_sum(&xc.sqr()?)?.flatten_all()?.affine(1.0 / n, 0.0)?;
+    let xc = channel_affine(x, &ones, &mean.neg()?, Act::None, f)?;
+    let var = channel_sum(&xc.sqr()?, f)?.affine(1.0 / n, 0.0)?;
     let scale = (var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
-    let y = channel_affine(&xc, &scale, bias, act)?.to_dtype(dt)?;
+    let y = channel_affine(&xc, &scale, bias, act, f)?.to_dtype(dt)?;
     let (new_mean, new_var) = running_update(running_mean, running_var, &mean, &var, n, momentum)?;
     Ok((y, new_mean, new_var))
 }
@@ -405,7 +432,7 @@ fn running_update(
 fn conv_batch_norm_eval(
     x: &Tensor,
     conv_w: &Tensor,
-    stride: usize,
+    p: ConvParams,
     weight: &Tensor,
     bias: &Tensor,
     running_mean: &Tensor,
@@ -416,7 +443,7 @@ fn conv_batch_norm_eval(
     let scale = (running_var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
     let shift = (bias - (running_mean * &scale)?)?;
     let w = conv_w.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
-    Ok(taesd_ops::conv2d_act(x, &w, Some(&shift), ConvParams::new(stride, 1), act)?)
+    Ok(taesd_ops::conv2d_act(x, &w, Some(&shift), p, act)?)
 }
 
 #[cfg(test)]
@@ -490,7 +517,7 @@ mod tests {
             let y = if ours {
                 let ones = Tensor::ones(4, DType::F64, &dev).unwrap();
                 let zeros = Tensor::zeros(4, DType::F64, &dev).unwrap();
-                batch_norm_train(&x, &w, &b, &zeros, &ones, 1e-5, 0.1, Act::Relu).unwrap().0
+                batch_norm_train(&x, &w, &b, &zeros, &ones, 1e-5, 0.1, Act::Relu, Format::Nchw).unwrap().0
             } else {
                 bn_relu_plain(&x, &w, &b, 1e-5)
             };
@@ -504,6 +531,49 @@ mod tests {
         assert!(diff(&yo, &yp) < 1e-12, "y {}", diff(&yo, &yp));
         for (name, (a, b)) in ["dx", "dw", "db"].iter().zip(go.iter().zip(&gp)) {
             assert!(diff(a, b) < 1e-10, "{name}: {}", diff(a, b));
+        }
+    }
+
+    /// The discriminator with its blocks on NHWC activations (as on CUDA) vs NCHW, on the CPU:
+    /// scores, running statistics, parameter and input gradients, training and inference mode.
+    /// The BatchNorm sums run in another order in NHWC, so within f32 rounding, not bit for bit.
+    #[test]
+    fn channels_last_matches_nchw() {
+        let cfg = DiscConfig::seraena(4);
+        let vm = VarMap::new();
+        let dev = Device::Cpu;
+        let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let x = candle_core::Var::from_tensor(&Tensor::rand(0f32, 1f32, (2, 3, 32, 24), &dev).unwrap()).unwrap();
+        let z = Tensor::randn(0f32, 1f32, (2, 4, 4, 3), &dev).unwrap();
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let s: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            d / s.max(1e-12)
+        };
+        for train in [true, false] {
+            let run = |f: Format| {
+                let (y, st) = Discriminator::forward_in_format(&cfg, d.params(), d.stats(), &x, &z, train, f).unwrap();
+                let g = (y.sqr().unwrap().sum_all().unwrap() + y.sum_all().unwrap()).unwrap().backward().unwrap();
+                let mut grads = vec![g.get(&x).unwrap().clone()];
+                grads.extend(d.params().iter().map(|p| g.get(p).unwrap().clone()));
+                (y, st, grads)
+            };
+            let (y0, s0, g0) = run(Format::Nchw);
+            let (y1, s1, g1) = run(Format::Nhwc);
+            assert_eq!(y1.dims(), y0.dims());
+            assert!(rel(&y1, &y0) < 1e-5, "train {train}: scores {}", rel(&y1, &y0));
+            for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
+                assert!(rel(b, a) < 1e-4, "train {train}: gradient {i} (0 = input) {}", rel(b, a));
+            }
+            match (s0, s1) {
+                (Some(a), Some(b)) => {
+                    for (u, v) in a.mean.iter().chain(&a.var).zip(b.mean.iter().chain(&b.var)) {
+                        assert!(rel(v, u) < 1e-5, "running statistics {}", rel(v, u));
+                    }
+                }
+                (None, None) => assert!(!train),
+                _ => panic!("statistics in one format only"),
+            }
         }
     }
 
@@ -547,18 +617,18 @@ mod tests {
             let xv = candle_core::Var::from_tensor(&x).unwrap();
             let r = Tensor::randn(0f32, 1f32, (3, 5, 4 / stride, 4 / stride), &dev).unwrap();
             let want_eval = reference.forward_t(&xv.conv2d(&cw, 1, stride, 1, 1).unwrap(), false).unwrap();
-            let got_eval = conv_batch_norm_eval(&xv, &cw, stride, &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();
+            let got_eval = conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();
             assert_eq!(got_eval.dims(), want_eval.dims());
             assert!(max_diff(&want_eval, &got_eval) < 1e-5, "k{k} s{stride}: {}", max_diff(&want_eval, &got_eval));
             let grad = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap().get(&xv).unwrap().clone();
             let (gw, gg) = (grad(&want_eval), grad(&got_eval));
             assert!(max_diff(&gw, &gg) < 1e-5, "dx k{k} s{stride}: {}", max_diff(&gw, &gg));
             // With the ReLU: the reference's ReLU on the same values.
-            let got_relu = conv_batch_norm_eval(&xv, &cw, stride, &w, &b, &rm, &rv, 1e-5, Act::Relu).unwrap();
+            let got_relu = conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::Relu).unwrap();
             assert!(max_diff(&want_eval.relu().unwrap(), &got_relu) < 1e-5);
         }
         let want = reference.forward_t(&x, true).unwrap();
-        let (got, m, v) = batch_norm_train(&x, &w, &b, &rm, &rv, 1e-5, 0.1, Act::None).unwrap();
+        let (got, m, v) = batch_norm_train(&x, &w, &b, &rm, &rv, 1e-5, 0.1, Act::None, Format::Nchw).unwrap();
         assert!(max_diff(&want, &got) < 1e-5);
         assert!(max_diff(reference.running_mean(), &m) < 1e-6);
         assert!(max_diff(reference.running_var(), &v) < 1e-5);
