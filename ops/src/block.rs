@@ -15,10 +15,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
 use crate::conv::{act_bias_bwd, conv_bwd_data, conv_bwd_filter, conv_op, fast_device, Act, ConvParams};
 use crate::format::Format;
+use crate::weight_grads::{collector_for, WeightGrads};
 use crate::cpu;
 use crate::elementwise::{add_relu, kernels_on, relu_bwd};
 
@@ -64,16 +65,19 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         None if c_in != c_out => bail!("taesd-ops block: {c_in} -> {c_out} channels needs a skip conv"),
         _ => {}
     }
+    // With a weight-gradient collector active (and variables for weights) the weights stay off
+    // the graph (crate::weight_grads): packed detached, their gradients handed to the collector.
+    let weights: Vec<&Tensor> = p.convs.iter().map(|(w, _)| *w).chain(p.skip).collect();
+    let biases = [p.convs[0].1, p.convs[1].1, p.convs[2].1];
+    let grads = collector_for(&weights.iter().chain(&biases).copied().collect::<Vec<_>>());
+    let src = |t: &Tensor| if grads.is_some() { t.detach() } else { t.clone() };
     // Pack in the weights' dtype and the format's filter layout, then one cast: the graph keeps
     // the cast's and the pack's backward (gradients in the weights' dtype), as conv2d_act's
     // per-tensor casts did.
-    let mut ws: Vec<Tensor> = p.convs.iter().map(|(w, _)| f.filter(w)?.flatten_all()).collect::<Result<_>>()?;
-    if let Some(s) = p.skip {
-        ws.push(f.filter(s)?.flatten_all()?);
-    }
+    let ws: Vec<Tensor> = weights.iter().map(|w| f.filter(&src(w))?.flatten_all()).collect::<Result<_>>()?;
     let dt = x.dtype();
     let wpack = Tensor::cat(&ws, 0)?.to_dtype(dt)?;
-    let bpack = Tensor::cat(&[p.convs[0].1, p.convs[1].1, p.convs[2].1], 0)?.to_dtype(dt)?;
+    let bpack = Tensor::cat(&biases.map(src), 0)?.to_dtype(dt)?;
     let layout = Packing { c_in, c_out, skip: p.skip.is_some(), format: f };
 
     // The forward on detached operands (no graph), its intermediates kept for the backward.
@@ -86,13 +90,25 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         Some(ws) => conv_op(&xd, ws, None, p1(f), Act::None)?,
         None => xd.clone(),
     };
-    if !(x.track_op() || wpack.track_op() || bpack.track_op()) {
+    if !(x.track_op() || wpack.track_op() || bpack.track_op() || grads.is_some()) {
         // No graph (inference): nothing to keep for a backward.
         drop((h0, h1));
         return add_relu(&h2, &s);
     }
-    let op = BlockOp { layout, saved: Saved { h0, h1, h2, s } };
-    x.contiguous()?.apply_op3_arc(&wpack, &bpack, Arc::new(Box::new(op)))
+    let x = x.contiguous()?;
+    let (wd, bd) = (wpack.detach(), bpack.detach());
+    match grads {
+        Some(grads) => {
+            // The first conv's variables stand in for the weights (they get no gradient).
+            let sunk = Some((grads, weights.iter().map(|w| w.id()).collect(), biases.map(|b| b.id()).to_vec()));
+            let op = BlockOp { layout, saved: Saved { h0, h1, h2, s }, packs: (wd, bd), sunk };
+            x.apply_op3_arc(weights[0], biases[0], Arc::new(Box::new(op)))
+        }
+        None => {
+            let op = BlockOp { layout, saved: Saved { h0, h1, h2, s }, packs: (wd, bd), sunk: None };
+            x.apply_op3_arc(&wpack, &bpack, Arc::new(Box::new(op)))
+        }
+    }
 }
 
 /// Where each conv's weight and bias sit in the packed inputs.
@@ -145,6 +161,11 @@ struct Saved {
 struct BlockOp {
     layout: Packing,
     saved: Saved,
+    /// The packed weights and biases (detached), in the activations' dtype.
+    packs: (Tensor, Tensor),
+    /// Weights off the graph: the collector and the ids of the weights (conv 0-2, skip) and
+    /// biases, in packing order.
+    sunk: Option<(WeightGrads, Vec<TensorId>, Vec<TensorId>)>,
 }
 
 impl CustomOp3 for BlockOp {
@@ -172,12 +193,12 @@ impl CustomOp3 for BlockOp {
     }
 
     fn bwd(&self, x: &Tensor, wpack: &Tensor, bpack: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (want_x, want_w) = (x.track_op(), wpack.track_op() || bpack.track_op());
+        let (want_x, want_w) = (x.track_op(), self.sunk.is_some() || wpack.track_op() || bpack.track_op());
         if !want_x && !want_w {
             return Ok((None, None, None));
         }
         let Saved { h0, h1, .. } = &self.saved;
-        let (w, _) = self.layout.unpack(&wpack.detach(), &bpack.detach())?;
+        let (w, _) = self.layout.unpack(&self.packs.0, &self.packs.1)?;
         let x = x.detach();
         // relu(h2 + s): the same gradient for both branches.
         let dz = relu_bwd(&dy.contiguous()?, y)?;
@@ -204,6 +225,16 @@ impl CustomOp3 for BlockOp {
         } else {
             None
         };
+        if let Some((grads, w_ids, b_ids)) = &self.sunk {
+            let dws = [dw0, dw1, dw2].into_iter().chain(dws.map(Some));
+            for (id, d) in w_ids.iter().zip(dws) {
+                grads.add(*id, &f.filter_to_oihw(&d.expect("wanted"))?)?;
+            }
+            for (id, d) in b_ids.iter().zip([db0, db1, db2]) {
+                grads.add(*id, &d.expect("wanted"))?;
+            }
+            return Ok((dx, None, None));
+        }
         let (dwp, dbp) = if want_w {
             let mut parts = vec![dw0.expect("wanted").flatten_all()?, dw1.expect("wanted").flatten_all()?, dw2.expect("wanted").flatten_all()?];
             if let Some(d) = dws {

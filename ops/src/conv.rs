@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result
 
 use crate::cpu;
 use crate::format::{via_nchw, Format};
+use crate::weight_grads::{collector_for, WeightGrads};
 
 /// The activation fused after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -107,17 +108,35 @@ pub fn conv2d_act(
         return if po > 0 { y.narrow(3, 0, c_out)?.contiguous() } else { Ok(y) };
     }
     let x = x.contiguous()?;
-    let b = b.map(cast).transpose()?;
     if !fast_device(x.device()) {
-        return stock(&x, &cast(w)?, b.as_ref(), p, act);
+        return stock(&x, &cast(w)?, b.map(cast).transpose()?.as_ref(), p, act);
     }
-    conv_op(&x, &cast(&p.format.filter(w)?)?, b.as_ref(), p, act)
+    let ws: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
+    match collector_for(&ws) {
+        None => conv_op(&x, &cast(&p.format.filter(w)?)?, b.map(cast).transpose()?.as_ref(), p, act),
+        Some(grads) => {
+            // The weights off the graph (crate::weight_grads): the op computes with detached
+            // copies and keeps the variables as inputs that get no gradient.
+            let sunk = Sunk {
+                w: cast(&p.format.filter(&w.detach())?)?,
+                b: b.map(|b| cast(&b.detach())).transpose()?,
+                w_id: w.id(),
+                b_id: b.map(|b| b.id()),
+                grads,
+            };
+            let op = ConvOp { p, act, sunk: Some(sunk) };
+            match b {
+                Some(b) => x.apply_op3_arc(w, b, Arc::new(Box::new(op))),
+                None => x.apply_op2_arc(w, Arc::new(Box::new(op))),
+            }
+        }
+    }
 }
 
 /// The op itself: `x` contiguous in `p.format`, `w` in the format's filter layout
 /// ([`Format::filter`]) and `b` in `x`'s dtype, contiguous.
 pub(crate) fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
-    let op = ConvOp { p, act };
+    let op = ConvOp { p, act, sunk: None };
     match b {
         Some(b) => x.apply_op3_arc(w, b, Arc::new(Box::new(op))),
         None => x.apply_op2_arc(w, Arc::new(Box::new(op))),
@@ -148,17 +167,48 @@ pub fn fast_device(d: &Device) -> bool {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+/// Weights taken off the graph: the detached copies the op computes with (filter layout, the
+/// activations' dtype) and where their gradients go.
+struct Sunk {
+    w: Tensor,
+    b: Option<Tensor>,
+    w_id: candle_core::TensorId,
+    b_id: Option<candle_core::TensorId>,
+    grads: WeightGrads,
+}
+
 struct ConvOp {
     p: ConvParams,
     act: Act,
+    /// `Some`: the weight (and bias) inputs are variables standing in for `Sunk`'s copies.
+    sunk: Option<Sunk>,
 }
 
 impl ConvOp {
     fn cpu(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(CpuStorage, Shape)> {
+        let (w, b) = match &self.sunk {
+            Some(s) => (&s.w, s.b.as_ref()),
+            None => (w, b),
+        };
         let f = self.p.format;
         let w = f.filter_to_oihw(w)?;
         cpu::to_storage(&via_nchw(f, &[x], |x| cpu::conv_fwd(&x[0], &w, b, self.p, self.act))?)
+    }
+
+    /// The forward on CUDA, with the sunk copies in place of the weight inputs.
+    #[cfg(feature = "cudnn")]
+    fn cuda(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        w: (&candle_core::CudaStorage, &Layout),
+        b: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Some(s) = &self.sunk else {
+            return crate::cuda::conv::forward(x, w, b, self.p, self.act);
+        };
+        let wc = crate::cuda::Cuda::of(&s.w)?;
+        let bc = s.b.as_ref().map(crate::cuda::Cuda::of).transpose()?;
+        crate::cuda::conv::forward(x, (wc.storage(), wc.layout), bc.as_ref().map(|c| (c.storage(), c.layout)), self.p, self.act)
     }
 
     fn backward(
@@ -170,6 +220,20 @@ impl ConvOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        if let Some(s) = &self.sunk {
+            let (dz, db) = act_bias_bwd(&dy, y, self.act, s.b.is_some(), self.p.format)?;
+            let dx = if x.track_op() {
+                Some(conv_bwd_data(&dz, &s.w, x.dims(), self.p)?)
+            } else {
+                None
+            };
+            let dw = conv_bwd_filter(x, &dz, s.w.dims(), self.p)?;
+            s.grads.add(s.w_id, &self.p.format.filter_to_oihw(&dw)?)?;
+            if let (Some(db), Some(id)) = (db, s.b_id) {
+                s.grads.add(id, &db)?;
+            }
+            return Ok((dx, None, None));
+        }
         let want_b = b.is_some_and(|b| b.track_op());
         let (dz, db) = act_bias_bwd(&dy, y, self.act, want_b, self.p.format)?;
         let dx = if x.track_op() {
@@ -209,7 +273,7 @@ impl CustomOp2 for ConvOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::conv::forward((s1, l1), (s2, l2), None, self.p, self.act)
+        self.cuda((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
@@ -255,7 +319,7 @@ impl CustomOp3 for ConvOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::conv::forward((s1, l1), (s2, l2), Some((s3, l3)), self.p, self.act)
+        self.cuda((s1, l1), (s2, l2), Some((s3, l3)))
     }
 
     fn bwd(

@@ -12,6 +12,7 @@
 //!   elsewhere, where callers keep their plain-op formulation).
 //! - [`Format`]: every op takes NCHW or NHWC ("channels last", cuDNN's native layout on the
 //!   H100; [`preferred_format`] on CUDA) activations.
+//! - [`WeightGrads`]: weight gradients collected by the ops' backward, off candle's graph.
 //! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
 //! - [`retain_freed_memory`]: keep freed CUDA memory cached (candle's pool gives it back at
 //!   every synchronisation otherwise).
@@ -30,6 +31,7 @@ mod elementwise;
 mod format;
 mod memory;
 mod settings;
+mod weight_grads;
 
 pub use adam::{adam_update, AdamOut, AdamStep};
 pub use batch_norm::{batch_norm_relu_train, BnOut};
@@ -41,6 +43,7 @@ pub use conv::{
 pub use elementwise::{add_relu, downsum2x, kernels_on, relu_bwd, upsample_nearest2x};
 pub use format::{preferred_format, Format};
 pub use memory::retain_freed_memory;
+pub use weight_grads::{Active as WeightGradsActive, WeightGrads};
 pub use settings::{set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
 
 /// Drops this thread's cached cuDNN plans and workspaces (all devices). A no-op without `cudnn`.

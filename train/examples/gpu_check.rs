@@ -327,6 +327,44 @@ fn main() -> Result<()> {
         }
     }
 
+    println!("== weight gradients collected off the graph (taesd_ops::WeightGrads) vs the graph's, taef2 encoder+decoder, CUDA");
+    {
+        let cfg = taesd::Variant::Taef2.config();
+        let vm = VarMap::new();
+        let m = taesd::Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let (enc, dec) = (m.encoder.clone().expect("encoder"), m.decoder.clone().expect("decoder"));
+        let x = Tensor::rand(0f32, 1.0, (4, 3, 64, 64), &dev)?;
+        let vars: Vec<(String, Var)> = {
+            let d = vm.data().lock().unwrap();
+            let mut v: Vec<_> = d.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        for dt in [DType::F32, DType::BF16] {
+            let run = |collect: bool| -> Result<Vec<Tensor>> {
+                let wg = taesd_ops::WeightGrads::new();
+                let active = collect.then(|| wg.activate());
+                let z = enc.forward_in(&x, dt)?.to_dtype(DType::F32)?;
+                let y = dec.forward_in(&z, dt)?.to_dtype(DType::F32)?;
+                drop(active);
+                let g = ((&y - &x)?.sqr()?.mean_all()? + z.sqr()?.mean_all()?)?.backward()?;
+                vars.iter()
+                    .map(|(n, v)| g.get(v.as_tensor()).cloned().or_else(|| wg.get(v.as_tensor())).ok_or_else(|| anyhow::anyhow!("no gradient for {n}")))
+                    .collect()
+            };
+            let (a, b) = (run(false)?, run(true)?);
+            let worst = a.iter().zip(&b).map(|(a, b)| rel_err(b, a)).collect::<Result<Vec<_>>>()?.into_iter().fold(0.0, f64::max);
+            // The same kernels either way, but cuDNN's weight-gradient algorithms may sum with
+            // atomics (not bit for bit; in bf16 a rounding of the gradient).
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            let ok = worst <= tol && worst.is_finite();
+            println!("  {:<60} worst rel err {worst:9.2e} over {} tensors {}", format!("{dt:?} collected vs graph"), a.len(), if ok { "ok" } else { "FAIL" });
+            if !ok {
+                c.failures.push(format!("{dt:?} weight gradients collected vs graph: {worst:e}"));
+            }
+        }
+    }
+
     println!("== fused Adam (AMSGrad, AdamW) vs the CPU loop (bit-identical f32 expected)");
     for (amsgrad, decoupled, wd) in [(true, false, 0.0), (false, true, 0.01), (true, false, 0.1)] {
         let n = 100_003;

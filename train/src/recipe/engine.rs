@@ -663,7 +663,12 @@ impl Recipe {
         let mut enc_prop: Option<Proposal> = None;
         if let Some(enc) = &self.encoder {
             if let Some(tr) = &enc.trained {
+                // The ops hand the weights' gradients to `wg`, off candle's graph (taesd_ops::WeightGrads).
+                // (Active during the forward, where the ops capture it.)
+                let wg = taesd_ops::WeightGrads::new();
+                let active = wg.activate();
                 let mut pred = to_f32(&enc.model.forward_in(&images, pc.dtype())?)?;
+                drop(active);
                 let mut target = latents.clone();
                 let m = self.cfg.encoder_margin;
                 if m > 0 {
@@ -680,7 +685,7 @@ impl Recipe {
                     EncoderLoss::L1 => losses::l1(&pred, &target)?,
                 };
                 let grads = loss.backward()?;
-                let g = tr.opt.flat_gradients(&grads)?;
+                let g = tr.opt.flat_gradients_with(&grads, Some(&wg))?;
                 drop(grads);
                 if !g.any() {
                     bail!("the encoder got no gradients");
@@ -705,7 +710,10 @@ impl Recipe {
         let mut coins: Vec<f32> = Vec::new();
         if let Some(dec) = &self.decoder {
             if let Some(tr) = &dec.trained {
+                let dec_wg = taesd_ops::WeightGrads::new();
+                let dec_active = dec_wg.activate();
                 let fake = to_f32(&dec.model.forward_in(&latents, pc.dtype())?)?;
+                drop(dec_active);
                 mark(prof, &self.device, "decoder fwd")?;
                 let fake_d = fake.detach();
                 let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
@@ -736,6 +744,8 @@ impl Recipe {
                     // Exact selection (x * 1 + y * 0), as the reference.
                     let x = (mask.broadcast_mul(&fake_in)? + not_mask.broadcast_mul(&images)?)?;
                     let ctx = (mask.broadcast_mul(&ctx_in)? + not_mask.broadcast_mul(&latents)?)?;
+                    let disc_wg = taesd_ops::WeightGrads::new();
+                    let disc_active = disc_wg.activate();
                     let (scores, new_stats) = Discriminator::forward_with(
                         &gan.cfg,
                         &gan.params(),
@@ -744,6 +754,7 @@ impl Recipe {
                         &pc.compute(&ctx)?,
                         true,
                     )?;
+                    drop(disc_active);
                     let new_stats =
                         new_stats.context("training-mode forward gave no statistics")?;
                     let targets = mask
@@ -752,7 +763,7 @@ impl Recipe {
                         .contiguous()?;
                     let disc_loss = losses::mse(&scores, &targets)?;
                     let grads = disc_loss.backward()?;
-                    let g = gan.opt.flat_gradients(&grads)?;
+                    let g = gan.opt.flat_gradients_with(&grads, Some(&disc_wg))?;
                     drop(grads);
                     if !g.any() {
                         bail!("the discriminator got no gradients");
@@ -834,7 +845,7 @@ impl Recipe {
                 rb.push(Kind::Loss, "decoder_mse", losses::mse(&fake_d, &images)?);
                 if step_idx >= self.cfg.disc_warmup_steps {
                     let grads = total.backward()?;
-                    let g = tr.opt.flat_gradients(&grads)?;
+                    let g = tr.opt.flat_gradients_with(&grads, Some(&dec_wg))?;
                     drop(grads);
                     if !g.any() {
                         bail!("the decoder got no gradients");
@@ -906,7 +917,9 @@ impl Recipe {
         if let (Some(p), Some(enc)) = (enc_prop, self.encoder.as_mut()) {
             let tr = enc.trained.as_mut().expect("a proposal implies training");
             tr.opt.commit(p)?;
-            tr.ema.update(&enc.vars)?;
+            // The committed values as the optimiser's flat buffer: three kernels, not three
+            // per tensor.
+            tr.ema.update_flat(&tr.opt.flat_params()?)?;
         }
         if let (Some((p, stats, plan, fake_d)), Some(gan)) = (disc_commit, self.gan.as_mut()) {
             gan.opt.commit(p)?;
@@ -916,7 +929,7 @@ impl Recipe {
         if let (Some(p), Some(dec)) = (dec_prop, self.decoder.as_mut()) {
             let tr = dec.trained.as_mut().expect("a proposal implies training");
             tr.opt.commit(p)?;
-            tr.ema.update(&dec.vars)?;
+            tr.ema.update_flat(&tr.opt.flat_params()?)?;
         }
         mark(prof, &self.device, "commit (Adam, EMA, replay)")?;
         Ok(report)
@@ -1252,11 +1265,15 @@ impl Recipe {
                 tr.ema.load(ema, ps.ema_updates)?;
             }
             set_vars(vars, &l.raw, "saved weights")?;
+            if let Some(tr) = trained.as_mut() {
+                tr.opt.params_changed();
+            }
         }
         if let (Some((t, stats, opt, replay, ds)), Some(g)) = (disc_load, self.gan.as_mut()) {
             g.opt.set_config(disc_adam(&self.cfg))?;
             g.opt.load_state_tensors(&opt, ds.optimizer_steps)?;
             set_vars(&g.vars, &t, "disc.safetensors")?;
+            g.opt.params_changed();
             g.stats = stats;
             g.replay = replay;
         }

@@ -88,6 +88,10 @@ pub struct Adam {
     /// One fused kernel per update (taesd-ops) instead of the op sequence: `None` = on CUDA
     /// only. Both give the same f32 arithmetic (bit-identical on the CPU, tested).
     fused: Option<bool>,
+    /// The variables' values as one flat buffer, as the last commit wrote them: what
+    /// [`Adam::flat_params`] gives without gathering every variable again (one copy kernel per
+    /// variable). `None` before the first commit and after [`Adam::params_changed`].
+    flat_p: Option<Tensor>,
 }
 
 /// Gradients of an optimiser's variables, flattened into one buffer (zeros where a variable
@@ -113,6 +117,8 @@ impl FlatGrads {
 /// gradient).
 pub struct Proposal {
     pub params: Vec<Tensor>,
+    /// `params` as one flat buffer (they are views of it).
+    flat: Tensor,
     m: Tensor,
     v: Tensor,
     vmax: Option<Tensor>,
@@ -156,6 +162,7 @@ impl Adam {
             vmax,
             t: 0,
             fused: None,
+            flat_p: None,
         })
     }
 
@@ -194,11 +201,23 @@ impl Adam {
 
     /// The flat gradients of this optimiser's variables in `grads`.
     pub fn flat_gradients(&self, grads: &GradStore) -> Result<FlatGrads> {
-        let list: Vec<Option<Tensor>> = self
+        self.flat_gradients_with(grads, None)
+    }
+
+    /// The flat gradients of this optimiser's variables: candle's `grads` plus those the ops
+    /// collected off the graph (`taesd_ops::WeightGrads`), summed where a variable has both.
+    pub fn flat_gradients_with(&self, grads: &GradStore, collected: Option<&taesd_ops::WeightGrads>) -> Result<FlatGrads> {
+        let list = self
             .vars
             .iter()
-            .map(|(_, v)| grads.get(v.as_tensor()).map(|g| g.detach()))
-            .collect();
+            .map(|(_, v)| {
+                let graph = grads.get(v.as_tensor()).map(|g| g.detach());
+                Ok(match (graph, collected.and_then(|c| c.get(v.as_tensor()))) {
+                    (Some(a), Some(b)) => Some((a.to_dtype(DType::F32)? + b)?),
+                    (a, b) => a.or(b),
+                })
+            })
+            .collect::<Result<Vec<Option<Tensor>>>>()?;
         self.flatten(&list)
     }
 
@@ -234,8 +253,12 @@ impl Adam {
         })
     }
 
-    /// The current parameters as one flat buffer (a copy).
-    fn flat_params(&self) -> Result<Tensor> {
+    /// The current parameters as one flat buffer, in the variables' order (not to be
+    /// modified: it may be the last commit's buffer).
+    pub fn flat_params(&self) -> Result<Tensor> {
+        if let Some(p) = &self.flat_p {
+            return Ok(p.clone());
+        }
         let parts = self
             .vars
             .iter()
@@ -340,7 +363,7 @@ impl Adam {
         let params = (0..self.vars.len())
             .map(|i| self.unflat(&p, i))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Proposal { params, m, v, vmax })
+        Ok(Proposal { params, flat: p, m, v, vmax })
     }
 
     /// [`Adam::propose_flat`] from per-variable gradients (aligned with [`Adam::vars`]).
@@ -359,11 +382,18 @@ impl Adam {
         for ((name, var), new) in self.vars.iter().zip(&p.params) {
             var.set(new).with_context(|| format!("writing {name}"))?;
         }
+        self.flat_p = Some(p.flat);
         self.m = p.m;
         self.v = p.v;
         self.vmax = p.vmax;
         self.t += 1;
         Ok(())
+    }
+
+    /// The variables were written other than by [`Adam::commit`] (a resume, an initialisation):
+    /// forget the committed flat buffer.
+    pub fn params_changed(&mut self) {
+        self.flat_p = None;
     }
 
     /// One plain step: propose from `grads` and commit.
@@ -468,6 +498,24 @@ mod tests {
     ///   p2 = p1 - 0.1/0.19 * m / (sqrt(vmax)/sqrt(0.19) + 1e-8)
     /// step 3: m = [0.0335, 0.089, -0.0229], v = [0.03235, 0.442, 0.01771],
     ///   vmax = [0.03235, 0.49 (kept: v fell), 0.01771]; bc1 = bc2 = 0.271
+    /// `flat_params` after a commit is the committed buffer (no gather): it equals the
+    /// variables; after a write elsewhere and `params_changed` it follows the variables again.
+    #[test]
+    fn flat_params_follow_commits_and_external_writes() {
+        let a = var(&[1.0, 2.0]);
+        let b = var(&[-1.0]);
+        let mut opt = Adam::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], AdamConfig::amsgrad(0.1, (0.9, 0.99))).unwrap();
+        let gathered = |a: &Var, b: &Var| Tensor::cat(&[a.as_tensor(), b.as_tensor()], 0).unwrap().to_vec1::<f32>().unwrap();
+        let p = opt.propose(&[Some(t(&[0.5, -0.5])), Some(t(&[1.0]))], 0.1, None).unwrap();
+        opt.commit(p).unwrap();
+        assert!(opt.flat_p.is_some());
+        assert_eq!(opt.flat_params().unwrap().to_vec1::<f32>().unwrap(), gathered(&a, &b));
+        assert_ne!(gathered(&a, &b), vec![1.0, 2.0, -1.0]);
+        a.set(&t(&[7.0, 8.0])).unwrap();
+        opt.params_changed();
+        assert_eq!(opt.flat_params().unwrap().to_vec1::<f32>().unwrap(), vec![7.0, 8.0, b.as_tensor().to_vec1::<f32>().unwrap()[0]]);
+    }
+
     #[test]
     fn amsgrad_matches_pytorch_update_rule() {
         let p = var(&[1.0, -2.0, 0.5]);
