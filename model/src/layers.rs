@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Module, Result, Tensor};
 use taesd_ops::{Act, ConvParams, Format};
-use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
 
@@ -125,15 +125,22 @@ fn conv1x1_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> 
 pub struct MidBlockPool {
     expand: Conv2d,
     norm: GroupNorm,
+    /// The GroupNorm's weight and bias (candle_nn's GroupNorm does not give them out), for
+    /// `taesd_ops::group_norm_relu`.
+    norm_affine: (Tensor, Tensor),
     project: Conv2d,
 }
 
 impl MidBlockPool {
     pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
         let g = c * POOL_EXPANSION;
+        let vn = vb.pp("1");
+        let weight = vn.get_with_hints(g, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vn.get_with_hints(g, "bias", candle_nn::Init::Const(0.0))?;
         Ok(Self {
             expand: conv1x1_no_bias(c, g, vb.pp("0"))?,
-            norm: group_norm(POOL_GROUPS, g, POOL_EPS, vb.pp("1"))?,
+            norm: GroupNorm::new(weight.clone(), bias.clone(), g, POOL_GROUPS, POOL_EPS)?,
+            norm_affine: (weight, bias),
             project: conv1x1_no_bias(g, c, vb.pp("3"))?,
         })
     }
@@ -142,8 +149,17 @@ impl MidBlockPool {
 impl MidBlockPool {
     /// Computes in `x`'s dtype; the GroupNorm runs in its weights' dtype when that differs
     /// (bf16 activations with f32 master weights: normalised in f32, then cast back), on NCHW.
+    /// With taesd-ops on CUDA the GroupNorm + ReLU is `taesd_ops::group_norm_relu` (cuDNN
+    /// statistics, bf16 in and out).
     pub fn forward_in(&self, x: &Tensor, f: Format) -> Result<Tensor> {
-        let h = f.to_nchw(&conv_act(&self.expand, x, false, f)?)?;
+        let h = conv_act(&self.expand, x, false, f)?;
+        if use_ops() {
+            let (w, b) = &self.norm_affine;
+            if let Some(y) = taesd_ops::group_norm_relu(&h, w, b, POOL_GROUPS, POOL_EPS, f)? {
+                return conv_act(&self.project, &y, false, f);
+            }
+        }
+        let h = f.to_nchw(&h)?;
         let w_dt = self.expand.weight().dtype();
         let h = if h.dtype() == w_dt {
             self.norm.forward(&h)?

@@ -34,7 +34,7 @@ mod settings;
 mod weight_grads;
 
 pub use adam::{adam_update, AdamOut, AdamStep};
-pub use batch_norm::{batch_norm_relu_train, BnOut};
+pub use batch_norm::{batch_norm_relu_train, batch_norm_train_act, channel_affine, group_norm_relu, BnOut};
 pub use block::{block, block_on, BlockParams};
 pub use conv::{
     act_bias_bwd, conv2d, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, stock, Act,

@@ -234,6 +234,36 @@ fn main() -> Result<()> {
         println!("  {dt:?} {f:?} BatchNorm+ReLU at 32x64x256x256: forward {ms:.3} ms, forward+backward {bwd:.3} ms");
     }
 
+    println!("== GroupNorm+ReLU (taesd_ops::group_norm_relu) vs candle_nn's GroupNorm + ReLU in f32");
+    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
+        let (n, ch, h, w, groups) = (4, 32, 12, 10, 4);
+        let x0 = Tensor::randn(0.3f32, 1.5, (n, ch, h, w), &Device::Cpu)?.to_dtype(dt)?;
+        let g0 = Tensor::randn(1f32, 0.3, ch, &Device::Cpu)?;
+        let b0 = Tensor::randn(0f32, 0.3, ch, &Device::Cpu)?;
+        let r = Tensor::randn(0f32, 1.0, (n, ch, h, w), &dev)?;
+        let run = |ours: bool| -> Result<Vec<Tensor>> {
+            let x = Var::from_tensor(&x0.to_device(&dev)?)?;
+            let gv = Var::from_tensor(&g0.to_device(&dev)?)?;
+            let bv = Var::from_tensor(&b0.to_device(&dev)?)?;
+            let y = if ours {
+                let y = taesd_ops::group_norm_relu(&f.from_nchw(&x)?, &gv, &bv, groups, 1e-5, f)?
+                    .ok_or_else(|| anyhow::anyhow!("group_norm_relu gave None on CUDA"))?;
+                f.to_nchw(&y)?.to_dtype(DType::F32)?
+            } else {
+                let gn = candle_nn::GroupNorm::new(gv.as_tensor().clone(), bv.as_tensor().clone(), ch, groups, 1e-5)?;
+                gn.forward(&x.to_dtype(DType::F32)?)?.relu()?
+            };
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            Ok(vec![y, g.get(&x).unwrap().clone(), g.get(&gv).unwrap().clone(), g.get(&bv).unwrap().clone()])
+        };
+        let (o, p) = (run(true)?, run(false)?);
+        let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
+        for (i, what) in ["y", "dx", "dgamma", "dbeta"].iter().enumerate() {
+            let got = if dt == DType::F32 { o[i].clone() } else { o[i].to_dtype(DType::F64)? };
+            c.check(&format!("{dt:?} {f:?} GroupNorm+ReLU {what}"), &got, &p[i], tol)?;
+        }
+    }
+
     println!("== upsample 2x, add_relu");
     for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
         let x0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;

@@ -131,9 +131,10 @@ pub(crate) fn forward(
     b: (&CudaStorage, &Layout),
     eps: f64,
     format: Format,
+    act: Act,
 ) -> Result<(CudaStorage, Shape, Tensor, Tensor)> {
     match format {
-        Format::Nchw => by_dtype!(x.0.dtype(), forward_t(x, w, b, eps)),
+        Format::Nchw => by_dtype!(x.0.dtype(), forward_t(x, w, b, eps, act)),
         Format::Nhwc => by_dtype!(x.0.dtype(), bn_forward_cl(x, w, b, eps)),
     }
 }
@@ -143,6 +144,7 @@ fn forward_t<T: Elem>(
     w: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
     eps: f64,
+    act: Act,
 ) -> Result<(CudaStorage, Shape, Tensor, Tensor)> {
     let dev = x.0.device.clone();
     let dims = logical(Format::Nchw, x.1.dims())?;
@@ -187,7 +189,9 @@ fn forward_t<T: Elem>(
             "cudnnBatchNormalizationForwardTraining",
         )?;
     }
-    kernels::bias_act_in::<T>(&dev, &mut y, None, dims, Format::Nchw, Act::Relu)?;
+    if act != Act::None {
+        kernels::bias_act_in::<T>(&dev, &mut y, None, dims, Format::Nchw, act)?;
+    }
     let mean = tensor(mean, &dev, ch);
     let invstd = tensor(invstd, &dev, ch);
     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims.to_vec()), mean, invstd))

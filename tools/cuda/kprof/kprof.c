@@ -9,6 +9,7 @@
  * the PyTorch reference alike, so the two can be compared kernel by kernel.
  *
  *   KPROF_OUT=path       where to write (default kprof.tsv)
+ *   KPROF_GRID=1         key kernels by name and grid size (tells an elementwise kernel's size)
  *   KPROF_LAST_S=secs    only the records that start in the last `secs` seconds of GPU activity
  *                        (skips warm-up: PTX JIT, cuDNN algorithm search); default: all
  *
@@ -29,6 +30,7 @@ typedef struct {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static Rec *recs;
 static size_t n_recs, cap_recs;
+static int by_grid; /* KPROF_GRID set */
 static char **names;
 static size_t n_names, cap_names;
 
@@ -100,7 +102,16 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
       case CUPTI_ACTIVITY_KIND_KERNEL:
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
         CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)r;
-        push(k->name, k->start, k->end);
+        if (by_grid) {
+          /* KPROF_GRID=1: kernels keyed by name and grid size too (an elementwise kernel's grid
+             tells its tensor's size). */
+          char keyed[512];
+          snprintf(keyed, sizeof keyed, "%.400s <%u,%u,%u>", k->name ? k->name : "(unnamed)",
+                   (unsigned)k->gridX, (unsigned)k->gridY, (unsigned)k->gridZ);
+          push(keyed, k->start, k->end);
+        } else {
+          push(k->name, k->start, k->end);
+        }
         break;
       }
       case CUPTI_ACTIVITY_KIND_MEMCPY: {
@@ -191,6 +202,7 @@ static void finish(void) {
 }
 
 int InitializeInjection(void) {
+  by_grid = getenv("KPROF_GRID") != NULL;
   if (cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed) != CUPTI_SUCCESS) {
     fprintf(stderr, "kprof: cuptiActivityRegisterCallbacks failed\n");
     return 0;

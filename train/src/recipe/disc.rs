@@ -342,25 +342,12 @@ fn channel_sum(x: &Tensor, f: Format) -> Result<Tensor> {
     })
 }
 
-/// `act(x * scale[c] + shift[c])` as one taesd-ops 1x1 convolution with the diagonal weight
-/// `diag(scale)` and bias `shift`. candle's broadcast ops over full-size activations run a strided
-/// kernel ~5x slower than a contiguous one and reduce over (N, H, W) in their backward; the
-/// conv's backward is cuDNN plus one bias-gradient kernel. The products are exact (one nonzero
-/// term per output) with f32 FMA math and on the CPU.
-fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act, f: Format) -> Result<Tensor> {
-    let c = scale.dim(0)?;
-    let w = Tensor::eye(c, scale.dtype(), scale.device())?
-        .broadcast_mul(&scale.reshape((c, 1))?)?
-        .reshape((c, c, 1, 1))?;
-    Ok(taesd_ops::conv2d_act(x, &w, Some(shift), ConvParams::new(1, 0).with_format(f), act)?)
-}
-
 /// Training-mode BatchNorm over (N, H, W), then `act`: returns the output (in `x`'s dtype) and
 /// the new running mean and variance (detached). With a ReLU on CUDA: cuDNN's BatchNorm
 /// (`taesd_ops::batch_norm_relu_train`, statistics in f32 for any input dtype). Elsewhere the
 /// plain ops, on an f32 copy of half-precision input ([`stat_dtype`]): two-pass statistics (mean,
 /// then the mean square of `x - mean`) as PyTorch; the centring and the affine map are
-/// [`channel_affine`]s.
+/// `taesd_ops::channel_affine`s.
 #[allow(clippy::too_many_arguments)]
 fn batch_norm_train(
     x: &Tensor,
@@ -388,10 +375,10 @@ fn batch_norm_train(
     let x = &x.to_dtype(stat_dtype(dt))?;
     let mean = channel_sum(x, f)?.affine(1.0 / n, 0.0)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
-    let xc = channel_affine(x, &ones, &mean.neg()?, Act::None, f)?;
+    let xc = taesd_ops::channel_affine(x, &ones, &mean.neg()?, Act::None, f)?;
     let var = channel_sum(&xc.sqr()?, f)?.affine(1.0 / n, 0.0)?;
     let scale = (var.affine(1.0, eps)?.sqrt()?.recip()? * weight)?;
-    let y = channel_affine(&xc, &scale, bias, act, f)?.to_dtype(dt)?;
+    let y = taesd_ops::channel_affine(&xc, &scale, bias, act, f)?.to_dtype(dt)?;
     let (new_mean, new_var) = running_update(running_mean, running_var, &mean, &var, n, momentum)?;
     Ok((y, new_mean, new_var))
 }
