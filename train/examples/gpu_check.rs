@@ -257,8 +257,15 @@ fn main() -> Result<()> {
             Ok(vec![y, g.get(&x).unwrap().clone(), g.get(&gv).unwrap().clone(), g.get(&bv).unwrap().clone()])
         };
         let (o, p) = (run(true)?, run(false)?);
-        let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
         for (i, what) in ["y", "dx", "dgamma", "dbeta"].iter().enumerate() {
+            // bf16: ours rounds the normalised values to bf16 before the affine map and the
+            // ReLU, the reference does not; the gradients pass through ReLU masks that flip
+            // within that rounding of 0 (as the block's, judged the same way).
+            let tol = match (dt, i) {
+                (DType::F32, _) => 1e-4,
+                (_, 0) => 2e-2,
+                _ => 5e-2,
+            };
             let got = if dt == DType::F32 { o[i].clone() } else { o[i].to_dtype(DType::F64)? };
             c.check(&format!("{dt:?} {f:?} GroupNorm+ReLU {what}"), &got, &p[i], tol)?;
         }
