@@ -2,7 +2,9 @@
 //! graph's own: equal bit for bit for every parameter, encoder and decoder, f32 and bf16
 //! activations, NCHW and NHWC, on the CPU; and none of the collected weights is left in the graph.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use taesd::{Taesd, Variant};
 use taesd_ops::{Format, WeightGrads};
@@ -15,12 +17,7 @@ fn collected_weight_gradients_equal_the_graphs() {
         let m = Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let (enc, dec) = (m.encoder.clone().unwrap(), m.decoder.clone().unwrap());
         let x = Tensor::rand(0f32, 1.0, (2, 3, 32, 40), &Device::Cpu).unwrap();
-        let vars: Vec<(String, Var)> = {
-            let d = vm.data().lock().unwrap();
-            let mut v: Vec<_> = d.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
+        let vars = common::sorted_vars(&vm);
         for dt in [DType::F32, DType::BF16] {
             for f in [Format::Nchw, Format::Nhwc] {
                 let run = |collect: bool| {
