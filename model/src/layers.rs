@@ -65,8 +65,10 @@ pub fn use_ops() -> bool {
 pub fn conv_act(c: &Conv2d, x: &Tensor, relu: bool, f: Format) -> Result<Tensor> {
     let cfg = c.config();
     if !use_ops() || cfg.dilation != 1 || cfg.groups != 1 {
-        let y = f.from_nchw(&c.forward(&f.to_nchw(x)?)?)?;
-        return if relu { y.relu() } else { Ok(y) };
+        return taesd_ops::outside(x, |x| {
+            let y = f.from_nchw(&c.forward(&f.to_nchw(x)?)?)?;
+            if relu { y.relu() } else { Ok(y) }
+        });
     }
     let act = if relu { Act::Relu } else { Act::None };
     taesd_ops::conv2d_act(
@@ -91,7 +93,7 @@ fn upsample2x(x: &Tensor, f: Format) -> Result<Tensor> {
         taesd_ops::upsample_nearest2x(x, f)
     } else {
         let (_, _, h, w) = x.dims4()?;
-        f.from_nchw(&f.to_nchw(x)?.upsample_nearest2d(h * 2, w * 2)?)
+        taesd_ops::outside(x, |x| f.from_nchw(&f.to_nchw(x)?.upsample_nearest2d(h * 2, w * 2)?))
     }
 }
 
@@ -212,8 +214,9 @@ impl Block {
     pub fn forward_in(&self, x: &Tensor, f: Format) -> Result<Tensor> {
         let pooled;
         let x = match &self.pool {
+            // candle's add and GroupNorm: on the graph (between taped runs).
             Some(pool) => {
-                pooled = (x + pool.forward_in(x, f)?)?;
+                pooled = taesd_ops::outside(x, |x| x + pool.forward_in(x, f)?)?;
                 &pooled
             }
             None => x,
@@ -286,9 +289,9 @@ impl Layer {
         match self {
             Layer::Conv(c) => conv_act(c, x, false, f),
             Layer::Block(b) => b.forward_in(x, f),
-            Layer::Relu => x.relu(),
+            Layer::Relu => taesd_ops::outside(x, |x| x.relu()),
             Layer::Upsample => upsample2x(x, f),
-            Layer::Clamp => latent_clamp(x),
+            Layer::Clamp => taesd_ops::outside(x, latent_clamp),
         }
     }
 }
@@ -331,19 +334,27 @@ impl Sequential {
 impl Sequential {
     /// NCHW `x` -> NCHW output, the layers running on activations in `f` (one conversion at each
     /// end; values equal NCHW's, bit for bit on the CPU).
+    ///
+    /// While taping is on (`taesd_ops::enable_taping`, in training) the layers run as taped
+    /// runs of taesd-ops (`taesd_ops::taped`): one graph node each instead of one per op.
     pub fn forward_in_format(&self, x: &Tensor, f: Format) -> Result<Tensor> {
-        let mut h = f.from_nchw(x)?;
-        let mut i = 0;
-        while i < self.layers.len() {
-            // conv -> ReLU: one fused op.
-            if let (Layer::Conv(c), Some(Layer::Relu)) = (&self.layers[i], self.layers.get(i + 1)) {
-                h = conv_act(c, &h, true, f)?;
-                i += 2;
-                continue;
+        let layers = |x: &Tensor| -> Result<Tensor> {
+            let mut h = x.clone();
+            let mut i = 0;
+            while i < self.layers.len() {
+                // conv -> ReLU: one fused op.
+                if let (Layer::Conv(c), Some(Layer::Relu)) = (&self.layers[i], self.layers.get(i + 1)) {
+                    h = conv_act(c, &h, true, f)?;
+                    i += 2;
+                    continue;
+                }
+                h = self.layers[i].forward_in(&h, f)?;
+                i += 1;
             }
-            h = self.layers[i].forward_in(&h, f)?;
-            i += 1;
-        }
+            Ok(h)
+        };
+        let h = f.from_nchw(x)?;
+        let h = if use_ops() { taesd_ops::taped(&h, layers)? } else { layers(&h)? };
         f.to_nchw(&h)
     }
 }

@@ -163,10 +163,27 @@ impl CustomOp3 for BnReluOp {
 /// term per output) with f32 FMA math and on the CPU.
 pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act, format: Format) -> Result<Tensor> {
     let c = scale.dim(0)?;
-    let w = Tensor::eye(c, scale.dtype(), scale.device())?
+    let w = identity(c, scale.dtype(), scale.device())?
         .broadcast_mul(&scale.reshape((c, 1))?)?
         .reshape((c, c, 1, 1))?;
     conv2d_act(x, &w, Some(shift), ConvParams::new(1, 0).with_format(format), act)
+}
+
+/// The `c x c` identity, made once per size, dtype and device on this thread (`Tensor::eye`
+/// uploads an index vector from the host on every call).
+fn identity(c: usize, dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<Tensor>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(t) = cache.iter().find(|t| t.dim(0).ok() == Some(c) && t.dtype() == dtype && t.device().same_device(device)) {
+            return Ok(t.clone());
+        }
+        let t = Tensor::eye(c, dtype, device)?;
+        cache.push(t.clone());
+        Ok(t)
+    })
 }
 
 /// `relu(group_norm(x) * gamma[c] + beta[c])` with `groups` groups (PyTorch's GroupNorm: biased

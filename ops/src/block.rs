@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
+use crate::tape;
 use crate::conv::{act_bias_bwd, conv_bwd_data, conv_bwd_filter, conv_op, fast_device, Act, ConvParams};
 use crate::format::Format;
 use crate::weight_grads::{collector_for, WeightGrads};
@@ -70,6 +71,11 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
     let weights: Vec<&Tensor> = p.convs.iter().map(|(w, _)| *w).chain(p.skip).collect();
     let biases = [p.convs[0].1, p.convs[1].1, p.convs[2].1];
     let grads = collector_for(&weights.iter().chain(&biases).copied().collect::<Vec<_>>());
+    let taping = tape::is_open();
+    if taping && grads.is_none() && weights.iter().chain(&biases).any(|w| w.track_op()) {
+        // Weights whose gradients go through the graph: not recordable on a tape.
+        return tape::outside(x, |x| block(x, p));
+    }
     let src = |t: &Tensor| if grads.is_some() { t.detach() } else { t.clone() };
     // Pack in the weights' dtype and the format's filter layout, then one cast: the graph keeps
     // the cast's and the pack's backward (gradients in the weights' dtype), as conv2d_act's
@@ -90,13 +96,27 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         Some(ws) => conv_op(&xd, ws, None, p1(f), Act::None)?,
         None => xd.clone(),
     };
-    if !(x.track_op() || wpack.track_op() || bpack.track_op() || grads.is_some()) {
+    if !(taping || x.track_op() || wpack.track_op() || bpack.track_op() || grads.is_some()) {
         // No graph (inference): nothing to keep for a backward.
         drop((h0, h1));
         return add_relu(&h2, &s);
     }
     let x = x.contiguous()?;
     let (wd, bd) = (wpack.detach(), bpack.detach());
+    if taping {
+        // On the tape: the op's inputs are the variables standing in for the weights (sunk) or
+        // the detached packs; its forward reads only the kept intermediates.
+        let (a, b) = match &grads {
+            Some(_) => (weights[0].clone(), biases[0].clone()),
+            None => (wd.clone(), bd.clone()),
+        };
+        let sunk = grads.map(|g| (g, weights.iter().map(|w| w.id()).collect(), biases.map(|b| b.id()).to_vec()));
+        let op = Arc::new(BlockOp { layout, saved: Saved { h0, h1, h2, s }, packs: (wd, bd), sunk });
+        let y = x.apply_op3_no_bwd(&a, &b, op.as_ref())?;
+        let (xs, ys) = (x.clone(), y.clone());
+        tape::record("block", &[&x], &[&a, &b], &y, Box::new(move |dy, want| Ok(vec![op.backward(&xs, want[0], false, &ys, dy)?.0])))?;
+        return Ok(y);
+    }
     match grads {
         Some(grads) => {
             // The first conv's variables stand in for the weights (they get no gradient).
@@ -193,7 +213,15 @@ impl CustomOp3 for BlockOp {
     }
 
     fn bwd(&self, x: &Tensor, wpack: &Tensor, bpack: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (want_x, want_w) = (x.track_op(), self.sunk.is_some() || wpack.track_op() || bpack.track_op());
+        self.backward(x, x.track_op(), wpack.track_op() || bpack.track_op(), y, dy)
+    }
+}
+
+impl BlockOp {
+    /// `want_x`: whether `x`'s gradient is wanted; `want_packs`: the packed weights' (when not
+    /// sunk). Sunk weights' gradients always go to the collector.
+    fn backward(&self, x: &Tensor, want_x: bool, want_packs: bool, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want_w = self.sunk.is_some() || want_packs;
         if !want_x && !want_w {
             return Ok((None, None, None));
         }

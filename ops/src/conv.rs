@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result
 
 use crate::cpu;
 use crate::format::{via_nchw, Format};
+use crate::tape;
 use crate::weight_grads::{collector_for, WeightGrads};
 
 /// The activation fused after the bias.
@@ -95,7 +96,14 @@ pub fn conv2d_act(
             t.to_dtype(dt)?.contiguous()
         }
     };
-    if p.format == Format::Nhwc && x.device().is_cuda() && (c_in % 8 != 0 || c_out % 8 != 0) {
+    let ws: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
+    let padded = p.format == Format::Nhwc && x.device().is_cuda() && (c_in % 8 != 0 || c_out % 8 != 0);
+    if tape::is_open() && (padded || !fast_device(x.device()) || (collector_for(&ws).is_none() && ws.iter().any(|w| w.track_op()))) {
+        // Not recordable on a tape (padding or candle's ops; or weights whose gradients go
+        // through the graph): on the graph, between taped runs.
+        return tape::outside(x, |x| conv2d_act(x, w, b, p, act));
+    }
+    if padded {
         // cuDNN's NHWC tensor-core kernels take channel counts in multiples of 8; others ran
         // generic kernels 5-20x slower (H100: the discriminator's 35-channel input conv and its
         // 1-channel projections, 10 ms of a step). Zero channels are appended to the input and
@@ -111,9 +119,8 @@ pub fn conv2d_act(
     if !fast_device(x.device()) {
         return stock(&x, &cast(w)?, b.map(cast).transpose()?.as_ref(), p, act);
     }
-    let ws: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
-    match collector_for(&ws) {
-        None => conv_op(&x, &cast(&p.format.filter(w)?)?, b.map(cast).transpose()?.as_ref(), p, act),
+    let (op, w, b) = match collector_for(&ws) {
+        None => (ConvOp { p, act, sunk: None }, cast(&p.format.filter(w)?)?, b.map(cast).transpose()?),
         Some(grads) => {
             // The weights off the graph (crate::weight_grads): the op computes with detached
             // copies and keeps the variables as inputs that get no gradient.
@@ -124,12 +131,23 @@ pub fn conv2d_act(
                 b_id: b.map(|b| b.id()),
                 grads,
             };
-            let op = ConvOp { p, act, sunk: Some(sunk) };
-            match b {
-                Some(b) => x.apply_op3_arc(w, b, Arc::new(Box::new(op))),
-                None => x.apply_op2_arc(w, Arc::new(Box::new(op))),
-            }
+            (ConvOp { p, act, sunk: Some(sunk) }, w.clone(), b.cloned())
         }
+    };
+    if tape::is_open() {
+        let op = Arc::new(op);
+        let y = match &b {
+            Some(b) => x.apply_op3_no_bwd(&w, b, op.as_ref())?,
+            None => x.apply_op2_no_bwd(&w, op.as_ref())?,
+        };
+        let ws: Vec<&Tensor> = std::iter::once(&w).chain(&b).collect();
+        let (xs, ys, wk, bk) = (x.clone(), y.clone(), w.clone(), b.clone());
+        tape::record("conv2d", &[&x], &ws, &y, Box::new(move |dy, want| Ok(vec![op.backward(&xs, &wk, bk.as_ref(), &ys, dy, want[0])?.0])))?;
+        return Ok(y);
+    }
+    match b {
+        Some(b) => x.apply_op3_arc(&w, &b, Arc::new(Box::new(op))),
+        None => x.apply_op2_arc(&w, Arc::new(Box::new(op))),
     }
 }
 
@@ -211,6 +229,7 @@ impl ConvOp {
         crate::cuda::conv::forward(x, (wc.storage(), wc.layout), bc.as_ref().map(|c| (c.storage(), c.layout)), self.p, self.act)
     }
 
+    /// `want_x`: whether `x`'s gradient is wanted (the graph's `x.track_op()`; a tape says).
     fn backward(
         &self,
         x: &Tensor,
@@ -218,11 +237,12 @@ impl ConvOp {
         b: Option<&Tensor>,
         y: &Tensor,
         dy: &Tensor,
+        want_x: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         if let Some(s) = &self.sunk {
             let (dz, db) = act_bias_bwd(&dy, y, self.act, s.b.is_some(), self.p.format)?;
-            let dx = if x.track_op() {
+            let dx = if want_x {
                 Some(conv_bwd_data(&dz, &s.w, x.dims(), self.p)?)
             } else {
                 None
@@ -236,7 +256,7 @@ impl ConvOp {
         }
         let want_b = b.is_some_and(|b| b.track_op());
         let (dz, db) = act_bias_bwd(&dy, y, self.act, want_b, self.p.format)?;
-        let dx = if x.track_op() {
+        let dx = if want_x {
             Some(conv_bwd_data(&dz, w, x.dims(), self.p)?)
         } else {
             None
@@ -283,7 +303,7 @@ impl CustomOp2 for ConvOp {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, None, y, dy)?;
+        let (dx, dw, _) = self.backward(x, w, None, y, dy, x.track_op())?;
         Ok((dx, dw))
     }
 }
@@ -330,7 +350,7 @@ impl CustomOp3 for ConvOp {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, Some(b), y, dy)
+        self.backward(x, w, Some(b), y, dy, x.track_op())
     }
 }
 

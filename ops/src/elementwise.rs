@@ -5,6 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result
 
 use crate::cpu;
 use crate::format::{via_nchw, Format};
+use crate::tape;
 
 /// `relu(a + b)` (same shapes), one kernel; the backward is one kernel too
 /// (`dy * (out > 0)`, given to both inputs).
@@ -18,7 +19,14 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !kernels_on(a.device()) {
         return (a + b)?.relu();
     }
-    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    if tape::is_open() {
+        let y = a.apply_op2_no_bwd(&b, &AddRelu)?;
+        let ys = y.clone();
+        tape::record("add_relu", &[&a, &b], &[], &y, Box::new(move |dy, want| AddRelu::backward(dy, &ys, want[0], want[1])))?;
+        return Ok(y);
+    }
+    a.apply_op2(&b, AddRelu)
 }
 
 /// Nearest-neighbour 2x upsampling of an activation in `format`. Its backward sums each 2x2
@@ -29,7 +37,13 @@ pub fn upsample_nearest2x(x: &Tensor, format: Format) -> Result<Tensor> {
     if !kernels_on(x.device()) {
         return via_nchw(format, &[x], |x| x[0].upsample_nearest2d(2 * h, 2 * w));
     }
-    x.contiguous()?.apply_op1(Upsample2x { format })
+    let x = x.contiguous()?;
+    if tape::is_open() {
+        let y = x.apply_op1_no_bwd(&Upsample2x { format })?;
+        tape::record("upsample_nearest2x", &[&x], &[], &y, Box::new(move |dy, want| Ok(vec![want[0].then(|| downsum2x(dy, format)).transpose()?])))?;
+        return Ok(y);
+    }
+    x.apply_op1(Upsample2x { format })
 }
 
 /// Whether our kernels exist for this device.
@@ -79,11 +93,19 @@ impl CustomOp2 for AddRelu {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !a.track_op() && !b.track_op() {
-            return Ok((None, None));
+        let mut g = AddRelu::backward(dy, y, a.track_op(), b.track_op())?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten()))
+    }
+}
+
+impl AddRelu {
+    /// The inputs' gradients (both `dy * (y > 0)`), where wanted.
+    fn backward(dy: &Tensor, y: &Tensor, want_a: bool, want_b: bool) -> Result<Vec<Option<Tensor>>> {
+        if !want_a && !want_b {
+            return Ok(vec![None, None]);
         }
         let d = relu_bwd(&dy.contiguous()?, y)?;
-        Ok((a.track_op().then(|| d.clone()), b.track_op().then_some(d)))
+        Ok(vec![want_a.then(|| d.clone()), want_b.then_some(d)])
     }
 }
 

@@ -13,9 +13,11 @@
 //! - [`Format`]: every op takes NCHW or NHWC ("channels last", cuDNN's native layout on the
 //!   H100; [`preferred_format`] on CUDA) activations.
 //! - [`WeightGrads`]: weight gradients collected by the ops' backward, off candle's graph.
+//! - [`taped`]: a run of these ops as one graph node (activation gradients off candle's graph;
+//!   [`outside`] for candle's own ops inside a run).
 //! - [`adam_update`]: one fused Adam / AMSGrad / AdamW update over flat f32 buffers.
-//! - [`retain_freed_memory`]: keep freed CUDA memory cached (candle's pool gives it back at
-//!   every synchronisation otherwise).
+//! - [`tune_device`]: a CUDA device set up for training (freed memory kept cached, no
+//!   per-allocation events).
 //!
 //! Features: `cuda` (our PTX kernels: bias/ReLU, upsample, Adam), `cudnn` (conv2d through cuDNN;
 //! without it conv2d on CUDA uses candle's stock ops). Other devices use candle's stock ops.
@@ -29,8 +31,9 @@ mod cpu;
 mod cuda;
 mod elementwise;
 mod format;
-mod memory;
+mod device;
 mod settings;
+mod tape;
 mod weight_grads;
 
 pub use adam::{adam_update, AdamOut, AdamStep};
@@ -42,7 +45,8 @@ pub use conv::{
 };
 pub use elementwise::{add_relu, downsum2x, kernels_on, relu_bwd, upsample_nearest2x};
 pub use format::{preferred_format, Format};
-pub use memory::retain_freed_memory;
+pub use device::tune_device;
+pub use tape::{enable_taping, outside, taped, Taping};
 pub use weight_grads::{Active as WeightGradsActive, WeightGrads};
 pub use settings::{set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
 

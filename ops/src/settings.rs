@@ -42,6 +42,10 @@ pub struct Settings {
     /// default; the environment variable `TAESD_CHANNELS_LAST=0` starts a process with it off
     /// (an A/B switch for shipped binaries).
     pub channels_last: bool,
+    /// Runs of taesd-ops as one graph node in training ([`crate::taped`]: no zero-filled
+    /// gradient buffer and add per activation). On by default; `TAESD_TAPE=0` starts a process
+    /// with it off (an A/B switch).
+    pub tape: bool,
 }
 
 impl Default for Settings {
@@ -52,6 +56,7 @@ impl Default for Settings {
             workspace_limit: DEFAULT_WORKSPACE_LIMIT,
             deterministic: false,
             channels_last: std::env::var("TAESD_CHANNELS_LAST").map_or(true, |v| v != "0"),
+            tape: std::env::var("TAESD_TAPE").map_or(true, |v| v != "0"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Times our training step (train::recipe::Recipe::step) on CUDA, for bench/gpu_train_step.sh.
 //!
 //! `gpu_bench --size 256 --batch 32 --recipe full|decoder [--steps 10] [--warmup 3]
-//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N] [--release-pool]
+//!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N] [--untuned-device]
 //!  [--algo heuristic|benchmark] [--workspace-mib N]`
 //! full: encoder MSE + decoder GAN (patch discriminator, replay, correction) + low-res MSE;
 //! decoder: decoder-only full-res MSE. `--precision`: the step's arithmetic
@@ -98,10 +98,11 @@ fn main() -> Result<()> {
     }
     // `--cpu`: a smoke run of this program on the CPU (tiny sizes).
     let dev = if args.iter().any(|a| a == "--cpu") { Device::Cpu } else { Device::new_cuda(0)? };
-    // As `train` does (train::device::open); `--release-pool`: the driver's default instead.
-    let retain = !args.iter().any(|a| a == "--release-pool");
-    if retain {
-        taesd_ops::retain_freed_memory(&dev)?;
+    // As `train` does (train::device::open); `--untuned-device`: the driver's and cudarc's
+    // defaults instead (freed memory released at each synchronisation, events per allocation).
+    let tuned = !args.iter().any(|a| a == "--untuned-device");
+    if tuned {
+        taesd_ops::tune_device(&dev)?;
     }
     let _ = Tensor::zeros(1, candle_core::DType::F32, &dev)?;
     dev.synchronize()?;
@@ -166,7 +167,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": if stock { "candle-stock" } else { "ours" },
-            "retain_pool": retain,
+            "tuned_device": tuned,
             "mode": if precision == Precision::F32 { "fp32" } else { precision.name() },
             "recipe": recipe_kind, "size": size, "batch": batch, "steps": n,
             "ms_per_step": dt * 1e3, "images_per_s": batch as f64 / dt,

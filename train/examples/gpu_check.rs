@@ -161,7 +161,7 @@ fn conv_case(
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let dev = Device::new_cuda(0)?;
-    taesd_ops::retain_freed_memory(&dev)?;
+    taesd_ops::tune_device(&dev)?;
     println!("taesd-ops GPU check on {:?}; cudnn feature: {}", dev, cfg!(feature = "cudnn"));
     taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);
     let mut c = Checker { failures: vec![] };
@@ -364,7 +364,7 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("== weight gradients collected off the graph (taesd_ops::WeightGrads) vs the graph's, taef2 encoder+decoder, CUDA");
+    println!("== weight gradients collected off the graph (taesd_ops::WeightGrads), and with taped runs (taesd_ops::taped), vs the graph's, taef2 encoder+decoder, CUDA");
     {
         let cfg = taesd::Variant::Taef2.config();
         let vm = VarMap::new();
@@ -378,26 +378,29 @@ fn main() -> Result<()> {
             v
         };
         for dt in [DType::F32, DType::BF16] {
-            let run = |collect: bool| -> Result<Vec<Tensor>> {
+            let run = |collect: bool, tape: bool| -> Result<Vec<Tensor>> {
                 let wg = taesd_ops::WeightGrads::new();
                 let active = collect.then(|| wg.activate());
+                let taping = tape.then(taesd_ops::enable_taping);
                 let z = enc.forward_in(&x, dt)?.to_dtype(DType::F32)?;
                 let y = dec.forward_in(&z, dt)?.to_dtype(DType::F32)?;
-                drop(active);
+                drop((active, taping));
                 let g = ((&y - &x)?.sqr()?.mean_all()? + z.sqr()?.mean_all()?)?.backward()?;
                 vars.iter()
                     .map(|(n, v)| g.get(v.as_tensor()).cloned().or_else(|| wg.get(v.as_tensor())).ok_or_else(|| anyhow::anyhow!("no gradient for {n}")))
                     .collect()
             };
-            let (a, b) = (run(false)?, run(true)?);
-            let worst = a.iter().zip(&b).map(|(a, b)| rel_err(b, a)).collect::<Result<Vec<_>>>()?.into_iter().fold(0.0, f64::max);
-            // The same kernels either way, but cuDNN's weight-gradient algorithms may sum with
-            // atomics (not bit for bit; in bf16 a rounding of the gradient).
-            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
-            let ok = worst <= tol && worst.is_finite();
-            println!("  {:<60} worst rel err {worst:9.2e} over {} tensors {}", format!("{dt:?} collected vs graph"), a.len(), if ok { "ok" } else { "FAIL" });
-            if !ok {
-                c.failures.push(format!("{dt:?} weight gradients collected vs graph: {worst:e}"));
+            let a = run(false, false)?;
+            for (what, b) in [("collected", run(true, false)?), ("collected + taped", run(true, true)?)] {
+                let worst = a.iter().zip(&b).map(|(a, b)| rel_err(&b, a)).collect::<Result<Vec<_>>>()?.into_iter().fold(0.0, f64::max);
+                // The same kernels either way, but cuDNN's weight-gradient algorithms may sum with
+                // atomics (not bit for bit; in bf16 a rounding of the gradient).
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+                let ok = worst <= tol && worst.is_finite();
+                println!("  {:<60} worst rel err {worst:9.2e} over {} tensors {}", format!("{dt:?} {what} vs graph"), a.len(), if ok { "ok" } else { "FAIL" });
+                if !ok {
+                    c.failures.push(format!("{dt:?} weight gradients {what} vs graph: {worst:e}"));
+                }
             }
         }
     }

@@ -42,7 +42,7 @@ pub fn open(s: &str) -> Result<Device> {
             if cuda_compiled() {
                 match Device::new_cuda(0) {
                     Ok(d) => {
-                        taesd_ops::retain_freed_memory(&d).context("cuda:0: memory pool")?;
+                        taesd_ops::tune_device(&d).context("cuda:0: setting up the allocator")?;
                         return Ok(d);
                     }
                     Err(e) => tracing::warn!("--device auto: CUDA device 0 did not open ({e}); using the CPU"),
@@ -64,7 +64,7 @@ fn open_cuda(i: usize) -> Result<Device> {
     }
     match Device::new_cuda(i) {
         Ok(d) => {
-            taesd_ops::retain_freed_memory(&d).with_context(|| format!("--device cuda:{i}: memory pool"))?;
+            taesd_ops::tune_device(&d).with_context(|| format!("--device cuda:{i}: setting up the allocator"))?;
             Ok(d)
         }
         Err(candle_core::Error::NotCompiledWithCudaSupport) => {

@@ -658,6 +658,8 @@ impl Recipe {
         let rng_before = self.rng.clone();
         let mut rb = Readback::default();
         let pc = self.precision;
+        // The models' layers as taped runs: one graph node each (taesd_ops::taped).
+        let _taping = taesd_ops::enable_taping();
 
         // 1. Encoder.
         let mut enc_prop: Option<Proposal> = None;
