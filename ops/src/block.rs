@@ -113,8 +113,8 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         let sunk = grads.map(|g| (g, weights.iter().map(|w| w.id()).collect(), biases.map(|b| b.id()).to_vec()));
         let op = Arc::new(BlockOp { layout, saved: Saved { h0, h1, h2, s }, packs: (wd, bd), sunk });
         let y = x.apply_op3_no_bwd(&a, &b, op.as_ref())?;
-        let (xs, ys) = (x.clone(), y.clone());
-        tape::record("block", &[&x], &[&a, &b], &y, Box::new(move |dy, want| Ok(vec![op.backward(&xs, want[0], false, &ys, dy)?.0])))?;
+        let xs = x.clone();
+        tape::record("block", &[&x], &[&a, &b], &y, Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, want[0], false, y, dy)?.0])))?;
         return Ok(y);
     }
     match grads {

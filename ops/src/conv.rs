@@ -141,8 +141,8 @@ pub fn conv2d_act(
             None => x.apply_op2_no_bwd(&w, op.as_ref())?,
         };
         let ws: Vec<&Tensor> = std::iter::once(&w).chain(&b).collect();
-        let (xs, ys, wk, bk) = (x.clone(), y.clone(), w.clone(), b.clone());
-        tape::record("conv2d", &[&x], &ws, &y, Box::new(move |dy, want| Ok(vec![op.backward(&xs, &wk, bk.as_ref(), &ys, dy, want[0])?.0])))?;
+        let (xs, wk, bk) = (x.clone(), w.clone(), b.clone());
+        tape::record("conv2d", &[&x], &ws, &y, Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, &wk, bk.as_ref(), y, dy, want[0])?.0])))?;
         return Ok(y);
     }
     match b {

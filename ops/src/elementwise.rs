@@ -22,8 +22,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     if tape::is_open() {
         let y = a.apply_op2_no_bwd(&b, &AddRelu)?;
-        let ys = y.clone();
-        tape::record("add_relu", &[&a, &b], &[], &y, Box::new(move |dy, want| AddRelu::backward(dy, &ys, want[0], want[1])))?;
+        tape::record("add_relu", &[&a, &b], &[], &y, Box::new(|y, dy, want| AddRelu::backward(dy, y, want[0], want[1])))?;
         return Ok(y);
     }
     a.apply_op2(&b, AddRelu)
@@ -40,7 +39,7 @@ pub fn upsample_nearest2x(x: &Tensor, format: Format) -> Result<Tensor> {
     let x = x.contiguous()?;
     if tape::is_open() {
         let y = x.apply_op1_no_bwd(&Upsample2x { format })?;
-        tape::record("upsample_nearest2x", &[&x], &[], &y, Box::new(move |dy, want| Ok(vec![want[0].then(|| downsum2x(dy, format)).transpose()?])))?;
+        tape::record("upsample_nearest2x", &[&x], &[], &y, Box::new(move |_, dy, want| Ok(vec![want[0].then(|| downsum2x(dy, format)).transpose()?])))?;
         return Ok(y);
     }
     x.apply_op1(Upsample2x { format })

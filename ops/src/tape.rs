@@ -24,19 +24,22 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, TensorId};
 
 use crate::settings::settings;
 
-/// An op's backward on the tape: the output's gradient and, per activation input, whether its
-/// gradient is wanted -> the activation inputs' gradients.
-pub(crate) type Backward = Box<dyn Fn(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+/// An op's backward on the tape: its output, the output's gradient and, per activation input,
+/// whether its gradient is wanted -> the activation inputs' gradients.
+pub(crate) type Backward = Box<dyn Fn(&Tensor, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
 
 struct Entry {
     inputs: Vec<TensorId>,
     output: TensorId,
+    /// The output, for the backward; `None` for the run's last op, whose output is the graph
+    /// node's (the node's forward copies it, and the original is freed).
+    y: Option<Tensor>,
     backward: Backward,
 }
 
@@ -137,6 +140,7 @@ pub(crate) fn record(name: &str, acts: &[&Tensor], weights: &[&Tensor], out: &Te
         seg.entries.push(Entry {
             inputs: acts.iter().map(|a| a.id()).collect(),
             output: out.id(),
+            y: Some(out.clone()),
             backward,
         });
         Ok(())
@@ -145,7 +149,7 @@ pub(crate) fn record(name: &str, acts: &[&Tensor], weights: &[&Tensor], out: &Te
 
 impl Segment {
     /// The graph tensor equal to `h`, the run's result.
-    fn close(self, h: &Tensor) -> Result<Tensor> {
+    fn close(mut self, h: &Tensor) -> Result<Tensor> {
         if h.id() == self.input {
             return Ok(self.graph_input);
         }
@@ -157,11 +161,15 @@ impl Segment {
             // Nothing in it needs a gradient.
             return Ok(h.clone());
         }
+        if let Some(last) = self.entries.last_mut() {
+            last.y = None;
+        }
         let node = TapeNode {
             entries: self.entries,
             input: self.input,
             input_wanted,
-            out: h.clone(),
+            output: h.id(),
+            out: Mutex::new(Some(h.clone())),
         };
         match self.anchor {
             Some(a) => self.graph_input.apply_op2_arc(&a, Arc::new(Box::new(node))),
@@ -170,36 +178,46 @@ impl Segment {
     }
 }
 
-/// The graph node of a closed run: its forward hands out a copy of the result, its backward
-/// walks the tape.
+/// The graph node of a closed run: its forward hands out a copy of the result (and lets the
+/// original go), its backward walks the tape.
 struct TapeNode {
     entries: Vec<Entry>,
     input: TensorId,
     input_wanted: bool,
-    out: Tensor,
+    output: TensorId,
+    /// The result, until the forward has copied it.
+    out: Mutex<Option<Tensor>>,
 }
 
 impl TapeNode {
+    fn take_out(&self) -> Result<Tensor> {
+        match self.out.lock().unwrap().take() {
+            Some(t) => Ok(t),
+            None => bail!("taesd-ops tape: a taped run's node ran its forward twice"),
+        }
+    }
+
     fn fwd_cpu(&self) -> Result<(CpuStorage, Shape)> {
-        crate::cpu::to_storage(&self.out)
+        crate::cpu::to_storage(&self.take_out()?)
     }
 
     #[cfg(feature = "cuda")]
     fn fwd_cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let c = crate::cuda::Cuda::of(&self.out)?;
-        Ok((c.storage().try_clone(c.layout)?, self.out.shape().clone()))
+        let out = self.take_out()?;
+        let c = crate::cuda::Cuda::of(&out)?;
+        Ok((c.storage().try_clone(c.layout)?, out.shape().clone()))
     }
 
-    /// The run input's gradient, from the result's.
-    fn backward(&self, dres: &Tensor) -> Result<Option<Tensor>> {
-        let mut grads: HashMap<TensorId, Tensor> = HashMap::from([(self.out.id(), dres.clone())]);
+    /// The run input's gradient, from the result `res` and its gradient.
+    fn backward(&self, res: &Tensor, dres: &Tensor) -> Result<Option<Tensor>> {
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::from([(self.output, dres.clone())]);
         for e in self.entries.iter().rev() {
             let Some(dy) = grads.remove(&e.output) else {
                 continue;
             };
             let wanted: Vec<bool> = e.inputs.iter().map(|id| *id != self.input || self.input_wanted).collect();
-            let gs = (e.backward)(&dy, &wanted)?;
+            let gs = (e.backward)(e.y.as_ref().unwrap_or(res), &dy, &wanted)?;
             for ((id, g), w) in e.inputs.iter().zip(gs).zip(&wanted) {
                 let (Some(g), true) = (g, *w) else { continue };
                 let sum = match grads.remove(id) {
@@ -231,8 +249,8 @@ impl CustomOp1 for TapeNode {
         self.fwd_cuda()
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, dres: &Tensor) -> Result<Option<Tensor>> {
-        self.backward(dres)
+    fn bwd(&self, _x: &Tensor, res: &Tensor, dres: &Tensor) -> Result<Option<Tensor>> {
+        self.backward(res, dres)
     }
 }
 
@@ -257,7 +275,7 @@ impl CustomOp2 for TapeNode {
     }
 
     /// The anchor variable gets no gradient (the ops gave theirs to the collector).
-    fn bwd(&self, _x: &Tensor, _anchor: &Tensor, _res: &Tensor, dres: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((self.backward(dres)?, None))
+    fn bwd(&self, _x: &Tensor, _anchor: &Tensor, res: &Tensor, dres: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((self.backward(res, dres)?, None))
     }
 }
