@@ -36,13 +36,14 @@ by = {}
 for r in rows:
     by.setdefault(r["label"], []).append(r["run"])
 ref = statistics.median(x["images_per_s"] for x in by.get("torch-amp", [])) if "torch-amp" in by else None
-print("| run | images/s per round | median | median / torch AMP median | peak memory MiB |")
-print("|---|---|---|---|---|")
+print("| run | images/s per round | median | median / torch AMP median | peak memory MiB | ours: median ms per step / of it launching (host), per round |")
+print("|---|---|---|---|---|---|")
 for label, runs in by.items():
     ips = [x["images_per_s"] for x in runs]
     med = statistics.median(ips)
     mem = max(x.get("peak_mem_mib") or x.get("max_memory_allocated_mib") or 0 for x in runs)
     ratio = f"{med / ref:.2f}x" if ref else "-"
-    print(f"| {label} | {' / '.join(f'{v:.1f}' for v in ips)} | {med:.1f} | {ratio} | {mem:.0f} |")
+    host = " / ".join(f"{x['step_ms_min_median_max'][1]:.0f}/{x['issue_ms_min_median_max'][1]:.0f}" for x in runs if "issue_ms_min_median_max" in x)
+    print(f"| {label} | {' / '.join(f'{v:.1f}' for v in ips)} | {med:.1f} | {ratio} | {mem:.0f} | {host or '-'} |")
 PYEOF
 cat "$OUTDIR/repeats.md"

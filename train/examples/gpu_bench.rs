@@ -135,9 +135,14 @@ fn main() -> Result<()> {
     pool_high_mib(true);
     let t0 = Instant::now();
     let mut n = 0;
+    // Per step: wall time (synchronised) and the host's time to launch it (StepReport::issue_seconds).
+    let (mut step_ms, mut issue_ms) = (Vec::new(), Vec::new());
     while n < steps && (n == 0 || t0.elapsed().as_secs_f64() < seconds) {
+        let ts = Instant::now();
         let r = recipe.step(&b)?;
         dev.synchronize()?;
+        step_ms.push(ts.elapsed().as_secs_f64() * 1e3);
+        issue_ms.push(r.issue_seconds * 1e3);
         peak = peak.max(used_mib());
         if let Some(why) = r.skipped {
             eprintln!("step skipped: {why}");
@@ -173,9 +178,20 @@ fn main() -> Result<()> {
             "ms_per_step": dt * 1e3, "images_per_s": batch as f64 / dt,
             "peak_mem_mib": pool_used,
             "peak_reserved_mib": pool_reserved,
+            "step_ms_min_median_max": spread(&mut step_ms),
+            "issue_ms_min_median_max": spread(&mut issue_ms),
             "mem_get_info_growth_mib": peak - base,
             "phase_ms": phases,
         })
     );
     Ok(())
+}
+
+/// `[min, median, max]` of `v`.
+fn spread(v: &mut [f64]) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    match v {
+        [] => [f64::NAN; 3],
+        _ => [v[0], v[v.len() / 2], v[v.len() - 1]],
+    }
 }

@@ -85,6 +85,9 @@ pub struct StepReport {
     pub lr: f64,
     /// Why the NaN guard skipped this step (nothing was written).
     pub skipped: Option<String>,
+    /// Host seconds from the step's start to its readback: launching the forward and backward
+    /// passes (the GPU runs them meanwhile; where this is most of a step, the host is the limit).
+    pub issue_seconds: f64,
 }
 
 /// A trainable or frozen encoder/decoder.
@@ -652,6 +655,7 @@ impl Recipe {
     }
 
     fn step_inner(&mut self, batch: &Batch, prof: &mut Option<Profile>) -> Result<StepReport> {
+        let t_start = std::time::Instant::now();
         let (images, latents) = self.check_batch(batch)?;
         let step_idx = self.step;
         let lr = self.cfg.lr_at(step_idx);
@@ -867,10 +871,12 @@ impl Recipe {
         mark(prof, &self.device, "decoder losses + bwd")?;
 
         // 3. Guard: one transfer.
+        let issue_seconds = t_start.elapsed().as_secs_f64();
         let vals = rb.fetch()?;
         let mut report = StepReport {
             step: step_idx + 1,
             lr,
+            issue_seconds,
             ..Default::default()
         };
         let mut bad = Vec::new();
