@@ -4,10 +4,10 @@
 #   PIECE=1 SECONDS_TRAIN=480 bash bench/gpu_distill_pool.sh   # precompute (once) + first piece
 #   PIECE=2 SECONDS_TRAIN=420 bash bench/gpu_distill_pool.sh   # resume, then eval vs the released
 # After `source tools/cuda/gpu-env.sh`. POOL (/data/pool), ONNX (/data/ref/taef2_encoder.onnx),
-# REF (/data/ref/taef2), WORK (/data), OUT (results), PRECISION (f32, tf32 or bf16: overrides the
+# REF (/data/ref: taef2_decoder.pth, beside the ONNX), WORK (/data), OUT (results), PRECISION (f32, tf32 or bf16: overrides the
 # config's run.precision; may differ between pieces). EXTRA: more train flags.
 set -uo pipefail
-POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref/taef2}
+POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref}
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; PIECE=${PIECE:-1}; SECONDS_TRAIN=${SECONDS_TRAIN:-480}
 SHARDS=$WORK/lat256v2; RUN=$WORK/distill
 mkdir -p "$OUT"
