@@ -145,16 +145,17 @@ pub fn conv2d_act(
         tape::record("conv2d", &[&x], &ws, &y, Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, &wk, bk.as_ref(), y, dy, want[0])?.0])))?;
         return Ok(y);
     }
-    match b {
-        Some(b) => x.apply_op3_arc(&w, &b, Arc::new(Box::new(op))),
-        None => x.apply_op2_arc(&w, Arc::new(Box::new(op))),
-    }
+    apply(&x, &w, b.as_ref(), op)
 }
 
 /// The op itself: `x` contiguous in `p.format`, `w` in the format's filter layout
 /// ([`Format::filter`]) and `b` in `x`'s dtype, contiguous.
 pub(crate) fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
-    let op = ConvOp { p, act, sunk: None };
+    apply(x, w, b, ConvOp { p, act, sunk: None })
+}
+
+/// `op` in the graph: a two-input node without a bias, three-input with one.
+fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: ConvOp) -> Result<Tensor> {
     match b {
         Some(b) => x.apply_op3_arc(w, b, Arc::new(Box::new(op))),
         None => x.apply_op2_arc(w, Arc::new(Box::new(op))),
