@@ -2,7 +2,7 @@
 //!
 //! `gpu_bench --size 256 --batch 32 --recipe full|decoder [--steps 10] [--warmup 3]
 //!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N] [--untuned-device]
-//!  [--algo heuristic|benchmark] [--workspace-mib N]`
+//!  [--algo heuristic|benchmark] [--workspace-mib N] [--host-profile PATH [--host-profile-steps N]]`
 //! full: encoder MSE + decoder GAN (patch discriminator, replay, correction) + low-res MSE;
 //! decoder: decoder-only full-res MSE. `--precision`: the step's arithmetic
 //! (train::recipe::Precision; `--tf32` = `--precision tf32`). `--stock`: candle's stock ops instead of taesd-ops
@@ -10,6 +10,8 @@
 //! high-water marks over the timed steps (`peak_mem_mib` used, `peak_reserved_mib` reserved: as
 //! PyTorch's max_memory_allocated/reserved), plus the growth of cuMemGetInfo after synchronised
 //! steps (a lower bound, kept for comparison with earlier results).
+//! `--host-profile PATH` (built with feature `host-profile`): N more steps (default 20) after the
+//! timed ones with the host sampled (train::host_profile), folded stacks written to PATH.
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -168,6 +170,7 @@ fn main() -> Result<()> {
             phases.insert((*k).into(), serde_json::json!(ms));
         }
     }
+    let host_profile = host_profile(get("--host-profile"), get("--host-profile-steps"), &mut recipe, &b)?;
     println!(
         "{}",
         serde_json::json!({
@@ -182,9 +185,38 @@ fn main() -> Result<()> {
             "issue_ms_min_median_max": spread(&mut issue_ms),
             "mem_get_info_growth_mib": peak - base,
             "phase_ms": phases,
+            "host_profile": host_profile,
         })
     );
     Ok(())
+}
+
+/// `--host-profile PATH`: `steps` more steps with the host sampled; the folded stacks go to PATH.
+#[cfg(feature = "host-profile")]
+fn host_profile(path: Option<String>, steps: Option<String>, recipe: &mut Recipe, b: &Batch) -> Result<serde_json::Value> {
+    let Some(path) = path else { return Ok(serde_json::Value::Null) };
+    let steps: usize = steps.map_or(Ok(20), |s| s.parse())?;
+    let prof = train::host_profile::HostProfile::start(997)?;
+    let t0 = Instant::now();
+    let mut issue = 0.0;
+    for _ in 0..steps {
+        issue += recipe.step(b)?.issue_seconds;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let (samples, cpu_s) = prof.write(std::path::Path::new(&path))?;
+    eprintln!("host profile: {samples} samples ({cpu_s:.2} s CPU) over {steps} steps ({wall:.2} s) -> {path}");
+    Ok(serde_json::json!({
+        "path": path, "steps": steps, "samples": samples, "cpu_ms_per_step": cpu_s * 1e3 / steps as f64,
+        "ms_per_step": wall * 1e3 / steps as f64, "issue_ms_per_step": issue * 1e3 / steps as f64,
+    }))
+}
+
+#[cfg(not(feature = "host-profile"))]
+fn host_profile(path: Option<String>, _: Option<String>, _: &mut Recipe, _: &Batch) -> Result<serde_json::Value> {
+    match path {
+        Some(_) => bail!("--host-profile: gpu_bench was built without the train feature host-profile"),
+        None => Ok(serde_json::Value::Null),
+    }
 }
 
 /// `[min, median, max]` of `v`.
