@@ -1,9 +1,9 @@
 //! cuDNN convolutions (forward, backward-data, backward-filter) through cudarc, with a plan cache.
 //!
 //! A plan holds the cuDNN descriptors of one convolution (device, dtype, input and weight
-//! dims, stride, padding, settings) and the algorithm chosen for each direction, picked on first
-//! use (cuDNN's heuristics, or by timing every algorithm once: [`AlgoSearch`]). The workspace is
-//! one buffer per device, grown to the largest need. Plans, handles and workspaces live in
+//! dims, stride, padding, settings) and the algorithm chosen for each direction with its
+//! workspace size, picked on first use (cuDNN's heuristics, or by timing every algorithm once:
+//! [`AlgoSearch`]). The workspace is one buffer per device, grown to the largest need. Plans, handles and workspaces live in
 //! thread-locals: cuDNN handles are neither `Send` nor `Sync` (candle does the same).
 //!
 //! Arithmetic: f32 convolutions use `CUDNN_FMA_MATH` (exact fp32 products) unless
@@ -54,9 +54,12 @@ struct Plan<T: Elem> {
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
-    fwd: Option<FwdAlgo>,
-    bwd_data: Option<BwdDataAlgo>,
-    bwd_filter: Option<BwdFilterAlgo>,
+    /// Each direction's algorithm and its workspace need in bytes, found on first use (asking
+    /// cuDNN for the workspace size costs as much host time as the convolution call itself:
+    /// cuDNN 9 builds an execution plan to answer).
+    fwd: Option<(FwdAlgo, usize)>,
+    bwd_data: Option<(BwdDataAlgo, usize)>,
+    bwd_filter: Option<(BwdFilterAlgo, usize)>,
 }
 
 thread_local! {
@@ -339,7 +342,7 @@ fn forward_t<T: Elem>(
             y: &plan.y,
         };
         let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
-        let algo = match plan.fwd {
+        let (algo, bytes) = match plan.fwd {
             Some(a) => a,
             None => {
                 let cands: Vec<(FwdAlgo, bool)> = FWD_ALGOS.iter().map(|&a| (a, true)).collect();
@@ -356,11 +359,11 @@ fn forward_t<T: Elem>(
                         })
                     },
                 )?;
-                plan.fwd = Some(a);
-                a
+                let chosen = (a, op.get_workspace_size(a).map_err(err)?);
+                plan.fwd = Some(chosen);
+                chosen
             }
         };
-        let bytes = op.get_workspace_size(algo).map_err(err)?;
         with_workspace(&dev, bytes, |ws| {
             unsafe { op.launch(algo, ws, one_zero, &xv, &wv, &mut y) }.map_err(err)
         })
@@ -398,7 +401,7 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
             dy: &plan.y,
         };
         let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
-        let algo = match plan.bwd_data {
+        let (algo, bytes) = match plan.bwd_data {
             Some(a) => a,
             None => {
                 let a = choose(
@@ -414,11 +417,11 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
                         })
                     },
                 )?;
-                plan.bwd_data = Some(a);
-                a
+                let chosen = (a, op.get_workspace_size(a).map_err(err)?);
+                plan.bwd_data = Some(chosen);
+                chosen
             }
         };
-        let bytes = op.get_workspace_size(algo).map_err(err)?;
         with_workspace(&dev, bytes, |ws| {
             unsafe { op.launch(algo, ws, one_zero, &mut dx, &wv, &dzv) }.map_err(err)
         })
@@ -451,7 +454,7 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
             dy: &plan.y,
         };
         let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
-        let algo = match plan.bwd_filter {
+        let (algo, bytes) = match plan.bwd_filter {
             Some(a) => a,
             None => {
                 let a = choose(
@@ -467,11 +470,11 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
                         })
                     },
                 )?;
-                plan.bwd_filter = Some(a);
-                a
+                let chosen = (a, op.get_workspace_size(a).map_err(err)?);
+                plan.bwd_filter = Some(chosen);
+                chosen
             }
         };
-        let bytes = op.get_workspace_size(algo).map_err(err)?;
         with_workspace(&dev, bytes, |ws| {
             unsafe { op.launch(algo, ws, one_zero, &xv, &mut dw, &dzv) }.map_err(err)
         })
