@@ -75,7 +75,7 @@ fn taped_gradients_equal_the_graphs() {
 }
 
 /// A taped run takes candle's own ops only through `taesd_ops::outside`: an activation they made
-/// reaching a taped op is an error at the forward, not a lost gradient.
+/// reaching a taped op is an error at the forward, not a lost gradient. Its tape serves one backward.
 #[test]
 fn an_untaped_activation_is_an_error() {
     let dev = Device::Cpu;
@@ -93,4 +93,8 @@ fn an_untaped_activation_is_an_error() {
     let y = taesd_ops::taped(&x, |h| conv(&taesd_ops::outside(&conv(h)?, |h| h * 2.0)?)).unwrap();
     y.sum_all().unwrap().backward().unwrap();
     assert!(wg.get(w.as_tensor()).is_some() && wg.get(b.as_tensor()).is_some());
+    // The backward lets the run's saved tensors go as it walks the tape: a second backward through
+    // the same run is an error, not a silent zero gradient.
+    let err = y.sum_all().unwrap().backward().unwrap_err();
+    assert!(err.to_string().contains("backpropagated twice"), "{err}");
 }

@@ -165,7 +165,7 @@ impl Segment {
             last.y = None;
         }
         let node = TapeNode {
-            entries: self.entries,
+            entries: Mutex::new(self.entries),
             input: self.input,
             input_wanted,
             output: h.id(),
@@ -181,7 +181,10 @@ impl Segment {
 /// The graph node of a closed run: its forward hands out a copy of the result (and lets the
 /// original go), its backward walks the tape.
 struct TapeNode {
-    entries: Vec<Entry>,
+    /// Taken by the backward, which lets each entry (its output, and the inputs its backward
+    /// holds) go once its gradient is handed on, as PyTorch frees a node's saved tensors: the
+    /// run's activations do not all live until the whole graph is dropped.
+    entries: Mutex<Vec<Entry>>,
     input: TensorId,
     input_wanted: bool,
     output: TensorId,
@@ -211,8 +214,13 @@ impl TapeNode {
 
     /// The run input's gradient, from the result `res` and its gradient.
     fn backward(&self, res: &Tensor, dres: &Tensor) -> Result<Option<Tensor>> {
+        let mut entries = std::mem::take(&mut *self.entries.lock().unwrap());
+        if entries.is_empty() {
+            bail!("taesd-ops tape: a taped run backpropagated twice (its tape is freed by the first backward)");
+        }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::from([(self.output, dres.clone())]);
-        for e in self.entries.iter().rev() {
+        // Last op first; each entry is dropped at the end of its iteration.
+        while let Some(e) = entries.pop() {
             let Some(dy) = grads.remove(&e.output) else {
                 continue;
             };
