@@ -197,14 +197,15 @@ fn host_profile(path: Option<String>, steps: Option<String>, recipe: &mut Recipe
     let Some(path) = path else { return Ok(serde_json::Value::Null) };
     let steps: usize = steps.map_or(Ok(20), |s| s.parse())?;
     let prof = train::host_profile::HostProfile::start(997)?;
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), train::host_profile::process_cpu_seconds()?);
     let mut issue = 0.0;
     for _ in 0..steps {
         issue += recipe.step(b)?.issue_seconds;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let (samples, cpu_s) = prof.write(std::path::Path::new(&path))?;
-    eprintln!("host profile: {samples} samples ({cpu_s:.2} s CPU) over {steps} steps ({wall:.2} s) -> {path}");
+    let cpu_s = train::host_profile::process_cpu_seconds()? - cpu0;
+    let samples = prof.write(std::path::Path::new(&path))?;
+    eprintln!("host profile: {samples} samples, {cpu_s:.2} s CPU over {steps} steps ({wall:.2} s) -> {path}");
     Ok(serde_json::json!({
         "path": path, "steps": steps, "samples": samples, "cpu_ms_per_step": cpu_s * 1e3 / steps as f64,
         "ms_per_step": wall * 1e3 / steps as f64, "issue_ms_per_step": issue * 1e3 / steps as f64,

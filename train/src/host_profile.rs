@@ -14,9 +14,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// A running profile; samples until [`HostProfile::write`] (or drop).
+///
+/// The timer asks for `hz` samples per second of CPU time, but the kernel delivers at most one
+/// per scheduler tick (about 250 per second on the H100 machine): weigh samples as shares, and
+/// take seconds from [`process_cpu_seconds`].
 pub struct HostProfile {
     guard: pprof::ProfilerGuard<'static>,
-    hz: i32,
 }
 
 impl HostProfile {
@@ -29,11 +32,11 @@ impl HostProfile {
             .blocklist(&["libgcc_s", "vdso"])
             .build()
             .context("starting the host profiler")?;
-        Ok(Self { guard, hz })
+        Ok(Self { guard })
     }
 
-    /// Writes the folded stacks to `path`; returns (samples, seconds of CPU they stand for).
-    pub fn write(&self, path: &Path) -> Result<(i64, f64)> {
+    /// Writes the folded stacks to `path`; returns the number of samples.
+    pub fn write(&self, path: &Path) -> Result<i64> {
         let report = self.guard.report().build().context("building the host profile")?;
         let mut folded: HashMap<String, i64> = HashMap::new();
         for (frames, &count) in &report.data {
@@ -59,8 +62,20 @@ impl HostProfile {
             total += n;
         }
         f.flush()?;
-        Ok((total, total as f64 / self.hz as f64))
+        Ok(total)
     }
+}
+
+/// CPU time of this process so far, user + system, in seconds (`/proc/self/stat`, in the
+/// kernel's USER_HZ = 100 ticks per second).
+pub fn process_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) in parentheses: utime is the 14th
+    // field of the line, stime the 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc/self/stat without a command name")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> { Ok(f.get(i).context("/proc/self/stat too short")?.parse::<f64>()?) };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// A demangled name without Rust's `::h0123456789abcdef` suffix, and without the characters the
@@ -76,7 +91,20 @@ fn clean_name(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::clean_name;
+    use super::{clean_name, process_cpu_seconds};
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let t0 = process_cpu_seconds().unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed().as_secs_f64() < 0.3 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let dt = process_cpu_seconds().unwrap() - t0;
+        assert!(dt > 0.1 && dt < 5.0, "{dt} s of CPU for 0.3 s of spinning");
+    }
 
     #[test]
     fn names_lose_the_hash_and_the_separators() {
