@@ -18,39 +18,9 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use train::recipe::{Batch, Precision, Recipe, RecipeConfig};
 
-/// The CUDA memory pool's high-water marks, in MiB: (used, reserved). candle allocates with
-/// `cuMemAllocAsync` from the device's default pool, so these are the analogues of PyTorch's
-/// `max_memory_allocated` / `max_memory_reserved`. (cuMemGetInfo after a synchronize misses
-/// the step's transient peak: the pool gives freed memory back at synchronisation.)
-#[cfg(feature = "cuda")]
-fn pool_high_mib(reset: bool) -> (f64, f64) {
-    use candle_core::cuda::cudarc::driver::sys;
-    unsafe {
-        let mut dev: sys::CUdevice = 0;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        if sys::cuDeviceGet(&mut dev, 0) != sys::CUresult::CUDA_SUCCESS
-            || sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS
-        {
-            return (f64::NAN, f64::NAN);
-        }
-        let get = |a: sys::CUmemPool_attribute| -> f64 {
-            let mut v: u64 = 0;
-            if reset {
-                let _ = sys::cuMemPoolSetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void);
-            }
-            let ok = sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void);
-            if ok == sys::CUresult::CUDA_SUCCESS { v as f64 / (1u64 << 20) as f64 } else { f64::NAN }
-        };
-        (
-            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH),
-            get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH),
-        )
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn pool_high_mib(_reset: bool) -> (f64, f64) {
-    (f64::NAN, f64::NAN)
+/// The memory pool's high-water marks (train::device::pool_high_water_mib), NaN without CUDA.
+fn pool_high_mib(dev: &Device, reset: bool) -> (f64, f64) {
+    train::device::pool_high_water_mib(dev, reset).unwrap_or((f64::NAN, f64::NAN))
 }
 
 #[cfg(feature = "cuda")]
@@ -134,7 +104,7 @@ fn main() -> Result<()> {
     }
     // As the PyTorch script: the high-water marks of the timed steps (after warm-up).
     dev.synchronize()?;
-    pool_high_mib(true);
+    pool_high_mib(&dev, true);
     let t0 = Instant::now();
     let mut n = 0;
     // Per step: wall time (synchronised) and the host's time to launch it (StepReport::issue_seconds).
@@ -152,7 +122,7 @@ fn main() -> Result<()> {
         n += 1;
     }
     let dt = t0.elapsed().as_secs_f64() / n as f64;
-    let (pool_used, pool_reserved) = pool_high_mib(false);
+    let (pool_used, pool_reserved) = pool_high_mib(&dev, false);
     // `--profile N`: N more steps with a synchronising timer at each phase (after the timed
     // steps, so they do not slow them): where the time goes, ms per step and phase.
     let mut phases = serde_json::Map::new();
@@ -166,8 +136,9 @@ fn main() -> Result<()> {
         let total: f64 = p.seconds.values().sum();
         for (k, v) in &p.seconds {
             let ms = v * 1e3 / p.steps as f64;
-            eprintln!("  {k:<40} {ms:8.2} ms/step  {:5.1}%", 100.0 * v / total);
-            phases.insert((*k).into(), serde_json::json!(ms));
+            let peak = p.peak_mib.get(k).copied().unwrap_or(f64::NAN);
+            eprintln!("  {k:<40} {ms:8.2} ms/step  {:5.1}%  peak {peak:8.0} MiB", 100.0 * v / total);
+            phases.insert((*k).into(), serde_json::json!({"ms": ms, "peak_mib": peak}));
         }
     }
     let host_profile = host_profile(get("--host-profile"), get("--host-profile-steps"), &mut recipe, &b)?;
@@ -184,7 +155,7 @@ fn main() -> Result<()> {
             "step_ms_min_median_max": spread(&mut step_ms),
             "issue_ms_min_median_max": spread(&mut issue_ms),
             "mem_get_info_growth_mib": peak - base,
-            "phase_ms": phases,
+            "phases": phases,
             "host_profile": host_profile,
         })
     );

@@ -83,6 +83,88 @@ pub fn describe(d: &Device) -> String {
     }
 }
 
+/// The CUDA memory pool's high-water marks in MiB, `(used, reserved)`, since the last reset
+/// (`reset`: read, then start again from the current use). candle allocates with
+/// `cuMemAllocAsync` from the device's default pool, so these are the analogues of PyTorch's
+/// `max_memory_allocated` / `max_memory_reserved` (cuMemGetInfo after a synchronize misses a
+/// step's transient peak). `None` on the CPU or when the driver does not answer.
+pub fn pool_high_water_mib(dev: &Device, reset: bool) -> Option<(f64, f64)> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda::cudarc::driver::sys::CUmemPool_attribute::*;
+        let used = pool_attribute(dev, CU_MEMPOOL_ATTR_USED_MEM_HIGH, reset)?;
+        let reserved = pool_attribute(dev, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, reset)?;
+        Some((mib(used), mib(reserved)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dev, reset);
+        None
+    }
+}
+
+/// MiB of the memory pool in use now (allocations as issued, not as executed).
+pub fn pool_used_mib(dev: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+        pool_attribute(dev, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, false).map(mib)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        None
+    }
+}
+
+/// `TAESD_MEM_TRACE` set: prints the memory pool's use now and its high-water mark since the
+/// last trace point (then resets it), labelled: where a step's memory goes, line by line. (It
+/// resets the high-water mark that gpu_bench's peak and a profile's per-phase peaks read.)
+pub fn trace_mem(dev: &Device, label: &str) {
+    if std::env::var_os("TAESD_MEM_TRACE").is_none() {
+        return;
+    }
+    if let (Some(now), Some((high, _))) = (pool_used_mib(dev), pool_high_water_mib(dev, true)) {
+        eprintln!("mem {label:<48} now {now:8.0} MiB  high since last {high:8.0} MiB");
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// One attribute of the device's default memory pool (`reset`: set it to 0 after reading).
+#[cfg(feature = "cuda")]
+fn pool_attribute(
+    dev: &Device,
+    a: candle_core::cuda::cudarc::driver::sys::CUmemPool_attribute,
+    reset: bool,
+) -> Option<u64> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let candle_core::DeviceLocation::Cuda { gpu_id } = dev.location() else {
+        return None;
+    };
+    // SAFETY: plain driver queries on the device's default pool; `v` outlives each call.
+    unsafe {
+        let (mut d, mut pool): (sys::CUdevice, sys::CUmemoryPool) = (0, std::ptr::null_mut());
+        if sys::cuDeviceGet(&mut d, gpu_id as i32) != sys::CUresult::CUDA_SUCCESS
+            || sys::cuDeviceGetDefaultMemPool(&mut pool, d) != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+        let mut v: u64 = 0;
+        if sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        if reset {
+            let mut zero: u64 = 0;
+            let _ = sys::cuMemPoolSetAttribute(pool, a, &mut zero as *mut u64 as *mut std::ffi::c_void);
+        }
+        Some(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +178,11 @@ mod tests {
         let e = DeviceSpec::parse("tpu").unwrap_err().to_string();
         assert!(e.contains("tpu") && e.contains("cuda:N"), "{e}");
         assert!(DeviceSpec::parse("cuda:x").is_err());
+    }
+
+    #[test]
+    fn the_cpu_has_no_pool() {
+        assert_eq!(pool_high_water_mib(&Device::Cpu, true), None);
     }
 
     #[test]

@@ -176,8 +176,9 @@ impl Profile {
     }
 }
 
-/// `mark` on an optional profile.
+/// `mark` on an optional profile (and a memory trace point: train::device::trace_mem).
 fn mark(p: &mut Option<Profile>, dev: &Device, phase: &'static str) -> Result<()> {
+    crate::device::trace_mem(dev, phase);
     match p {
         Some(p) => p.mark(dev, phase),
         None => Ok(()),
@@ -792,9 +793,10 @@ impl Recipe {
                     // What the report needs of the discriminator's step, detached: its graph (the
                     // training forward's activations, ~2 GB at 256x256 batch 32) goes now, not
                     // after the correction's forward and backward.
-                    let disc_loss = disc_loss.detach();
+                    // (Shadowing would not drop the graph: the values are dropped by name.)
+                    let disc_loss_value = disc_loss.detach();
                     let disc_scores = scores.detach().mean_keepdim((1, 2, 3))?;
-                    drop((scores, targets, x, ctx, fake_in, ctx_in, mask, not_mask));
+                    drop((disc_loss, scores, targets, x, ctx, fake_in, ctx_in, mask, not_mask));
                     // Correction with the updated discriminator.
                     mark(prof, &self.device, "disc fwd+bwd (replay, BatchNorm)")?;
                     let cg = losses::correction_grad(
@@ -808,7 +810,7 @@ impl Recipe {
                     let (corr, raw_std) = losses::normalize_correction(&cg)?;
                     let target = (&fake_d + corr)?;
                     terms.push(("gan", self.cfg.gan_weight, losses::mse(&fake, &target)?));
-                    rb.push(Kind::Loss, "disc", disc_loss);
+                    rb.push(Kind::Loss, "disc", disc_loss_value);
                     rb.push(Kind::Loss, "correction_std", raw_std);
                     rb.push(Kind::NormSq, "disc", nsq);
                     let stat_sum = Tensor::stack(
