@@ -46,6 +46,10 @@ pub struct Settings {
     /// gradient buffer and add per activation). On by default; `TAESD_TAPE=0` starts a process
     /// with it off (an A/B switch).
     pub tape: bool,
+    /// cuDNN convolutions through the backend ("graph") API with plans finalised once
+    /// (`cuda/graph.rs`), the legacy calls only where no engine plan runs a shape. On by default;
+    /// `TAESD_CUDNN_GRAPH=0` starts a process with it off (an A/B switch).
+    pub cudnn_graph: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +61,7 @@ impl Default for Settings {
             deterministic: false,
             channels_last: std::env::var("TAESD_CHANNELS_LAST").map_or(true, |v| v != "0"),
             tape: std::env::var("TAESD_TAPE").map_or(true, |v| v != "0"),
+            cudnn_graph: std::env::var("TAESD_CUDNN_GRAPH").map_or(true, |v| v != "0"),
         }
     }
 }

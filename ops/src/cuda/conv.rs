@@ -28,8 +28,9 @@ use cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor,
     TensorDescriptor,
 };
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 
+use super::graph::{self, Dir, GraphConv};
 use super::{alloc, by_dtype, err, kernels, tensor, view, Cuda, Elem};
 use crate::conv::{Act, ConvParams};
 use crate::format::Format;
@@ -60,12 +61,16 @@ struct Plan<T: Elem> {
     fwd: Option<(FwdAlgo, usize)>,
     bwd_data: Option<(BwdDataAlgo, usize)>,
     bwd_filter: Option<(BwdFilterAlgo, usize)>,
+    /// Per direction ([`Dir`] as index): the backend-API plans and the one chosen, once tried
+    /// (`Some(None)`: no engine plan runs this shape; the legacy call does).
+    graph: [Option<Option<(GraphConv, usize)>>; 3],
 }
 
 thread_local! {
     static HANDLES: RefCell<HashMap<DevId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
     static PLANS: RefCell<HashMap<Key, Box<dyn Any>>> = RefCell::new(HashMap::new());
     static WORKSPACES: RefCell<HashMap<DevId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
+    static GRAPH_HANDLES: RefCell<HashMap<DevId, std::rc::Rc<graph::Handle>>> = RefCell::new(HashMap::new());
 }
 
 /// Drops this thread's plans, workspaces and handles.
@@ -73,6 +78,81 @@ pub(crate) fn clear_caches() {
     PLANS.with(|p| p.borrow_mut().clear());
     WORKSPACES.with(|w| w.borrow_mut().clear());
     HANDLES.with(|h| h.borrow_mut().clear());
+    GRAPH_HANDLES.with(|h| h.borrow_mut().clear());
+}
+
+fn graph_handle(dev: &CudaDevice) -> Result<std::rc::Rc<graph::Handle>> {
+    GRAPH_HANDLES.with(|h| {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = std::rc::Rc::new(graph::Handle::new(dev.cuda_stream().cu_stream() as _)?);
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })
+}
+
+/// A device pointer (as cuDNN takes it). Its stream-sync guard is dropped at once: one stream.
+fn ptr<E, P: DevicePtr<E>>(dev: &CudaDevice, p: &P) -> u64 {
+    p.device_ptr(&dev.cuda_stream()).0
+}
+
+/// Runs `dir` of the plan's convolution through the backend API (`cuda/graph.rs`) on pointers to
+/// (input or its gradient, weight or its gradient, output or its gradient); `Ok(false)`: the
+/// caller makes the legacy call (the setting is off, no engine plan runs the shape, or a pointer
+/// is not aligned as the plans assume). The first use builds the plans and picks one as [`choose`]
+/// picks an algorithm.
+fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir, ptrs: [u64; 3]) -> Result<bool> {
+    let s = what.settings;
+    // Half precision only: for f32 the heuristic's first engines (cut at graph::MAX_PLANS)
+    // missed the legacy search's fastest FMA kernels (H100, 64->64 3x3 at 256x256: forward
+    // 1.53 -> 2.11 ms), and f32 steps are GPU-bound, so the legacy calls' host time costs little.
+    if !s.cudnn_graph || T::DTYPE == DType::F32 || ptrs.iter().any(|p| *p as usize % graph::ALIGNMENT != 0) {
+        return Ok(false);
+    }
+    let h = graph_handle(dev)?;
+    let slot = &mut plan.graph[dir as usize];
+    if slot.is_none() {
+        let dtype = match T::DTYPE {
+            DType::F32 => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            DType::BF16 => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+            _ => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_HALF,
+        };
+        let [n, _, hh, ww] = what.x;
+        let [co, _, kh, kw] = what.w;
+        let (ho, wo) = what.p.out_hw(hh, ww, kh, kw);
+        let allowed = graph::Allowed {
+            exact_f32: T::DTYPE == DType::F32 && s.f32_math == F32Math::Exact,
+            deterministic: s.deterministic,
+            workspace_limit: s.workspace_limit,
+        };
+        let built = GraphConv::new(&h, dir, dtype, what.x, what.w, [n, co, ho, wo], what.p.format, what.p.stride, what.p.padding, allowed);
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                if log_on() {
+                    eprintln!("taesd-ops: {} {dir:?}: no backend-API plan ({e}); legacy call", describe(what));
+                }
+                None
+            }
+        };
+        let chosen = match built {
+            None => None,
+            Some(g) => {
+                let cands: Vec<(usize, bool)> = (0..g.len()).map(|i| (i, true)).collect();
+                let i = choose(dev, what, &s, Some(0), &cands, &|i| Some(g.workspace(i)), &mut |i, bytes| {
+                    with_workspace(dev, bytes, |ws| unsafe { g.execute(&h, i, ptrs, ws.map_or(0, |w| ptr(dev, w))) })
+                })?;
+                Some((g, i))
+            }
+        };
+        *slot = Some(chosen);
+    }
+    let Some(Some((g, i))) = slot.as_ref() else {
+        return Ok(false);
+    };
+    with_workspace(dev, g.workspace(*i), |ws| unsafe { g.execute(&h, *i, ptrs, ws.map_or(0, |w| ptr(dev, w))) })?;
+    Ok(true)
 }
 
 fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -125,6 +205,7 @@ impl<T: Elem> Plan<T> {
             fwd: None,
             bwd_data: None,
             bwd_filter: None,
+            graph: [None, None, None],
         })
     }
 }
@@ -335,6 +416,9 @@ fn forward_t<T: Elem>(
     let s = k.settings;
     let what = k.clone();
     with_plan::<T, _>(&dev, k, |plan| {
+        if run_graph(&dev, plan, &what, Dir::Forward, [ptr(&dev, &xv), ptr(&dev, &wv), ptr(&dev, &y)])? {
+            return Ok(());
+        }
         let op = ConvForward {
             conv: &plan.conv,
             x: &plan.x,
@@ -394,6 +478,9 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
     let s = k.settings;
     let what = k.clone();
     with_plan::<T, _>(&dev, k, |plan| {
+        if run_graph(&dev, plan, &what, Dir::BackwardData, [ptr(&dev, &dx), ptr(&dev, &wv), ptr(&dev, &dzv)])? {
+            return Ok(());
+        }
         let op = ConvBackwardData {
             conv: &plan.conv,
             dx: &plan.x,
@@ -447,6 +534,9 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
     let s = k.settings;
     let what = k.clone();
     with_plan::<T, _>(&dev, k, |plan| {
+        if run_graph(&dev, plan, &what, Dir::BackwardFilter, [ptr(&dev, &xv), ptr(&dev, &dw), ptr(&dev, &dzv)])? {
+            return Ok(());
+        }
         let op = ConvBackwardFilter {
             conv: &plan.conv,
             x: &plan.x,

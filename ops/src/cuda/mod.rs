@@ -4,6 +4,8 @@
 pub(crate) mod bn;
 #[cfg(feature = "cudnn")]
 pub(crate) mod conv;
+#[cfg(feature = "cudnn")]
+pub(crate) mod graph;
 pub(crate) mod kernels;
 
 use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage};
