@@ -4,67 +4,16 @@
 //! timer (SIGPROF, through the `pprof` crate) walks the stack of whichever thread is running.
 //!
 //! Output: one line per distinct stack in the "folded" format of flame-graph tools, the thread
-//! (`name#id`) then the frames root first, joined by `;`, then a space and the number of samples (`bench/host_profile.py` turns it
-//! into self and inclusive tables). Function names are demangled, without Rust's hash suffix;
-//! a frame without a symbol is `?`.
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
-
+//! (`name#id`) then the frames root first, joined by `;`, then a space and the number of samples
+//! (`bench/host_profile.py` turns it into self and inclusive tables). Function names are
+//! demangled, without Rust's hash suffix; a frame without a symbol is `?`.
 use anyhow::{Context, Result};
 
-/// A running profile; samples until [`HostProfile::write`] (or drop).
-///
-/// The timer asks for `hz` samples per second of CPU time, but the kernel delivers at most one
-/// per scheduler tick (about 250 per second on the H100 machine): weigh samples as shares, and
-/// take seconds from [`process_cpu_seconds`].
-pub struct HostProfile {
-    guard: pprof::ProfilerGuard<'static>,
-}
+#[cfg(feature = "host-profile")]
+pub use sampler::HostProfile;
 
-impl HostProfile {
-    /// Starts sampling every thread's CPU time at `hz` samples per second.
-    pub fn start(hz: i32) -> Result<Self> {
-        // Not from inside the unwinder itself (libgcc_s) or the vDSO: a sample taken there can
-        // deadlock or fault while walking the stack.
-        let guard = pprof::ProfilerGuardBuilder::default()
-            .frequency(hz)
-            .blocklist(&["libgcc_s", "vdso"])
-            .build()
-            .context("starting the host profiler")?;
-        Ok(Self { guard })
-    }
-
-    /// Writes the folded stacks to `path`; returns the number of samples.
-    pub fn write(&self, path: &Path) -> Result<i64> {
-        let report = self.guard.report().build().context("building the host profile")?;
-        let mut folded: HashMap<String, i64> = HashMap::new();
-        for (frames, &count) in &report.data {
-            let stack: Vec<String> = frames
-                .frames
-                .iter()
-                .rev()
-                .flat_map(|inlined| inlined.iter().rev().map(|s| clean_name(&s.name())))
-                .collect();
-            // Threads share the process name (rayon's workers too): name and id.
-            let thread = format!("{}#{:x}", frames.thread_name, frames.thread_id);
-            *folded.entry(format!("{thread};{}", stack.join(";"))).or_default() +=
-                count as i64;
-        }
-        let mut lines: Vec<_> = folded.into_iter().collect();
-        lines.sort_by(|a, b| b.1.cmp(&a.1));
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        let mut total = 0;
-        for (stack, n) in &lines {
-            writeln!(f, "{stack} {n}")?;
-            total += n;
-        }
-        f.flush()?;
-        Ok(total)
-    }
-}
+#[cfg(feature = "host-profile")]
+mod sampler;
 
 /// CPU time of this process so far, user + system, in seconds (`/proc/self/stat`, in the
 /// kernel's USER_HZ = 100 ticks per second).
@@ -80,6 +29,7 @@ pub fn process_cpu_seconds() -> Result<f64> {
 
 /// A demangled name without Rust's `::h0123456789abcdef` suffix, and without the characters the
 /// folded format uses (`;` and trailing spaces).
+#[cfg_attr(not(feature = "host-profile"), allow(dead_code))]
 fn clean_name(name: &str) -> String {
     let name = match name.rfind("::h") {
         Some(i) if name.len() - i == 19 && name[i + 3..].chars().all(|c| c.is_ascii_hexdigit()) => &name[..i],

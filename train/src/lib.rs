@@ -16,7 +16,6 @@ pub mod device;
 pub mod encode;
 pub mod eval;
 pub mod font;
-#[cfg(feature = "host-profile")]
 pub mod host_profile;
 pub mod loader;
 pub mod metrics;
