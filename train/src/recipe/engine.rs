@@ -791,7 +791,7 @@ impl Recipe {
                         .transpose()?;
                     let prop = gan.opt.propose_flat(&g, self.cfg.disc_lr, scale.as_ref())?;
                     // What the report needs of the discriminator's step, detached: its graph (the
-                    // training forward's activations, ~2 GB at 256x256 batch 32) goes now, not
+                    // training forward's activations, ~1.3 GB at 256x256 batch 32) goes now, not
                     // after the correction's forward and backward.
                     // (Shadowing would not drop the graph: the values are dropped by name.)
                     let disc_loss_value = disc_loss.detach();
