@@ -3,8 +3,9 @@
 //! A plan holds the cuDNN descriptors of one convolution (device, dtype, input and weight
 //! dims, stride, padding, settings) and the algorithm chosen for each direction with its
 //! workspace size, picked on first use (cuDNN's heuristics, or by timing every algorithm once:
-//! [`AlgoSearch`]). The workspace is one buffer per device, grown to the largest need. Plans, handles and workspaces live in
-//! thread-locals: cuDNN handles are neither `Send` nor `Sync` (candle does the same).
+//! [`AlgoSearch`]); for bf16/f16, the backend API's execution plans instead (`graph.rs`). The
+//! workspace is one buffer per device, grown to the largest need. Plans, handles and workspaces
+//! live in thread-locals: cuDNN handles are neither `Send` nor `Sync` (candle does the same).
 //!
 //! Arithmetic: f32 convolutions use `CUDNN_FMA_MATH` (exact fp32 products) unless
 //! [`F32Math::Tf32`]; bf16/f16 use tensor cores with f32 accumulation (compute type f32).
@@ -111,13 +112,12 @@ fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir
         return Ok(false);
     }
     let h = graph_handle(dev)?;
+    let exec = |g: &GraphConv, i: usize, bytes: usize| {
+        with_workspace(dev, bytes, |ws| unsafe { g.execute(&h, i, ptrs, ws.map_or(0, |w| ptr(dev, w))) })
+    };
     let slot = &mut plan.graph[dir as usize];
     if slot.is_none() {
-        let dtype = match T::DTYPE {
-            DType::F32 => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-            DType::BF16 => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
-            _ => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_HALF,
-        };
+        let dtype = <T as cudarc::cudnn::CudnnDataType>::DATA_TYPE;
         let [n, _, hh, ww] = what.x;
         let [co, _, kh, kw] = what.w;
         let (ho, wo) = what.p.out_hw(hh, ww, kh, kw);
@@ -140,9 +140,7 @@ fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir
             None => None,
             Some(g) => {
                 let cands: Vec<(usize, bool)> = (0..g.len()).map(|i| (i, true)).collect();
-                let i = choose(dev, what, &s, Some(0), &cands, &|i| Some(g.workspace(i)), &mut |i, bytes| {
-                    with_workspace(dev, bytes, |ws| unsafe { g.execute(&h, i, ptrs, ws.map_or(0, |w| ptr(dev, w))) })
-                })?;
+                let i = choose(dev, what, &s, Some(0), &cands, &|i| Some(g.workspace(i)), &mut |i, bytes| exec(&g, i, bytes))?;
                 Some((g, i))
             }
         };
@@ -151,7 +149,7 @@ fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir
     let Some(Some((g, i))) = slot.as_ref() else {
         return Ok(false);
     };
-    with_workspace(dev, g.workspace(*i), |ws| unsafe { g.execute(&h, *i, ptrs, ws.map_or(0, |w| ptr(dev, w))) })?;
+    exec(g, *i, g.workspace(*i))?;
     Ok(true)
 }
 

@@ -64,12 +64,21 @@ impl Desc {
         check(unsafe { sys::cudnnBackendFinalize(self.0) }, what)
     }
 
-    fn get_i64(&self, name: A) -> Result<i64> {
-        let (mut v, mut n) = (0i64, 0i64);
-        // SAFETY: room for one int64.
-        let s = unsafe { sys::cudnnBackendGetAttribute(self.0, name, T::CUDNN_TYPE_INT64, 1, &mut n, &mut v as *mut i64 as *mut c_void) };
+    /// Reads attribute `name` (of cuDNN type `ty`, whose size must be `V`'s) into `out`; returns
+    /// how many elements it has (all of them when `out` is empty: a count query).
+    fn get<V>(&self, name: A, ty: T, out: &mut [V]) -> Result<usize> {
+        let mut n = 0i64;
+        let p = if out.is_empty() { std::ptr::null_mut() } else { out.as_mut_ptr() as *mut c_void };
+        // SAFETY: `out` has room for `out.len()` elements of the type `ty` names.
+        let s = unsafe { sys::cudnnBackendGetAttribute(self.0, name, ty, out.len() as i64, &mut n, p) };
         check(s, &format!("get {name:?}"))?;
-        Ok(v)
+        Ok(n.max(0) as usize)
+    }
+
+    fn get_i64(&self, name: A) -> Result<i64> {
+        let mut v = [0i64];
+        self.get(name, T::CUDNN_TYPE_INT64, &mut v)?;
+        Ok(v[0])
     }
 }
 
@@ -221,40 +230,13 @@ impl GraphConv {
         heur.set_desc(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&graph])?;
         heur.set(A::CUDNN_ATTR_ENGINEHEUR_MODE, T::CUDNN_TYPE_HEUR_MODE, &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A])?;
         heur.finalize("engine heuristics")?;
-        let mut count = 0i64;
-        // SAFETY: a count query (no elements requested).
-        check(
-            unsafe {
-                sys::cudnnBackendGetAttribute(
-                    heur.0,
-                    A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                    T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                    0,
-                    &mut count,
-                    std::ptr::null_mut(),
-                )
-            },
-            "heuristic results count",
-        )?;
+        let count = heur.get::<sys::cudnnBackendDescriptor_t>(A::CUDNN_ATTR_ENGINEHEUR_RESULTS, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &mut [])?;
+        // cuDNN fills engine-config descriptors made here.
         let cfgs: Vec<Desc> = (0..count).map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR)).collect::<Result<_>>()?;
         let mut raw: Vec<sys::cudnnBackendDescriptor_t> = cfgs.iter().map(|d| d.0).collect();
-        let mut got = 0i64;
-        // SAFETY: `raw` holds `count` engine-config descriptors for cuDNN to fill.
-        check(
-            unsafe {
-                sys::cudnnBackendGetAttribute(
-                    heur.0,
-                    A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                    T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                    count,
-                    &mut got,
-                    raw.as_mut_ptr() as *mut c_void,
-                )
-            },
-            "heuristic results",
-        )?;
+        let got = heur.get(A::CUDNN_ATTR_ENGINEHEUR_RESULTS, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &mut raw)?;
         let mut plans = Vec::new();
-        for cfg in cfgs.iter().take(got.max(0) as usize) {
+        for cfg in cfgs.iter().take(got) {
             if plans.len() == MAX_PLANS {
                 break;
             }
@@ -315,35 +297,11 @@ impl GraphConv {
 fn notes_allowed(cfg: &Desc, allowed: Allowed) -> Result<bool> {
     use sys::cudnnBackendNumericalNote_t as N;
     let engine = Desc::new(D::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
-    let mut raw = engine.0;
-    let mut n = 0i64;
-    // SAFETY: one engine descriptor for cuDNN to fill.
-    let s = unsafe {
-        sys::cudnnBackendGetAttribute(
-            cfg.0,
-            A::CUDNN_ATTR_ENGINECFG_ENGINE,
-            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-            1,
-            &mut n,
-            &mut raw as *mut sys::cudnnBackendDescriptor_t as *mut c_void,
-        )
-    };
-    check(s, "engine of a config")?;
+    // cuDNN fills the engine descriptor made here.
+    cfg.get(A::CUDNN_ATTR_ENGINECFG_ENGINE, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &mut [engine.0])?;
     let mut notes = [N::CUDNN_NUMERICAL_NOTE_TYPE_COUNT; 16];
-    let mut k = 0i64;
-    // SAFETY: room for 16 notes.
-    let s = unsafe {
-        sys::cudnnBackendGetAttribute(
-            engine.0,
-            A::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
-            T::CUDNN_TYPE_NUMERICAL_NOTE,
-            notes.len() as i64,
-            &mut k,
-            notes.as_mut_ptr() as *mut c_void,
-        )
-    };
-    check(s, "numerical notes")?;
-    Ok(notes[..(k.max(0) as usize).min(notes.len())].iter().all(|note| match note {
+    let k = engine.get(A::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE, T::CUDNN_TYPE_NUMERICAL_NOTE, &mut notes)?;
+    Ok(notes[..k.min(notes.len())].iter().all(|note| match note {
         N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE | N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS => !allowed.exact_f32,
         N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC => !allowed.deterministic,
         _ => true,
