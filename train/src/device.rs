@@ -120,11 +120,15 @@ pub fn pool_used_mib(dev: &Device) -> Option<f64> {
 /// `TAESD_MEM_TRACE` set: prints the memory pool's use now and its high-water mark since the
 /// last trace point (then resets it), labelled: where a step's memory goes, line by line. (It
 /// resets the high-water mark that gpu_bench's peak and a profile's per-phase peaks read.)
-pub fn trace_mem(dev: &Device, label: &str) {
-    if std::env::var_os("TAESD_MEM_TRACE").is_none() {
+/// The label is formatted only when tracing is on (`format_args!`): trace points sit on the
+/// training step's path.
+pub fn trace_mem(dev: &Device, label: std::fmt::Arguments) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("TAESD_MEM_TRACE").is_some()) {
         return;
     }
     if let (Some(now), Some((high, _))) = (pool_used_mib(dev), pool_high_water_mib(dev, true)) {
+        let label = label.to_string();
         eprintln!("mem {label:<48} now {now:8.0} MiB  high since last {high:8.0} MiB");
     }
 }

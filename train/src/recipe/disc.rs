@@ -281,7 +281,7 @@ impl Discriminator {
         let (oh, ow) = (h / ds, w / ds);
         let dt = images.dtype();
         let mut x = Tensor::cat(&[&f.from_nchw(&images.affine(2.0, -1.0)?)?, &context(latents, dt, h, w, f)?], f.channel_axis())?;
-        crate::device::trace_mem(images.device(), "disc: input");
+        crate::device::trace_mem(images.device(), format_args!("disc: input"));
         let mut outs = Vec::with_capacity(n_blocks);
         let mut new_stats = train.then(|| BnStats {
             mean: Vec::with_capacity(n_blocks),
@@ -323,7 +323,7 @@ impl Discriminator {
                 o
             };
             outs.push(o);
-            crate::device::trace_mem(images.device(), &format!("disc: block {i}"));
+            crate::device::trace_mem(images.device(), format_args!("disc: block {i}"));
         }
         Ok((Tensor::cat(&outs, 1)?.to_dtype(stat_dtype(dt))?, new_stats))
     }

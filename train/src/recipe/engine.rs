@@ -178,7 +178,7 @@ impl Profile {
 
 /// `mark` on an optional profile (and a memory trace point: train::device::trace_mem).
 fn mark(p: &mut Option<Profile>, dev: &Device, phase: &'static str) -> Result<()> {
-    crate::device::trace_mem(dev, phase);
+    crate::device::trace_mem(dev, format_args!("{phase}"));
     match p {
         Some(p) => p.mark(dev, phase),
         None => Ok(()),

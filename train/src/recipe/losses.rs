@@ -125,16 +125,16 @@ pub fn correction_grad(
     let params: Vec<Tensor> = params.iter().map(|p| p.detach()).collect();
     let (real, fake, latents) = (real.detach(), fake.detach(), latents.detach());
     let dev = fake.device();
-    crate::device::trace_mem(dev, "correction: start");
+    crate::device::trace_mem(dev, format_args!("correction: start"));
     let (reference, _) = Discriminator::forward_with(cfg, &params, stats, &real, &latents, false)?;
-    crate::device::trace_mem(dev, "correction: reference forward");
+    crate::device::trace_mem(dev, format_args!("correction: reference forward"));
     let corr = Var::zeros(fake.shape(), fake.dtype(), fake.device())?;
     let x = (&fake + corr.as_tensor())?;
     let (scores, _) = Discriminator::forward_with(cfg, &params, stats, &x, &latents, false)?;
-    crate::device::trace_mem(dev, "correction: forward with graph");
+    crate::device::trace_mem(dev, format_args!("correction: forward with graph"));
     let per_sample = (reference - scores)?.sqr()?.mean_keepdim((1, 2, 3))?;
     let grads = per_sample.sum_all()?.backward()?;
-    crate::device::trace_mem(dev, "correction: backward");
+    crate::device::trace_mem(dev, format_args!("correction: backward"));
     let g = grads
         .get(corr.as_tensor())
         .context("the correction has no gradient")?
