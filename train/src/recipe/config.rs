@@ -59,6 +59,21 @@ impl OptimizerKind {
     }
 }
 
+/// How the encoder/decoder learning rate moves after its warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// `lr` throughout (the seed recipe).
+    #[default]
+    Constant,
+    /// Half a cosine from `lr` down to `lr * lr_min_factor` over the last `lr_decay_steps`
+    /// steps of the run.
+    Cosine,
+    /// A straight line from `lr` down to `lr * lr_min_factor` over the last `lr_decay_steps`
+    /// steps of the run.
+    Linear,
+}
+
 /// Storage dtype of the replay buffer's images and latents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -119,6 +134,17 @@ pub struct RecipeConfig {
     pub weight_decay: f64,
     /// Linear learning-rate warm-up of the encoder/decoder over this many steps (0: none).
     pub lr_warmup_steps: u64,
+    /// The encoder/decoder learning rate after the warm-up: `constant` (the recipe), `cosine`
+    /// or `linear` decay to `lr * lr_min_factor` at the run's last step (`run.steps`). A
+    /// decaying schedule anneals the weights at the end of a run of known length: the last
+    /// steps average out the noise of the GAN corrections instead of adding to it.
+    pub lr_schedule: LrSchedule,
+    /// Steps over which the learning rate decays, ending at the run's last step (0: every step
+    /// after the warm-up). A decay over the last part only keeps the peak rate longer
+    /// ("warm-up, stable, decay").
+    pub lr_decay_steps: u64,
+    /// The learning rate at the run's last step, as a fraction of `lr` (0).
+    pub lr_min_factor: f64,
     /// Clip the global gradient norm of the encoder and of the decoder (each on its own) to this
     /// (`torch.nn.utils.clip_grad_norm_`); `None`: no clipping (the recipe).
     pub grad_clip: Option<f64>,
@@ -156,10 +182,18 @@ pub struct RecipeConfig {
     pub disc_weight_decay: f64,
     /// Clip the discriminator's global gradient norm (`None`: no clipping, the recipe).
     pub disc_grad_clip: Option<f64>,
-    /// For this many first steps the discriminator trains but the decoder is not updated (its
-    /// corrections are meaningless while the discriminator is fresh). 0: the recipe; a few
-    /// hundred protect a pretrained decoder being fine-tuned with a fresh discriminator.
+    /// For this many steps (after the pixel warm-up, if any) the discriminator trains but the
+    /// decoder is not updated (its corrections are meaningless while the discriminator is
+    /// fresh). 0: the recipe; a few hundred protect a pretrained (or pixel-warmed) decoder from
+    /// a fresh discriminator.
     pub disc_warmup_steps: u64,
+    /// Pixel warm start of a decoder trained from scratch: for this many first steps the
+    /// decoder learns from the full-resolution `MSE(decoded, real)` alone, and the
+    /// discriminator, its corrections and the replay buffer are idle (a pixel step costs about
+    /// a third of a GAN step). An MSE decoder gets its colours and coarse structure in a few
+    /// thousand steps, which the GAN corrections (unit-std nudges) teach slowly; the GAN phase
+    /// then adds the detail an MSE decoder blurs. 0: the recipe (GAN from the first step).
+    pub pixel_warmup_steps: u64,
 
     /// Replay buffer of past fakes (with their latents) for the discriminator: capacity in
     /// samples (16384); entries are replaced at random once full. 0 disables it.
@@ -184,6 +218,9 @@ impl Default for RecipeConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             lr_warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
+            lr_decay_steps: 0,
+            lr_min_factor: 0.0,
             grad_clip: None,
             ema_decay: 0.999,
             ema_warmup: true,
@@ -199,6 +236,7 @@ impl Default for RecipeConfig {
             disc_weight_decay: 0.01,
             disc_grad_clip: None,
             disc_warmup_steps: 0,
+            pixel_warmup_steps: 0,
             replay_capacity: 16384,
             replay_fraction: 0.5,
             replay_dtype: ReplayDtype::F16,
@@ -242,6 +280,12 @@ impl RecipeConfig {
         pos("eps", self.eps)?;
         beta("betas", self.betas)?;
         nonneg("weight_decay", self.weight_decay)?;
+        if !(0.0..=1.0).contains(&self.lr_min_factor) {
+            bail!(
+                "recipe: lr_min_factor must be in [0, 1], got {}",
+                self.lr_min_factor
+            );
+        }
         if let Some(c) = self.grad_clip {
             pos("grad_clip", c)?;
         }
@@ -285,13 +329,42 @@ impl RecipeConfig {
         Ok(())
     }
 
-    /// Encoder/decoder learning rate at (0-based) step `step`, after warm-up.
-    pub fn lr_at(&self, step: u64) -> f64 {
-        if self.lr_warmup_steps == 0 || step >= self.lr_warmup_steps {
-            self.lr
-        } else {
-            self.lr * (step + 1) as f64 / self.lr_warmup_steps as f64
+    /// Encoder/decoder learning rate at (0-based) step `step` of a run whose last step is
+    /// `end` (`run.steps`; `None`: unknown, then a decaying schedule stays at `lr`).
+    pub fn lr_at(&self, step: u64, end: Option<u64>) -> f64 {
+        if self.lr_warmup_steps > 0 && step < self.lr_warmup_steps {
+            return self.lr * (step + 1) as f64 / self.lr_warmup_steps as f64;
         }
+        let Some(end) = end else { return self.lr };
+        let shape: fn(f64) -> f64 = match self.lr_schedule {
+            LrSchedule::Constant => return self.lr,
+            // Fraction of the decay done (0..=1) -> remaining fraction of the way to the floor.
+            LrSchedule::Cosine => |t| 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+            LrSchedule::Linear => |t| 1.0 - t,
+        };
+        let after_warmup = end.saturating_sub(self.lr_warmup_steps);
+        let span = match self.lr_decay_steps {
+            0 => after_warmup,
+            n => n.min(after_warmup),
+        };
+        let start = end - span;
+        if span == 0 || step < start {
+            return self.lr;
+        }
+        // Step `end - 1` (the last one) gets the floor exactly.
+        let t = ((step - start + 1) as f64 / span as f64).min(1.0);
+        self.lr * (self.lr_min_factor + (1.0 - self.lr_min_factor) * shape(t))
+    }
+
+    /// Whether the decoder learns from the pixel MSE alone at (0-based) `step`.
+    pub fn pixel_phase(&self, step: u64) -> bool {
+        step < self.pixel_warmup_steps
+    }
+
+    /// Whether the decoder is updated at (0-based) `step`: in the pixel warm-up, and after the
+    /// discriminator's warm-up that follows it.
+    pub fn decoder_updates(&self, step: u64) -> bool {
+        self.pixel_phase(step) || step >= self.pixel_warmup_steps + self.disc_warmup_steps
     }
 }
 
@@ -350,8 +423,57 @@ mod tests {
             lr_warmup_steps: 4,
             ..Default::default()
         };
-        assert_eq!(c.lr_at(0), 3e-4 * 0.25);
-        assert_eq!(c.lr_at(3), 3e-4);
-        assert_eq!(c.lr_at(100), 3e-4);
+        assert_eq!(c.lr_at(0, None), 3e-4 * 0.25);
+        assert_eq!(c.lr_at(3, None), 3e-4);
+        assert_eq!(c.lr_at(100, Some(200)), 3e-4);
+    }
+
+    #[test]
+    fn decaying_schedules_end_at_the_floor_of_the_last_step() {
+        let mut c = RecipeConfig {
+            lr: 1e-3,
+            lr_warmup_steps: 10,
+            lr_schedule: LrSchedule::Cosine,
+            lr_min_factor: 0.1,
+            ..Default::default()
+        };
+        // Warm-up first, then from the peak down to lr * 0.1 at step 109 (the 110th and last).
+        assert!((c.lr_at(0, Some(110)) - 1e-4).abs() < 1e-15);
+        assert!(c.lr_at(10, Some(110)) < 1e-3 && c.lr_at(10, Some(110)) > 0.99e-3);
+        assert!((c.lr_at(59, Some(110)) - 0.55e-3).abs() < 1e-12, "{}", c.lr_at(59, Some(110)));
+        assert!((c.lr_at(109, Some(110)) - 1e-4).abs() < 1e-15);
+        let lrs: Vec<f64> = (10..110).map(|s| c.lr_at(s, Some(110))).collect();
+        assert!(lrs.windows(2).all(|w| w[1] < w[0]), "monotone decay");
+        // Unknown end: no decay.
+        assert_eq!(c.lr_at(100, None), 1e-3);
+        // Linear over the last 20 steps only: the peak until then.
+        c.lr_schedule = LrSchedule::Linear;
+        c.lr_decay_steps = 20;
+        c.lr_min_factor = 0.0;
+        assert_eq!(c.lr_at(89, Some(110)), 1e-3);
+        assert!((c.lr_at(90, Some(110)) - 1e-3 * 19.0 / 20.0).abs() < 1e-15);
+        assert!((c.lr_at(99, Some(110)) - 0.5e-3).abs() < 1e-15);
+        assert_eq!(c.lr_at(109, Some(110)), 0.0);
+        // Past the end (a run extended on resume without a new end) stays at the floor.
+        assert_eq!(c.lr_at(500, Some(110)), 0.0);
+        // Constant ignores the end.
+        c.lr_schedule = LrSchedule::Constant;
+        assert_eq!(c.lr_at(109, Some(110)), 1e-3);
+    }
+
+    #[test]
+    fn pixel_then_disc_warmup_then_gan() {
+        let c = RecipeConfig {
+            pixel_warmup_steps: 3,
+            disc_warmup_steps: 2,
+            ..Default::default()
+        };
+        let phases: Vec<(bool, bool)> = (0..7).map(|s| (c.pixel_phase(s), c.decoder_updates(s))).collect();
+        assert_eq!(
+            phases,
+            [(true, true), (true, true), (true, true), (false, false), (false, false), (false, true), (false, true)]
+        );
+        let plain = RecipeConfig::default();
+        assert!(!plain.pixel_phase(0) && plain.decoder_updates(0));
     }
 }

@@ -140,6 +140,10 @@ pub struct Recipe {
     skipped: u64,
     precision: Precision,
     profile: Option<Profile>,
+    /// The run's last step (`run.steps`), where a decaying learning-rate schedule ends.
+    schedule_end: Option<u64>,
+    /// Whether [`Recipe::save_state`] writes the replay buffer (exact resume) or leaves it out.
+    save_replay: bool,
 }
 
 /// Where a step's time and memory go (`Recipe::set_profiling`): the device is synchronised at
@@ -552,7 +556,23 @@ impl Recipe {
             skipped: 0,
             precision: Precision::F32,
             profile: None,
+            schedule_end: None,
+            save_replay: true,
         })
+    }
+
+    /// The run's last step, where a decaying learning-rate schedule (`recipe.lr_schedule`)
+    /// ends; `None` (the default): no decay.
+    pub fn set_schedule_end(&mut self, steps: Option<u64>) {
+        self.schedule_end = steps;
+    }
+
+    /// Whether [`Recipe::save_state`] writes the replay buffer (the default: a resumed run then
+    /// continues exactly). Without it a checkpoint is small (no GiBs of past fakes) and a
+    /// resumed run's discriminator starts from an empty buffer, which refills from the fresh
+    /// fakes of each step (at batch 32, 16384 entries in 512 steps).
+    pub fn set_save_replay(&mut self, on: bool) {
+        self.save_replay = on;
     }
 
     /// Time the phases of the following steps (see [`Profile`]); `false` stops and drops it.
@@ -667,7 +687,8 @@ impl Recipe {
         let t_start = std::time::Instant::now();
         let (images, latents) = self.check_batch(batch)?;
         let step_idx = self.step;
-        let lr = self.cfg.lr_at(step_idx);
+        let lr = self.cfg.lr_at(step_idx, self.schedule_end);
+        let pixel_phase = self.cfg.pixel_phase(step_idx);
         let rng_before = self.rng.clone();
         let mut rb = Readback::default();
         let pc = self.precision;
@@ -732,7 +753,12 @@ impl Recipe {
                 mark(prof, &self.device, "decoder fwd")?;
                 let fake_d = fake.detach();
                 let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
-                if let Some(gan) = &self.gan {
+                let gan = if pixel_phase { None } else { self.gan.as_ref() };
+                if pixel_phase {
+                    // The pixel warm start: the full-resolution MSE alone.
+                    terms.push(("fullres_mse", 1.0, losses::mse(&fake, &images)?));
+                }
+                if let Some(gan) = gan {
                     let b = images.dim(0)?;
                     let n_replay = if gan.replay.capacity() > 0 {
                         ((b as f64 * self.cfg.replay_fraction).floor() as usize).min(b)
@@ -828,21 +854,21 @@ impl Recipe {
                     disc_commit = Some((prop, new_stats, plan, fake_d.clone()));
                 }
                 mark(prof, &self.device, "correction (2 disc fwd + input grad)")?;
-                if self.cfg.lowres_mse_weight > 0.0 {
+                if self.cfg.lowres_mse_weight > 0.0 && !pixel_phase {
                     terms.push((
                         "lowres_mse",
                         self.cfg.lowres_mse_weight,
                         losses::lowres_mse(&fake, &images, self.cfg.lowres_factor)?,
                     ));
                 }
-                if self.cfg.fullres_mse_weight > 0.0 {
+                if self.cfg.fullres_mse_weight > 0.0 && !pixel_phase {
                     terms.push((
                         "fullres_mse",
                         self.cfg.fullres_mse_weight,
                         losses::mse(&fake, &images)?,
                     ));
                 }
-                if let Some(fb) = &self.freq {
+                if let Some(fb) = self.freq.as_ref().filter(|_| !pixel_phase) {
                     terms.push((
                         "freq",
                         self.cfg.freq_weight,
@@ -861,7 +887,7 @@ impl Recipe {
                 let total = total.context("no decoder loss term is on")?;
                 rb.push(Kind::Loss, "decoder", total.detach());
                 rb.push(Kind::Loss, "decoder_mse", losses::mse(&fake_d, &images)?);
-                if step_idx >= self.cfg.disc_warmup_steps {
+                if self.cfg.decoder_updates(step_idx) {
                     let grads = total.backward()?;
                     let g = tr.opt.flat_gradients_with(&grads, Some(&dec_wg))?;
                     drop(grads);
@@ -1100,10 +1126,15 @@ impl Recipe {
                 t.extend(g.stats.to_map(&g.cfg));
                 state::write_tensors(dir, "disc.safetensors", &t)?;
                 state::write_tensors(dir, "optim_disc.safetensors", &g.opt.state_tensors()?)?;
-                g.replay.save(dir)?;
+                let replay_len = if self.save_replay {
+                    g.replay.save(dir)?;
+                    g.replay.len()
+                } else {
+                    0
+                };
                 Some(DiscState {
                     optimizer_steps: g.opt.step_count(),
-                    replay_len: g.replay.len(),
+                    replay_len,
                 })
             }
         };

@@ -37,7 +37,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-pub use config::{EncoderLoss, OptimizerKind, RecipeConfig, ReplayDtype};
+pub use config::{EncoderLoss, LrSchedule, OptimizerKind, RecipeConfig, ReplayDtype};
 pub use disc::{BnStats, DiscConfig, Discriminator};
 pub use engine::{Batch, ModelInit, Profile, Recipe, StepReport};
 pub use precision::Precision;
