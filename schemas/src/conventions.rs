@@ -67,10 +67,14 @@ impl PixelRange {
     }
 }
 
+/// The factor from 8-bit samples to the [0, 1] range: `v as f32 * UNIT_PER_U8`. Training
+/// batches travel to the GPU as 8-bit planes and are scaled there by this same f32 product.
+pub const UNIT_PER_U8: f32 = 1.0 / 255.0;
+
 /// An 8-bit sample to the [0, 1] range.
 #[inline]
 pub fn u8_to_unit(v: u8) -> f32 {
-    v as f32 * (1.0 / 255.0)
+    v as f32 * UNIT_PER_U8
 }
 
 /// A [0, 1] sample to 8 bits (rounded, clamped).

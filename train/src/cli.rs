@@ -30,6 +30,9 @@ pub struct TrainArgs {
     /// Sweep file: [base] plus [[runs]] entries (each with a `name`), each a run.
     #[arg(long, value_name = "TOML")]
     pub sweep: Option<PathBuf>,
+    /// Run only this entry of the sweep (repeatable), e.g. to run the entries in parallel.
+    #[arg(long, value_name = "NAME")]
+    pub only: Vec<String>,
     /// Override any setting: section.key=value (repeatable), e.g. --set recipe.lr=1e-4.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
@@ -67,6 +70,11 @@ pub struct TrainArgs {
     /// No progress bar or progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Stop training after this many seconds of this session (checkpoint as on Ctrl-C; continue
+    /// with --resume): one stint of a run longer than a machine is held. The run's end
+    /// (--steps) and its learning-rate schedule stay as they are.
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,7 +202,13 @@ fn overrides(a: &TrainArgs) -> Vec<String> {
 
 /// `train` (the runs). Returns the process exit code.
 pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
-    let req = PlanRequest { configs: a.configs.clone(), sweep: a.sweep.clone(), overrides: overrides(a), resume: a.resume };
+    let req = PlanRequest {
+        configs: a.configs.clone(),
+        sweep: a.sweep.clone(),
+        overrides: overrides(a),
+        resume: a.resume,
+        only: a.only.clone(),
+    };
     let plans = plan(&req, a.run_dir.as_deref())?;
     if a.print_config {
         for p in &plans {
@@ -214,7 +228,13 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         }
         return Ok(0);
     }
-    let opts = RunOptions { resume: a.resume, quiet: a.quiet, stop };
+    if let Some(t) = a.time_limit {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--time-limit {t}: give a positive number of seconds");
+        }
+    }
+    let time_limit = a.time_limit.map(std::time::Duration::from_secs_f64);
+    let opts = RunOptions { resume: a.resume, quiet: a.quiet, stop, time_limit };
     let mut outcomes: Vec<RunOutcome> = Vec::new();
     for (i, p) in plans.iter().enumerate() {
         if plans.len() > 1 && !a.quiet {
@@ -222,6 +242,10 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         }
         let o = crate::runner::run(p, &opts)?;
         print_outcome(&o);
+        if o.time_limit_reached {
+            // A stint ended as asked: not a failure.
+            return Ok(0);
+        }
         let stop = o.interrupted;
         outcomes.push(o);
         if stop {
@@ -251,8 +275,9 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
 fn print_outcome(o: &RunOutcome) {
     if o.interrupted {
         println!(
-            "run `{}` interrupted at step {}/{}; checkpoint saved. Continue with: train --resume --run-dir {}",
+            "run `{}` {} at step {}/{}; checkpoint saved. Continue with: train --resume --run-dir {}",
             o.name,
+            if o.time_limit_reached { "stopped at the time limit" } else { "interrupted" },
             o.step,
             o.steps,
             o.dir.display()
@@ -291,6 +316,8 @@ pub fn command(c: &Command) -> Result<i32> {
                 device: crate::device::open(device)?,
             };
             let rep = crate::eval::command(&args)?;
+            let files: Vec<String> = rep.model_files.iter().map(|p| p.display().to_string()).collect();
+            println!("ours: {}", files.join(", "));
             println!("{} images ({}), {} px, shards {}", rep.images, rep.split, rep.resolution, rep.shards.display());
             let rows: Vec<(String, crate::eval::Metrics)> = rep.models.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             print!("{}", crate::eval::table(&rows));

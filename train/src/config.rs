@@ -66,6 +66,65 @@ pub struct DataConfig {
     pub eval_batch_size: usize,
     /// Samples in each preview grid.
     pub preview_images: usize,
+    /// A crop / batch-size schedule: the run starts with these stages, in order, each for its
+    /// `steps`, then goes on with `crop` and `batch_size` above to the end. E.g. most of a
+    /// from-scratch run on 128 px crops of 256 px shards (about 3x the images/s of 256 px
+    /// crops on the GPU), then the last part at full size:
+    ///
+    /// ```toml
+    /// [[data.stages]]
+    /// steps = 20000
+    /// crop = 128
+    /// ```
+    ///
+    /// The loader restarts at each boundary at the same place in the row order, so a resumed run
+    /// stays exact; the replay buffer empties when the crop size changes (its fakes have the old
+    /// size). Evaluation always decodes the stored images whole.
+    pub stages: Vec<DataStage>,
+}
+
+/// One stage of [`DataConfig::stages`]: a stage's value left out is the one of `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataStage {
+    /// Steps of this stage.
+    pub steps: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+}
+
+/// What the loader serves at some step: `stage` is the index into [`DataConfig::stages`]
+/// (`stages.len()` for the rest of the run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageAt {
+    pub stage: usize,
+    /// `None`: the default crop (resolved from the shards).
+    pub crop: Option<u32>,
+    pub batch_size: usize,
+    /// First step (0-based) after this stage (`u64::MAX` for the last one).
+    pub until: u64,
+}
+
+impl DataConfig {
+    /// The stage in force at (0-based) `step`.
+    pub fn stage_at(&self, step: u64) -> StageAt {
+        let mut start = 0u64;
+        for (i, s) in self.stages.iter().enumerate() {
+            let until = start.saturating_add(s.steps);
+            if step < until {
+                return StageAt {
+                    stage: i,
+                    crop: s.crop.or(self.crop),
+                    batch_size: s.batch_size.unwrap_or(self.batch_size),
+                    until,
+                };
+            }
+            start = until;
+        }
+        StageAt { stage: self.stages.len(), crop: self.crop, batch_size: self.batch_size, until: u64::MAX }
+    }
 }
 
 impl Default for DataConfig {
@@ -83,6 +142,7 @@ impl Default for DataConfig {
             eval_max_images: 128,
             eval_batch_size: 8,
             preview_images: 6,
+            stages: Vec::new(),
         }
     }
 }
@@ -123,6 +183,12 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept (older ones are deleted once a newer one is complete).
     pub keep_checkpoints: usize,
+    /// Save the discriminator's replay buffer in checkpoints (default): a resumed run then
+    /// continues exactly as an uninterrupted one. `false` leaves it out (at 256 px the buffer is
+    /// up to 7 GiB; without it a checkpoint is a few tens of MB and can leave a machine): a
+    /// resumed run's buffer then starts empty and refills from each step's fakes, so its
+    /// discriminator sees fewer old fakes for `replay_capacity / batch_size` steps.
+    pub checkpoint_replay: bool,
     /// Preview grid + loss curve every N steps (0 = only at the end).
     pub preview_every: u64,
     /// Held-out evaluation every N steps (also at step 0 and at the end; 0 = only those).
@@ -148,6 +214,7 @@ impl Default for RunConfig {
             precision: "f32".into(),
             checkpoint_every: 1000,
             keep_checkpoints: 3,
+            checkpoint_replay: true,
             preview_every: 500,
             eval_every: 5000,
             log_every: 10,
@@ -180,6 +247,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "run.precision",
     "run.checkpoint_every",
     "run.keep_checkpoints",
+    "run.checkpoint_replay",
     "run.preview_every",
     "run.eval_every",
     "run.log_every",
@@ -224,6 +292,11 @@ impl TrainConfig {
         ensure!((0.0..1.0).contains(&d.eval_fraction), "data.eval_fraction = {} must be in [0, 1)", d.eval_fraction);
         if let Some(c) = d.crop {
             ensure!(c > 0, "data.crop must be positive");
+        }
+        for (i, st) in d.stages.iter().enumerate() {
+            ensure!(st.steps >= 1, "data.stages[{i}].steps must be at least 1");
+            ensure!(st.crop != Some(0), "data.stages[{i}].crop must be positive");
+            ensure!(st.batch_size != Some(0), "data.stages[{i}].batch_size must be at least 1");
         }
         let r = &self.run;
         ensure!(r.log_every >= 1, "run.log_every must be at least 1");
@@ -368,6 +441,8 @@ pub struct PlanRequest {
     pub overrides: Vec<String>,
     /// `--resume`: with no `--config`, the run folder's saved config is the base.
     pub resume: bool,
+    /// `--only`: run just these entries of the sweep (by name; empty: all).
+    pub only: Vec<String>,
 }
 
 /// One run of a command.
@@ -447,16 +522,28 @@ pub fn plan(req: &PlanRequest, run_dir_flag: Option<&Path>) -> Result<Vec<RunPla
     }
     let sweep = req.sweep.as_deref().map(Sweep::load).transpose()?;
     let entries: Vec<(Option<String>, toml::Table)> = match &sweep {
-        None => vec![(None, toml::Table::new())],
-        Some(s) => s
-            .runs
-            .iter()
-            .map(|(n, t)| {
-                let mut m = s.base.clone();
-                merge(&mut m, t);
-                (Some(n.clone()), m)
-            })
-            .collect(),
+        None => {
+            ensure!(req.only.is_empty(), "--only names sweep entries: pass --sweep FILE too");
+            vec![(None, toml::Table::new())]
+        }
+        Some(s) => {
+            for o in &req.only {
+                ensure!(
+                    s.runs.iter().any(|(n, _)| n == o),
+                    "--only {o}: the sweep has no entry `{o}` (it has {})",
+                    s.runs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+            s.runs
+                .iter()
+                .filter(|(n, _)| req.only.is_empty() || req.only.contains(n))
+                .map(|(n, t)| {
+                    let mut m = s.base.clone();
+                    merge(&mut m, t);
+                    (Some(n.clone()), m)
+                })
+                .collect()
+        }
     };
     let overrides = req.overrides.iter().map(|s| parse_override(s)).collect::<Result<Vec<_>>>()?;
 
@@ -611,6 +698,12 @@ mod tests {
         assert!(format!("{e:#}").contains("no `name`"), "{e:#}");
         let dup = write(dir.path(), "dup.toml", "[[runs]]\nname = \"x\"\n[[runs]]\nname = \"x\"\n");
         assert!(format!("{:#}", Sweep::load(&dup).unwrap_err()).contains("two runs are named `x`"));
+        // --only picks entries by name, and names a missing one.
+        let req_only = PlanRequest { only: vec!["hi".into()], ..req.clone() };
+        let p = plan(&req_only, None).unwrap();
+        assert_eq!((p.len(), p[0].name.as_str(), p[0].config.run.steps), (1, "hi", 12));
+        let e = plan(&PlanRequest { only: vec!["mid".into()], ..req.clone() }, None).unwrap_err().to_string();
+        assert!(e.contains("no entry `mid`") && e.contains("lo, hi"), "{e}");
         let typo = write(dir.path(), "typo.toml", "[[runs]]\nname = \"x\"\ndata.bach_size = 1\n");
         let e = plan(&PlanRequest { sweep: Some(typo), ..Default::default() }, None).unwrap_err();
         assert!(format!("{e:#}").contains("bach_size") && format!("{e:#}").contains("sweep entry `x`"), "{e:#}");
@@ -633,6 +726,30 @@ mod tests {
         let p = plan(&req, Some(&run)).unwrap();
         assert_eq!(p[0].config.run.steps, 50);
         assert_eq!(p[0].config.data.shards.as_deref(), Some(shards.as_path()));
+    }
+
+    #[test]
+    fn stages_come_first_then_the_data_section() {
+        let t: toml::Table = "[data]\ncrop = 256\nbatch_size = 32\n[[data.stages]]\nsteps = 10\ncrop = 128\nbatch_size = 64\n\
+                              [[data.stages]]\nsteps = 5\ncrop = 192\n"
+            .parse()
+            .unwrap();
+        let c = TrainConfig::from_table(t).unwrap();
+        let d = &c.data;
+        assert_eq!(d.stage_at(0), StageAt { stage: 0, crop: Some(128), batch_size: 64, until: 10 });
+        assert_eq!(d.stage_at(9).stage, 0);
+        assert_eq!(d.stage_at(10), StageAt { stage: 1, crop: Some(192), batch_size: 32, until: 15 });
+        assert_eq!(d.stage_at(15), StageAt { stage: 2, crop: Some(256), batch_size: 32, until: u64::MAX });
+        assert_eq!(d.stage_at(1_000_000).stage, 2);
+        // Round trip through the resolved config's TOML.
+        let back = TrainConfig::from_table(c.to_toml().unwrap().parse().unwrap()).unwrap();
+        assert_eq!(back, c);
+        // No stages: the data section throughout.
+        assert_eq!(DataConfig::default().stage_at(0).batch_size, 16);
+        let e = TrainConfig::from_table("[[data.stages]]\nsteps = 0\n".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("data.stages[0].steps"), "{e}");
+        let e = TrainConfig::from_table("[[data.stages]]\nsteps = 3\ncrops = 1\n".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("crops"), "{e}");
     }
 
     #[test]

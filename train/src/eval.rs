@@ -81,7 +81,7 @@ impl EvalSet {
         }
         let n = rows.len();
         Ok((
-            Tensor::from_vec(images, (n, 3, h, w), &Device::Cpu)?.to_device(device)?,
+            crate::sample::images_to_unit(&Tensor::from_vec(images, (n, 3, h, w), &Device::Cpu)?.to_device(device)?)?,
             Tensor::from_vec(latents, (n, c, lh, lw), &Device::Cpu)?.to_device(device)?,
         ))
     }
@@ -339,6 +339,9 @@ pub struct EvalArgs {
 /// The report of `train eval`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// The weights evaluated as "ours" (for a run folder: the newer of its export and its
+    /// latest checkpoint).
+    pub model_files: Vec<std::path::PathBuf>,
     pub shards: std::path::PathBuf,
     pub split: String,
     pub images: usize,
@@ -377,6 +380,7 @@ pub fn command(a: &EvalArgs) -> Result<EvalReport> {
             Split::HeldOut(f) => format!("held-out ({f})"),
         }
     );
+    let model_files = crate::models::checkpoint_files(&a.model)?;
     let model = crate::models::load(&a.model, variant, &a.device)?;
     let reference_path = a.reference.clone().or_else(|| run_cfg.as_ref().and_then(|c| c.model.reference_decoder.clone()));
     let reference = match &reference_path {
@@ -397,6 +401,7 @@ pub fn command(a: &EvalArgs) -> Result<EvalReport> {
         models.insert("reference".to_string(), evaluate(&eval_set, &s, a.batch_size, &a.device)?);
     }
     Ok(EvalReport {
+        model_files,
         shards,
         split: match split {
             Split::All => "all".into(),

@@ -39,11 +39,11 @@ pub struct LoaderConfig {
     pub seed: u64,
 }
 
-/// A batch on the host, planar f32.
+/// A batch on the host, planar.
 #[derive(Debug, Clone)]
 pub struct HostBatch {
-    /// `[B, 3, crop, crop]` in [0, 1].
-    pub images: Vec<f32>,
+    /// `[B, 3, crop, crop]` 8-bit samples (see [`crate::sample::images_to_unit`]).
+    pub images: Vec<u8>,
     /// `[B, C, crop/s, crop/s]`.
     pub latents: Vec<f32>,
     pub batch: usize,
@@ -58,10 +58,12 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
-    /// `(images, latents)` on `device`.
+    /// `(images, latents)` on `device`, images f32 in [0, 1]: they travel as 8-bit samples and
+    /// are scaled on the device.
     pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
         let [c, h, w] = self.latent_shape;
         let images = Tensor::from_slice(&self.images, (self.batch, 3, self.crop, self.crop), &Device::Cpu)?.to_device(device)?;
+        let images = crate::sample::images_to_unit(&images)?;
         let latents = Tensor::from_slice(&self.latents, (self.batch, c, h, w), &Device::Cpu)?.to_device(device)?;
         Ok((images, latents))
     }

@@ -1,8 +1,12 @@
 //! `metrics.jsonl` of a run: one JSON object per line, each with a `type`:
 //!
 //! * `train`: `step`, `epoch`, `lr`, `losses` and `grad_norms` (means over the steps since the
-//!   previous line), `images_per_s`, `steps_per_s`, `data_wait` (fraction of the interval spent
-//!   waiting for the loader), `skipped_total`, `images_seen`, `elapsed_s`.
+//!   previous line), `images_per_s`, `steps_per_s` (wall clock, pauses for evaluation and
+//!   previews included), `data_wait` (fraction of the interval spent waiting for the loader),
+//!   `time_fractions` (fraction of the interval in each part of the loop: `loader_wait`,
+//!   `upload` (batch to the device), `step` (the training step, its readback included),
+//!   `pauses` (evaluation, previews, checkpoints, metrics); the rest is unaccounted),
+//!   `skipped_total`, `images_seen`, `elapsed_s`.
 //! * `skip`: `step`, `reason` — a step the NaN/inf guard skipped.
 //! * `eval`: `step`, `model` (`ema`, `raw`, `reference`) and the [`crate::eval::Metrics`] fields.
 //! * `checkpoint`, `preview`, `export`, `start`, `end`: `step` and what was written.
@@ -72,13 +76,21 @@ pub struct Interval {
     grads: BTreeMap<String, (f64, u64)>,
     steps: u64,
     images: u64,
-    wait: f64,
+    /// Seconds per part of the loop (`loader_wait`, `upload`, `step`, `pauses`).
+    times: BTreeMap<&'static str, f64>,
     start: Instant,
 }
 
 impl Default for Interval {
     fn default() -> Self {
-        Interval { losses: BTreeMap::new(), grads: BTreeMap::new(), steps: 0, images: 0, wait: 0.0, start: Instant::now() }
+        Interval {
+            losses: BTreeMap::new(),
+            grads: BTreeMap::new(),
+            steps: 0,
+            images: 0,
+            times: BTreeMap::new(),
+            start: Instant::now(),
+        }
     }
 }
 
@@ -98,17 +110,21 @@ fn means(map: &BTreeMap<String, (f64, u64)>) -> Value {
 
 impl Interval {
     /// A finished (not skipped) step.
-    pub fn add_step(&mut self, losses: &BTreeMap<String, f64>, grads: &BTreeMap<String, f64>, images: u64, wait_s: f64) {
+    pub fn add_step(&mut self, losses: &BTreeMap<String, f64>, grads: &BTreeMap<String, f64>, images: u64) {
         add(&mut self.losses, losses);
         add(&mut self.grads, grads);
-        self.count(images, wait_s);
+        self.count(images);
     }
 
     /// A step that consumed a batch (skipped or not).
-    pub fn count(&mut self, images: u64, wait_s: f64) {
+    pub fn count(&mut self, images: u64) {
         self.steps += 1;
         self.images += images;
-        self.wait += wait_s;
+    }
+
+    /// Time spent in one part of the loop (`loader_wait`, `upload`, `step`, `pauses`).
+    pub fn time(&mut self, part: &'static str, seconds: f64) {
+        *self.times.entry(part).or_insert(0.0) += seconds;
     }
 
     pub fn steps(&self) -> u64 {
@@ -128,7 +144,8 @@ impl Interval {
             "grad_norms": means(&self.grads),
             "images_per_s": self.images as f64 / secs,
             "steps_per_s": self.steps as f64 / secs,
-            "data_wait": (self.wait / secs).min(1.0),
+            "data_wait": (self.times.get("loader_wait").copied().unwrap_or(0.0) / secs).min(1.0),
+            "time_fractions": Value::Object(self.times.iter().map(|(k, t)| (k.to_string(), json!((t / secs).min(1.0)))).collect()),
         });
         *self = Interval::default();
         v
@@ -152,7 +169,8 @@ mod tests {
         let mut iv = Interval::default();
         for s in 1..=4u64 {
             let l = BTreeMap::from([("decoder".to_string(), s as f64)]);
-            iv.add_step(&l, &BTreeMap::new(), 2, 0.0);
+            iv.add_step(&l, &BTreeMap::new(), 2);
+            iv.time("step", 0.0);
             if s % 2 == 0 {
                 log.write("train", s, iv.take()).unwrap();
             }
@@ -164,6 +182,8 @@ mod tests {
         assert_eq!(lines[1]["losses"]["decoder"], 3.5);
         assert_eq!(lines[1]["step"], 4);
         assert!(lines[0]["images_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(lines[0]["time_fractions"]["step"], 0.0);
+        assert_eq!(lines[0]["data_wait"], 0.0);
         drop(log);
         let mut log = MetricsLog::open(dir.path(), Some(2)).unwrap();
         log.write("train", 3, json!({})).unwrap();

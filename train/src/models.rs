@@ -1,6 +1,6 @@
 //! Finding and loading a model for the preview commands and evaluation: any checkpoint
-//! `taesd::load_checkpoint` reads, a run folder (its final export), or one of a run's
-//! checkpoints (its EMA weights).
+//! `taesd::load_checkpoint` reads, a run folder (the newer of its export and its latest
+//! checkpoint), or one of a run's checkpoints (its EMA weights).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -12,19 +12,53 @@ pub fn export_dir(run_dir: &Path, layout: taesd::Layout) -> PathBuf {
     run_dir.join("export").join(layout.name())
 }
 
+/// `export/export.json` of a run folder: which step the export holds.
+pub const EXPORT_INFO: &str = "export.json";
+
+/// What `export/export.json` says.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExportInfo {
+    /// The step whose EMA weights were exported.
+    pub step: u64,
+    pub files: Vec<PathBuf>,
+}
+
+/// The step of a run folder's export: from `export/export.json`, else (runs from before it
+/// existed) unknown.
+fn export_step(run_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run_dir.join("export").join(EXPORT_INFO)).ok()?;
+    serde_json::from_str::<ExportInfo>(&text).ok().map(|i| i.step)
+}
+
+/// Which weights a run folder stands for: its latest checkpoint when that is newer than the
+/// export (a run resumed and trained on, or stopped before its end), else the export.
+pub fn run_model(run_dir: &Path) -> Result<PathBuf> {
+    let export = export_dir(run_dir, taesd::Layout::TaesdPy);
+    let latest = crate::checkpoint::latest(run_dir)?;
+    match (export.is_dir(), latest) {
+        (true, Some((step, ck))) => match export_step(run_dir) {
+            Some(e) if e >= step => Ok(export),
+            Some(_) => Ok(ck),
+            // An export without its step: the newer folder wins.
+            None => {
+                let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+                Ok(if mtime(&ck) > mtime(&export) { ck } else { export })
+            }
+        },
+        (true, None) => Ok(export),
+        (false, Some((_, ck))) => Ok(ck),
+        (false, None) => bail!("run folder {} has neither an export nor a checkpoint yet", run_dir.display()),
+    }
+}
+
 /// The checkpoint files `path` stands for.
 pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_dir() {
-        // A run folder: its export, else its latest checkpoint.
+        // A run folder: the newer of its export and its latest checkpoint.
         if path.join(crate::config::RESOLVED_CONFIG).is_file() {
-            let export = export_dir(path, taesd::Layout::TaesdPy);
-            if export.is_dir() {
-                return Ok(vec![export]);
-            }
-            if let Some((_, ck)) = crate::checkpoint::latest(path)? {
-                return checkpoint_files(&ck);
-            }
-            bail!("run folder {} has neither an export nor a checkpoint yet", path.display());
+            let m = run_model(path)?;
+            tracing::info!("{}: using {}", path.display(), m.display());
+            return if m.join(crate::checkpoint::RECIPE_DIR).is_dir() { checkpoint_files(&m) } else { Ok(vec![m]) };
         }
         // A checkpoint of a run: its EMA weights.
         let state = path.join(crate::checkpoint::RECIPE_DIR);

@@ -13,7 +13,7 @@
 //! ```
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{differences, RunPlan, TrainConfig, RESOLVED_CONFIG, RESUME_MAY_CHANGE};
+use crate::config::{differences, RunPlan, StageAt, TrainConfig, RESOLVED_CONFIG, RESUME_MAY_CHANGE};
 use crate::dataset::ShardSet;
 use crate::eval::{evaluate, EvalSet, Metrics, Split, Subject};
 use crate::loader::{Loader, LoaderConfig};
@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Set by Ctrl-C / SIGTERM: checkpoint and stop.
     pub stop: Arc<AtomicBool>,
+    /// Stop this session's training loop after this long (checkpoint, as on Ctrl-C; continue
+    /// with `--resume`): one stint of a run longer than a machine is held.
+    pub time_limit: Option<std::time::Duration>,
 }
 
 /// What a run did.
@@ -50,6 +53,8 @@ pub struct RunOutcome {
     pub step: u64,
     pub steps: u64,
     pub interrupted: bool,
+    /// The stop came from `RunOptions::time_limit` (not Ctrl-C).
+    pub time_limit_reached: bool,
     pub resumed_from: Option<u64>,
     pub skipped_steps: u64,
     /// Steps per second of this session's training loop.
@@ -101,6 +106,11 @@ pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
     );
     let crop = config.data.crop.unwrap_or_else(|| (256.min(set.resolution) / scale) * scale);
     check_crop(crop, set.resolution, scale).context("data.crop")?;
+    for (i, st) in config.data.stages.iter().enumerate() {
+        if let Some(c) = st.crop {
+            check_crop(c, set.resolution, scale).with_context(|| format!("data.stages[{i}].crop"))?;
+        }
+    }
     let recipe: RecipeConfig =
         config.recipe.clone().try_into().map_err(|e: toml::de::Error| anyhow!("[recipe]: {}", e.to_string().trim()))?;
     recipe.validate()?;
@@ -137,13 +147,19 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Compare a resumed run's configuration with the one it was started with.
-fn check_resume_config(run_dir: &Path, now: &TrainConfig) -> Result<()> {
+/// Compare a resumed run's configuration with the one it was started with. Returns the
+/// differences that are allowed, as `key: old -> new` lines (said aloud by the caller).
+fn check_resume_config(run_dir: &Path, now: &TrainConfig) -> Result<Vec<String>> {
     let p = run_dir.join(RESOLVED_CONFIG);
     if !p.is_file() {
-        return Ok(());
+        return Ok(vec![]);
     }
     let saved = crate::config::read_table(&p)?;
+    let allowed: Vec<String> = differences(&saved, &now.to_table()?)
+        .into_iter()
+        .filter(|(k, _)| RESUME_MAY_CHANGE.contains(&k.as_str()))
+        .map(|(_, d)| d)
+        .collect();
     let diffs: Vec<String> = differences(&saved, &now.to_table()?)
         .into_iter()
         .filter(|(k, _)| !RESUME_MAY_CHANGE.contains(&k.as_str()) && k != "data.shards")
@@ -157,7 +173,7 @@ fn check_resume_config(run_dir: &Path, now: &TrainConfig) -> Result<()> {
             RESUME_MAY_CHANGE.join(", ")
         );
     }
-    Ok(())
+    Ok(allowed)
 }
 
 /// Models evaluated in a run, by name.
@@ -196,8 +212,9 @@ fn write_preview(
     crate::preview::write(path, &samples.0, &samples.1, &m)
 }
 
-/// Export the EMA weights in each configured layout under `export/`.
-fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
+/// Export the EMA weights in each configured layout under `export/`, and say in
+/// `export/export.json` which step they are of.
+fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path, step: u64) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let mut files = Vec::new();
     let mut notes = Vec::new();
     let name = r.variant.map(|v| v.name().to_string()).unwrap_or_else(|| format!("taesd-c{}", r.model.latent_channels));
@@ -224,6 +241,8 @@ fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path) -> Result<(Vec<PathBuf>
         std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
         files.extend(written.iter().map(|p| final_dir.join(p.strip_prefix(&tmp).unwrap_or(p))));
     }
+    let info = crate::models::ExportInfo { step, files: files.clone() };
+    write_atomic(&run_dir.join("export").join(crate::models::EXPORT_INFO), &serde_json::to_string_pretty(&info)?)?;
     Ok((files, notes))
 }
 
@@ -240,6 +259,12 @@ fn progress_bar(steps: u64, start: u64, quiet: bool) -> ProgressBar {
     pb
 }
 
+fn describe_stage(s: &StageAt, default_crop: u32, stages: usize) -> String {
+    let until = if s.until == u64::MAX { "the end".to_string() } else { format!("step {}", s.until) };
+    let which = if s.stage < stages { format!("data stage {}/{stages}", s.stage + 1) } else { "the last data stage".into() };
+    format!("{which}: crop {}, batch {} until {until}", s.crop.unwrap_or(default_crop), s.batch_size)
+}
+
 fn short_losses(v: &[(String, f64)]) -> String {
     v.iter().map(|(k, x)| format!("{k} {x:.4}")).collect::<Vec<_>>().join(", ")
 }
@@ -252,9 +277,10 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;
     checkpoint::clean_temp(&run_dir)?;
     let latest = checkpoint::latest(&run_dir)?;
+    let mut resume_changes = Vec::new();
     let resume_from = match (&latest, opts.resume) {
         (Some((s, p)), true) => {
-            check_resume_config(&run_dir, cfg)?;
+            resume_changes = check_resume_config(&run_dir, cfg)?;
             Some((*s, p.clone()))
         }
         (None, true) => {
@@ -272,6 +298,8 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
     let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
     let mut recipe = Recipe::new(&r.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
     recipe.set_precision(crate::recipe::Precision::parse(&cfg.run.precision).context("run.precision")?);
+    recipe.set_schedule_end(Some(cfg.run.steps));
+    recipe.set_save_replay(cfg.run.checkpoint_replay);
     let mut ts = TrainerState {
         step: 0,
         data_position: Position::default(),
@@ -330,10 +358,11 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         None => None,
     };
 
-    let loader_cfg = LoaderConfig {
-        batch_size: cfg.data.batch_size,
+    // The loader's settings in the data stage of a step (`data.stages`).
+    let loader_cfg = |stage: &StageAt| LoaderConfig {
+        batch_size: stage.batch_size,
         sample: SampleSpec {
-            crop: r.crop,
+            crop: stage.crop.unwrap_or(r.crop),
             scale: r.model.spatial_scale() as u32,
             hflip: cfg.data.hflip && !r.set.flipped,
             sample_posterior: cfg.data.sample_posterior,
@@ -364,6 +393,12 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
             if resume_from.is_some() { " (resumed)" } else { "" }
         ),
     );
+    for change in &resume_changes {
+        say(&pb, format!("resumed with a changed setting: {change}"));
+        if change.starts_with("run.steps:") && r.recipe.lr_schedule != crate::recipe::LrSchedule::Constant {
+            say(&pb, format!("note: the learning rate ({:?} schedule) now decays towards step {total}", r.recipe.lr_schedule));
+        }
+    }
     if r.recipe.train_encoder && r.crop < r.set.resolution && r.recipe.encoder_margin == 0 {
         say(
             &pb,
@@ -423,7 +458,11 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         }
     }
 
-    let mut loader = Loader::start(r.set.clone(), loader_cfg, ts.data_position)?;
+    let mut stage = cfg.data.stage_at(ts.step);
+    let mut loader = Loader::start(r.set.clone(), loader_cfg(&stage), ts.data_position)?;
+    if !cfg.data.stages.is_empty() {
+        say(&pb, describe_stage(&stage, r.crop, cfg.data.stages.len()));
+    }
     let mut interval = Interval::default();
     let mut last_ckpt = resume_from.as_ref().map(|(s, _)| *s);
     let session_start = ts.step;
@@ -435,29 +474,45 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         Ok(p)
     };
     let mut interrupted = false;
+    let mut time_limit_reached = false;
     while ts.step < total {
-        if opts.stop.load(Ordering::SeqCst) {
+        time_limit_reached = opts.time_limit.is_some_and(|l| t0.elapsed() >= l);
+        if opts.stop.load(Ordering::SeqCst) || time_limit_reached {
             interrupted = true;
             break;
         }
+        if ts.step >= stage.until {
+            // The next data stage: the loader restarts where the last one stopped.
+            stage = cfg.data.stage_at(ts.step);
+            drop(loader);
+            loader = Loader::start(r.set.clone(), loader_cfg(&stage), ts.data_position)?;
+            let crop = stage.crop.unwrap_or(r.crop);
+            log.write("stage", ts.step, json!({"stage": stage.stage, "crop": crop, "batch_size": stage.batch_size}))?;
+            say(&pb, format!("step {}: {}", ts.step, describe_stage(&stage, r.crop, cfg.data.stages.len())));
+        }
         let tw = Instant::now();
         let hb = loader.next_batch()?;
+        let loaded = tw.elapsed().as_secs_f64();
         let (images, latents) = hb.to_tensors(&device)?;
-        let wait = tw.elapsed().as_secs_f64();
-        let step_t = Instant::now();
+        let uploaded = tw.elapsed().as_secs_f64();
         let report = recipe.step(&Batch { images, latents }).with_context(|| format!("training step {}", ts.step + 1))?;
-        ts.train_seconds += step_t.elapsed().as_secs_f64() + wait;
+        let stepped = tw.elapsed().as_secs_f64();
+        interval.time("loader_wait", loaded);
+        interval.time("upload", uploaded - loaded);
+        interval.time("step", stepped - uploaded);
+        ts.train_seconds += stepped;
         ts.step = recipe.step_count();
         ts.data_position = hb.next;
         ts.images_seen += hb.batch as u64;
+        let pause = Instant::now();
         match &report.skipped {
             Some(why) => {
                 ts.skipped_steps += 1;
-                interval.count(hb.batch as u64, wait);
+                interval.count(hb.batch as u64);
                 log.write("skip", ts.step, json!({"reason": why, "skipped_total": ts.skipped_steps}))?;
                 say(&pb, format!("step {}: skipped ({why})", ts.step));
             }
-            None => interval.add_step(&report.losses, &report.grad_norms, hb.batch as u64, wait),
+            None => interval.add_step(&report.losses, &report.grad_norms, hb.batch as u64),
         }
         pb.set_position(ts.step);
         if every(cfg.run.log_every, ts.step) || ts.step == total {
@@ -485,6 +540,7 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         if every(cfg.run.eval_every, ts.step) && ts.step < total {
             last_eval = eval_now(&recipe, &mut log, ts.step, false)?;
         }
+        interval.time("pauses", pause.elapsed().as_secs_f64());
     }
     drop(loader);
     let session_steps = ts.step - session_start;
@@ -498,7 +554,7 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
             preview_now(&recipe, &mut log, ts.step)?;
         }
         last_eval = eval_now(&recipe, &mut log, ts.step, true)?;
-        let (files, notes) = export(&recipe, &r, &run_dir)?;
+        let (files, notes) = export(&recipe, &r, &run_dir, ts.step)?;
         for n in notes {
             say(&pb, n);
         }
@@ -515,6 +571,7 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         step: ts.step,
         steps: total,
         interrupted,
+        time_limit_reached,
         resumed_from: resume_from.map(|(s, _)| s),
         skipped_steps: ts.skipped_steps,
         steps_per_s,

@@ -27,10 +27,11 @@ impl SampleSpec {
     }
 }
 
-/// A decoded sample, planar f32: image `[3, crop, crop]` in [0, 1], latent `[C, crop/s, crop/s]`.
+/// A decoded sample, planar: image `[3, crop, crop]` as 8-bit samples (to [0, 1] with
+/// [`images_to_unit`]), latent `[C, crop/s, crop/s]` f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
-    pub image: Vec<f32>,
+    pub image: Vec<u8>,
     pub latent: Vec<f32>,
     /// What was chosen: crop offset in pixels and whether it was mirrored.
     pub x: u32,
@@ -65,9 +66,9 @@ pub fn make_sample(row: &ShardRow, spec: &SampleSpec, rng: &mut impl Rng) -> Res
     let (x, y) = (x_cell * s, y_cell * s);
     let n = spec.crop as usize;
 
-    // Image: HWC u8 -> CHW f32 in [0, 1], cropped and maybe mirrored, in one pass.
+    // Image: HWC -> CHW, cropped and maybe mirrored, in one pass.
     let raw = img.as_raw();
-    let mut image = vec![0f32; 3 * n * n];
+    let mut image = vec![0u8; 3 * n * n];
     let (r_plane, rest) = image.split_at_mut(n * n);
     let (g_plane, b_plane) = rest.split_at_mut(n * n);
     for row_i in 0..n {
@@ -76,9 +77,9 @@ pub fn make_sample(row: &ShardRow, spec: &SampleSpec, rng: &mut impl Rng) -> Res
             let src_col = if flipped { x as usize + n - 1 - col_i } else { x as usize + col_i };
             let p = (src_row + src_col) * 3;
             let o = row_i * n + col_i;
-            r_plane[o] = taesd_schemas::conventions::u8_to_unit(raw[p]);
-            g_plane[o] = taesd_schemas::conventions::u8_to_unit(raw[p + 1]);
-            b_plane[o] = taesd_schemas::conventions::u8_to_unit(raw[p + 2]);
+            r_plane[o] = raw[p];
+            g_plane[o] = raw[p + 1];
+            b_plane[o] = raw[p + 2];
         }
     }
 
@@ -113,15 +114,22 @@ pub fn make_sample(row: &ShardRow, spec: &SampleSpec, rng: &mut impl Rng) -> Res
     Ok(Sample { image, latent, x, y, flipped })
 }
 
+/// `[B, 3, H, W]` 8-bit images (uploaded as they are: a quarter of the bytes of f32) to f32 in
+/// [0, 1] on their device, by [`taesd_schemas::conventions::u8_to_unit`]'s arithmetic.
+pub fn images_to_unit(images: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    let scale = candle_core::Tensor::new(taesd_schemas::conventions::UNIT_PER_U8, images.device())?;
+    images.to_dtype(candle_core::DType::F32)?.broadcast_mul(&scale)
+}
+
 /// The whole stored image and latent, unchanged (evaluation and previews).
 pub fn full_sample(row: &ShardRow) -> Result<Sample> {
     let img = decode_stored_image(&row.image).with_context(|| format!("row `{}` ({})", row.key, row.source))?;
     let (w, h) = img.dimensions();
     let plane = (w * h) as usize;
-    let mut image = vec![0f32; 3 * plane];
+    let mut image = vec![0u8; 3 * plane];
     for (i, px) in img.pixels().enumerate() {
         for ch in 0..3 {
-            image[ch * plane + i] = taesd_schemas::conventions::u8_to_unit(px.0[ch]);
+            image[ch * plane + i] = px.0[ch];
         }
     }
     Ok(Sample { image, latent: row.latent.clone(), x: 0, y: 0, flipped: false })
@@ -182,10 +190,9 @@ pub(crate) mod tests {
             }
             // Pixel (col 0, row 0) of the crop comes from source x = x (or x + 15 mirrored).
             let src_x = if s.flipped { s.x + 15 } else { s.x };
-            let unit = taesd_schemas::conventions::u8_to_unit;
-            assert_eq!(s.image[0], unit((src_x * 4) as u8));
-            assert_eq!(s.image[16 * 16], unit((s.y * 4) as u8));
-            assert_eq!(s.image[2 * 16 * 16], unit(7));
+            assert_eq!(s.image[0], (src_x * 4) as u8);
+            assert_eq!(s.image[16 * 16], (s.y * 4) as u8);
+            assert_eq!(s.image[2 * 16 * 16], 7);
         }
         assert!(seen_flip[0] && seen_flip[1]);
         let a = make_sample(&row, &spec, &mut rng(0, tag::SAMPLE, &[0, 3])).unwrap();
@@ -207,6 +214,16 @@ pub(crate) mod tests {
         assert_eq!(make_sample(&test_row("a", true), &off, &mut rng(0, tag::SAMPLE, &[1])).unwrap().latent, mean);
         let full = full_sample(&test_row("a", true)).unwrap();
         assert_eq!((full.image.len(), full.latent), (3 * 32 * 32, mean));
+    }
+
+    #[test]
+    fn images_scale_to_unit_as_the_convention() {
+        let v: Vec<u8> = (0..=255).collect();
+        let t = candle_core::Tensor::from_vec(v.clone(), (1, 1, 16, 16), &candle_core::Device::Cpu).unwrap();
+        let got: Vec<f32> = images_to_unit(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = v.iter().map(|&x| taesd_schemas::conventions::u8_to_unit(x)).collect();
+        assert_eq!(got, want);
+        assert_eq!((got[0], got[255]), (0.0, 1.0));
     }
 
     #[test]
