@@ -364,3 +364,59 @@ fn clear_errors_for_bad_settings() {
     let e = stderr(&run("train", &["--steps", "1", "--run-dir", s(&r), "--device", "cpu"], false));
     assert!(e.contains("--shards"), "{e}");
 }
+
+#[test]
+fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = ["--set", "data.eval_fraction=0", "--set", "data.preview_images=0"];
+    // 16 px crops for 2 steps, then the 32 px crops of the data section.
+    let stages = ["--set", "data.stages=[{steps = 2, crop = 16}]"];
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+
+    // A: 4 steps straight; the loader switches at step 2.
+    train(&with(with(small_run(&a, 4, 2), &quiet), &stages), true);
+    let st = json_lines(&a.join("metrics.jsonl"), "stage");
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert_eq!((st[0]["step"].as_u64(), st[0]["crop"].as_u64(), st[0]["stage"].as_u64()), (Some(2), Some(32), Some(1)));
+    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(cfg.contains("[[data.stages]]") && cfg.contains("crop = 16"), "{cfg}");
+    // Every train line says where the time went.
+    for l in json_lines(&a.join("metrics.jsonl"), "train") {
+        for k in ["loader_wait", "upload", "step"] {
+            assert!(l["time_fractions"][k].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{k}: {l}");
+        }
+    }
+
+    // B: 2 steps (the end of the first stage), then resumed to 4: the same weights as A.
+    train(&with(with(small_run(&b, 2, 2), &quiet), &stages), true);
+    run("train", &["--resume", "--run-dir", s(&b), "--steps", "4", "--quiet"], true);
+    assert_same_run(&a, &b, 4);
+
+    // A stint: resumed with a later end and a time limit, B stops part-way with exit 0 and a
+    // checkpoint (no replay buffer in it: run.checkpoint_replay = false).
+    let out = run(
+        "train",
+        &["--resume", "--run-dir", s(&b), "--steps", "1000", "--time-limit", "3", "--set", "run.checkpoint_replay=false", "--quiet"],
+        true,
+    );
+    let text = stdout(&out);
+    assert!(text.contains("stopped at the time limit") && text.contains("--resume"), "{text}");
+    let (k, ck) = std::fs::read_dir(b.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().trim_start_matches("step-").parse::<u64>().unwrap(), p))
+        .max()
+        .unwrap();
+    assert!((5..1000).contains(&k), "stopped at step {k}");
+    assert!(!std::fs::read_dir(ck.join("recipe")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("replay")));
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join("export/export.json")).unwrap()).unwrap();
+    assert_eq!(info["step"], 4, "the export is still the one of step 4");
+
+    // `train eval --model RUN` takes the newer weights: the checkpoint of step k, not the export.
+    let j = dir.path().join("eval.json");
+    let e = run("train", &["eval", "--model", s(&b), "--device", "cpu", "--split", "all", "--max-images", "2", "--json", s(&j)], true);
+    let want = format!("step-{k:08}");
+    assert!(stdout(&e).contains(&want), "{}", stdout(&e));
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    assert!(rep["model_files"].as_array().unwrap().iter().all(|f| f.as_str().unwrap().contains(&want)), "{rep}");
+}

@@ -152,6 +152,22 @@ pub enum Command {
         #[arg(long)]
         variant: Option<String>,
     },
+    /// One metric of several runs in one chart (A/B curves): a line per run folder.
+    Plot {
+        /// Run folders (or metrics.jsonl files).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Dotted path into the train lines (losses.decoder_mse, lr, images_per_s) or eval.NAME
+        /// for the EMA model's held-out metrics (eval.psnr).
+        #[arg(long, default_value = "losses.decoder_mse")]
+        key: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 960)]
+        width: u32,
+        #[arg(long, default_value_t = 540)]
+        height: u32,
+    },
     /// A checkpoint in another layout (taesd, diffusers, comfyui, combined).
     Convert {
         #[arg(long)]
@@ -354,6 +370,11 @@ pub fn command(c: &Command) -> Result<i32> {
                 device: crate::device::open(device)?,
             })?;
             println!("decoded {} latents into {}", s.files.len(), out.display());
+            Ok(0)
+        }
+        Command::Plot { runs, key, out, width, height } => {
+            crate::plot::write_comparison(runs, key, out, *width, *height)?;
+            println!("wrote {}", out.display());
             Ok(0)
         }
         Command::Convert { model, layout, out, dtype, variant } => {

@@ -233,9 +233,73 @@ pub fn write_loss_curve(metrics: &Path, out: &Path, width: u32, height: u32) -> 
     img.save(out).with_context(|| format!("cannot write {}", out.display()))
 }
 
+/// One value of a run's `"type": "train"` lines over the steps, by dotted path into the line
+/// (`losses.decoder_mse`, `lr`, `images_per_s`, `time_fractions.step`), or of its `"type":
+/// "eval"` lines of the EMA model with `eval.` (`eval.psnr`).
+pub fn metric_series(metrics: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
+    let (kind, path) = match key.strip_prefix("eval.") {
+        Some(rest) => ("eval", rest),
+        None => ("train", key),
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["type"] != kind || (kind == "eval" && v["model"] != "ema") {
+            continue;
+        }
+        let Some(step) = v["step"].as_f64() else { continue };
+        let x = path.split('.').fold(&v, |v, k| &v[k]);
+        if let Some(x) = x.as_f64() {
+            out.push((step, x));
+        }
+    }
+    Ok(out)
+}
+
+/// `train plot`: one metric of several runs in one chart (a line per run, named by its folder).
+pub fn write_comparison(runs: &[std::path::PathBuf], key: &str, out: &Path, width: u32, height: u32) -> Result<()> {
+    let mut series = Vec::new();
+    for r in runs {
+        let metrics = if r.is_dir() { r.join(crate::metrics::METRICS_FILE) } else { r.clone() };
+        let points = metric_series(&metrics, key)?;
+        anyhow::ensure!(!points.is_empty(), "{}: no `{key}` values", metrics.display());
+        let name = if r.is_dir() { r.file_name() } else { r.parent().and_then(|p| p.file_name()) };
+        series.push(Series { name: name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| r.display().to_string()), points });
+    }
+    draw(&series, width, height, key).save(out).with_context(|| format!("cannot write {}", out.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_one_metric_across_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        for (run, k) in [("a", 1.0), ("b", 2.0)] {
+            std::fs::create_dir_all(dir.path().join(run)).unwrap();
+            std::fs::write(
+                dir.path().join(run).join("metrics.jsonl"),
+                format!(
+                    "{{\"type\":\"train\",\"step\":10,\"lr\":0.1,\"losses\":{{\"d\":{k}}}}}\n\
+                     {{\"type\":\"eval\",\"step\":10,\"model\":\"raw\",\"psnr\":9.0}}\n\
+                     {{\"type\":\"eval\",\"step\":10,\"model\":\"ema\",\"psnr\":{}}}\n",
+                    20.0 + k
+                ),
+            )
+            .unwrap();
+        }
+        let m = dir.path().join("b/metrics.jsonl");
+        assert_eq!(metric_series(&m, "losses.d").unwrap(), vec![(10.0, 2.0)]);
+        assert_eq!(metric_series(&m, "lr").unwrap(), vec![(10.0, 0.1)]);
+        assert_eq!(metric_series(&m, "eval.psnr").unwrap(), vec![(10.0, 22.0)], "the EMA model's");
+        let out = dir.path().join("cmp.png");
+        write_comparison(&[dir.path().join("a"), dir.path().join("b")], "losses.d", &out, 320, 200).unwrap();
+        assert_eq!(image::open(&out).unwrap().into_rgb8().dimensions(), (320, 200));
+        let e = write_comparison(&[dir.path().join("a")], "losses.nope", &out, 320, 200).unwrap_err();
+        assert!(e.to_string().contains("no `losses.nope` values"), "{e}");
+    }
 
     #[test]
     fn ticks_and_labels() {

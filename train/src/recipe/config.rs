@@ -188,11 +188,14 @@ pub struct RecipeConfig {
     /// a fresh discriminator.
     pub disc_warmup_steps: u64,
     /// Pixel warm start of a decoder trained from scratch: for this many first steps the
-    /// decoder learns from the full-resolution `MSE(decoded, real)` alone, and the
-    /// discriminator, its corrections and the replay buffer are idle (a pixel step costs about
-    /// a third of a GAN step). An MSE decoder gets its colours and coarse structure in a few
-    /// thousand steps, which the GAN corrections (unit-std nudges) teach slowly; the GAN phase
-    /// then adds the detail an MSE decoder blurs. 0: the recipe (GAN from the first step).
+    /// decoder learns from the full-resolution `MSE(decoded, real)` alone (no corrections, no
+    /// low-resolution term), while the discriminator trains as usual on its fakes. An MSE decoder
+    /// gets its colours and coarse structure in a few hundred steps, which the GAN corrections
+    /// (unit-std nudges) teach slowly. The discriminator must train throughout: a fresh one
+    /// started against an already good (blurry) decoder stayed at chance for 1,400 steps in an
+    /// A/B (disc loss 1.0, corrections ~0, sharpness ratio 0.08; bench/results
+    /// 2026-12-05-h100-quality-ab-128.md), where one that grows up with the decoder from its
+    /// random start separates real from fake within 50 steps. 0: the recipe (GAN from the start).
     pub pixel_warmup_steps: u64,
 
     /// Replay buffer of past fakes (with their latents) for the discriminator: capacity in
@@ -356,7 +359,7 @@ impl RecipeConfig {
         self.lr * (self.lr_min_factor + (1.0 - self.lr_min_factor) * shape(t))
     }
 
-    /// Whether the decoder learns from the pixel MSE alone at (0-based) `step`.
+    /// Whether the decoder learns from the pixel MSE alone (no corrections) at (0-based) `step`.
     pub fn pixel_phase(&self, step: u64) -> bool {
         step < self.pixel_warmup_steps
     }

@@ -16,7 +16,12 @@
 //!      `target = fake + correction` (detached).
 //!    * Loss `gan_weight * MSE(fake, target) + lowres_mse_weight * MSE(pool8(fake), pool8(real))
 //!      (+ fullres MSE, + frequency-amplitude L1)` -> gradients -> proposed Adam update
-//!      (skipped during `disc_warmup_steps`).
+//!      (skipped during `disc_warmup_steps`). In the pixel warm-up (`pixel_warmup_steps`) the
+//!      loss is `MSE(fake, real)` alone and no correction is computed; the discriminator still
+//!      trains.
+//!
+//!    Encoder and decoder learning rate: `RecipeConfig::lr_at` (warm-up, then the schedule
+//!    towards the run's last step, [`Recipe::set_schedule_end`]).
 //! 3. **Guard**: every loss, every gradient norm and the new BatchNorm statistics are read back
 //!    in one transfer. If any is NaN/inf, nothing is written (weights, moments, EMA, disc,
 //!    BatchNorm statistics, replay buffer, RNG all stay as they were) and the report says why.
@@ -753,12 +758,11 @@ impl Recipe {
                 mark(prof, &self.device, "decoder fwd")?;
                 let fake_d = fake.detach();
                 let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
-                let gan = if pixel_phase { None } else { self.gan.as_ref() };
                 if pixel_phase {
                     // The pixel warm start: the full-resolution MSE alone.
                     terms.push(("fullres_mse", 1.0, losses::mse(&fake, &images)?));
                 }
-                if let Some(gan) = gan {
+                if let Some(gan) = &self.gan {
                     let b = images.dim(0)?;
                     let n_replay = if gan.replay.capacity() > 0 {
                         ((b as f64 * self.cfg.replay_fraction).floor() as usize).min(b)
@@ -823,21 +827,25 @@ impl Recipe {
                     let disc_loss_value = disc_loss.detach();
                     let disc_scores = scores.detach().mean_keepdim((1, 2, 3))?;
                     drop((disc_loss, scores, targets, x, ctx, fake_in, ctx_in, mask, not_mask));
-                    // Correction with the updated discriminator.
+                    // Correction with the updated discriminator (not in the pixel warm-up,
+                    // where the decoder learns from the pixel MSE while the discriminator keeps
+                    // up with it).
                     mark(prof, &self.device, "disc fwd+bwd (replay, BatchNorm)")?;
-                    let cg = losses::correction_grad(
-                        &gan.cfg,
-                        &prop.params,
-                        &new_stats,
-                        &pc.compute(&images)?,
-                        &pc.compute(&fake_d)?,
-                        &pc.compute(&latents)?,
-                    )?;
-                    let (corr, raw_std) = losses::normalize_correction(&cg)?;
-                    let target = (&fake_d + corr)?;
-                    terms.push(("gan", self.cfg.gan_weight, losses::mse(&fake, &target)?));
+                    if !pixel_phase {
+                        let cg = losses::correction_grad(
+                            &gan.cfg,
+                            &prop.params,
+                            &new_stats,
+                            &pc.compute(&images)?,
+                            &pc.compute(&fake_d)?,
+                            &pc.compute(&latents)?,
+                        )?;
+                        let (corr, raw_std) = losses::normalize_correction(&cg)?;
+                        let target = (&fake_d + corr)?;
+                        terms.push(("gan", self.cfg.gan_weight, losses::mse(&fake, &target)?));
+                        rb.push(Kind::Loss, "correction_std", raw_std);
+                    }
                     rb.push(Kind::Loss, "disc", disc_loss_value);
-                    rb.push(Kind::Loss, "correction_std", raw_std);
                     rb.push(Kind::NormSq, "disc", nsq);
                     let stat_sum = Tensor::stack(
                         &new_stats

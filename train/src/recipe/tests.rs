@@ -296,6 +296,63 @@ fn resume_is_bit_exact() {
 }
 
 #[test]
+fn pixel_warmup_trains_the_discriminator_without_corrections_and_the_lr_follows_the_schedule() {
+    let cfg = RecipeConfig {
+        pixel_warmup_steps: 2,
+        lr_warmup_steps: 1,
+        lr_schedule: LrSchedule::Linear,
+        ..tiny_cfg()
+    };
+    let mut r = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 3).unwrap();
+    r.set_schedule_end(Some(5));
+    for i in 0..4u64 {
+        let rep = r.step(&batch(i)).unwrap();
+        assert!(rep.skipped.is_none());
+        let has = |k: &str| rep.losses.contains_key(k);
+        // The discriminator trains in every step; the decoder always gets an update.
+        assert!(has("disc") && rep.grad_norms.contains_key("disc"), "step {i}: {:?}", rep.losses);
+        assert!(rep.grad_norms.contains_key("decoder"), "step {i}");
+        if i < 2 {
+            // Pixel warm-up: the full-resolution MSE alone, no correction computed.
+            assert!(has("fullres_mse") && !has("gan") && !has("correction_std") && !has("lowres_mse"), "{:?}", rep.losses);
+            assert_eq!(rep.losses["decoder"], rep.losses["fullres_mse"]);
+        } else {
+            assert!(has("gan") && has("correction_std") && has("lowres_mse"), "{:?}", rep.losses);
+        }
+        assert_eq!(rep.lr, cfg.lr_at(i, Some(5)), "step {i}");
+    }
+    // Warm-up (1 step), then linear from 3e-4 over steps 1..=4 of 5: step 3 is half-way + one.
+    assert!((cfg.lr_at(3, Some(5)) - 3e-4 * 0.25).abs() < 1e-15);
+}
+
+#[test]
+fn checkpoints_may_leave_the_replay_buffer_out() {
+    let cfg = tiny_cfg();
+    let mut r = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 8).unwrap();
+    for i in 0..2 {
+        r.step(&batch(i)).unwrap();
+    }
+    assert_eq!(r.replay_usage().0, 4);
+    r.set_save_replay(false);
+    let dir = tempfile::tempdir().unwrap();
+    r.save_state(dir.path()).unwrap();
+    let files: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!files.iter().any(|f| f.contains("replay")), "{files:?}");
+    let mut back = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 8).unwrap();
+    back.load_state(dir.path()).unwrap();
+    assert_eq!((back.step_count(), back.replay_usage().0), (2, 0), "resumed with an empty buffer");
+    // Everything else came back: the next steps run and refill the buffer.
+    back.step(&batch(2)).unwrap();
+    assert_eq!(back.replay_usage().0, 2);
+    // With it (the default), the buffer is saved.
+    r.set_save_replay(true);
+    let dir2 = tempfile::tempdir().unwrap();
+    r.save_state(dir2.path()).unwrap();
+    assert!(std::fs::read_dir(dir2.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("replay")));
+}
+
+#[test]
 fn load_state_rejects_another_structure() {
     let cfg = tiny_cfg();
     let mut a = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 1).unwrap();
