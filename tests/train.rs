@@ -392,6 +392,10 @@ fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
     run("train", &["--resume", "--run-dir", s(&b), "--steps", "4", "--quiet"], true);
     assert_same_run(&a, &b, 4);
 
+    // The run folder moves (to another machine: tools/checkpoint_parts.sh) and goes on there.
+    let moved = dir.path().join("moved");
+    std::fs::rename(&b, &moved).unwrap();
+    let b = moved;
     // A stint: resumed with a later end and a time limit, B stops part-way with exit 0 and a
     // checkpoint (no replay buffer in it: run.checkpoint_replay = false).
     let out = run(

@@ -240,8 +240,13 @@ pub struct TrainConfig {
 const PATH_KEYS: &[&str] =
     &["data.shards", "model.init_encoder", "model.init_decoder", "model.reference_decoder", "model.cycle_encoder", "run.dir"];
 
-/// Keys a `--resume` may change: how long and how often, not what is trained.
+/// Keys a `--resume` may change: how long and how often, not what is trained; and where things
+/// are (a run folder carried to another machine: `tools/checkpoint_parts.sh`). The initial
+/// weights (`model.init_*`) only matter at step 0: a resumed run loads its checkpoint.
 pub const RESUME_MAY_CHANGE: &[&str] = &[
+    "run.dir",
+    "model.init_encoder",
+    "model.init_decoder",
     "run.steps",
     "run.device",
     "run.precision",

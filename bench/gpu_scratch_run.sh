@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 17's from-scratch run on the GPU machine, in stints that may span machines (and sessions):
+# taef2 architecture from scratch with the taef2 ONNX teacher on the pool, CONFIG's schedule.
+#   CONFIG=configs/scratch-taef2-25min.toml SECONDS_TRAIN=700 bash bench/gpu_scratch_run.sh
+# Each call trains at most SECONDS_TRAIN seconds (`train --time-limit`), starting the run if RUN has
+# no checkpoint, else resuming it; a run folder brought from another machine is first unpacked from
+# CARRY_CK (parts made by `tools/checkpoint_parts.sh pack`, carried in a git-ignored folder). At the
+# end of the stint the checkpoint is packed into $WORK/ckparts (9 parts of 16 MB for taef2 without the
+# replay buffer; copy at most 4 to $OUT per device call). When the run reaches its last step it
+# exports, and this evaluates it on the held-out split against the released taef2 decoder (and the
+# released encoder + decoder, for their latent-cycle error): $OUT/eval.json, $OUT/eval-released.json.
+# After `source tools/cuda/gpu-env.sh`. POOL, ONNX, REF, WORK, OUT as in gpu_distill_pool.sh.
+set -uo pipefail
+POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref}
+WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
+SECONDS_TRAIN=${SECONDS_TRAIN:-600}; SHARDS=$WORK/lat256v2; RUN=${RUN:-$WORK/scratch}
+mkdir -p "$OUT"
+if ! precompute inspect "$SHARDS" 2>/dev/null | head -3 | grep -q complete; then
+  echo "== precompute: pool at 256, 2 variants, taef2 teacher"
+  precompute --vae taef2 --onnx "$ONNX" --images "$POOL" --resolution 256 --variants 2 --device cuda \
+    --batch-size 32 --out "$SHARDS" --quiet 2>&1 | tail -4
+fi
+if [[ ! -d $RUN/checkpoints && -n ${CARRY_CK:-} ]]; then
+  echo "== unpacking the carried checkpoint from $CARRY_CK"
+  tools/checkpoint_parts.sh unpack "$RUN" "$CARRY_CK"/ckpt-*.tar.part* || exit 1
+fi
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 1000 >> "$OUT/gpu.csv" &
+smi=$!
+if [[ -d $RUN/checkpoints ]]; then
+  echo "== stint of ${SECONDS_TRAIN}s, resumed (shards at $SHARDS)"
+  train --run-dir "$RUN" --resume --quiet --time-limit "$SECONDS_TRAIN" --shards "$SHARDS" \
+    --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" ${EXTRA:-} 2>&1 | tail -12
+else
+  echo "== stint of ${SECONDS_TRAIN}s, from scratch: $CONFIG"
+  train --config "$CONFIG" --shards "$SHARDS" --run-dir "$RUN" --quiet --time-limit "$SECONDS_TRAIN" \
+    --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" ${EXTRA:-} 2>&1 | tail -12
+fi
+kill $smi 2>/dev/null
+python3 - "$RUN/metrics.jsonl" <<'PY'
+import json, sys
+tr = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
+t = tr[-1]
+print(f"step {t['step']}: {t['elapsed_s']:.0f} s of training so far, {t['images_per_s']:.0f} img/s, lr {t['lr']:.2e},",
+      {k: round(v, 4) for k, v in t['losses'].items()}, {k: round(v, 3) for k, v in t.get('time_fractions', {}).items()})
+PY
+if [[ -e $RUN/export/export.json ]] && python3 -c "
+import json, sys; s = json.load(open('$RUN/export/export.json'))['step']
+ck = max(int(p.split('-')[-1]) for p in __import__('glob').glob('$RUN/checkpoints/step-*'))
+sys.exit(0 if s >= ck else 1)"; then
+  echo "== the run is finished: held-out eval vs the released taef2"
+  train eval --model "$RUN" --reference "$REF/taef2_decoder.pth" --device cuda --max-images 256 --json "$OUT/eval.json"
+  train eval --model "$REF" --shards "$SHARDS" --device cuda --max-images 256 --json "$OUT/eval-released.json" | tail -3
+  cp "$RUN/config.toml" "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
+  cp "$(ls "$RUN"/previews/*.png | tail -1)" "$OUT/preview-last.png"
+fi
+rm -rf "$WORK/ckparts" && tools/checkpoint_parts.sh pack "$RUN" "$WORK/ckparts" >/dev/null && ls "$WORK/ckparts"
