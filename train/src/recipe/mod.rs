@@ -8,7 +8,13 @@
 //! * [`replay`]: the replay buffer of past fakes (f16 on the training device).
 //! * [`losses`]: MSE/L1, the low-resolution MSE, the DFT-amplitude term, the correction.
 //! * [`state`]: the saved-state folder format.
-//! * [`engine`]: [`Recipe`], the step, the NaN guard, save/load/export.
+//! * [`engine`]: [`Recipe`] (what a run trains and keeps), its accessors, models and export.
+//! * [`init`]: building a [`Recipe`] (fresh or loaded weights, optimisers, discriminator).
+//! * [`step`]: one training step, phase by phase (encoder, discriminator, correction, decoder,
+//!   guard, commit).
+//! * [`terms`]: the decoder's loss as a table of named, weighted terms.
+//! * [`persist`]: saving and loading the complete state.
+//! * [`profile`]: per-phase time and memory of profiled steps.
 //!
 //! ```no_run
 //! # use train::recipe::*;
@@ -28,16 +34,22 @@ pub mod config;
 pub mod disc;
 pub mod ema;
 pub mod engine;
+mod init;
 pub mod losses;
 pub mod optim;
+mod persist;
 pub mod precision;
+pub mod profile;
 pub mod replay;
 pub mod state;
+mod step;
+pub mod terms;
 
 #[cfg(test)]
 mod tests;
 
 pub use config::{EncoderLoss, LrSchedule, OptimizerKind, RecipeConfig, ReplayDtype};
 pub use disc::{BnStats, DiscConfig, Discriminator};
-pub use engine::{Batch, ModelInit, Profile, Recipe, StepReport};
+pub use engine::{Batch, ModelInit, Recipe, StepReport};
+pub use profile::Profile;
 pub use precision::Precision;

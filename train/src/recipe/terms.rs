@@ -1,0 +1,97 @@
+//! The decoder's loss: a table of named, weighted terms. A new term is one `RecipeConfig`
+//! field for its weight and one entry in [`TERMS`]; the step sums the terms whose weight is
+//! not 0 (in the table's order) and reports each under its name.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::config::RecipeConfig;
+use super::losses::{self, FreqBasis};
+
+/// What a term may look at.
+pub struct TermInput<'a> {
+    pub cfg: &'a RecipeConfig,
+    /// The decoder's output for the batch's latents (on the graph), f32 `[B, 3, H, W]`.
+    pub fake: &'a Tensor,
+    /// The batch's images.
+    pub real: &'a Tensor,
+    /// `fake + correction` (detached), where the GAN ran this step.
+    pub target: Option<&'a Tensor>,
+    /// The DFT basis of the frequency term, where its weight is not 0.
+    pub freq: Option<&'a FreqBasis>,
+}
+
+/// One term of the decoder's loss.
+pub struct DecoderTerm {
+    /// Its name in the step report and `metrics.jsonl`.
+    pub name: &'static str,
+    /// Its weight in a configuration (0: off).
+    pub weight: fn(&RecipeConfig) -> f64,
+    /// Its value (a scalar), or `None` where it does not apply this step.
+    pub value: fn(&TermInput) -> Result<Option<Tensor>>,
+}
+
+/// The terms, in the order they are summed.
+pub const TERMS: &[DecoderTerm] = &[
+    // seraena's: pull the decoder's output towards `fake + correction`.
+    DecoderTerm { name: "gan", weight: |c| c.gan_weight, value: |i| Ok(i.target.map(|t| losses::mse(i.fake, t)).transpose()?) },
+    // The faint colour term: MSE of `lowres_factor`-pooled images.
+    DecoderTerm {
+        name: "lowres_mse",
+        weight: |c| c.lowres_mse_weight,
+        value: |i| Ok(Some(losses::lowres_mse(i.fake, i.real, i.cfg.lowres_factor)?)),
+    },
+    // Full-resolution MSE (blurs on its own).
+    DecoderTerm { name: "fullres_mse", weight: |c| c.fullres_mse_weight, value: |i| Ok(Some(losses::mse(i.fake, i.real)?)) },
+    // L1 between DFT amplitudes of patches.
+    DecoderTerm { name: "freq", weight: |c| c.freq_weight, value: |i| Ok(i.freq.map(|fb| fb.amplitude_l1(i.fake, i.real)).transpose()?) },
+];
+
+/// This step's `(name, weight, value)` terms: in the pixel warm-up the full-resolution MSE alone
+/// (weight 1), else every term of [`TERMS`] with a weight and a value.
+pub fn decoder_terms(cfg: &RecipeConfig, input: &TermInput, pixel_phase: bool) -> Result<Vec<(&'static str, f64, Tensor)>> {
+    if pixel_phase {
+        return Ok(vec![("fullres_mse", 1.0, losses::mse(input.fake, input.real)?)]);
+    }
+    let mut out = Vec::new();
+    for t in TERMS {
+        let w = (t.weight)(cfg);
+        if w == 0.0 {
+            continue;
+        }
+        if let Some(v) = (t.value)(input)? {
+            out.push((t.name, w, v));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn terms_with_a_weight_and_a_value_in_table_order() {
+        let fake = Tensor::new(&[[[[0.2f32, 0.4], [0.6, 0.8]]]], &Device::Cpu).unwrap().repeat((1, 3, 4, 4)).unwrap();
+        let real = (fake.clone() + 0.1).unwrap();
+        let target = (fake.clone() + 1.0).unwrap();
+        let cfg = RecipeConfig { fullres_mse_weight: 0.5, ..Default::default() };
+        let names = |ts: &[(&str, f64, Tensor)]| ts.iter().map(|(n, w, _)| (n.to_string(), *w)).collect::<Vec<_>>();
+        let with_gan = TermInput { cfg: &cfg, fake: &fake, real: &real, target: Some(&target), freq: None };
+        let t = decoder_terms(&cfg, &with_gan, false).unwrap();
+        assert_eq!(names(&t), [("gan".into(), 1.0), ("lowres_mse".into(), 1.0), ("fullres_mse".into(), 0.5)]);
+        let v = |i: usize| t[i].2.to_scalar::<f32>().unwrap();
+        assert!((v(0) - 1.0).abs() < 1e-6 && (v(1) - 0.01).abs() < 1e-6 && (v(2) - 0.01).abs() < 1e-6);
+        // No GAN this step (no target): the term is left out; a zero weight turns a term off.
+        let no_gan = TermInput { target: None, ..with_gan };
+        let cfg0 = RecipeConfig { lowres_mse_weight: 0.0, ..cfg.clone() };
+        assert_eq!(names(&decoder_terms(&cfg0, &no_gan, false).unwrap()), [("fullres_mse".into(), 0.5)]);
+        // The pixel warm-up: the full-resolution MSE alone, at weight 1.
+        assert_eq!(names(&decoder_terms(&cfg, &no_gan, true).unwrap()), [("fullres_mse".into(), 1.0)]);
+        // Every term has a distinct name and a weight field.
+        let mut n: Vec<_> = TERMS.iter().map(|t| t.name).collect();
+        n.dedup();
+        assert_eq!(n.len(), TERMS.len());
+    }
+}
