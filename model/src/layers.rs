@@ -20,44 +20,26 @@ use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, GroupNorm, VarBuil
 
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
 
+// Process-wide; the binaries set them from their environment switches (`train::switches`).
 static USE_OPS: AtomicBool = AtomicBool::new(true);
 static FUSED_BLOCKS: AtomicBool = AtomicBool::new(true);
-static ENV: std::sync::Once = std::sync::Once::new();
-
-/// Read `TAESD_STOCK_OPS` and `TAESD_FUSED_BLOCKS` once: `TAESD_STOCK_OPS=1` starts the process
-/// with candle's stock ops, `TAESD_FUSED_BLOCKS=0` with blocks composed of single ops (A/B
-/// switches for shipped binaries).
-fn init_from_env() {
-    ENV.call_once(|| {
-        if std::env::var("TAESD_STOCK_OPS").is_ok_and(|v| v == "1") {
-            USE_OPS.store(false, Ordering::Relaxed);
-        }
-        if std::env::var("TAESD_FUSED_BLOCKS").is_ok_and(|v| v == "0") {
-            FUSED_BLOCKS.store(false, Ordering::Relaxed);
-        }
-    });
-}
 
 /// Whether a `Block` with taesd-ops runs as one graph node ([`taesd_ops::block`], the default)
 /// or as its single ops (the same values and gradients; more autograd bookkeeping).
 pub fn set_fused_blocks(on: bool) {
-    init_from_env();
     FUSED_BLOCKS.store(on, Ordering::Relaxed);
 }
 
 pub fn fused_blocks() -> bool {
-    init_from_env();
     FUSED_BLOCKS.load(Ordering::Relaxed)
 }
 
 /// Whether the layers use taesd-ops (the default) or candle's stock ops (process-wide).
 pub fn set_use_ops(on: bool) {
-    init_from_env();
     USE_OPS.store(on, Ordering::Relaxed);
 }
 
 pub fn use_ops() -> bool {
-    init_from_env();
     USE_OPS.load(Ordering::Relaxed)
 }
 

@@ -48,7 +48,7 @@ pub use format::{preferred_format, Format};
 pub use device::tune_device;
 pub use tape::{enable_taping, outside, taped, Taping};
 pub use weight_grads::{Active as WeightGradsActive, WeightGrads};
-pub use settings::{set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
+pub use settings::{log_algorithms, set_log_algorithms, set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
 
 /// Drops this thread's cached cuDNN plans and workspaces (all devices). A no-op without `cudnn`.
 pub fn clear_caches() {

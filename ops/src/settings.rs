@@ -39,16 +39,14 @@ pub struct Settings {
     /// Only deterministic algorithms (no atomics in backward-data / backward-filter).
     pub deterministic: bool,
     /// Activations in NHWC on CUDA ([`crate::preferred_format`]; `crate::Format` says why). On by
-    /// default; the environment variable `TAESD_CHANNELS_LAST=0` starts a process with it off
-    /// (an A/B switch for shipped binaries).
+    /// default (the `train` binary's switch `TAESD_CHANNELS_LAST=0` turns it off).
     pub channels_last: bool,
     /// Runs of taesd-ops as one graph node in training ([`crate::taped`]: no zero-filled
-    /// gradient buffer and add per activation). On by default; `TAESD_TAPE=0` starts a process
-    /// with it off (an A/B switch).
+    /// gradient buffer and add per activation). On by default (`TAESD_TAPE=0` in `train`).
     pub tape: bool,
     /// cuDNN convolutions through the backend ("graph") API with plans finalised once
-    /// (`cuda/graph.rs`), the legacy calls only where no engine plan runs a shape. On by default;
-    /// `TAESD_CUDNN_GRAPH=0` starts a process with it off (an A/B switch).
+    /// (`cuda/graph.rs`), the legacy calls only where no engine plan runs a shape. On by default
+    /// (`TAESD_CUDNN_GRAPH=0` in `train`).
     pub cudnn_graph: bool,
 }
 
@@ -59,9 +57,9 @@ impl Default for Settings {
             algo_search: AlgoSearch::Benchmark,
             workspace_limit: DEFAULT_WORKSPACE_LIMIT,
             deterministic: false,
-            channels_last: std::env::var("TAESD_CHANNELS_LAST").map_or(true, |v| v != "0"),
-            tape: std::env::var("TAESD_TAPE").map_or(true, |v| v != "0"),
-            cudnn_graph: std::env::var("TAESD_CUDNN_GRAPH").map_or(true, |v| v != "0"),
+            channels_last: true,
+            tape: true,
+            cudnn_graph: true,
         }
     }
 }
@@ -79,7 +77,6 @@ pub fn settings() -> Settings {
     if let Some(s) = *SETTINGS.read().unwrap() {
         return s;
     }
-    // The defaults read the environment once.
     *SETTINGS.write().unwrap().get_or_insert_with(Settings::default)
 }
 
@@ -93,4 +90,15 @@ pub fn update_settings(f: impl FnOnce(&mut Settings)) {
     let mut s = g.unwrap_or_default();
     f(&mut s);
     *g = Some(s);
+}
+
+static LOG_ALGORITHMS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Print every cuDNN algorithm choice (shape, candidates' times or errors) from now on.
+pub fn set_log_algorithms(on: bool) {
+    LOG_ALGORITHMS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn log_algorithms() -> bool {
+    LOG_ALGORITHMS.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -37,6 +37,7 @@ fn used_mib() -> f64 {
 }
 
 fn main() -> Result<()> {
+    train::switches::apply_from_env();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let size: usize = get("--size").map_or(Ok(256), |s| s.parse())?;

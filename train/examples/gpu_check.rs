@@ -159,6 +159,7 @@ fn conv_case(
 }
 
 fn main() -> Result<()> {
+    train::switches::apply_from_env();
     let quick = std::env::args().any(|a| a == "--quick");
     let dev = Device::new_cuda(0)?;
     taesd_ops::tune_device(&dev)?;

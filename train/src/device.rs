@@ -117,14 +117,20 @@ pub fn pool_used_mib(dev: &Device) -> Option<f64> {
     }
 }
 
-/// `TAESD_MEM_TRACE` set: prints the memory pool's use now and its high-water mark since the
-/// last trace point (then resets it), labelled: where a step's memory goes, line by line. (It
-/// resets the high-water mark that gpu_bench's peak and a profile's per-phase peaks read.)
+static MEM_TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turn [`trace_mem`]'s output on (the switch `TAESD_MEM_TRACE=1`, `crate::switches`).
+pub fn set_mem_trace(on: bool) {
+    MEM_TRACE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// When on ([`set_mem_trace`]): prints the memory pool's use now and its high-water mark since
+/// the last trace point (then resets it), labelled: where a step's memory goes, line by line.
+/// (It resets the high-water mark that gpu_bench's peak and a profile's per-phase peaks read.)
 /// The label is formatted only when tracing is on (`format_args!`): trace points sit on the
 /// training step's path.
 pub fn trace_mem(dev: &Device, label: std::fmt::Arguments) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var_os("TAESD_MEM_TRACE").is_some()) {
+    if !MEM_TRACE.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     if let (Some(now), Some((high, _))) = (pool_used_mib(dev), pool_high_water_mib(dev, true)) {

@@ -28,3 +28,4 @@ pub mod runner;
 pub mod rng;
 pub mod sample;
 pub mod split;
+pub mod switches;

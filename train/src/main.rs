@@ -9,6 +9,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The environment switches, read once and handed to the libraries.
+    let switched = train::switches::apply_from_env();
+    if !switched.is_empty() {
+        eprintln!("switches set: {}", switched.join(", "));
+    }
     let result = match &cli.command {
         Some(c) => train::cli::command(c),
         None => {

@@ -352,9 +352,10 @@ fn choose<A: Copy + std::fmt::Debug>(
     }
 }
 
-/// `TAESD_OPS_LOG` set: every algorithm choice is printed (shape, candidates' times or errors).
+/// Every algorithm choice is printed (shape, candidates' times or errors):
+/// [`crate::set_log_algorithms`].
 fn log_on() -> bool {
-    std::env::var_os("TAESD_OPS_LOG").is_some()
+    crate::settings::log_algorithms()
 }
 
 fn describe(k: &Key) -> String {
