@@ -48,7 +48,7 @@ pub enum TaesdError {
         reason: String,
     },
 
-    #[error("unknown TAESD variant `{0}` (known: taesd, taesdxl, taesd3, taef1, taef2, taesana)")]
+    #[error("unknown TAESD variant `{0}` (known: {known})", known = crate::Variant::names())]
     UnknownVariant(String),
 
     #[error("unknown checkpoint layout `{0}` (known: taesd, diffusers, comfyui, combined)")]

@@ -52,6 +52,11 @@ impl Variant {
         }
     }
 
+    /// Every variant's name, comma-separated (help texts and error messages).
+    pub fn names() -> String {
+        Variant::ALL.map(Variant::name).join(", ")
+    }
+
     /// Parse a variant name (case-insensitive, `-`/`_` ignored: `TAESD-XL` is taesdxl).
     pub fn parse(s: &str) -> Option<Variant> {
         let s: String = s

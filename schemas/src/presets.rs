@@ -87,6 +87,28 @@ impl VaeSpec {
 mod tests {
     use super::*;
 
+    /// `tools/export_vae_onnx.py` repeats (channels, scale, shift) of the diffusers presets: they
+    /// must be the numbers here.
+    #[test]
+    fn the_python_export_tool_has_the_same_preset_numbers() {
+        let py = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/export_vae_onnx.py")).unwrap();
+        let start = py.find("PRESETS = {").expect("PRESETS in the export tool");
+        let body = &py[start..start + py[start..].find("\n}").unwrap()];
+        let mut seen = 0;
+        for line in body.lines().skip(1) {
+            // `    "sd": (4, 0.18215, 0.0),`
+            let (name, rest) = line.trim().split_once(':').unwrap();
+            let name = name.trim().trim_matches('"');
+            let nums: Vec<f64> = rest.trim().trim_start_matches('(').trim_end_matches("),").split(',').map(|x| x.trim().parse().unwrap()).collect();
+            let p = preset(name).unwrap_or_else(|| panic!("the export tool's preset `{name}` is not in presets.rs"));
+            assert_eq!((p.channels as f64, p.scale, p.shift), (nums[0], nums[1], nums[2]), "preset {name}");
+            assert_eq!(p.input_range, MinusOneOne, "the export tool's presets all take [-1, 1]: {name}");
+            seen += 1;
+        }
+        // Every diffusers preset (all but the taef2 teacher, which is not a diffusers VAE).
+        assert_eq!(seen, PRESETS.iter().filter(|p| p.input_range == MinusOneOne).count());
+    }
+
     #[test]
     fn table_has_the_published_numbers() {
         let sdxl = preset("sdxl-fp16-fix").unwrap().spec();

@@ -151,7 +151,7 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// taesd, taesdxl, taesd3, taef1, taef2, taesana. Default: the shards' `vae.taesd_variant`;
+    /// A name of `taesd::Variant::ALL` (taesd, taesdxl, taesd3, taef1, taef2, taesana). Default: the shards' `vae.taesd_variant`;
     /// shards of a custom VAE train a custom 8x TAESD with its channel count.
     pub variant: Option<String>,
     /// Start the encoder / decoder from these checkpoints (any layout `taesd` loads).
@@ -315,7 +315,8 @@ impl TrainConfig {
         if let Some(v) = &self.model.variant {
             ensure!(
                 taesd::Variant::parse(v).is_some(),
-                "model.variant: unknown variant `{v}` (taesd, taesdxl, taesd3, taef1, taef2, taesana)"
+                "model.variant: unknown variant `{v}` ({})",
+                taesd::Variant::names()
             );
         }
         Ok(())

@@ -110,7 +110,7 @@ pub fn parse_variant(s: Option<&str>) -> Result<Option<Variant>> {
         None => Ok(None),
         Some(v) => match Variant::parse(v) {
             Some(v) => Ok(Some(v)),
-            None => bail!("unknown variant `{v}` (taesd, taesdxl, taesd3, taef1, taef2, taesana)"),
+            None => bail!("unknown variant `{v}` ({})", Variant::names()),
         },
     }
 }
