@@ -26,6 +26,7 @@ struct Handle(c::cudnnHandle_t);
 
 impl Drop for Handle {
     fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate, destroyed once.
         unsafe {
             c::cudnnDestroy(self.0);
         }
@@ -50,9 +51,11 @@ fn handle(dev: &CudaDevice) -> Result<c::cudnnHandle_t> {
             return Ok(x.0);
         }
         let mut raw: c::cudnnHandle_t = std::ptr::null_mut();
+        // SAFETY: cuDNN writes the new handle to `raw`.
         check(unsafe { c::cudnnCreate(&mut raw) }, "cudnnCreate")?;
         let handle = Handle(raw);
         let stream = dev.cuda_stream();
+        // SAFETY: the handle was just created; the stream is the device's (kept alive by candle).
         check(unsafe { c::cudnnSetStream(raw, stream.cu_stream() as c::cudaStream_t) }, "cudnnSetStream")?;
         h.borrow_mut().insert(dev.id(), handle);
         Ok(raw)
@@ -64,6 +67,7 @@ struct Desc(c::cudnnTensorDescriptor_t);
 impl Desc {
     fn new() -> Result<Self> {
         let mut d: c::cudnnTensorDescriptor_t = std::ptr::null_mut();
+        // SAFETY: cuDNN writes the new descriptor to `d`.
         check(unsafe { c::cudnnCreateTensorDescriptor(&mut d) }, "cudnnCreateTensorDescriptor")?;
         Ok(Self(d))
     }
@@ -79,6 +83,7 @@ impl Desc {
         let d = Self::new()?;
         let [n, ch, h, w] = dims.map(|v| v as i32);
         check(
+            // SAFETY: a descriptor this module created; plain integer arguments.
             unsafe {
                 c::cudnnSetTensor4dDescriptor(d.0, c::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, dt, n, ch, h, w)
             },
@@ -90,6 +95,7 @@ impl Desc {
     /// The scale/bias/mean/variance descriptor for `x` (f32 for half-precision `x`).
     fn bn_params(x: &Desc) -> Result<Self> {
         let d = Self::new()?;
+        // SAFETY: both descriptors were created here and `x` is set.
         check(unsafe { c::cudnnDeriveBNTensorDescriptor(d.0, x.0, MODE) }, "cudnnDeriveBNTensorDescriptor")?;
         Ok(d)
     }
@@ -97,6 +103,7 @@ impl Desc {
 
 impl Drop for Desc {
     fn drop(&mut self) {
+        // SAFETY: created by cudnnCreateTensorDescriptor, destroyed once.
         unsafe {
             c::cudnnDestroyTensorDescriptor(self.0);
         }
@@ -165,6 +172,8 @@ fn forward_t<T: Elem>(
         let (mp, _g5) = mean.device_ptr_mut(&stream);
         let (ip, _g6) = invstd.device_ptr_mut(&stream);
         check(
+            // SAFETY: a cuDNN call on a handle/descriptor this module owns; device pointers come from views
+            // whose guards live for the call, sized for the descriptors' shapes.
             unsafe {
                 c::cudnnBatchNormalizationForwardTraining(
                     h,
@@ -244,6 +253,8 @@ fn backward_t<T: Elem>(
         let (dwp, _g7) = dw.device_ptr_mut(&stream);
         let (dbp, _g8) = db.device_ptr_mut(&stream);
         check(
+            // SAFETY: a cuDNN call on a handle/descriptor this module owns; device pointers come from views
+            // whose guards live for the call, sized for the descriptors' shapes.
             unsafe {
                 c::cudnnBatchNormalizationBackward(
                     h,

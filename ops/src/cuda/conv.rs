@@ -113,6 +113,8 @@ fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir
     }
     let h = graph_handle(dev)?;
     let exec = |g: &GraphConv, i: usize, bytes: usize| {
+        // SAFETY: the plan was finalised for these shapes; `ptrs` are live device buffers of them and the
+        // workspace has the plan's size.
         with_workspace(dev, bytes, |ws| unsafe { g.execute(&h, i, ptrs, ws.map_or(0, |w| ptr(dev, w))) })
     };
     let slot = &mut plan.graph[dir as usize];
@@ -438,6 +440,8 @@ fn forward_t<T: Elem>(
                     &|a| op.get_workspace_size(a).ok(),
                     &mut |a, bytes| {
                         with_workspace(&dev, bytes, |ws| {
+                            // SAFETY: the views are sized for the descriptors' shapes and the workspace for the algorithm's
+                            // request; cuDNN reads and writes nothing else.
                             unsafe { op.launch(a, ws, one_zero, &xv, &wv, &mut y) }.map_err(err)
                         })
                     },
@@ -448,6 +452,8 @@ fn forward_t<T: Elem>(
             }
         };
         with_workspace(&dev, bytes, |ws| {
+            // SAFETY: the views are sized for the descriptors' shapes and the workspace for the algorithm's
+            // request; cuDNN reads and writes nothing else.
             unsafe { op.launch(algo, ws, one_zero, &xv, &wv, &mut y) }.map_err(err)
         })
     })?;
@@ -499,6 +505,8 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
                     &|a| op.get_workspace_size(a).ok(),
                     &mut |a, bytes| {
                         with_workspace(&dev, bytes, |ws| {
+                            // SAFETY: the views are sized for the descriptors' shapes and the workspace for the algorithm's
+                            // request; cuDNN reads and writes nothing else.
                             unsafe { op.launch(a, ws, one_zero, &mut dx, &wv, &dzv) }.map_err(err)
                         })
                     },
@@ -509,6 +517,8 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
             }
         };
         with_workspace(&dev, bytes, |ws| {
+            // SAFETY: the views are sized for the descriptors' shapes and the workspace for the algorithm's
+            // request; cuDNN reads and writes nothing else.
             unsafe { op.launch(algo, ws, one_zero, &mut dx, &wv, &dzv) }.map_err(err)
         })
     })?;
@@ -555,6 +565,8 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
                     &|a| op.get_workspace_size(a).ok(),
                     &mut |a, bytes| {
                         with_workspace(&dev, bytes, |ws| {
+                            // SAFETY: the views are sized for the descriptors' shapes and the workspace for the algorithm's
+                            // request; cuDNN reads and writes nothing else.
                             unsafe { op.launch(a, ws, one_zero, &xv, &mut dw, &dzv) }.map_err(err)
                         })
                     },
@@ -565,6 +577,8 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
             }
         };
         with_workspace(&dev, bytes, |ws| {
+            // SAFETY: the views are sized for the descriptors' shapes and the workspace for the algorithm's
+            // request; cuDNN reads and writes nothing else.
             unsafe { op.launch(algo, ws, one_zero, &xv, &mut dw, &dzv) }.map_err(err)
         })
     })?;

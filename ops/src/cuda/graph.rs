@@ -98,6 +98,7 @@ impl Handle {
         // SAFETY: cuDNN writes the handle; the stream outlives it (the device's, kept by candle).
         check(unsafe { sys::cudnnCreate(&mut h) }, "cudnnCreate")?;
         let h = Self(h);
+        // SAFETY: the handle was just created; the stream is the device's (kept alive by candle).
         check(unsafe { sys::cudnnSetStream(h.0, stream) }, "cudnnSetStream")?;
         Ok(h)
     }

@@ -46,6 +46,8 @@ pub(crate) fn bias_act<T: Elem>(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
     Ok(())
 }
@@ -85,6 +87,8 @@ pub(crate) fn bias_act_cl<T: Elem>(
         None => l.arg(&NULL),
     };
     l.arg(&c32).arg(&n).arg(&relu);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
     Ok(())
 }
@@ -132,6 +136,8 @@ fn bias_grad_finish<T: Elem>(dev: &CudaDevice, partial: &CudaSlice<f32>, n: usiz
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
     Ok(tensor(db, dev, c))
 }
@@ -167,6 +173,8 @@ fn act_bias_bwd_cl_t<T: Elem>(
         None => l.arg(&NULL),
     };
     l.arg(&c32).arg(&n).arg(&relu32);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
     let db = partial.map(|p| bias_grad_finish::<T>(&dev, &p, blocks, c)).transpose()?;
     let dz = match dz {
@@ -215,6 +223,8 @@ fn act_bias_bwd_t<T: Elem>(
             block_dim: (threads_for(hw).max(128), 1, 1),
             shared_mem_bytes: 0,
         };
+        // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+        // holds the elements the launch grid indexes (all sized from the same shapes above).
         unsafe { l.launch(cfg) }.map_err(err)?;
         let db = partial.map(|p| bias_grad_finish::<T>(&dev, &p, n, c)).transpose()?;
         (dz.map(|d| tensor(d, &dev, dy.shape().clone())), db)
@@ -241,6 +251,8 @@ fn add_relu_t<T: Elem>(
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
     l.arg(&av).arg(&bv).arg(&mut out).arg(&n);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg_1d(n)) }.map_err(err)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), a.1.shape().clone()))
 }
@@ -271,6 +283,8 @@ fn relu_bwd_t<T: Elem>(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     let (dyv, yv) = (dyc.view::<T>()?, yc.view::<T>()?);
     let mut l = stream.launch_builder(&f);
     l.arg(&dyv).arg(&yv).arg(&mut out).arg(&n);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg_1d(n)) }.map_err(err)?;
     Ok(tensor(out, &dev, dy.shape().clone()))
 }
@@ -299,6 +313,8 @@ fn upsample2x_t<T: Elem>(x: (&CudaStorage, &Layout), format: Format) -> Result<(
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
     l.arg(&xv).arg(&mut out).arg(&a).arg(&b).arg(&count);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg_1d(count)) }.map_err(err)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -329,6 +345,8 @@ fn downsum2x_t<T: Elem>(dy: &Tensor, format: Format) -> Result<Tensor> {
     let dyv = dyc.view::<T>()?;
     let mut l = stream.launch_builder(&f);
     l.arg(&dyv).arg(&mut out).arg(&a).arg(&b).arg(&count);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg_1d(count)) }.map_err(err)?;
     Ok(tensor(out, &dev, format.dims(n, c, h, w).to_vec()))
 }
@@ -394,6 +412,8 @@ pub(crate) fn adam(
         .arg(&c.inv_bc2_sqrt)
         .arg(&c.eps)
         .arg(&c.step_size);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg_1d(n)) }.map_err(err)?;
     Ok(AdamOut {
         p: tensor(po, &dev, n),
@@ -445,6 +465,8 @@ fn bn_sums<T: Elem>(
         None => l.arg(&NULL),
     };
     l.arg(&c32).arg(&n).arg(&mode);
+    // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+    // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
     let s1 = bias_grad_finish::<f32>(dev, &p1, blocks, c)?;
     let s2 = p2.map(|p| bias_grad_finish::<f32>(dev, &p, blocks, c)).transpose()?;
@@ -485,6 +507,8 @@ pub(crate) fn bn_forward_cl<T: Elem>(
         let cfg = cl_launch(c, n, 4, 132 * 16, false)?;
         let mut l = stream.launch_builder(&f);
         l.arg(&xv).arg(&mut y).arg(&mv).arg(&iv).arg(&wv).arg(&bv).arg(&c32).arg(&n);
+        // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+        // holds the elements the launch grid indexes (all sized from the same shapes above).
         unsafe { l.launch(cfg) }.map_err(err)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone(), mean, invstd))
@@ -519,6 +543,8 @@ pub(crate) fn bn_backward_cl<T: Elem>(
         let cfg = cl_launch(c, n, 4, 132 * 16, false)?;
         let mut l = stream.launch_builder(&f);
         l.arg(&dzv).arg(&xv).arg(&mut dx).arg(&mv).arg(&iv).arg(&wv).arg(&dbv).arg(&dwv).arg(&inv_m).arg(&c32).arg(&n);
+        // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
+        // holds the elements the launch grid indexes (all sized from the same shapes above).
         unsafe { l.launch(cfg) }.map_err(err)?;
     }
     Ok((tensor(dx, &dev, x.shape().clone()), dw, db))
