@@ -4,7 +4,7 @@ taef2-architecture encoder and decoder from scratch on OUR shard folder with the
 writes the EMA weights where `train eval --model OUT` reads them.
 
 Models: bench/torch_train_step.py (model/src/arch.rs's layers, state-dict names as taesd.py).
-Recipe, as train/src/recipe (engine.rs, config.rs, disc.rs, replay.rs, ema.rs, losses.rs):
+Recipe, as train/src/recipe (step.rs, terms.rs, init.rs, config.rs, disc.rs, replay.rs, ema.rs, losses.rs):
   * encoder: MSE(enc(x), z) to the teacher latents, Adam with AMSGrad (lr, betas (0.9, 0.9)).
   * decoder: fake = dec(z). The fakes go into the replay buffer first (appended while there is
     room, then each into a random slot), then floor(B * replay_fraction) samples are drawn from it
