@@ -2,7 +2,9 @@
 """PyTorch reference of our training step, for bench/gpu_train_step.sh (the project's own script).
 
 The same taef2-architecture encoder and decoder as model/src/arch.rs (taesd.py's Block with
-TAEF2's mid-block pool, 32 latent channels, 8x), seraena's conditional patch discriminator
+TAEF2's mid-block pool, 32 latent channels, 8x; state-dict names and shapes as the released
+taef2_*.pth, which load into them and match the parity fixtures; bench/torch_train.py trains
+and exports them), seraena's conditional patch discriminator
 (train/src/recipe/disc.rs: six conv+BatchNorm+ReLU blocks 64,128s2,256s2,512s2,512,512, a
 bias-free 1x1 projection per block avg-pooled to H/8), and the recipe step of
 train/src/recipe/engine.rs:
@@ -32,14 +34,10 @@ class Clamp(nn.Module):
         return torch.tanh(x / 3) * 3
 
 
-class Pool(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        g = 4 * c
-        self.p = nn.Sequential(nn.Conv2d(c, g, 1, bias=False), nn.GroupNorm(4, g), nn.ReLU(), nn.Conv2d(g, c, 1, bias=False))
-
-    def forward(self, x):
-        return self.p(x)
+def mid_pool(c):
+    """TAEF2's mid-block pool, indices as in taesd.py (`pool.0`, `pool.1`, `pool.3`)."""
+    g = 4 * c
+    return nn.Sequential(nn.Conv2d(c, g, 1, bias=False), nn.GroupNorm(4, g), nn.ReLU(), nn.Conv2d(g, c, 1, bias=False))
 
 
 class Block(nn.Module):
@@ -47,7 +45,7 @@ class Block(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-        self.pool = Pool(n_in) if pool else None
+        self.pool = mid_pool(n_in) if pool else None
         self.fuse = nn.ReLU()
 
     def forward(self, x):
