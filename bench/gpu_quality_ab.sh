@@ -15,7 +15,7 @@ BASE=${BASE:-configs/distill-taef2-pool.toml}
 S256=$WORK/lat256v2; S128=$WORK/lat128v4; AB=$WORK/ab/$(basename "$SWEEP" .toml)
 mkdir -p "$OUT" "$AB"
 shards() { # DIR RES VARIANTS
-  if ! precompute inspect "$1" 2>/dev/null | head -3 | grep -q complete; then
+  if ! grep -q complete <<< "$(precompute inspect "$1" 2>/dev/null | head -3)"; then
     echo "== precompute: pool at $2 px, $3 variants, taef2 teacher -> $1"
     precompute --vae taef2 --onnx "$ONNX" --images "$POOL" --resolution "$2" --variants "$3" --device cuda \
       --batch-size 32 --out "$1" --quiet 2>&1 | tail -4

@@ -15,7 +15,7 @@ POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
 SECONDS_TRAIN=${SECONDS_TRAIN:-600}; SHARDS=$WORK/lat256v2; RUN=${RUN:-$WORK/scratch}
 mkdir -p "$OUT"
-if ! precompute inspect "$SHARDS" 2>/dev/null | head -3 | grep -q complete; then
+if ! grep -q complete <<< "$(precompute inspect "$SHARDS" 2>/dev/null | head -3)"; then
   echo "== precompute: pool at 256, 2 variants, taef2 teacher"
   precompute --vae taef2 --onnx "$ONNX" --images "$POOL" --resolution 256 --variants 2 --device cuda \
     --batch-size 32 --out "$SHARDS" --quiet 2>&1 | tail -4
