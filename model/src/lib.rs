@@ -1,6 +1,8 @@
 //! The TAESD family of tiny autoencoders (madebyollin's taesd.py) in candle: taesd, taesdxl,
 //! taesd3, taef1, taef2 (mid-block GroupNorm pool) and taesana (32x), with every checkpoint
-//! layout (taesd.py `.pth`/`.safetensors`, diffusers `AutoencoderTiny`, ComfyUI, combined).
+//! layout (taesd.py `.pth`/`.safetensors`, diffusers `AutoencoderTiny`, ComfyUI, combined), and
+//! exports for the tools people run TAESD in: `.pth` written without torch ([`pth_write`]) and
+//! ONNX written without onnx ([`onnx`]).
 //!
 //! Tensor conventions are those of [`taesd_schemas::conventions`]: the encoder takes [0, 1]
 //! NCHW images and gives scaled latents; the decoder gives [0, 1] images, unclamped.
@@ -23,14 +25,19 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod crc;
 pub mod decoder;
 pub mod encoder;
 pub mod error;
 pub mod layers;
 pub mod layouts;
+pub mod onnx;
+pub mod protobuf;
+pub mod pth_write;
 pub mod save;
 pub mod taesd;
 pub mod variant;
+pub mod zip_store;
 
 pub use arch::{
     decoder_last_conv_bias_name, decoder_last_conv_index, param_count, param_shapes, LayerSpec,
@@ -44,6 +51,6 @@ pub use decoder::Decoder;
 pub use encoder::Encoder;
 pub use error::{Result, TaesdError};
 pub use layouts::Layout;
-pub use save::{diffusers_config, save_tensors, save_varmap, SaveOptions};
+pub use save::{diffusers_config, save_tensors, save_varmap, FileFormat, SaveOptions};
 pub use taesd::Taesd;
 pub use variant::{Downscale, TaesdConfig, Variant};

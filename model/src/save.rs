@@ -1,5 +1,6 @@
-//! Writing checkpoints in each [`Layout`], always as `.safetensors`. Tensors are written as
-//! they are (or converted to [`SaveOptions::dtype`]), so save-then-load is bit-exact.
+//! Writing checkpoints in each [`Layout`], as `.safetensors` (default) or as the `.pth` that
+//! `torch.save` writes ([`FileFormat`]). Tensors are written as they are (or converted to
+//! [`SaveOptions::dtype`]), so save-then-load is bit-exact.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use taesd_schemas::LatentScaling;
 
-use crate::arch::Part;
+use crate::arch::{param_shapes, Part};
 use crate::checkpoint::{
     check_part, varmap_tensors, Checkpoint, PartTensors, META_LAYOUT, META_VARIANT,
 };
@@ -21,6 +22,40 @@ pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 /// diffusers version recorded in the config.json this crate writes.
 pub const DIFFUSERS_VERSION: &str = "0.32.0";
 
+/// The file format of a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum FileFormat {
+    /// `.safetensors` (with the variant and layout in its metadata).
+    #[default]
+    Safetensors,
+    /// PyTorch's zip `.pth` ([`crate::pth_write`]): what `taesd.py` and ComfyUI's `vae_approx`
+    /// folder load with `torch.load(weights_only=True)`. Holds no metadata: the variant is in
+    /// the file name (`taef2_encoder.pth`), as taesd.py expects.
+    Pth,
+}
+
+impl FileFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Safetensors => "safetensors",
+            FileFormat::Pth => "pth",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FileFormat> {
+        match s
+            .trim()
+            .trim_start_matches('.')
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "safetensors" | "sft" => Some(FileFormat::Safetensors),
+            "pth" | "pt" | "torch" => Some(FileFormat::Pth),
+            _ => None,
+        }
+    }
+}
+
 /// How to save.
 #[derive(Debug, Clone, Default)]
 pub struct SaveOptions {
@@ -32,13 +67,16 @@ pub struct SaveOptions {
     /// ComfyUI `vae_scale` / `vae_shift`; `None` takes the variant's ([`Variant::vae_scaling`]),
     /// and with neither the file holds no scalars (ComfyUI then assumes 1 and 0).
     pub vae_scaling: Option<LatentScaling>,
+    /// `.safetensors` (default) or `.pth`. The diffusers layout is written as safetensors only.
+    pub format: FileFormat,
 }
 
 /// Save the tensors named as this crate names them (`encoder.…`, `decoder.…`; other names, e.g.
 /// a discriminator's in the same `VarMap`, are skipped) in `layout`. Returns the files written.
 ///
 /// `dest` per layout: `taesd`: a path prefix (`out/taef2` writes `out/taef2_encoder.safetensors`
-/// and `out/taef2_decoder.safetensors`), or an existing folder (files named after the variant);
+/// and `out/taef2_decoder.safetensors`, or `.pth` with [`FileFormat::Pth`]), or an existing
+/// folder (files named after the variant);
 /// `diffusers`: a folder (`diffusion_pytorch_model.safetensors` + `config.json`; needs both
 /// parts); `comfyui`, `combined`: the file.
 pub fn save_tensors(
@@ -57,6 +95,13 @@ pub fn save_tensors(
                 found: cfg.describe(),
             });
         }
+    }
+    if layout == Layout::Diffusers && opts.format != FileFormat::Safetensors {
+        return Err(TaesdError::UnsupportedLayout {
+            layout: layout.to_string(),
+            what: format!("a .{} file", opts.format.extension()),
+            reason: "the diffusers folder is written as diffusion_pytorch_model.safetensors".into(),
+        });
     }
     if layout == Layout::Diffusers && !cfg.diffusers_supported() {
         return Err(TaesdError::UnsupportedLayout {
@@ -111,10 +156,19 @@ pub fn save_tensors(
     if let Some(v) = opts.variant.or_else(|| cfg.unique_variant()) {
         metadata.insert(META_VARIANT.to_string(), v.to_string());
     }
+    // In the reference's module order (what torch.save of a state dict gives).
     let rename = |part: Part, t: &PartTensors| -> Vec<(String, Tensor)> {
-        t.iter()
-            .map(|(local, (_, tensor))| (layout.external_name(part, local), tensor.clone()))
+        param_shapes(cfg, part)
+            .iter()
+            .filter_map(|(local, _)| {
+                t.get(local)
+                    .map(|(_, tensor)| (layout.external_name(part, local), tensor.clone()))
+            })
             .collect()
+    };
+    let write = |path: &Path, tensors: Vec<(String, Tensor)>| match opts.format {
+        FileFormat::Safetensors => write_safetensors(path, tensors, &metadata),
+        FileFormat::Pth => crate::pth_write::write_pth(path, &tensors),
     };
 
     let mut written = Vec::new();
@@ -135,9 +189,9 @@ pub fn save_tensors(
                     .file_name()
                     .map(|n| n.to_os_string())
                     .unwrap_or_default();
-                name.push(format!("_{}.safetensors", part.prefix()));
+                name.push(format!("_{}.{}", part.prefix(), opts.format.extension()));
                 let path = prefix.with_file_name(name);
-                write_safetensors(&path, rename(*part, t), &metadata)?;
+                write(&path, rename(*part, t))?;
                 written.push(path);
             }
         }
@@ -172,7 +226,7 @@ pub fn save_tensors(
                     all.push((COMFY_VAE_SHIFT.to_string(), scalar(s.shift)?));
                 }
             }
-            write_safetensors(dest, all, &metadata)?;
+            write(dest, all)?;
             written.push(dest.to_path_buf());
         }
     }
@@ -203,6 +257,7 @@ impl Checkpoint {
             variant: opts.variant.or(self.info.variant),
             dtype: opts.dtype,
             vae_scaling: opts.vae_scaling.or(self.info.vae_scaling),
+            format: opts.format,
         };
         save_tensors(&self.tensors, &self.info.config, layout, dest, &opts)
     }

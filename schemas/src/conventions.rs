@@ -10,6 +10,11 @@
 //!   (its latents are already the scaled ones).
 //! * Stored shard images are 8-bit sRGB, `u8 / 255` gives the [0, 1] image the teacher saw.
 //! * Latents in shards are C-major (`[C, h, w]`, row-major) and already scaled.
+//! * Exports for other tools keep taesd.py's conventions: the `.pth` state dicts are taesd.py's
+//!   own; the ONNX encoder takes `image` (float NCHW in [0, 1]) and gives `latent` (scaled), the
+//!   ONNX decoder takes `latent` and gives `image` ([0, 1] nominally, not clamped), with the
+//!   symbolic dimensions [`ONNX_IMAGE_DIMS`] / [`ONNX_LATENT_DIMS`] (the names the taef2 teacher
+//!   ONNX in ../shared uses for its input, and that `precompute --onnx` looks for).
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +71,15 @@ impl PixelRange {
         }
     }
 }
+
+/// Name of the image tensor of an ONNX export (input of the encoder, output of the decoder).
+pub const ONNX_IMAGE: &str = "image";
+/// Name of the latent tensor of an ONNX export (output of the encoder, input of the decoder).
+pub const ONNX_LATENT: &str = "latent";
+/// Symbolic dimensions of [`ONNX_IMAGE`]: `[batch, 3, height, width]` (the channel count fixed).
+pub const ONNX_IMAGE_DIMS: [&str; 4] = ["batch", "3", "height", "width"];
+/// Symbolic dimensions of [`ONNX_LATENT`]: `[batch, C, latent_height, latent_width]`.
+pub const ONNX_LATENT_DIMS: [&str; 4] = ["batch", "C", "latent_height", "latent_width"];
 
 /// The factor from 8-bit samples to the [0, 1] range: `v as f32 * UNIT_PER_U8`. Training
 /// batches travel to the GPU as 8-bit planes and are scaled there by this same f32 product.
