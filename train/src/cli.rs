@@ -168,6 +168,30 @@ pub enum Command {
         #[arg(long, default_value_t = 540)]
         height: u32,
     },
+    /// The model for another tool: `onnx` (encoder and decoder .onnx, for ONNX Runtime) or `pth`
+    /// (the taesd.py / ComfyUI vae_approx `.pth` pair).
+    Export {
+        /// Checkpoint (file/folder, any layout), run folder or run checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// onnx or pth.
+        #[arg(long)]
+        format: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32 (default) or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// Write RUN/report.html: one self-contained page of a run (config, curves, eval, preview,
+    /// throughput, exports).
+    Report {
+        /// Run folder.
+        run: PathBuf,
+    },
     /// A checkpoint in another layout (taesd, diffusers, comfyui, combined).
     Convert {
         #[arg(long)]
@@ -375,6 +399,26 @@ pub fn command(c: &Command) -> Result<i32> {
         Command::Plot { runs, key, out, width, height } => {
             crate::plot::write_comparison(runs, key, out, *width, *height)?;
             println!("wrote {}", out.display());
+            Ok(0)
+        }
+        Command::Export { model, format, out, dtype, variant } => {
+            let files = crate::export::run(&crate::export::ExportArgs {
+                model: model.clone(),
+                variant: crate::models::parse_variant(variant.as_deref())?,
+                format: crate::export::ExportFormat::parse(format)?,
+                out: out.clone(),
+                precision: crate::export::parse_precision(dtype)?,
+            })?;
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(0)
+        }
+        Command::Report { run } => {
+            if !run.join(crate::config::RESOLVED_CONFIG).is_file() {
+                bail!("{} is not a run folder (no {})", run.display(), crate::config::RESOLVED_CONFIG);
+            }
+            println!("wrote {}", crate::report::write(run)?.display());
             Ok(0)
         }
         Command::Convert { model, layout, out, dtype, variant } => {

@@ -195,8 +195,10 @@ pub struct RunConfig {
     pub eval_every: u64,
     /// Metrics line every N steps (losses averaged over the interval).
     pub log_every: u64,
-    /// Layouts of the final EMA export: taesd, diffusers, comfyui, combined (layouts the
-    /// variant cannot be saved in, e.g. diffusers for taef2, are skipped with a note).
+    /// The final EMA export: the layouts taesd (safetensors and the `.pth` pair taesd.py and
+    /// ComfyUI load), diffusers, comfyui, combined (layouts the variant cannot be saved in, e.g.
+    /// diffusers for taef2, are skipped with a note), and `onnx` (encoder and decoder, float32
+    /// and float16; `crate::export`).
     pub export: Vec<String>,
     /// Loss curve size in pixels.
     pub plot_width: u32,
@@ -310,7 +312,10 @@ impl TrainConfig {
         crate::device::DeviceSpec::parse(&r.device).context("run.device")?;
         crate::recipe::Precision::parse(&r.precision).context("run.precision")?;
         for l in &r.export {
-            ensure!(taesd::Layout::parse(l).is_some(), "run.export: unknown layout `{l}` (taesd, diffusers, comfyui, combined)");
+            ensure!(
+                taesd::Layout::parse(l).is_some() || crate::export::RUN_FORMATS.contains(&l.as_str()),
+                "run.export: unknown layout or format `{l}` (taesd, diffusers, comfyui, combined, onnx)"
+            );
         }
         if let Some(v) = &self.model.variant {
             ensure!(
@@ -626,8 +631,9 @@ mod tests {
         assert!(format!("{e:#}").contains("tpu"), "{e:#}");
         let e = TrainConfig::from_table("[model]\nvariant = \"taef3\"".parse().unwrap()).unwrap_err().to_string();
         assert!(e.contains("taef3"), "{e}");
-        let e = TrainConfig::from_table("[run]\nexport = [\"onnx\"]".parse().unwrap()).unwrap_err().to_string();
-        assert!(e.contains("onnx"), "{e}");
+        let e = TrainConfig::from_table("[run]\nexport = [\"tflite\"]".parse().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("tflite"), "{e}");
+        assert!(TrainConfig::from_table("[run]\nexport = [\"onnx\", \"taesd\"]".parse().unwrap()).is_ok());
         let e = TrainConfig::from_table("[data]\neval_fraction = 1.5".parse().unwrap()).unwrap_err().to_string();
         assert!(e.contains("eval_fraction"), "{e}");
     }

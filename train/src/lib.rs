@@ -6,6 +6,8 @@
 //! * [`config`]: the run configuration (TOML, overrides, sweeps).
 //! * [`dataset`], [`order`], [`sample`], [`split`], [`loader`]: the deterministic streaming loader.
 //! * [`device`], [`rng`]: `--device` parsing; seeded randomness of the data pipeline.
+//! * [`export`], [`tensorboard`], [`report`]: what other tools read: `.pth` / ONNX exports,
+//!   TensorBoard event files, the one-page `report.html`.
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -15,6 +17,7 @@ pub mod decode;
 pub mod device;
 pub mod encode;
 pub mod eval;
+pub mod export;
 pub mod font;
 pub mod host_profile;
 pub mod loader;
@@ -24,8 +27,11 @@ pub mod order;
 pub mod plot;
 pub mod preview;
 pub mod recipe;
+pub mod report;
 pub mod runner;
 pub mod rng;
 pub mod sample;
 pub mod split;
 pub mod switches;
+pub mod svg;
+pub mod tensorboard;

@@ -10,6 +10,9 @@
 //! * `skip`: `step`, `reason` — a step the NaN/inf guard skipped.
 //! * `eval`: `step`, `model` (`ema`, `raw`, `reference`) and the [`crate::eval::Metrics`] fields.
 //! * `checkpoint`, `preview`, `export`, `start`, `end`: `step` and what was written.
+//!
+//! Every line also goes to the run's TensorBoard event file ([`crate::tensorboard`]): its
+//! numbers as scalars, a preview line's grid as an image.
 
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
@@ -18,19 +21,29 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::tensorboard::{has_event_files, EventWriter};
+
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// Appends lines to a run's metrics file, flushed line by line.
+/// Appends lines to a run's metrics file, flushed line by line, and mirrors them into a
+/// TensorBoard event file of this session.
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
+    tensorboard: EventWriter,
 }
 
 impl MetricsLog {
     /// Open for appending. `keep_up_to`: drop lines of steps after it first (a resumed run
-    /// repeats the steps after its checkpoint, so their old lines would be duplicates).
+    /// repeats the steps after its checkpoint, so their old lines would be duplicates); in
+    /// TensorBoard, a session start at the step after it does the same.
     pub fn open(run_dir: &Path, keep_up_to: Option<u64>) -> Result<MetricsLog> {
         let path = run_dir.join(METRICS_FILE);
+        let restart = keep_up_to.filter(|_| has_event_files(run_dir));
+        let mut tensorboard = EventWriter::create(run_dir)?;
+        if let Some(step) = restart {
+            tensorboard.session_start(step + 1)?;
+        }
         if let (Some(limit), true) = (keep_up_to, path.is_file()) {
             let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let kept: Vec<&str> = text
@@ -49,7 +62,7 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsLog { path, file })
+        Ok(MetricsLog { path, file, tensorboard })
     }
 
     pub fn path(&self) -> &Path {
@@ -64,9 +77,16 @@ impl MetricsLog {
         if let Value::Object(f) = fields {
             obj.extend(f);
         }
-        let line = serde_json::to_string(&Value::Object(obj))?;
+        let obj = Value::Object(obj);
+        let line = serde_json::to_string(&obj)?;
         writeln!(self.file, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
-        self.file.flush().with_context(|| format!("cannot write {}", self.path.display()))
+        self.file.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.tensorboard.metrics_line(kind, step, &obj)
+    }
+
+    /// This session's TensorBoard event file.
+    pub fn tensorboard_file(&self) -> &Path {
+        self.tensorboard.path()
     }
 }
 
@@ -186,9 +206,16 @@ mod tests {
         assert_eq!(lines[0]["data_wait"], 0.0);
         drop(log);
         let mut log = MetricsLog::open(dir.path(), Some(2)).unwrap();
-        log.write("train", 3, json!({})).unwrap();
+        log.write("train", 3, json!({"lr": 0.5})).unwrap();
         let steps: Vec<u64> = read_lines(log.path(), "train").unwrap().iter().map(|v| v["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, [2, 3]);
         assert!(read_lines(log.path(), "skip").unwrap().is_empty());
+        // Each session its own event file; the resumed one starts with a session start at step 3.
+        let recs = crate::tensorboard::tests::read_records(log.tensorboard_file());
+        assert_eq!(recs.len(), 3, "file version, session start, one line");
+        let start = taesd::protobuf::read::fields(&recs[1]).unwrap();
+        assert_eq!(taesd::protobuf::read::all(&start, 2), [taesd::protobuf::read::Value::Varint(3)]);
+        let files = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("tfevents")).count();
+        assert!(files >= 1);
     }
 }

@@ -14,7 +14,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const PALETTE: [[u8; 3]; 10] = [
+/// Line colours (matplotlib's tab10), shared with the report's SVG charts.
+pub const PALETTE: [[u8; 3]; 10] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],

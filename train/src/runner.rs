@@ -9,7 +9,10 @@
 //!   previews/step-00000500.png
 //!   eval.json            the latest evaluation (all models)
 //!   checkpoints/step-00001000/{recipe/, trainer.json}
-//!   export/taesd/<variant>_{encoder,decoder}.safetensors, export/diffusers/, export/comfyui/
+//!   export/taesd/<variant>_{encoder,decoder}.{safetensors,pth}, export/diffusers/, export/comfyui/,
+//!   export/onnx/ (with `run.export` "onnx"), export/export.json
+//!   events.out.tfevents.*  TensorBoard (crate::tensorboard)
+//!   report.html          one page of the run (crate::report), written at the end
 //! ```
 
 use crate::checkpoint::{self, TrainerState};
@@ -219,7 +222,11 @@ fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path, step: u64) -> Result<(V
     let mut notes = Vec::new();
     let name = r.variant.map(|v| v.name().to_string()).unwrap_or_else(|| format!("taesd-c{}", r.model.latent_channels));
     for l in &r.config.run.export {
-        let layout = Layout::parse(l).expect("validated");
+        let Some(layout) = Layout::parse(l) else {
+            // A format beside the layouts (`onnx`): crate::export.
+            files.extend(crate::export::run_export(l, &recipe.ema_tensors()?, r.model, r.variant, run_dir)?);
+            continue;
+        };
         if layout == Layout::Diffusers && !r.model.diffusers_supported() {
             notes.push(format!("diffusers export skipped: AutoencoderTiny cannot hold {}", r.model.describe()));
             continue;
@@ -234,7 +241,11 @@ fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path, step: u64) -> Result<(V
             Layout::TaesdPy | Layout::Diffusers => tmp.clone(),
             Layout::ComfyUi | Layout::Combined => tmp.join(format!("{name}.safetensors")),
         };
-        let written = recipe.export(layout, &dest, r.variant).with_context(|| format!("exporting the {layout} layout"))?;
+        let mut written = recipe.export(layout, &dest, r.variant).with_context(|| format!("exporting the {layout} layout"))?;
+        if layout == Layout::TaesdPy {
+            // The same pair as .pth: what taesd.py and ComfyUI's vae_approx folder load.
+            written.extend(crate::export::pth_files(&recipe.ema_tensors()?, r.model, r.variant, &tmp)?);
+        }
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
         }
@@ -564,6 +575,9 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         crate::plot::write_loss_curve(&run_dir.join(METRICS_FILE), &run_dir.join("loss.png"), cfg.run.plot_width, cfg.run.plot_height)?;
     }
     log.write("end", ts.step, json!({"interrupted": interrupted, "steps_per_s": steps_per_s, "skipped_total": ts.skipped_steps}))?;
+    if let Err(e) = crate::report::write(&run_dir) {
+        say(&pb, format!("note: {} not written: {e:#}", crate::report::REPORT_FILE));
+    }
     pb.finish_and_clear();
     Ok(RunOutcome {
         name: plan.name.clone(),
