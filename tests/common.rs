@@ -1,9 +1,15 @@
 //! Helpers for the end-to-end tests: where ../shared is, and the workspace binaries (built on
-//! first use with the same cargo and profile as the tests).
+//! first use with the same cargo and profile as the tests); models of every variant (released
+//! weights where ../shared has them, seeded random ones elsewhere), real input images, `.npy`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use taesd::{Layout, SaveOptions, Taesd, Variant};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -102,4 +108,84 @@ pub fn read_rows(dir: &Path) -> Vec<taesd_data::ShardRow> {
         .iter()
         .flat_map(|f| taesd_data::ShardReader::open(f).unwrap().read_all().unwrap())
         .collect()
+}
+
+/// A [N, C, H, W] f32 tensor as a .npy file.
+pub fn write_npy(path: &Path, t: &Tensor) {
+    let dims = t.dims();
+    let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let shape = dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape},), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    std::fs::write(path, out).unwrap();
+}
+
+/// The parity images of ../shared: image_a 256x256, image_b 192x128 (real photos, [0, 1]).
+pub fn parity() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(shared().join("reference/taef2/taef2_parity.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Random weights (candle's initialisation, then every tensor redrawn from a seeded stream).
+pub fn random_tensors(v: Variant, seed: u64) -> HashMap<String, Tensor> {
+    let vm = VarMap::new();
+    let cfg = v.config();
+    Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let mut names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+    names.sort();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*: uniform in [-1, 1)
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let data = vm.data().lock().unwrap();
+    let mut out = HashMap::new();
+    for n in names {
+        let var = &data[&n];
+        let dims = var.dims().to_vec();
+        // Kaiming-uniform-like scale for conv weights (fan in), small for biases, ~1 for norms.
+        let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+        let scale = if n.ends_with("weight") && dims.len() == 4 {
+            (3.0 / fan_in as f32).sqrt()
+        } else if n.contains(".pool.1.weight") {
+            1.0
+        } else {
+            0.05
+        };
+        let numel: usize = dims.iter().product();
+        let vals: Vec<f32> = (0..numel).map(|_| next() * scale + if n.contains(".pool.1.weight") { 1.0 } else { 0.0 }).collect();
+        out.insert(n, Tensor::from_vec(vals, dims, &Device::Cpu).unwrap());
+    }
+    out
+}
+
+/// A checkpoint folder (taesd layout, safetensors) of variant `v` for the tests: released
+/// weights where ../shared has them.
+pub fn model_folder(v: Variant, root: &Path) -> PathBuf {
+    let dir = root.join(format!("{v}-model"));
+    let mut tensors = random_tensors(v, v as u64 + 1);
+    let released: Vec<PathBuf> = match v {
+        Variant::Taef2 => vec![shared().join("reference/taef2/taef2_encoder.pth"), shared().join("reference/taef2/taef2_decoder.pth")],
+        Variant::Taesana => vec![shared().join("reference/taesana/taesana_encoder.pth")],
+        _ => vec![],
+    };
+    if !released.is_empty() {
+        let ck = taesd::load_checkpoints(&released, Some(v)).unwrap();
+        for (n, t) in ck.tensors {
+            tensors.insert(n, t.to_dtype(DType::F32).unwrap());
+        }
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let opts = SaveOptions { variant: Some(v), ..Default::default() };
+    taesd::save_tensors(&tensors, &v.config(), Layout::TaesdPy, &dir, &opts).unwrap();
+    dir
 }

@@ -424,3 +424,156 @@ fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
     let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
     assert!(rep["model_files"].as_array().unwrap().iter().all(|f| f.as_str().unwrap().contains(&want)), "{rep}");
 }
+
+fn py(script: &str, args: &[&str]) -> serde_json::Value {
+    let o = Command::new("python3").arg(repo().join("tests/py").join(script)).args(args).output().expect("python3");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{script} {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+/// `(step, value)` of one tag, from tests/py/read_tensorboard.py's output.
+fn tb_scalars(tb: &serde_json::Value, tag: &str) -> Vec<(u64, f64)> {
+    tb["scalars"][tag]
+        .as_array()
+        .unwrap_or_else(|| panic!("no scalar tag {tag} in {}", tb["scalars"].as_object().unwrap().keys().cloned().collect::<Vec<_>>().join(", ")))
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+/// A run as other tools see it: its TensorBoard files read back by the tensorboard package (tags,
+/// steps and values as in metrics.jsonl, the previews as images), its report.html parsed by
+/// Python (every section, the preview inline, the exports' sha256), its .pth pair under torch's
+/// weights_only rules, and its ONNX encoder used by `precompute --onnx --vae custom` as a teacher
+/// (the latents equal our encoder's).
+#[test]
+fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let reference = reference_taef2().join("taef2_decoder.pth");
+    let args = with(
+        small_run(&run_dir, 6, 2),
+        &[
+            "--set", "data.eval_fraction=0.15", "--set", "data.eval_max_images=2", "--set", "data.preview_images=2",
+            "--set", "run.log_every=2", "--set", "run.preview_every=3", "--set", "run.eval_every=0",
+            "--set", "run.export=[\"taesd\", \"comfyui\", \"onnx\"]", "--set", &format!("model.reference_decoder=\"{}\"", s(&reference)),
+        ],
+    );
+    let out = train(&args, true);
+    assert!(stdout(&out).contains("finished: step 6"), "{}", stdout(&out));
+    let metrics = run_dir.join("metrics.jsonl");
+
+    // TensorBoard, through its own reader: every train line's numbers, every eval, every preview.
+    let tb = py("read_tensorboard.py", &[s(&run_dir)]);
+    assert_eq!(tb["files"], 1);
+    let lines = json_lines(&metrics, "train");
+    for (tag, path) in [
+        ("train/lr", &["lr"][..]),
+        ("train/images_per_s", &["images_per_s"]),
+        ("losses/encoder", &["losses", "encoder"]),
+        ("losses/decoder", &["losses", "decoder"]),
+        ("grad_norms/decoder", &["grad_norms", "decoder"]),
+        ("time_fractions/step", &["time_fractions", "step"]),
+    ] {
+        let got = tb_scalars(&tb, tag);
+        let want: Vec<f64> = lines.iter().map(|l| path.iter().fold(l, |v, k| &v[*k]).as_f64().unwrap()).collect();
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 4, 6], "{tag}");
+        for ((_, g), w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-30), "{tag}: {g} vs {w} (f32 of the metrics line)");
+        }
+    }
+    let evals = json_lines(&metrics, "eval");
+    for model in ["ema", "raw", "reference"] {
+        let got = tb_scalars(&tb, &format!("eval/psnr/{model}"));
+        let want: Vec<(u64, f64)> =
+            evals.iter().filter(|e| e["model"] == model).map(|e| (e["step"].as_u64().unwrap(), e["psnr"].as_f64().unwrap())).collect();
+        assert_eq!(got.len(), want.len(), "eval/psnr/{model}");
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 6], "eval/psnr/{model}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g.1 - w.1).abs() <= 1e-5 * w.1.abs(), "eval/psnr/{model}: {g:?} vs {w:?}");
+        }
+    }
+    let previews: Vec<(u64, u32, u32)> = tb["images"]["preview"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap() as u32, p[2].as_u64().unwrap() as u32))
+        .collect();
+    assert_eq!(previews.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 3, 6]);
+    let (pw, ph) = png_size(&run_dir.join("previews/step-00000006.png"));
+    assert_eq!((previews[2].1, previews[2].2), (pw, ph));
+
+    // report.html: one well-formed page with every section, written at the end of the run.
+    let report = run_dir.join("report.html");
+    let rep = py("check_report.py", &[s(&report)]);
+    assert_eq!(rep["sections"], serde_json::json!(["summary", "curves", "eval", "preview", "throughput", "exports", "config"]));
+    assert_eq!(rep["images"], serde_json::json!([[pw, ph]]), "the newest preview, inline");
+    assert!(rep["svg"].as_u64().unwrap() >= 8, "{rep}");
+    let text = |sec: &str| rep["text"][sec].as_str().unwrap().to_string();
+    assert!(text("summary").contains("finished at step 6"), "{}", text("summary"));
+    assert!(text("eval").contains("reference") && text("eval").contains("ema \u{2212} reference"), "{}", text("eval"));
+    let onnx_enc = run_dir.join("export/onnx/taef2_encoder.onnx");
+    let sha = Command::new("sha256sum").arg(&onnx_enc).output().unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout).split_whitespace().next().unwrap().to_string();
+    assert!(text("exports").contains(&sha) && text("exports").contains("ONNX Runtime"), "{}", text("exports"));
+    assert!(text("config").contains("[recipe]"));
+    // On demand: the same sections again.
+    std::fs::remove_file(&report).unwrap();
+    let o = run("train", &["report", s(&run_dir)], true);
+    assert!(stdout(&o).contains("report.html") && report.is_file());
+    assert!(stderr(&run("train", &["report", s(dir.path())], false)).contains("not a run folder"));
+
+    // Exports: the .pth pair beside the safetensors, ONNX in both precisions, all in export.json.
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("export/export.json")).unwrap()).unwrap();
+    let listed: Vec<String> = info["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    for f in [
+        "export/taesd/taef2_encoder.pth", "export/taesd/taef2_decoder.pth", "export/onnx/taef2_encoder.onnx",
+        "export/onnx/taef2_decoder.fp16.onnx", "export/comfyui/taef2.safetensors",
+    ] {
+        assert!(listed.iter().any(|l| l.ends_with(f)) && run_dir.join(f).is_file(), "{f} not exported: {listed:?}");
+    }
+    let pth = [run_dir.join("export/taesd/taef2_encoder.pth"), run_dir.join("export/taesd/taef2_decoder.pth")];
+    let j = py("check_pth.py", &[s(&pth[0]), s(&pth[1])]);
+    assert_eq!(j[s(&pth[0])].as_object().unwrap().len(), 79);
+    let st = tensors(&run_dir.join("export/taesd/taef2_encoder.safetensors"));
+    assert_eq!(j[s(&pth[0])]["14.bias"]["shape"], serde_json::json!(st["14.bias"].1));
+
+    // The trained encoder, exported as ONNX, is a precompute teacher (a custom VAE of 32 channels
+    // already in TAESD scale, [0, 1] input); the latents it stores are our encoder's.
+    let images = pool_subset(4);
+    let latents = dir.path().join("latents");
+    run(
+        "precompute",
+        &[
+            "--vae", "custom", "--channels", "32", "--scale", "1", "--shift", "0", "--input-range", "0,1", "--downscale", "8",
+            "--onnx", s(&onnx_enc), "--images", s(images.path()), "--out", s(&latents), "--device", "cpu", "--resolution", "64",
+            "--batch-size", "2", "--quiet",
+        ],
+        true,
+    );
+    let rows = read_rows(&latents);
+    assert_eq!(rows.len(), 4);
+    let ours = taesd::Taesd::load(run_dir.join("export/taesd"), None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let enc = ours.encoder.unwrap();
+    let mut worst = 0f32;
+    for r in &rows {
+        assert_eq!(r.latent_shape, [32, 8, 8]);
+        let img = taesd_data::decode_stored_image(&r.image).unwrap();
+        let (w, h) = img.dimensions();
+        let mut chw = vec![0f32; (3 * w * h) as usize];
+        for (i, p) in img.pixels().enumerate() {
+            for c in 0..3 {
+                chw[c * (w * h) as usize + i] = taesd_schemas::conventions::u8_to_unit(p[c]);
+            }
+        }
+        let x = candle_core::Tensor::from_vec(chw, (1, 3, h as usize, w as usize), &candle_core::Device::Cpu).unwrap();
+        let z = candle_core::Module::forward(&enc, &x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in z.iter().zip(&r.latent) {
+            let err = (a - b).abs();
+            assert!(err <= 1e-3 + 1e-3 * a.abs(), "{}: stored latent {b} vs our encoder {a}", r.source);
+            worst = worst.max(err);
+        }
+    }
+    println!("precompute with our exported ONNX encoder: worst |stored - candle| {worst:.2e} (f16 storage)");
+}
