@@ -3,7 +3,8 @@
 #   1. precompute: pool images -> Parquet shards of image/latent pairs, the released TAEF2 encoder
 #      (ONNX) as the teacher;
 #   2. train: a short run that fine-tunes the released taef2 encoder and decoder on those shards
-#      (the full recipe: encoder MSE, decoder GAN + low-res MSE), with previews, metrics, export;
+#      (the full recipe: encoder MSE, decoder GAN + low-res MSE), with previews, metrics,
+#      TensorBoard events, report.html and the exports (taesd.py .pth, ComfyUI, ONNX);
 #   3. train eval: our model vs the released decoder on the held-out split; decode a few latents.
 #
 #   ./demo.sh [OUT]        (default OUT=demo-out; remove it to start over, rerun to resume)
@@ -52,6 +53,7 @@ resume=()
   --set model.init_decoder="\"$REF/taef2_decoder.pth\"" \
   --set model.reference_decoder="\"$REF/taef2_decoder.pth\"" \
   --set recipe.lr=1e-5 --set recipe.disc_warmup_steps=12 --set run.preview_every=12 --set run.log_every=4 \
+  --set run.eval_every=12 --set 'run.export=["taesd", "comfyui", "onnx"]' \
   --set data.eval_fraction=0.05 --set data.eval_max_images=12
 
 echo "== 3. eval on the held-out split: ours (EMA export) vs the released taef2 decoder"
@@ -60,5 +62,6 @@ echo "== 3. eval on the held-out split: ours (EMA export) vs the released taef2 
 "$BIN/train" decode --model "$OUT/run" --latents "$OUT/latents" --out "$OUT/decoded" --limit 4 --device "$DEVICE"
 
 echo
-echo "done: shards $OUT/latents, run $OUT/run (previews/, loss.png, metrics.jsonl, export/),"
-echo "      eval $OUT/eval.json, decoded PNGs $OUT/decoded"
+echo "done: shards $OUT/latents, run $OUT/run (report.html, previews/, loss.png, metrics.jsonl,"
+echo "      export/: taesd/*.pth for taesd.py, onnx/ for ONNX Runtime), eval $OUT/eval.json,"
+echo "      decoded PNGs $OUT/decoded; tensorboard --logdir $OUT shows the run"

@@ -49,8 +49,9 @@ pub fn line_chart(title: &str, series: &[Series], width: u32, height: u32) -> St
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    if y1 - y0 < 1e-12 {
-        let d = y0.abs().max(1.0) * 0.05;
+    if y1 - y0 <= 1e-9 * y0.abs().max(1e-300) {
+        // A flat line (a constant learning rate): a band of ±10% around it (±0.05 around 0).
+        let d = if y0 != 0.0 { y0.abs() * 0.1 } else { 0.05 };
         y0 -= d;
         y1 += d;
     }
@@ -80,7 +81,11 @@ pub fn line_chart(title: &str, series: &[Series], width: u32, height: u32) -> St
         }
         t
     } else {
-        nice_ticks(y0, y1, 5).into_iter().map(|v| (v, format_tick(v))).collect()
+        let t = nice_ticks(y0, y1, 5);
+        let short: Vec<String> = t.iter().map(|v| format_tick(*v)).collect();
+        let distinct = short.iter().collect::<std::collections::BTreeSet<_>>().len() == short.len();
+        // Close ticks (a band around a constant) need more digits than the loss curve's labels.
+        t.into_iter().zip(short).map(|(v, l)| (v, if distinct { l } else { format!("{v:.2e}") })).collect()
     };
     for (v, label) in &yticks {
         let y = py(*v);
@@ -166,5 +171,8 @@ mod tests {
         assert!(line_chart("empty", &[], 200, 100).contains("</svg>"));
         let flat = line_chart("flat", &[Series { name: "f".into(), points: vec![(1.0, 2.0), (1.0, 2.0)] }], 200, 100);
         assert!(!flat.contains("NaN"), "{flat}");
+        // A constant small value gets ticks around it, not around 0.
+        let lr = line_chart("lr", &[Series { name: "lr".into(), points: vec![(0.0, 1e-5), (10.0, 1e-5)] }], 300, 200);
+        assert!(lr.contains(">1.00e-5<") && lr.contains(">1.05e-5<") && !lr.contains(">-0.05<"), "{lr}");
     }
 }
