@@ -88,6 +88,15 @@ pub fn run(name: &str, args: &[&str], expect_ok: bool) -> Output {
     out
 }
 
+/// Run `tests/py/SCRIPT ARGS` with python3; its last stdout line, as JSON (panics with its
+/// output when it fails).
+pub fn py(script: &str, args: &[&str]) -> serde_json::Value {
+    let o = Command::new("python3").arg(repo().join("tests/py").join(script)).args(args).output().expect("python3");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{script} {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -13,7 +13,6 @@
 //! taesana's decoder).
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{DType, Device, Module, Tensor};
 use taesd::{Taesd, Variant};
@@ -32,13 +31,6 @@ fn inputs(v: Variant) -> Vec<Tensor> {
     let first = Tensor::cat(&[crop(0, 0, 64, 96), crop(100, 80, 64, 96)], 0).unwrap();
     let second = if v == Variant::Taef2 { p["image_b"].clone() } else { crop(64, 128, 96, 64) };
     vec![first, second]
-}
-
-fn py(script: &str, args: &[&str]) -> serde_json::Value {
-    let o = Command::new("python3").arg(repo().join("tests/py").join(script)).args(args).output().expect("python3");
-    let text = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{script} {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_str(text.lines().last().unwrap()).unwrap()
 }
 
 fn ort_env() -> &'static ort::environment::Environment {

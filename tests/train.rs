@@ -425,13 +425,6 @@ fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
     assert!(rep["model_files"].as_array().unwrap().iter().all(|f| f.as_str().unwrap().contains(&want)), "{rep}");
 }
 
-fn py(script: &str, args: &[&str]) -> serde_json::Value {
-    let o = Command::new("python3").arg(repo().join("tests/py").join(script)).args(args).output().expect("python3");
-    let text = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{script} {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_str(text.lines().last().unwrap()).unwrap()
-}
-
 /// `(step, value)` of one tag, from tests/py/read_tensorboard.py's output.
 fn tb_scalars(tb: &serde_json::Value, tag: &str) -> Vec<(u64, f64)> {
     tb["scalars"][tag]
