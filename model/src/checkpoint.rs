@@ -39,9 +39,9 @@ pub struct TensorFile {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TaesdError + '_ {
-    move |source| TaesdError::Io {
+    move |cause| TaesdError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -72,20 +72,26 @@ pub fn read_tensor_file(path: impl AsRef<Path>) -> Result<TensorFile> {
     if !path.is_file() {
         return Err(TaesdError::Io {
             path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
     let (tensors, metadata) = if is_pickle(path)? {
-        let mut list = candle_core::pickle::read_all_with_key(path, None).ctx(ctx)?;
-        if list.is_empty() {
-            if let Ok(l) = candle_core::pickle::read_all_with_key(path, Some("state_dict")) {
-                list = l;
+        // Checked first: candle's reader allocates what the pickle declares (crate::pth_check).
+        let damaged = |reason: String| TaesdError::Damaged { file: path.to_path_buf(), reason };
+        crate::pth_check::check_pickles(path).map_err(damaged)?;
+        let mut pth = candle_core::pickle::PthTensors::new(path, None).ctx(ctx)?;
+        if pth.tensor_infos().is_empty() {
+            if let Ok(p) = candle_core::pickle::PthTensors::new(path, Some("state_dict")) {
+                pth = p;
             }
         }
-        let mut tensors = HashMap::with_capacity(list.len());
-        for (name, t) in list {
-            // Fortran-ordered pickled tensors come back as permuted views.
-            tensors.insert(name, t.contiguous().ctx(ctx)?);
+        crate::pth_check::check_tensors(path, pth.tensor_infos()).map_err(damaged)?;
+        let mut tensors = HashMap::with_capacity(pth.tensor_infos().len());
+        for name in pth.tensor_infos().keys() {
+            if let Some(t) = pth.get(name).ctx(ctx)? {
+                // Fortran-ordered pickled tensors come back as permuted views.
+                tensors.insert(name.clone(), t.contiguous().ctx(ctx)?);
+            }
         }
         (tensors, HashMap::new())
     } else {
@@ -216,9 +222,9 @@ struct DiffusersTinyConfig {
 impl DiffusersTinyConfig {
     fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| TaesdError::Json {
+        let cfg: Self = serde_json::from_str(&text).map_err(|cause| TaesdError::Json {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         cfg.check(path)?;
         Ok(cfg)

@@ -4,6 +4,10 @@
 use std::path::PathBuf;
 
 /// Errors of loading, checking and saving TAESD checkpoints.
+///
+/// Where a variant wraps another error, its message includes it and it is not also the
+/// `source()` (the field is `cause`, not `source`): a chain printed with `{:#}` would otherwise
+/// say it twice ("x.pth: no such file: no such file").
 #[derive(Debug, thiserror::Error)]
 pub enum TaesdError {
     #[error("{}: missing tensor `{name}` (shape {expected}) of the {what}", .file.display())]
@@ -41,6 +45,9 @@ pub enum TaesdError {
     #[error("{}: not a TAESD checkpoint this crate knows: {reason}", .file.display())]
     UnknownLayout { file: PathBuf, reason: String },
 
+    #[error("{}: damaged or not a PyTorch checkpoint: {reason}", .file.display())]
+    Damaged { file: PathBuf, reason: String },
+
     #[error("the {layout} layout cannot hold {what}: {reason}")]
     UnsupportedLayout {
         layout: String,
@@ -54,34 +61,34 @@ pub enum TaesdError {
     #[error("unknown checkpoint layout `{0}` (known: taesd, diffusers, comfyui, combined)")]
     UnknownLayoutName(String),
 
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {cause}", .path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
-    #[error("{}: bad config.json: {source}", .path.display())]
+    #[error("{}: bad config.json: {cause}", .path.display())]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
 
     #[error("{}: {reason}", .path.display())]
     Config { path: PathBuf, reason: String },
 
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Candle {
         context: String,
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
 
     #[error(transparent)]
     CandleOther(#[from] candle_core::Error),
 
-    #[error("{}: cannot write safetensors: {source}", .path.display())]
+    #[error("{}: cannot write safetensors: {cause}", .path.display())]
     Write {
         path: PathBuf,
-        source: safetensors::SafeTensorError,
+        cause: safetensors::SafeTensorError,
     },
 
     #[error("{0}")]
@@ -97,9 +104,25 @@ pub(crate) trait CandleContext<T> {
 
 impl<T> CandleContext<T> for candle_core::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| TaesdError::Candle {
+        self.map_err(|cause| TaesdError::Candle {
             context: context(),
-            source,
+            cause,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cause is said once, also in an anyhow chain (`{:#}`).
+    #[test]
+    fn wrapped_errors_are_not_repeated_in_a_chain() {
+        let e = TaesdError::Io { path: "x.pth".into(), cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file") };
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain, "x.pth: no such file");
+        let e = TaesdError::Json { path: "c.json".into(), cause: serde_json::from_str::<u8>("x").unwrap_err() };
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
     }
 }

@@ -33,6 +33,7 @@ pub mod layers;
 pub mod layouts;
 pub mod onnx;
 pub mod protobuf;
+pub mod pth_check;
 pub mod pth_write;
 pub mod save;
 pub mod taesd;

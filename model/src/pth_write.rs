@@ -244,9 +244,9 @@ pub fn pth_bytes(archive: &str, tensors: &[(String, Tensor)]) -> Result<Vec<u8>>
 
 /// Write `tensors` (in this order) as a `.pth` state dict at `path` (parent folders created).
 pub fn write_pth(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let io = |source| TaesdError::Io {
+    let io = |cause| TaesdError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;

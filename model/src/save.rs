@@ -196,9 +196,9 @@ pub fn save_tensors(
             }
         }
         Layout::Diffusers => {
-            std::fs::create_dir_all(dest).map_err(|source| TaesdError::Io {
+            std::fs::create_dir_all(dest).map_err(|cause| TaesdError::Io {
                 path: dest.to_path_buf(),
-                source,
+                cause,
             })?;
             let all: Vec<_> = parts.iter().flat_map(|(p, t)| rename(*p, t)).collect();
             let path = dest.join(DIFFUSERS_WEIGHTS);
@@ -206,9 +206,9 @@ pub fn save_tensors(
             written.push(path);
             let config = dest.join("config.json");
             let text = serde_json::to_string_pretty(&diffusers_config(cfg)).expect("json");
-            std::fs::write(&config, text + "\n").map_err(|source| TaesdError::Io {
+            std::fs::write(&config, text + "\n").map_err(|cause| TaesdError::Io {
                 path: config.clone(),
-                source,
+                cause,
             })?;
             written.push(config);
         }
@@ -294,19 +294,19 @@ fn write_safetensors(
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| TaesdError::Io {
+        std::fs::create_dir_all(dir).map_err(|cause| TaesdError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause,
         })?;
     }
     let tensors = tensors
         .into_iter()
         .map(|(n, t)| t.contiguous().map(|t| (n.clone(), t)).ctx(|| n.clone()))
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(tensors, Some(metadata.clone()), path).map_err(|source| {
+    safetensors::serialize_to_file(tensors, Some(metadata.clone()), path).map_err(|cause| {
         TaesdError::Write {
             path: path.to_path_buf(),
-            source,
+            cause,
         }
     })
 }

@@ -412,9 +412,9 @@ pub fn save_onnx(
         .or_else(|| cfg.unique_variant())
         .map(|v| v.name().to_string())
         .unwrap_or_else(|| format!("taesd-c{}", cfg.latent_channels));
-    std::fs::create_dir_all(dir).map_err(|source| TaesdError::Io {
+    std::fs::create_dir_all(dir).map_err(|cause| TaesdError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     let mut written = Vec::new();
     for part in Part::BOTH {
@@ -428,9 +428,9 @@ pub fn save_onnx(
         }
         let bytes = part_onnx(cfg, part, &t, opts)?;
         let path = dir.join(file_name(&name, part, opts.precision));
-        std::fs::write(&path, bytes).map_err(|source| TaesdError::Io {
+        std::fs::write(&path, bytes).map_err(|cause| TaesdError::Io {
             path: path.clone(),
-            source,
+            cause,
         })?;
         written.push(path);
     }
