@@ -105,18 +105,25 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The shard files of an output folder (`OUT/data/`, or beside the manifest in the old layout),
+/// sorted.
+pub fn shard_files(dir: &Path) -> Vec<PathBuf> {
+    taesd_data::OutputLayout::locate(dir).shard_files().unwrap()
+}
+
 /// All rows of all shards of an output folder, in shard order.
 pub fn read_rows(dir: &Path) -> Vec<taesd_data::ShardRow> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| taesd_data::ShardReader::open(f).unwrap().read_all().unwrap())
-        .collect()
+    shard_files(dir).iter().flat_map(|f| taesd_data::ShardReader::open(f).unwrap().read_all().unwrap()).collect()
+}
+
+/// The lines of `errors.jsonl`.
+pub fn error_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("errors.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `manifest.json`.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
 }
 
 /// A [N, C, H, W] f32 tensor as a .npy file.

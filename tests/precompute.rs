@@ -78,6 +78,8 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
         }
     }
     let broken = ["odd/empty.png", "odd/not_an_image.jpg", "odd/truncated.jpg"];
+    // Below the default --min-side (half of --resolution 64): refused, with the reason.
+    let too_small = ["odd/tiny_24px.png"];
     let out = tempfile::tempdir().unwrap();
     let (i, o, x) = (images.path().to_str().unwrap(), out.path().to_str().unwrap(), taef2_onnx());
     let mut args = base_args(i, o, x.to_str().unwrap());
@@ -85,7 +87,7 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
     let res = run("precompute", &args, true);
     let summary = stdout(&res);
 
-    let decodable = 20 + odd_images - broken.len();
+    let decodable = 20 + odd_images - broken.len() - too_small.len();
     let rows = read_rows(out.path());
     assert_eq!(rows.len(), decodable, "one row per decodable input\n{summary}");
     for r in &rows {
@@ -94,22 +96,27 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
         assert!(r.latent_std.is_none(), "taef2 outputs a plain latent");
     }
     // Every odd-but-valid image made it; every broken one is reported with a reason.
-    for ok in ["odd/cmyk.jpg", "odd/exif_orientation_6.jpg", "odd/grayscale_16bit.png", "odd/panorama_8x1.jpg", "odd/tiny_24px.png", "odd/lossy.webp"] {
+    for ok in ["odd/cmyk.jpg", "odd/exif_orientation_6.jpg", "odd/grayscale_16bit.png", "odd/panorama_8x1.jpg", "odd/lossy.webp"] {
         assert!(rows.iter().any(|r| r.source == ok), "{ok} missing");
     }
-    let errors = std::fs::read_to_string(out.path().join("errors.jsonl")).unwrap();
-    let errors: Vec<serde_json::Value> = errors.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let errors = error_lines(out.path());
     let mut bad: Vec<&str> = errors.iter().map(|e| e["source"].as_str().unwrap()).collect();
     bad.sort();
-    assert_eq!(bad, broken);
+    let mut want: Vec<&str> = broken.iter().chain(&too_small).copied().collect();
+    want.sort();
+    assert_eq!(bad, want);
     for e in &errors {
-        assert_eq!(e["stage"], "decode");
+        let stage = if too_small.contains(&e["source"].as_str().unwrap()) { "size" } else { "decode" };
+        assert_eq!(e["stage"], stage, "{e}");
         assert!(e["reason"].as_str().unwrap().len() > 5);
     }
-    for b in broken {
+    let small = errors.iter().find(|e| e["stage"] == "size").unwrap()["reason"].as_str().unwrap();
+    assert!(small.contains("24x24") && small.contains("--min-side 32"), "{small}");
+    for b in broken.iter().chain(&too_small) {
         assert!(summary.contains(b), "summary names {b}:\n{summary}");
     }
-    assert!(summary.contains("skipped          3"), "{summary}");
+    assert!(summary.contains("skipped          4"), "{summary}");
+    assert!(summary.contains(&format!("= {decodable} with rows + 4 without")), "{summary}");
 
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "complete");
@@ -125,7 +132,7 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
     let text = stdout(&ins);
     assert!(text.contains(&format!("rows          {decodable}")), "{text}");
     assert!(text.contains("ch 31"), "per-channel statistics:\n{text}");
-    assert!(text.contains("3 x") || text.contains("1 x decode"), "errors summary:\n{text}");
+    assert!(text.contains("1 x size") && text.contains("1 x decode"), "errors summary:\n{text}");
 }
 
 #[test]
@@ -145,7 +152,7 @@ fn kill_dash_nine_then_rerun_gives_the_same_rows_as_an_uninterrupted_run() {
     run("precompute", &args(a_path).iter().map(|s| s.as_str()).collect::<Vec<_>>(), true);
 
     let mut child = Command::new(bin("precompute")).args(args(b_path)).spawn().unwrap();
-    let first = b.path().join("shard-00001.parquet");
+    let first = b.path().join("data/shard-00001.parquet");
     let t0 = std::time::Instant::now();
     while !first.exists() {
         assert!(t0.elapsed().as_secs() < 300, "no shard after 300 s");
@@ -153,11 +160,11 @@ fn kill_dash_nine_then_rerun_gives_the_same_rows_as_an_uninterrupted_run() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let done: Vec<_> = std::fs::read_dir(b.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".parquet")).collect();
+    let done = shard_files(b.path());
     assert!(done.len() < 16, "the run finished before it was killed ({} shards)", done.len());
     // Whatever is under a final name is a whole shard.
     for d in &done {
-        taesd_data::ShardReader::open(&d.path()).expect("a finished shard is readable");
+        taesd_data::ShardReader::open(d).expect("a finished shard is readable");
     }
     let rerun = run("precompute", &args(b_path).iter().map(|s| s.as_str()).collect::<Vec<_>>(), true);
     assert!(stdout(&rerun).contains("already done"), "{}", stdout(&rerun));
@@ -206,6 +213,347 @@ fn an_onnx_file_that_disagrees_with_the_preset_is_a_clear_error() {
     args[1] = "sdxl-fp16-fix";
     let e = stderr(&run("precompute", &args, false));
     assert!(e.contains("taef2_encoder.onnx") && e.contains("32 channels") && e.contains("4-channel"), "{e}");
+}
+
+/// A failed first run must not block its output folder: a preset/ONNX mismatch and a .pth given
+/// as --onnx are refused before anything is written, and a folder whose run never finished a
+/// shard (as earlier versions left it) takes a run with other settings.
+#[test]
+fn a_failed_first_run_leaves_its_output_folder_usable() {
+    let images = pool_subset(3);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (i, o, x) = (images.path().to_str().unwrap(), out.to_str().unwrap(), taef2_onnx());
+    let mut args = base_args(i, o, x.to_str().unwrap());
+    args[1] = "sdxl";
+    let e = stderr(&run("precompute", &args, false));
+    assert!(e.contains("4-channel"), "{e}");
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+    // A PyTorch checkpoint as --onnx: named for what it is, nothing written.
+    let pth = shared().join("reference/taef2/taef2_encoder.pth");
+    let e = stderr(&run("precompute", &base_args(i, o, pth.to_str().unwrap()), false));
+    assert!(e.contains("taef2_encoder.pth") && e.contains("PyTorch") && e.contains("export_vae_onnx.py"), "{e}");
+    assert!(!out.exists());
+    // The corrected command succeeds into the same folder.
+    run("precompute", &base_args(i, o, x.to_str().unwrap()), true);
+    assert_eq!(read_rows(&out).len(), 3);
+
+    // A folder whose manifest is there but no shard was finished (an earlier version's failed
+    // first run): another setting starts it over instead of "written with other settings".
+    let stale = dir.path().join("stale");
+    std::fs::create_dir_all(stale.join("data")).unwrap();
+    let mut m = manifest(&out);
+    m["status"] = "in_progress".into();
+    m["shards"] = serde_json::json!([]);
+    m["config"]["resolution"] = 128.into();
+    std::fs::write(stale.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let res = run("precompute", &base_args(i, stale.to_str().unwrap(), x.to_str().unwrap()), true);
+    let e = stderr(&res);
+    assert!(e.contains("no finished shard") && e.contains("resolution: 128 -> 64"), "{e}");
+    assert_eq!(read_rows(&stale).len(), 3);
+    assert_eq!(manifest(&stale)["config"]["resolution"], 64);
+    // With a finished shard, other settings are still refused, and nothing is touched.
+    let before = std::fs::read(&shard_files(&stale)[0]).unwrap();
+    let mut args = base_args(i, stale.to_str().unwrap(), x.to_str().unwrap());
+    set(&mut args, "--resolution", "128");
+    let e = stderr(&run("precompute", &args, false));
+    assert!(e.contains("resolution: 64 -> 128") && e.contains("new --out"), "{e}");
+    assert_eq!(std::fs::read(&shard_files(&stale)[0]).unwrap(), before);
+}
+
+/// Every file under --images ends as rows or as a line of errors.jsonl, for every file type the
+/// `image` crate knows and for junk: none is dropped while listing (GIF, BMP, TIFF, ... used to
+/// be filtered out by extension, unreported).
+#[test]
+fn every_file_under_images_ends_as_a_row_or_an_error() {
+    use image::{DynamicImage, ImageFormat, RgbImage};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("in");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    let img = RgbImage::from_fn(80, 72, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, ((x * y) % 251) as u8]));
+    let mut files: Vec<String> = Vec::new();
+    let mut decodable: Vec<String> = Vec::new();
+    let mut unsupported: Vec<(String, &str)> = Vec::new();
+    let put = |name: &str, bytes: &[u8], files: &mut Vec<String>| {
+        std::fs::write(root.join(name), bytes).unwrap();
+        files.push(name.to_string());
+    };
+    for f in ImageFormat::all() {
+        let name = format!("image.{}", f.extensions_str()[0]);
+        if f.writing_enabled() {
+            let src = match f {
+                ImageFormat::Hdr | ImageFormat::OpenExr => DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(img.clone()).into_rgb32f()),
+                ImageFormat::Farbfeld => DynamicImage::ImageRgba16(DynamicImage::ImageRgb8(img.clone()).into_rgba16()),
+                // The ICO decoder takes only RGBA PNGs inside.
+                ImageFormat::Ico => DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(img.clone()).into_rgba8()),
+                _ => DynamicImage::ImageRgb8(img.clone()),
+            };
+            let mut bytes = Vec::new();
+            src.write_to(&mut std::io::Cursor::new(&mut bytes), f).unwrap_or_else(|e| panic!("{f:?}: {e}"));
+            put(&name, &bytes, &mut files);
+            decodable.push(name);
+        } else {
+            // No encoder in this build: the format's signature (or for PCX, none) and a header.
+            let (bytes, what): (Vec<u8>, &str) = match f {
+                ImageFormat::Avif => ([&b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf"[..], &[0u8; 64]].concat(), "AVIF"),
+                ImageFormat::Dds => ([&b"DDS \x7c\0\0\0"[..], &[0u8; 120]].concat(), "DDS"),
+                _ => ([&[0x0Au8, 0x05, 0x01, 0x08][..], &[0u8; 124]].concat(), "PCX"),
+            };
+            put(&name, &bytes, &mut files);
+            unsupported.push((name, what));
+        }
+    }
+    // Content decides, not the name: a PNG without an extension and a GIF named .jpg are images.
+    let mut png = Vec::new();
+    DynamicImage::ImageRgb8(img.clone()).write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png).unwrap();
+    put("sub/no_extension", &png, &mut files);
+    decodable.push("sub/no_extension".into());
+    let mut gif = Vec::new();
+    DynamicImage::ImageRgb8(img.clone()).write_to(&mut std::io::Cursor::new(&mut gif), ImageFormat::Gif).unwrap();
+    put("sub/gif_named.jpg", &gif, &mut files);
+    decodable.push("sub/gif_named.jpg".into());
+    // A real photo.
+    let photo = std::fs::read(pool().join("photo-00010.jpg")).unwrap();
+    put("sub/photo.jpg", &photo, &mut files);
+    decodable.push("sub/photo.jpg".into());
+    // Junk.
+    let junk: Vec<(&str, Vec<u8>)> = vec![
+        ("notes.txt", b"a caption, not an image".to_vec()),
+        ("empty.png", vec![]),
+        ("page.jpg", b"<!DOCTYPE html><html>404</html>".to_vec()),
+        ("cut.png", png[..png.len() / 2].to_vec()),
+        ("sub/.DS_Store", vec![0, 0, 0, 1, 66, 117, 100, 49, 0, 0, 16, 0]),
+        ("noise.bin", (0..3000u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect()),
+        ("movie.mp4", [&b"\0\0\0\x20ftypisom\0\0\x02\0"[..], &[0u8; 64]].concat()),
+        ("vector.svg", b"<svg xmlns='http://www.w3.org/2000/svg' width='80' height='72'/>".to_vec()),
+    ];
+    for (name, bytes) in &junk {
+        put(name, bytes, &mut files);
+    }
+    files.sort();
+
+    let out = dir.path().join("out");
+    let x = taef2_onnx();
+    let mut args = base_args(root.to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap());
+    args.extend(["--shard-rows", "8"]);
+    let summary = stdout(&run("precompute", &args, true));
+
+    let rows = read_rows(&out);
+    let errors = error_lines(&out);
+    let with_rows: std::collections::BTreeSet<String> = rows.iter().map(|r| r.source.clone()).collect();
+    let with_errors: std::collections::BTreeSet<String> = errors.iter().map(|e| e["source"].as_str().unwrap().to_string()).collect();
+    assert!(with_rows.is_disjoint(&with_errors), "{with_rows:?} / {with_errors:?}");
+    let accounted: Vec<String> = with_rows.iter().chain(&with_errors).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    assert_eq!(accounted, files, "rows + errors must be every file\n{summary}");
+    assert_eq!(with_rows.len() + with_errors.len(), files.len());
+    for d in &decodable {
+        assert!(with_rows.contains(d), "{d} should have decoded: {:?}", errors.iter().find(|e| e["source"] == d.as_str()));
+    }
+    for (name, what) in &unsupported {
+        let e = errors.iter().find(|e| e["source"] == name.as_str()).unwrap();
+        let reason = e["reason"].as_str().unwrap();
+        assert!(reason.contains("unsupported image format") && reason.contains(what), "{name}: {reason}");
+    }
+    let reason = |n: &str| errors.iter().find(|e| e["source"] == n).unwrap()["reason"].as_str().unwrap().to_string();
+    assert!(reason("movie.mp4").contains("video"), "{}", reason("movie.mp4"));
+    assert!(reason("vector.svg").contains("SVG"), "{}", reason("vector.svg"));
+    assert!(reason("notes.txt").contains("not an image"), "{}", reason("notes.txt"));
+    // The summary accounts for every file.
+    assert!(summary.contains(&format!("inputs           {} under --images", files.len())), "{summary}");
+    assert!(
+        summary.contains(&format!("= {} with rows + {} without", with_rows.len(), with_errors.len())),
+        "{summary}"
+    );
+    let m = manifest(&out);
+    assert_eq!(m["inputs_total"].as_u64().unwrap() as usize, files.len());
+    assert_eq!(m["errors"].as_u64().unwrap() as usize, with_errors.len());
+}
+
+/// --min-side refuses sources too small for the resolution (default: half of it), reported with
+/// the reason; rows made from enlarged crops are counted.
+#[test]
+fn tiny_and_sliver_images_are_refused_and_upscaled_rows_counted() {
+    let images = tempfile::tempdir().unwrap();
+    for (name, w, h) in [("one_pixel.png", 1, 1), ("sliver.png", 4000, 10), ("narrow.png", 20, 40), ("small.png", 64, 48), ("big.png", 160, 128)] {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y * 5 % 256) as u8, 90])).save(images.path().join(name)).unwrap();
+    }
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let x = taef2_onnx();
+    let i = images.path().to_str().unwrap();
+    let summary = stdout(&run("precompute", &base_args(i, a.path().to_str().unwrap(), x.to_str().unwrap()), true));
+    let rows = read_rows(a.path());
+    let mut ok: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
+    ok.sort();
+    assert_eq!(ok, ["big.png", "small.png"], "{summary}");
+    let errors = error_lines(a.path());
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for e in &errors {
+        assert_eq!(e["stage"], "size", "{e}");
+        assert!(e["reason"].as_str().unwrap().contains("--min-side 32"), "{e}");
+    }
+    let sliver = errors.iter().find(|e| e["source"] == "sliver.png").unwrap()["reason"].as_str().unwrap();
+    assert!(sliver.contains("4000x10") && sliver.contains("6.4x"), "{sliver}");
+    // small.png (48 px short side) is enlarged to 64: counted.
+    assert!(summary.contains("upscaled         1 row(s) now, 1 in the output"), "{summary}");
+    assert_eq!(manifest(a.path())["upscaled_rows"], 1);
+    assert_eq!(manifest(a.path())["config"]["min_side"], 32);
+    // --min-side 0 keeps everything, and counts every enlarged row.
+    let mut args = base_args(i, b.path().to_str().unwrap(), x.to_str().unwrap());
+    args.extend(["--min-side", "0"]);
+    let summary = stdout(&run("precompute", &args, true));
+    assert_eq!(read_rows(b.path()).len(), 5, "{summary}");
+    assert_eq!(manifest(b.path())["upscaled_rows"], 4, "{summary}");
+    let ins = stdout(&run("precompute", &["inspect", b.path().to_str().unwrap()], true));
+    assert!(ins.contains("upscaled      4 rows"), "{ins}");
+}
+
+/// Adding images and rerunning encodes only the new ones into new shards and says so; removed
+/// inputs are reported, never silently kept; the rows are those a fresh run over the final
+/// folder gives.
+#[test]
+fn a_grown_folder_is_encoded_incrementally() {
+    let all = pool_subset(9);
+    let mut names: Vec<String> = std::fs::read_dir(all.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let images = tempfile::tempdir().unwrap();
+    let copy = |n: &str| std::fs::copy(all.path().join(n), images.path().join(n)).unwrap();
+    for n in &names[..6] {
+        copy(n);
+    }
+    let (out, fresh) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let x = taef2_onnx();
+    let (i, o) = (images.path().to_str().unwrap(), out.path().to_str().unwrap());
+    let mut args = base_args(i, o, x.to_str().unwrap());
+    args.extend(["--shard-rows", "4"]);
+    run("precompute", &args, true);
+    let first: Vec<(std::path::PathBuf, Vec<u8>)> = shard_files(out.path()).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+    assert_eq!(first.len(), 2);
+
+    // Three more images: only they are encoded, into new shards; the old ones are untouched.
+    for n in &names[6..] {
+        copy(n);
+    }
+    let res = run("precompute", &args, true);
+    let (text, err) = (stdout(&res), stderr(&res));
+    assert!(err.contains("incremental run: 3 new input(s)") && err.contains("shard(s) 2"), "{err}");
+    assert!(text.contains("3 processed now") && text.contains("6 already done in 2 earlier shard(s)"), "{text}");
+    for (p, bytes) in &first {
+        assert_eq!(&std::fs::read(p).unwrap(), bytes, "{} changed", p.display());
+    }
+    assert_eq!(shard_files(out.path()).len(), 3);
+    let m = manifest(out.path());
+    assert_eq!((m["status"].as_str(), m["rows"].as_u64(), m["inputs_total"].as_u64()), (Some("complete"), Some(9), Some(9)));
+    // The same rows as one run over the nine images.
+    let mut fresh_args = base_args(i, fresh.path().to_str().unwrap(), x.to_str().unwrap());
+    fresh_args.extend(["--shard-rows", "4"]);
+    run("precompute", &fresh_args, true);
+    let key = |r: &taesd_data::ShardRow| (r.source.clone(), r.variant);
+    let mut inc = read_rows(out.path());
+    let mut one = read_rows(fresh.path());
+    inc.sort_by_key(key);
+    one.sort_by_key(key);
+    assert_eq!(inc.len(), 9);
+    for (a, b) in inc.iter().zip(&one) {
+        assert_eq!((key(a), &a.image, &a.latent), (key(b), &b.image, &b.latent));
+    }
+
+    // Nothing new: nothing to do.
+    let again = stdout(&run("precompute", &args, true));
+    assert!(again.contains("0 processed now"), "{again}");
+
+    // An image removed from the folder: reported (summary, stderr, manifest), its rows kept.
+    std::fs::remove_file(images.path().join(&names[1])).unwrap();
+    let res = run("precompute", &args, true);
+    let (text, err) = (stdout(&res), stderr(&res));
+    assert!(err.contains("no longer under --images") && err.contains(names[1].as_str()), "{err}");
+    assert!(text.contains("removed          1 input(s)") && text.contains(names[1].as_str()), "{text}");
+    let m = manifest(out.path());
+    assert_eq!(m["removed_inputs"], serde_json::json!([names[1]]));
+    assert_eq!(m["rows"], 9);
+    let ins = stdout(&run("precompute", &["inspect", o], true));
+    assert!(ins.contains("removed       1 input(s)"), "{ins}");
+}
+
+/// The output folder's data/ is a Parquet dataset: the one-liners of docs/format.md (pyarrow,
+/// polars, duckdb) run as written and each counts every row. `precompute inspect` and the
+/// readers take the old layout (shards beside manifest.json) too.
+#[test]
+fn the_shard_folder_reads_as_a_dataset_with_the_documented_one_liners() {
+    let images = pool_subset(5);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("latents");
+    let x = taef2_onnx();
+    let mut args = base_args(images.path().to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap());
+    args.extend(["--shard-rows", "2"]);
+    run("precompute", &args, true);
+    assert_eq!(shard_files(&out).len(), 3);
+    assert!(shard_files(&out).iter().all(|p| p.parent().unwrap().ends_with("latents/data")));
+    let doc = std::fs::read_to_string(repo().join("docs/format.md")).unwrap();
+    let block = doc
+        .split("<!-- dataset one-liners: run by tests/precompute.rs -->")
+        .nth(1)
+        .and_then(|rest| rest.split("```python").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("docs/format.md has the dataset one-liners block");
+    let mut tried = 0;
+    for line in block.lines().map(str::trim).filter(|l| l.starts_with("print(")) {
+        let script = format!("import pyarrow.parquet as pq, polars as pl, duckdb\n{line}\n");
+        let o = Command::new("python3").arg("-c").arg(&script).current_dir(dir.path()).output().expect("python3");
+        let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(o.status.success(), "{line}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(text, "5", "{line}");
+        tried += 1;
+    }
+    assert_eq!(tried, 3, "pyarrow, polars and duckdb:\n{block}");
+    verify_with_python(&out);
+
+    // The old layout: shards beside the manifest. Inspect and the readers still take it.
+    let old = dir.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    for f in shard_files(&out) {
+        std::fs::copy(&f, old.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut m = manifest(&out);
+    for s in m["shards"].as_array_mut().unwrap() {
+        let f = s["file"].as_str().unwrap().trim_start_matches("data/").to_string();
+        s["file"] = f.into();
+    }
+    std::fs::write(old.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    std::fs::copy(out.join("errors.jsonl"), old.join("errors.jsonl")).unwrap();
+    for d in [&old, &out, &out.join("data")] {
+        let ins = stdout(&run("precompute", &["inspect", d.to_str().unwrap()], true));
+        assert!(ins.contains("rows          5") && ins.contains("3 of 3 shards"), "{}: {ins}", d.display());
+    }
+    assert_eq!(read_rows(&old), read_rows(&out));
+    verify_with_python(&old);
+}
+
+/// Small things seen: an empty --images folder warns and writes nothing; no ANSI escape codes in
+/// logs that are not a terminal; errors say their cause once.
+#[test]
+fn empty_folders_warn_logs_have_no_escape_codes_and_errors_say_things_once() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let x = taef2_onnx();
+    let res = run("precompute", &base_args(empty.path().to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap()), true);
+    let e = stderr(&res);
+    assert!(e.contains("warning") && e.contains("holds no input files"), "{e}");
+    assert!(!out.exists(), "nothing to write, nothing written");
+
+    // --device auto on a machine without CUDA warns through the log: plain text when stderr is a
+    // pipe (as here, or a log file).
+    let images = pool_subset(2);
+    let mut args = base_args(images.path().to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap());
+    set(&mut args, "--device", "auto");
+    let res = run("precompute", &args, true);
+    let e = stderr(&res);
+    assert!(!e.contains('\x1b'), "escape codes in a non-terminal log: {e:?}");
+
+    let missing = dir.path().join("nowhere");
+    let e = stderr(&run("precompute", &base_args(missing.to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap()), false));
+    assert_eq!(e.matches("does not exist").count(), 1, "{e}");
+    assert_eq!(e.matches("nowhere").count(), 1, "{e}");
 }
 
 #[test]

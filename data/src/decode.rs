@@ -3,9 +3,13 @@
 //! What [`decode_rgb8`] does, in order:
 //!
 //! 1. Refuses an empty file.
-//! 2. Guesses the format from the content (magic bytes), never from the file name: a PNG named
-//!    `.jpg` decodes fine, a text file named `.jpg` is "not an image". JPEG, PNG and WebP are
-//!    decoded; other recognised formats (GIF, TIFF, ...) are reported as unsupported.
+//! 2. Guesses the format from the content (magic bytes), not from the file name: a PNG named
+//!    `.jpg` decodes fine, a text file named `.jpg` is "not an image". Every format the `image`
+//!    crate decodes in this build is decoded ([`DECODED_FORMATS`]: JPEG, PNG, WebP, GIF (the
+//!    first frame), BMP, TIFF (the first page), ICO, PNM, TGA, Radiance HDR, OpenEXR, farbfeld,
+//!    QOI); a recognised format it cannot decode (AVIF, DDS, HEIF/HEIC, JPEG XL, PSD, SVG, ...)
+//!    is reported as unsupported, naming the format. TGA has no signature: it is tried when the
+//!    name ends in `.tga` ([`decode_rgb8_named`]), the one case where the name matters.
 //! 3. Reads only the header, then refuses absurd dimensions (see [`DecodeLimits`]) before any
 //!    pixel buffer is allocated: a 100 kB file can claim to be 60000 x 60000 (a decompression
 //!    bomb). The `image` crate's own [`image::Limits`] are set as well, as a second line.
@@ -18,7 +22,8 @@
 //!    grayscale is replicated to R = G = B, 16-bit samples are rounded to 8 bits, palettes are
 //!    expanded by the decoder, CMYK / YCCK JPEGs are converted to RGB by the JPEG decoder
 //!    (Adobe inverted-CMYK convention), and alpha is composited over [`ALPHA_BACKGROUND`]
-//!    (white), in sRGB space, like pasting onto a white canvas in PIL.
+//!    (white), in sRGB space, like pasting onto a white canvas in PIL. Float images (HDR,
+//!    OpenEXR) are taken as [0, 1] values and clipped, without tone mapping.
 //!
 //! ICC profiles are not applied: the samples are taken as sRGB, as PIL and torchvision do
 //! when they load training images.
@@ -72,7 +77,7 @@ pub enum DecodeError {
         head: String,
     },
     /// A recognised image format this build does not decode.
-    #[error("unsupported image format {format} (only JPEG, PNG and WebP are decoded)")]
+    #[error("unsupported image format {format} (this build decodes {})", decoded_format_names())]
     UnsupportedFormat { format: String },
     /// The header claims dimensions over [`DecodeLimits`].
     #[error("image too large: {width}x{height} {reason}")]
@@ -106,18 +111,46 @@ impl DecodeError {
     }
 }
 
+/// The formats this build decodes, in the order error messages list them.
+pub const DECODED_FORMATS: &[ImageFormat] = &[
+    ImageFormat::Jpeg,
+    ImageFormat::Png,
+    ImageFormat::WebP,
+    ImageFormat::Gif,
+    ImageFormat::Bmp,
+    ImageFormat::Tiff,
+    ImageFormat::Ico,
+    ImageFormat::Pnm,
+    ImageFormat::Tga,
+    ImageFormat::Hdr,
+    ImageFormat::OpenExr,
+    ImageFormat::Farbfeld,
+    ImageFormat::Qoi,
+];
+
+fn decoded_format_names() -> String {
+    DECODED_FORMATS.iter().map(|f| format_name(*f)).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether this build decodes `f` (the `image` crate's decoder is compiled in).
+pub fn decodes(f: ImageFormat) -> bool {
+    DECODED_FORMATS.contains(&f) && f.reading_enabled()
+}
+
 /// Decode an image file's bytes to 8-bit RGB. See the module documentation for the full list
 /// of what is normalised; in short: format from content, EXIF orientation applied, alpha
 /// composited over white ([`ALPHA_BACKGROUND`]), grayscale/16-bit/palette/CMYK converted.
 pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+    decode_rgb8_named(bytes, None, limits)
+}
+
+/// [`decode_rgb8`] for a file called `name`: its extension is used only where the content has no
+/// signature (TGA), and to name a format this build does not decode.
+pub fn decode_rgb8_named(bytes: &[u8], name: Option<&str>, limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let format = match image::guess_format(bytes) {
-        Ok(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) => f,
-        Ok(other) => return Err(DecodeError::UnsupportedFormat { format: format_name(other).to_string() }),
-        Err(_) => return Err(DecodeError::NotAnImage { head: describe_head(bytes) }),
-    };
+    let format = detect_format(bytes, name)?;
     let name = format_name(format);
 
     // Header only: the decoders parse headers at construction and allocate no pixel buffer.
@@ -162,6 +195,93 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Deco
     Ok(to_rgb8_over_background(img))
 }
 
+/// Extensions of image formats the `image` crate does not know, with their names (so that an
+/// unrecognised file so named gets "unsupported image format X", and a tar member so named is an
+/// input).
+pub const OTHER_IMAGE_EXTENSIONS: &[(&str, &str)] = &[
+    ("pcx", "PCX"),
+    ("heic", "HEIF/HEIC"),
+    ("heif", "HEIF/HEIC"),
+    ("jxl", "JPEG XL"),
+    ("jp2", "JPEG 2000"),
+    ("j2k", "JPEG 2000"),
+    ("psd", "Photoshop PSD"),
+    ("svg", "SVG (vector graphics)"),
+    ("cr2", "camera raw (Canon CR2)"),
+    ("cr3", "camera raw (Canon CR3)"),
+    ("nef", "camera raw (Nikon NEF)"),
+    ("arw", "camera raw (Sony ARW)"),
+    ("dng", "camera raw (DNG)"),
+    ("raf", "camera raw (Fujifilm RAF)"),
+    ("orf", "camera raw (Olympus ORF)"),
+    ("rw2", "camera raw (Panasonic RW2)"),
+];
+
+/// The extension of a file name, lower case.
+fn extension(name: &str) -> Option<String> {
+    let file = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    file.rsplit_once('.').filter(|(stem, _)| !stem.is_empty()).map(|(_, e)| e.to_ascii_lowercase())
+}
+
+/// The format of `bytes`: from the content; for content without a signature, from the name's
+/// extension (TGA only). A recognised format this build does not decode is an error naming it.
+fn detect_format(bytes: &[u8], name: Option<&str>) -> Result<ImageFormat, DecodeError> {
+    let ext = name.and_then(extension);
+    let by_name = ext.as_deref().and_then(ImageFormat::from_extension);
+    match image::guess_format(bytes) {
+        Ok(f) if decodes(f) => Ok(f),
+        Ok(other) => Err(DecodeError::UnsupportedFormat { format: format_name(other).to_string() }),
+        Err(_) => {
+            if let Some(what) = unsupported_signature(bytes) {
+                return Err(DecodeError::UnsupportedFormat { format: what.to_string() });
+            }
+            match by_name {
+                // TGA files carry no signature: the name is all there is.
+                Some(ImageFormat::Tga) => Ok(ImageFormat::Tga),
+                Some(f) if !decodes(f) => Err(DecodeError::UnsupportedFormat {
+                    format: format!("{} (by the file name; the content is not recognised)", format_name(f)),
+                }),
+                Some(_) => Err(DecodeError::NotAnImage { head: describe_head(bytes) }),
+                None => match OTHER_IMAGE_EXTENSIONS.iter().find(|(e, _)| Some(*e) == ext.as_deref()) {
+                    Some((_, what)) => Err(DecodeError::UnsupportedFormat {
+                        format: format!("{what} (by the file name; the content is not recognised)"),
+                    }),
+                    None => Err(DecodeError::NotAnImage { head: describe_head(bytes) }),
+                },
+            }
+        }
+    }
+}
+
+/// Image (and look-alike) formats the `image` crate does not recognise, by their signatures, so
+/// that the error says what the file is.
+fn unsupported_signature(b: &[u8]) -> Option<&'static str> {
+    if b.len() >= 12 && &b[4..8] == b"ftyp" {
+        // ISO base media files: the major brand says which.
+        return Some(match &b[8..12] {
+            b"avif" | b"avis" => "AVIF",
+            b"heic" | b"heix" | b"hevc" | b"hevx" | b"heim" | b"heis" | b"mif1" | b"msf1" => "HEIF/HEIC",
+            b"crx " => "Canon CR3 raw",
+            _ => "ISO media (MP4/QuickTime video?), not a still image",
+        });
+    }
+    let starts = |sig: &[u8]| b.starts_with(sig);
+    if starts(&[0xFF, 0x0A]) || starts(b"\0\0\0\x0cJXL \r\n\x87\n") {
+        return Some("JPEG XL");
+    }
+    if starts(b"8BPS") {
+        return Some("Photoshop PSD");
+    }
+    if starts(b"%PDF") {
+        return Some("PDF (a document, not an image)");
+    }
+    let head = String::from_utf8_lossy(&b[..b.len().min(512)]).to_ascii_lowercase();
+    if head.trim_start().starts_with("<svg") || (head.trim_start().starts_with("<?xml") && head.contains("<svg")) {
+        return Some("SVG (vector graphics)");
+    }
+    None
+}
+
 fn format_name(f: ImageFormat) -> &'static str {
     match f {
         ImageFormat::Jpeg => "JPEG",
@@ -179,6 +299,8 @@ fn format_name(f: ImageFormat) -> &'static str {
         ImageFormat::OpenExr => "OpenEXR",
         ImageFormat::Farbfeld => "farbfeld",
         ImageFormat::Qoi => "QOI",
+        #[allow(deprecated)]
+        ImageFormat::Pcx => "PCX",
         _ => "(unknown)",
     }
 }
@@ -577,12 +699,57 @@ mod tests {
         // but a JPEG-looking name must not matter for the detection either.
         let png = odd("tiny_24px.png");
         assert_eq!(decode_rgb8(&png, &DecodeLimits::default()).unwrap().dimensions(), (24, 24));
-        let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
-        let e = decode_rgb8(gif, &DecodeLimits::default()).unwrap_err();
+        // An AVIF is recognised and named, not "not an image".
+        let avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf";
+        let e = decode_rgb8(avif, &DecodeLimits::default()).unwrap_err();
         assert!(matches!(e, DecodeError::UnsupportedFormat { .. }), "{e}");
-        assert!(e.to_string().contains("GIF"), "{e}");
+        assert!(e.to_string().contains("AVIF") && e.to_string().contains("GIF"), "{e}");
         let e = decode_rgb8(&[0x00, 0x01, 0xfe, 0x7f, 0x80], &DecodeLimits::default()).unwrap_err();
         assert!(e.to_string().contains("bytes 00 01 fe 7f 80"), "{e}");
+        // Only where the content has no signature does the name count: TGA.
+        let img = RgbImage::from_fn(20, 10, |x, y| image::Rgb([x as u8 * 9, y as u8 * 20, 77]));
+        let mut tga = Vec::new();
+        DynamicImage::ImageRgb8(img.clone()).write_to(&mut Cursor::new(&mut tga), ImageFormat::Tga).unwrap();
+        assert!(matches!(decode_rgb8(&tga, &DecodeLimits::default()), Err(DecodeError::NotAnImage { .. })));
+        assert_eq!(decode_rgb8_named(&tga, Some("dir/x.TGA"), &DecodeLimits::default()).unwrap(), img);
+        let e = decode_rgb8_named(b"\x0a\x05\x01\x08rest", Some("old.pcx"), &DecodeLimits::default()).unwrap_err();
+        assert!(e.to_string().contains("unsupported image format PCX"), "{e}");
+    }
+
+    /// Every format the `image` crate can write is decoded back to the same picture (lossless
+    /// ones exactly), with the alpha of formats that have one composited over white.
+    #[test]
+    fn every_format_the_image_crate_writes_decodes() {
+        let img = RgbImage::from_fn(40, 24, |x, y| image::Rgb([(x * 6) as u8, (y * 10) as u8, ((x + y) * 3) as u8]));
+        let mut seen = Vec::new();
+        for f in ImageFormat::all().filter(|f| f.writing_enabled()) {
+            let mut bytes = Vec::new();
+            let src = match f {
+                // Float and alpha-only encoders (the ICO decoder takes only RGBA PNGs inside).
+                ImageFormat::Hdr | ImageFormat::OpenExr => DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(img.clone()).into_rgb32f()),
+                ImageFormat::Farbfeld => DynamicImage::ImageRgba16(DynamicImage::ImageRgb8(img.clone()).into_rgba16()),
+                ImageFormat::Ico => DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(img.clone()).into_rgba8()),
+                _ => DynamicImage::ImageRgb8(img.clone()),
+            };
+            if let Err(e) = src.write_to(&mut Cursor::new(&mut bytes), f) {
+                panic!("{f:?}: cannot write the fixture: {e}");
+            }
+            let name = format!("x.{}", f.extensions_str()[0]);
+            let out = decode_rgb8_named(&bytes, Some(&name), &DecodeLimits::default()).unwrap_or_else(|e| panic!("{f:?}: {e}"));
+            assert_eq!(out.dimensions(), (40, 24), "{f:?}");
+            let d = mad(&out, &img);
+            let tolerance = match f {
+                ImageFormat::Jpeg => 6.0,
+                ImageFormat::Gif => 12.0, // 256-colour palette
+                ImageFormat::Hdr => 2.0,  // shared-exponent RGBE
+                _ => 0.51,
+            };
+            assert!(d <= tolerance, "{f:?}: mean abs diff {d:.2}");
+            seen.push(f);
+        }
+        for f in [ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::Tga, ImageFormat::Qoi, ImageFormat::OpenExr] {
+            assert!(seen.contains(&f), "{f:?} was not covered");
+        }
     }
 
     /// A PNG header claiming an enormous size is refused from the header alone.

@@ -77,6 +77,33 @@ impl AugmentConfig {
     }
 }
 
+/// The default smallest short side of a source: half the resolution. A smaller source would be
+/// enlarged more than 2x (a 1x1 image becomes a flat square, a 4000x10 sliver a 10x10 crop
+/// blown up 25x): such images teach nothing but blur.
+pub fn default_min_side(resolution: u32) -> u32 {
+    resolution / 2
+}
+
+/// Whether a `w x h` source (after EXIF orientation) may become samples: its short side is at
+/// least `min_side` pixels. Else the reason, for `errors.jsonl`.
+pub fn check_source_size(w: u32, h: u32, min_side: u32, resolution: u32) -> Result<(), String> {
+    let short = w.min(h);
+    if short >= min_side {
+        return Ok(());
+    }
+    Err(format!(
+        "image is {w}x{h}: its short side of {short} px is below --min-side {min_side} (crops would be enlarged {:.1}x to \
+         {resolution} px; pass a smaller --min-side to keep such images)",
+        resolution as f64 / short.max(1) as f64
+    ))
+}
+
+/// Whether a sample's crop is smaller than the output: its pixels were enlarged (an image whose
+/// short side is below the resolution; see the module documentation).
+pub fn is_upscaled(crop: &CropRect, resolution: u32) -> bool {
+    crop.w < resolution || crop.h < resolution
+}
+
 /// One N x N image made from a source, and how it was made.
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -203,6 +230,22 @@ mod tests {
     /// A test image with structure in both directions (no mirror symmetry).
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w.max(2)) as u8, (y * 255 / h.max(2)) as u8, ((x * 7 + y * 3) % 256) as u8]))
+    }
+
+    #[test]
+    fn small_sources_are_refused_and_enlarged_crops_are_named() {
+        assert_eq!(default_min_side(256), 128);
+        assert!(check_source_size(300, 128, 128, 256).is_ok());
+        let e = check_source_size(1, 1, 128, 256).unwrap_err();
+        assert!(e.contains("1x1") && e.contains("--min-side 128") && e.contains("256.0x"), "{e}");
+        let e = check_source_size(4000, 10, 32, 64).unwrap_err();
+        assert!(e.contains("4000x10") && e.contains("short side of 10 px"), "{e}");
+        assert!(check_source_size(1, 1, 0, 256).is_ok(), "--min-side 0 keeps everything");
+        // The tiny fixture's crops are enlarged; a pool-sized image's are not.
+        let tiny = make_samples(&odd("tiny_24px.png"), "t", &AugmentConfig { resolution: 64, ..cfg(3) });
+        assert!(tiny.iter().all(|s| is_upscaled(&s.crop, 64)));
+        let big = make_samples(&gradient(300, 200), "b", &cfg(3));
+        assert!(big.iter().all(|s| !is_upscaled(&s.crop, 64)));
     }
 
     #[test]

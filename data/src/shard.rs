@@ -32,7 +32,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use taesd_schemas::shard::{arrow_schema, col, meta as key};
-use taesd_schemas::{ErrorRecord, ImageFormat, LatentDtype, VaeSpec, SCHEMA_VERSION};
+use taesd_schemas::{ErrorRecord, ImageFormat, InputRecord, LatentDtype, VaeSpec, SCHEMA_VERSION};
 
 use crate::policy::CropRect;
 
@@ -78,6 +78,8 @@ pub struct ShardFileMeta {
     pub shard_index: u32,
     /// Inputs of this shard that produced no row, and why.
     pub errors: Vec<ErrorRecord>,
+    /// Every input this shard covers (`None` in shards written before the key existed).
+    pub inputs: Option<Vec<InputRecord>>,
 }
 
 /// The latent columns of one row, for statistics that need no images.
@@ -154,8 +156,14 @@ pub fn decode_stored_image(bytes: &[u8]) -> Result<RgbImage> {
 
 /// The temp file [`write_shard`] writes before renaming to `final_path`.
 pub fn temp_path(final_path: &Path) -> PathBuf {
+    temp_path_in(final_path, final_path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The temp file for `final_path` in folder `staging` (a reader of the final folder, e.g. a
+/// Parquet dataset reader, never sees it there).
+pub fn temp_path_in(final_path: &Path, staging: &Path) -> PathBuf {
     let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    final_path.with_file_name(format!("{name}.tmp-{}", std::process::id()))
+    staging.join(format!("{name}.tmp-{}", std::process::id()))
 }
 
 /// Whether a file name is a (possibly stale) temp file of [`write_shard`].
@@ -197,7 +205,11 @@ fn kv_pairs(meta: &ShardFileMeta) -> Result<Vec<KeyValue>> {
         (key::SHARD_INDEX, meta.shard_index.to_string()),
         (key::ERRORS, serde_json::to_string(&meta.errors)?),
     ];
-    Ok(pairs.into_iter().map(|(k, v)| KeyValue::new(k.to_string(), v)).collect())
+    let mut kv: Vec<KeyValue> = pairs.into_iter().map(|(k, v)| KeyValue::new(k.to_string(), v)).collect();
+    if let Some(inputs) = &meta.inputs {
+        kv.push(KeyValue::new(key::INPUTS.to_string(), serde_json::to_string(inputs)?));
+    }
+    Ok(kv)
 }
 
 fn writer_properties(kv: Vec<KeyValue>) -> Result<WriterProperties> {
@@ -334,15 +346,16 @@ pub fn write_shard(final_path: &Path, rows: &[ShardRow], meta: &ShardFileMeta) -
     for group in rows.chunks(ROW_GROUP_ROWS) {
         w.write_group(group)?;
     }
-    w.finish(&meta.errors)
+    w.finish(&meta.errors, meta.inputs.as_deref())
 }
 
 /// One shard written while its rows arrive: each complete row group ([`ROW_GROUP_ROWS`] rows)
 /// goes to the temp file at once, so memory holds at most one row group and, when the last row
 /// is in, only that row group and the footer are left to write. [`ShardWriter::finish`] adds the
-/// shard's errors (known only then) to the footer's key-value metadata, fsyncs and renames the
-/// file into place; a writer dropped unfinished (an error, a stop) deletes its temp file. Rows
-/// are validated as they are pushed, with the same checks and messages as [`write_shard`].
+/// shard's errors and inputs (known only then) to the footer's key-value metadata, fsyncs and
+/// renames the file into place; a writer dropped unfinished (an error, a stop) deletes its temp
+/// file. Rows are validated as they are pushed, with the same checks and messages as
+/// [`write_shard`].
 pub struct ShardWriter {
     final_path: PathBuf,
     tmp: PathBuf,
@@ -355,17 +368,24 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    /// Start the shard `final_path` (its temp file) for rows matching `meta`; `meta.errors` is
-    /// not used (see [`ShardWriter::finish`]).
+    /// Start the shard `final_path` (its temp file beside it) for rows matching `meta`;
+    /// `meta.errors` and `meta.inputs` are not used (see [`ShardWriter::finish`]).
     pub fn create(final_path: &Path, meta: &ShardFileMeta) -> Result<ShardWriter> {
+        Self::create_staged(final_path, final_path.parent().unwrap_or(Path::new(".")), meta)
+    }
+
+    /// [`ShardWriter::create`] with the temp file in folder `staging` (same file system), so that
+    /// the final folder only ever holds finished shards.
+    pub fn create_staged(final_path: &Path, staging: &Path, meta: &ShardFileMeta) -> Result<ShardWriter> {
         // The same key-value pairs also go on the Arrow schema, so that pyarrow's
         // `read_table(f).schema.metadata` shows them, not only the Parquet footer. All but the
-        // errors: the Arrow schema is fixed when the file starts (see docs/format.md).
-        let kv: Vec<KeyValue> = kv_pairs(meta)?.into_iter().filter(|p| p.key != key::ERRORS).collect();
+        // errors and inputs: the Arrow schema is fixed when the file starts (see docs/format.md).
+        let kv: Vec<KeyValue> =
+            kv_pairs(meta)?.into_iter().filter(|p| p.key != key::ERRORS && p.key != key::INPUTS).collect();
         let schema_kv: HashMap<String, String> = kv.iter().filter_map(|p| p.value.clone().map(|v| (p.key.clone(), v))).collect();
         let schema: SchemaRef = Arc::new(arrow_schema().with_metadata(schema_kv));
         let props = writer_properties(kv)?;
-        let tmp = temp_path(final_path);
+        let tmp = temp_path_in(final_path, staging);
         let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let writer = match ArrowWriter::try_new(file, schema.clone(), Some(props)) {
             Ok(w) => w,
@@ -427,20 +447,24 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Write what is left, the footer with `errors` (the shard's inputs that gave no row), fsync,
-    /// and rename the file into place (then fsync the folder). On failure nothing is left behind.
-    pub fn finish(mut self, errors: &[ErrorRecord]) -> Result<()> {
-        let result = self.finish_inner(errors);
+    /// Write what is left, the footer with `errors` (the shard's inputs that gave no row) and
+    /// `inputs` (every input it covers), fsync, and rename the file into place (then fsync the
+    /// folder). On failure nothing is left behind.
+    pub fn finish(mut self, errors: &[ErrorRecord], inputs: Option<&[InputRecord]>) -> Result<()> {
+        let result = self.finish_inner(errors, inputs);
         if result.is_err() {
             let _ = std::fs::remove_file(&self.tmp);
         }
         result.with_context(|| format!("writing shard {}", self.final_path.display()))
     }
 
-    fn finish_inner(&mut self, errors: &[ErrorRecord]) -> Result<()> {
+    fn finish_inner(&mut self, errors: &[ErrorRecord], inputs: Option<&[InputRecord]>) -> Result<()> {
         self.write_pending()?;
         let mut w = self.writer.take().ok_or_else(|| anyhow!("already finished"))?;
         w.append_key_value_metadata(KeyValue::new(key::ERRORS.to_string(), serde_json::to_string(errors)?));
+        if let Some(inputs) = inputs {
+            w.append_key_value_metadata(KeyValue::new(key::INPUTS.to_string(), serde_json::to_string(inputs)?));
+        }
         let file = w.into_inner()?;
         file.sync_all().with_context(|| format!("fsync {}", self.tmp.display()))?;
         std::fs::rename(&self.tmp, &self.final_path)
@@ -506,6 +530,10 @@ fn parse_meta(kv: &HashMap<String, String>) -> Result<ShardFileMeta> {
         serde_json::from_value(serde_json::Value::String(fmt_s.to_string())).map_err(|_| anyhow!("unknown image format {fmt_s:?}"))?;
     let errors: Vec<ErrorRecord> =
         serde_json::from_str(get(key::ERRORS)?).context("metadata 'taesd.errors' is not a list of error records")?;
+    let inputs: Option<Vec<InputRecord>> = kv
+        .get(key::INPUTS)
+        .map(|v| serde_json::from_str(v).context("metadata 'taesd.inputs' is not a list of input records"))
+        .transpose()?;
     Ok(ShardFileMeta {
         vae,
         onnx_sha256: get(key::ONNX_SHA256)?.to_string(),
@@ -514,6 +542,7 @@ fn parse_meta(kv: &HashMap<String, String>) -> Result<ShardFileMeta> {
         resolution: num(key::RESOLUTION)?,
         shard_index: num(key::SHARD_INDEX)?,
         errors,
+        inputs,
     })
 }
 
@@ -534,8 +563,29 @@ fn check_schema(found: &Schema) -> Result<()> {
     Ok(())
 }
 
+/// Every column chunk the footer lists lies inside the file (the reader allocates a chunk's
+/// declared size before reading it: a damaged footer must not make it ask for terabytes), and the
+/// row counts are not negative.
+fn check_chunks(m: &parquet::file::metadata::ParquetMetaData, file_len: u64) -> Result<()> {
+    ensure!(m.file_metadata().num_rows() >= 0, "the footer gives a negative row count");
+    for (g, rg) in m.row_groups().iter().enumerate() {
+        ensure!(rg.num_rows() >= 0, "row group {g}: the footer gives a negative row count");
+        for c in rg.columns() {
+            let (start, n) = c.byte_range();
+            ensure!(
+                start.checked_add(n).is_some_and(|end| end <= file_len),
+                "row group {g}: column '{}' claims bytes {start}..{} of a {file_len}-byte file (a damaged footer)",
+                c.column_path(),
+                start.saturating_add(n)
+            );
+        }
+    }
+    Ok(())
+}
+
 impl ShardReader {
-    /// Open a shard: reads the footer, checks the schema version, metadata and columns.
+    /// Open a shard: reads the footer, checks the schema version, metadata and columns, and that
+    /// the footer's column chunks lie inside the file.
     pub fn open(path: &Path) -> Result<ShardReader> {
         let ctx = || format!("shard {}", path.display());
         let file = File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
@@ -550,6 +600,8 @@ impl ShardReader {
             .unwrap_or_default();
         let meta = parse_meta(&kv).with_context(ctx)?;
         check_schema(arrow_meta.schema()).with_context(ctx)?;
+        let len = file.metadata().with_context(|| format!("cannot read the size of shard {}", path.display()))?.len();
+        check_chunks(arrow_meta.metadata(), len).with_context(ctx)?;
         Ok(ShardReader { path: path.to_path_buf(), meta, arrow_meta })
     }
 
@@ -618,15 +670,46 @@ impl ShardReader {
         }))
     }
 
+    /// A reader of only the named top-level columns.
+    fn projected(&self, columns: &[&str]) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+        let schema = self.arrow_meta.schema();
+        let roots: Vec<usize> = columns.iter().map(|c| schema.index_of(c)).collect::<std::result::Result<_, _>>()?;
+        let mask = ProjectionMask::roots(self.arrow_meta.parquet_schema(), roots);
+        Ok(self.builder()?.with_projection(mask).build()?)
+    }
+
+    /// The `source` of every row, in file order (only that column is read).
+    pub fn sources(&self) -> Result<Vec<String>> {
+        let mut out = Vec::with_capacity(self.num_rows() as usize);
+        for batch in self.projected(&[col::SOURCE])? {
+            let batch = batch.with_context(|| format!("shard {}: reading the source column", self.path.display()))?;
+            out.extend(column::<StringArray>(&batch, col::SOURCE)?.iter().map(|s| s.unwrap_or_default().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// The `crop` of every row, in file order (only that column is read).
+    pub fn crops(&self) -> Result<Vec<CropRect>> {
+        let mut out = Vec::with_capacity(self.num_rows() as usize);
+        for batch in self.projected(&[col::CROP])? {
+            let batch = batch.with_context(|| format!("shard {}: reading the crop column", self.path.display()))?;
+            let crop = column::<StructArray>(&batch, col::CROP)?;
+            let f = |name: &str| -> Result<&Int32Array> {
+                crop.column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+                    .ok_or_else(|| anyhow!("crop field '{name}' is missing or not Int32"))
+            };
+            let (x, y, w, h) = (f("x")?, f("y")?, f("w")?, f("h")?);
+            for i in 0..batch.num_rows() {
+                out.push(CropRect { x: u32_at(x, i, "crop.x")?, y: u32_at(y, i, "crop.y")?, w: u32_at(w, i, "crop.w")?, h: u32_at(h, i, "crop.h")? });
+            }
+        }
+        Ok(out)
+    }
+
     /// Streams only the latent columns (the images are not even read from disk).
     pub fn latents(&self) -> Result<impl Iterator<Item = Result<LatentRecord>> + Send + 'static> {
-        let schema = self.arrow_meta.schema();
-        let roots: Vec<usize> = [col::LATENT, col::LATENT_SHAPE, col::LATENT_STD]
-            .iter()
-            .map(|c| schema.index_of(c))
-            .collect::<std::result::Result<_, _>>()?;
-        let mask = ProjectionMask::roots(self.arrow_meta.parquet_schema(), roots);
-        let reader = self.builder()?.with_projection(mask).build()?;
+        let reader = self.projected(&[col::LATENT, col::LATENT_SHAPE, col::LATENT_STD])?;
         let (path, dtype) = (self.path.clone(), self.meta.latent_dtype);
         Ok(reader.flat_map(move |batch| {
             let recs = batch
@@ -746,6 +829,10 @@ mod tests {
             resolution: 16,
             shard_index: 7,
             errors: vec![ErrorRecord { source: "bad.jpg".into(), stage: "decode".into(), reason: "truncated JPEG file: ...".into() }],
+            inputs: Some(vec![
+                InputRecord { source: "bad.jpg".into(), size: 123 },
+                InputRecord { source: "dir/k0.jpg".into(), size: 4567 },
+            ]),
         }
     }
 
@@ -826,6 +913,8 @@ mod tests {
             assert!(r.read_row_group(3).unwrap_err().to_string().contains("does not exist"));
             let streamed: Vec<ShardRow> = r.rows().unwrap().map(Result::unwrap).collect();
             assert_eq!(streamed, rows);
+            assert_eq!(r.sources().unwrap(), rows.iter().map(|r| r.source.clone()).collect::<Vec<_>>());
+            assert_eq!(r.crops().unwrap(), rows.iter().map(|r| r.crop).collect::<Vec<_>>());
             let lat: Vec<LatentRecord> = r.latents().unwrap().map(Result::unwrap).collect();
             assert_eq!(lat.len(), 150);
             assert_eq!(lat[5].latent, rows[5].latent);
@@ -914,7 +1003,7 @@ mod tests {
         for r in &rows[130..] {
             w.push(r.clone()).unwrap();
         }
-        w.finish(&m.errors).unwrap();
+        w.finish(&m.errors, m.inputs.as_deref()).unwrap();
         assert!(!tmp.exists());
         let r = ShardReader::open(&path).unwrap();
         assert_eq!(r.num_rows(), 150);

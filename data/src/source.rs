@@ -5,16 +5,27 @@
 //! fetches one item's bytes; [`fingerprint`] summarises the list for the manifest, so a resumed
 //! run can tell whether its inputs changed.
 //!
-//! Image files are recognised by extension here (`jpg`, `jpeg`, `png`, `webp`, any case); the
-//! decoder then looks at the content, so a mislabelled file is still decoded or reported.
+//! Every regular file under a folder is an input, whatever its name (a `.tar` file stands for
+//! its members): the decoder looks at the content and either decodes it or gives the reason it
+//! cannot (not an image, an unsupported format, truncated, ...), so that every file ends as rows
+//! or as a reported error, never dropped while listing. Inside tar files only members named like
+//! images ([`is_image_name`]) are inputs: the others are the samples' captions and metadata
+//! (webdataset's `.txt`, `.json`, ...).
 
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// File extensions (lower case) taken as images.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp"];
+/// Whether a file name has an image extension (`jpg`, `png`, `gif`, `bmp`, `tif`, `tga`, `avif`,
+/// `heic`, ..., any case: what the `image` crate knows and [`crate::decode::OTHER_IMAGE_EXTENSIONS`]):
+/// tar members named so are inputs, other members are not.
+pub fn is_image_name(name: &str) -> bool {
+    Path::new(name).extension().is_some_and(|e| {
+        image::ImageFormat::from_extension(e).is_some()
+            || e.to_str().is_some_and(|e| crate::decode::OTHER_IMAGE_EXTENSIONS.iter().any(|(x, _)| x.eq_ignore_ascii_case(e)))
+    })
+}
 
 /// Separator between a tar file's path and a member name in [`InputItem::source`].
 pub const TAR_MEMBER_SEPARATOR: char = ':';
@@ -61,13 +72,11 @@ pub struct Listing {
 pub enum SourceError {
     #[error("input {} does not exist", .0.display())]
     NotFound(PathBuf),
-    #[error("cannot read input {}: {source}", path.display())]
-    Unreadable {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("input {} is neither a folder, an image file ({}) nor a .tar file", .0.display(), IMAGE_EXTENSIONS.join(", "))]
+    /// (The message includes the cause, which is therefore not also the `source()`: a chain
+    /// printed with `{:#}` would say it twice.)
+    #[error("cannot read input {}: {cause}", path.display())]
+    Unreadable { path: PathBuf, cause: std::io::Error },
+    #[error("input {} is neither a folder, an image file (a name the image decoders know: jpg, png, gif, bmp, tiff, ...) nor a .tar file", .0.display())]
     NotAnInput(PathBuf),
 }
 
@@ -78,7 +87,7 @@ fn has_extension(path: &Path, exts: &[&str]) -> bool {
 }
 
 fn is_image_path(path: &Path) -> bool {
-    has_extension(path, IMAGE_EXTENSIONS)
+    path.to_str().is_some_and(is_image_name)
 }
 
 fn is_tar_path(path: &Path) -> bool {
@@ -105,18 +114,20 @@ fn strip_extension(name: &str) -> &str {
 /// List the inputs under `root`: a folder (recursive; symbolic links are followed, loops are
 /// detected and reported), a single image file, or a single `.tar` file.
 ///
-/// Tar files found (or given) are opened and their regular members with an image extension
-/// become items; other members (`.txt`, `.json`, ...) are ignored. A tar that cannot be read
-/// completely keeps the members listed before the problem and adds an error entry.
+/// Every regular file of a folder becomes an item, except `.tar` files: those are opened and
+/// their regular members with an image extension become items; other members (`.txt`,
+/// `.json`, ...) are ignored. A tar that cannot be read completely keeps the members listed
+/// before the problem and adds an error entry. A single file given as the root must be named
+/// like an image or a tar.
 pub fn list_inputs(root: &Path) -> Result<Listing, SourceError> {
     let meta = std::fs::metadata(root).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SourceError::NotFound(root.to_path_buf()),
-        _ => SourceError::Unreadable { path: root.to_path_buf(), source: e },
+        _ => SourceError::Unreadable { path: root.to_path_buf(), cause: e },
     })?;
     let mut listing = Listing::default();
     if meta.is_dir() {
         // Fail early with a clear message if the root folder itself cannot be read.
-        std::fs::read_dir(root).map_err(|e| SourceError::Unreadable { path: root.to_path_buf(), source: e })?;
+        std::fs::read_dir(root).map_err(|e| SourceError::Unreadable { path: root.to_path_buf(), cause: e })?;
         for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
             let entry = match entry {
                 Ok(e) => e,
@@ -133,11 +144,15 @@ pub fn list_inputs(root: &Path) -> Result<Listing, SourceError> {
                     continue;
                 }
             };
-            if !entry.file_type().is_file() {
-                continue;
-            }
             let path = entry.path();
             let rel = slash_path(path.strip_prefix(root).unwrap_or(path));
+            if entry.file_type().is_dir() {
+                continue;
+            }
+            if !entry.file_type().is_file() {
+                listing.errors.push((rel, "not a regular file (a socket, FIFO or device): not read".into()));
+                continue;
+            }
             add_file(&mut listing, path, rel, entry.metadata().map(|m| m.len()));
         }
     } else if meta.is_file() {
@@ -155,7 +170,7 @@ pub fn list_inputs(root: &Path) -> Result<Listing, SourceError> {
 }
 
 fn add_file(listing: &mut Listing, path: &Path, rel: String, len: Result<u64, walkdir::Error>) {
-    if is_image_path(path) {
+    if !is_tar_path(path) {
         match len {
             Ok(size) => listing.items.push(InputItem {
                 key: strip_extension(&rel).to_string(),
@@ -165,7 +180,7 @@ fn add_file(listing: &mut Listing, path: &Path, rel: String, len: Result<u64, wa
             }),
             Err(e) => listing.errors.push((rel, format!("cannot read file metadata: {e}"))),
         }
-    } else if is_tar_path(path) {
+    } else {
         list_tar(listing, path, &rel);
     }
 }
@@ -368,20 +383,27 @@ mod tests {
 
         let l = list_inputs(root).unwrap();
         assert!(l.errors.is_empty(), "{:?}", l.errors);
+        // Every file is an input, whatever its name (the decoder judges the content); tar members
+        // only when named like images (the caption members are not inputs).
         let sources: Vec<&str> = l.items.iter().map(|i| i.source.as_str()).collect();
-        assert_eq!(sources, ["b.jpg", "sub/A.JPEG", "sub/deeper/c.PnG", "sub/shard.tar:000001.jpg", "sub/shard.tar:dir/000002.webp"]);
+        assert_eq!(
+            sources,
+            ["b.jpg", "notes.txt", "sub/A.JPEG", "sub/deeper/c.PnG", "sub/photo.gif", "sub/shard.tar:000001.jpg", "sub/shard.tar:dir/000002.webp"]
+        );
         let keys: Vec<&str> = l.items.iter().map(|i| i.key.as_str()).collect();
-        assert_eq!(keys, ["b", "sub/A", "sub/deeper/c", "000001", "dir/000002"]);
+        assert_eq!(keys, ["b", "notes", "sub/A", "sub/deeper/c", "sub/photo", "000001", "dir/000002"]);
+        let images: Vec<&InputItem> = l.items.iter().filter(|i| !i.source.ends_with(".txt") && !i.source.ends_with(".gif")).collect();
 
         // Bytes come back exactly, from files and from tar members.
-        for (item, expect) in l.items.iter().zip([&pool[0], &pool[1], &pool[2], &pool[3], &pool[4]]) {
+        for (item, expect) in images.into_iter().zip([&pool[0], &pool[1], &pool[2], &pool[3], &pool[4]]) {
             let want = std::fs::read(expect).unwrap();
             assert_eq!(read_bytes(item).unwrap(), want, "{}", item.source);
             assert_eq!(item.size, want.len() as u64);
             // And they decode.
             crate::decode::decode_rgb8(&read_bytes(item).unwrap(), &Default::default()).unwrap();
         }
-        assert!(matches!(l.items[3].loc, SourceLoc::TarMember { .. }));
+        assert!(matches!(l.items[5].loc, SourceLoc::TarMember { .. }));
+        assert!(is_image_name("x.TIF") && is_image_name("a/b.qoi") && is_image_name("c.avif") && is_image_name("h.HEIC") && !is_image_name("d.txt") && !is_image_name("e"));
 
         // Deterministic: the same listing and fingerprint again.
         let again = list_inputs(root).unwrap();

@@ -53,7 +53,9 @@ pub struct RunArgs {
     /// The VAE encoder as an ONNX file (see tools/export_vae_onnx.py).
     #[arg(long, required_unless_present = "decode_only")]
     pub onnx: Option<PathBuf>,
-    /// Folder of images (recursive; jpg/jpeg/png/webp and webdataset .tar shards), or one file.
+    /// Folder of images (recursive: every file is an input, decoded if it is an image in any
+    /// format the decoders know, else reported in errors.jsonl; webdataset .tar shards stand for
+    /// their image members), or one image or .tar file.
     #[arg(long, required = true)]
     pub images: Option<PathBuf>,
     /// Output folder for the shards, manifest.json and errors.jsonl.
@@ -62,8 +64,8 @@ pub struct RunArgs {
     /// Side of the square crops the teacher sees.
     #[arg(long, default_value_t = 512)]
     pub resolution: u32,
-    /// Images per teacher batch.
-    #[arg(long, default_value_t = 16)]
+    /// Images per teacher batch (at least 1).
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub batch_size: usize,
     /// auto, cpu, cuda or cuda:N. `cuda` never falls back to the CPU; `auto` says what it got.
     #[arg(long, default_value = "auto")]
@@ -138,8 +140,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = LatentDtypeArg::F16)]
     pub latent_dtype: LatentDtypeArg,
     /// Rows per shard (approximately: shards cover shard_rows / variants source images).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one_u32)]
     pub shard_rows: u32,
+    /// Refuse sources whose short side is below this many pixels (reported in errors.jsonl,
+    /// stage `size`): their crops would be enlarged more than 2x. Default: half of --resolution;
+    /// 0 keeps every image. Rows whose crop is enlarged at all are counted in the summary.
+    #[arg(long, value_name = "PIXELS")]
+    pub min_side: Option<u32>,
     /// Use only the first N inputs (sorted order): quick trials.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -167,6 +174,19 @@ pub struct RunArgs {
     /// custom: spatial downscale factor.
     #[arg(long, default_value_t = 8)]
     pub downscale: usize,
+}
+
+/// A count that must be positive.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn at_least_one_u32(s: &str) -> Result<u32, String> {
+    at_least_one(s).and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
 }
 
 /// `KEY=VALUE`.
@@ -202,5 +222,16 @@ mod tests {
         let c = Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i", "--decode-only"]).unwrap();
         assert!(c.run.decode_only && c.run.onnx.is_none());
         assert!(Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i"]).is_err());
+    }
+
+    #[test]
+    fn zero_counts_are_refused() {
+        let base = ["precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o"];
+        for (flag, v) in [("--batch-size", "0"), ("--shard-rows", "0")] {
+            let e = Cli::try_parse_from(base.iter().copied().chain([flag, v])).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("at least 1"), "{e}");
+        }
+        let c = Cli::try_parse_from(base.iter().copied().chain(["--batch-size", "3", "--min-side", "0"])).unwrap();
+        assert_eq!((c.run.batch_size, c.run.min_side), (3, Some(0)));
     }
 }

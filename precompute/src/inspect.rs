@@ -5,7 +5,7 @@ use crate::output::read_manifest;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
-use taesd_data::ShardReader;
+use taesd_data::{OutputLayout, ShardReader};
 use taesd_schemas::Manifest;
 
 pub struct ChannelStats {
@@ -30,7 +30,11 @@ fn file_schema(path: &Path) -> Result<String> {
     Ok(b.schema().fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", "))
 }
 
+/// Inspect an output folder (`OUT`, or its `OUT/data`; old folders with the shards beside the
+/// manifest too).
 pub fn inspect(dir: &Path, max_rows: u64) -> Result<InspectReport> {
+    let layout = OutputLayout::locate(dir);
+    let dir = layout.root.as_path();
     let manifest = read_manifest(dir)?;
     let mut schema = String::new();
     let mut rows = 0u64;
@@ -106,7 +110,14 @@ impl InspectReport {
             c.latent_dtype.as_str()
         );
         println!("inputs        {} from {}", m.inputs_total, m.inputs_root);
+        if !m.removed_inputs.is_empty() {
+            println!("removed       {} input(s) encoded earlier, no longer under the input folder (rows kept)", m.removed_inputs.len());
+        }
+        if !m.changed_inputs.is_empty() {
+            println!("changed       {} input(s) changed size after they were encoded (rows of the old files)", m.changed_inputs.len());
+        }
         println!("rows          {}", self.rows);
+        println!("upscaled      {} rows (crops smaller than {} px, enlarged)", m.upscaled_rows, c.resolution);
         if let Some(s) = self.latent_shape {
             println!("latent shape  {:?}", s);
         }

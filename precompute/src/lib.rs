@@ -22,13 +22,40 @@ use taesd_schemas::{preset, preset_names, ErrorRecord, ImageFormat, LatentDtype,
 pub struct Summary {
     pub out: std::path::PathBuf,
     pub device: String,
+    /// Inputs listed under `--images` (files, and tar members named like images), after `--limit`.
     pub inputs_total: u64,
-    pub shards_total: u32,
-    pub shards_skipped: u32,
+    /// Listed inputs that shards finished before this run cover.
+    pub inputs_already: u64,
+    /// Shards finished before this run.
+    pub shards_before: u32,
+    /// This run's shards (indices), planned.
+    pub shards_planned: Vec<u32>,
+    /// Inputs earlier runs encoded that are no longer listed / whose size changed.
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
     pub stats: pipeline::RunStats,
-    /// Inputs that could not even be listed (unreadable tar files).
+    /// What could not even be listed (unreadable folders or tar files, special files).
     pub listing_errors: Vec<ErrorRecord>,
     pub rows_total: u64,
+    pub upscaled_total: u64,
+    /// A folder without finished shards started over with other settings: what changed.
+    pub restarted: Option<String>,
+    pub resolution: u32,
+}
+
+/// `a, b, c (+N more)`.
+fn some_of(items: &[String], n: usize) -> String {
+    let more = if items.len() > n { format!(" (+{} more)", items.len() - n) } else { String::new() };
+    format!("{}{more}", items.iter().take(n).cloned().collect::<Vec<_>>().join(", "))
+}
+
+/// `3`, `3..7`.
+fn index_range(v: &[u32]) -> String {
+    match (v.first(), v.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a}..{b}"),
+        (Some(a), _) => a.to_string(),
+        _ => "-".into(),
+    }
 }
 
 impl Summary {
@@ -38,20 +65,52 @@ impl Summary {
         println!("precompute: {}", self.out.display());
         println!("  teacher device   {}", self.device);
         println!(
-            "  inputs           {} in folder, {} processed now ({} shards written, {} already done)",
-            self.inputs_total, s.inputs, s.shards_written, self.shards_skipped
+            "  inputs           {} under --images, {} processed now ({} shard(s) written), {} already done in {} earlier shard(s)",
+            self.inputs_total, s.inputs, s.shards_written, self.inputs_already, self.shards_before
         );
+        if self.shards_before > 0 && !self.shards_planned.is_empty() {
+            println!(
+                "  incremental      {} new input(s) since the last run, encoded into new shard(s) {}; the {} earlier shard(s) are kept as they are",
+                s.inputs,
+                index_range(&self.shards_planned),
+                self.shards_before
+            );
+        }
+        if !self.removed.is_empty() {
+            println!(
+                "  removed          {} input(s) encoded earlier are no longer under --images: {}; their rows stay in the output (manifest.json removed_inputs; write to a new --out to leave them out)",
+                self.removed.len(),
+                some_of(&self.removed, 3)
+            );
+        }
+        if !self.changed.is_empty() {
+            println!(
+                "  changed          {} input(s) changed size since they were encoded: {}; their rows are of the old file (manifest.json changed_inputs; write to a new --out to encode them again)",
+                self.changed.len(),
+                some_of(&self.changed, 3)
+            );
+        }
         println!("  rows             {} written now, {} in the output", s.rows, self.rows_total);
+        println!(
+            "  upscaled         {} row(s) now, {} in the output: crops smaller than {} px, enlarged (see --min-side)",
+            s.upscaled, self.upscaled_total, self.resolution
+        );
         let skipped = s.errors.len() + self.listing_errors.len();
         println!("  skipped          {skipped}");
-        let mut by_reason: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+        let mut by_reason: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for e in s.errors.iter().chain(&self.listing_errors) {
-            by_reason.entry(format!("{}: {}", e.stage, e.reason)).or_default().push(&e.source);
+            by_reason.entry(format!("{}: {}", e.stage, e.reason)).or_default().push(e.source.clone());
         }
         for (reason, sources) in &by_reason {
-            let more = if sources.len() > 3 { format!(" (+{} more)", sources.len() - 3) } else { String::new() };
-            println!("    {} -- {reason}{more}", sources.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
+            println!("    {} -- {reason}", some_of(sources, 3));
         }
+        println!(
+            "  accounted        {} input(s) processed now = {} with rows + {} without (in errors.jsonl){}",
+            s.inputs,
+            s.inputs - s.inputs_without_rows,
+            s.inputs_without_rows,
+            if self.listing_errors.is_empty() { String::new() } else { format!("; {} unlistable (stage list)", self.listing_errors.len()) }
+        );
         if s.inputs > 0 {
             println!(
                 "  throughput       {:.1} images/s, {:.1} rows/s over {:.1} s; teacher busy {:.0}% of the time",
@@ -161,7 +220,7 @@ pub fn decode_only(args: &RunArgs) -> Result<DecodeSummary> {
     if args.resolution == 0 || args.resolution % spec.downscale as u32 != 0 {
         bail!("--resolution {} must be a positive multiple of {}", args.resolution, spec.downscale);
     }
-    let mut items = list_inputs(images).with_context(|| format!("cannot read --images {}", images.display()))?.items;
+    let mut items = list_inputs(images).map_err(|e| anyhow::anyhow!("--images: {e}"))?.items;
     if let Some(n) = args.limit {
         items.truncate(n);
     }
@@ -185,6 +244,7 @@ fn pipeline_config(args: &RunArgs, spec: &VaeSpec, input_format: teacher::InputF
         image_format: image_format(args),
         jpeg_quality: args.quality,
         limits: DecodeLimits { max_pixels: args.max_pixels, ..DecodeLimits::default() },
+        min_side: min_side(args),
         latent_dtype: latent_dtype(args),
         vae: spec.clone(),
         onnx_sha256,
@@ -192,7 +252,13 @@ fn pipeline_config(args: &RunArgs, spec: &VaeSpec, input_format: teacher::InputF
     }
 }
 
-/// Run precompute end to end.
+/// `--min-side`, or its default (half the resolution).
+fn min_side(args: &RunArgs) -> u32 {
+    args.min_side.unwrap_or_else(|| taesd_data::default_min_side(args.resolution))
+}
+
+/// Run precompute end to end. Everything that can be checked (flags, the ONNX file against the
+/// preset, the output folder's settings) is checked before anything is written.
 pub fn run(args: &RunArgs) -> Result<Summary> {
     let spec = vae_spec(args)?;
     if args.cuda_graph && !args.io_binding {
@@ -210,8 +276,9 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     if args.resolution == 0 || args.resolution % spec.downscale as u32 != 0 {
         bail!("--resolution {} must be a positive multiple of {}", args.resolution, spec.downscale);
     }
+    teacher::check_onnx_file(onnx)?;
 
-    let listing = list_inputs(images).with_context(|| format!("cannot read --images {}", images.display()))?;
+    let listing = list_inputs(images).map_err(|e| anyhow::anyhow!("--images: {e}"))?;
     let mut items = listing.items;
     if let Some(n) = args.limit {
         items.truncate(n);
@@ -235,33 +302,55 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         jpeg_quality: args.quality,
         latent_dtype: latent_dtype(args),
         inputs_per_shard,
+        min_side: min_side(args),
     };
     let inputs_info = output::InputsInfo {
         root: images.display().to_string(),
         total: items.len() as u64,
         fingerprint: taesd_data::fingerprint(&items),
     };
-    let shards_total = items.len().div_ceil(inputs_per_shard as usize) as u32;
-    let mut out = output::OutputDir::open(out_dir, &config, &inputs_info, onnx, shards_total)?;
+    let existing = output::Existing::read(out_dir)?;
+    let restarted = existing.check_settings(&config)?;
+    let plan = output::plan(&existing, &items, inputs_per_shard);
+    let shards_before = existing.shards.len() as u32;
+    let mut summary = Summary {
+        out: out_dir.to_path_buf(),
+        device: "none (nothing to do)".to_string(),
+        inputs_total: items.len() as u64,
+        inputs_already: plan.already,
+        shards_before,
+        shards_planned: plan.pending.iter().map(|(i, _)| *i).collect(),
+        removed: plan.removed.clone(),
+        changed: plan.changed.clone(),
+        stats: pipeline::RunStats::default(),
+        listing_errors: listing_errors.clone(),
+        rows_total: 0,
+        upscaled_total: 0,
+        restarted: restarted.clone(),
+        resolution: args.resolution,
+    };
+    if items.is_empty() {
+        eprintln!(
+            "warning: --images {} holds no input files{}; nothing to encode",
+            images.display(),
+            if listing_errors.is_empty() { String::new() } else { format!(" that could be listed ({} listing errors)", listing_errors.len()) }
+        );
+        if existing.manifest.is_none() {
+            // Nothing to write: leave --out as it was.
+            return Ok(summary);
+        }
+    }
 
-    let pending: Vec<(u32, Vec<taesd_data::InputItem>)> = items
-        .chunks(inputs_per_shard as usize)
-        .enumerate()
-        .filter(|(i, _)| !out.is_done(*i as u32))
-        .map(|(i, c)| (i as u32, c.to_vec()))
-        .collect();
-    let shards_skipped = shards_total - pending.len() as u32;
-
-    let mut device = "none (nothing to do)".to_string();
-    let stats = if pending.is_empty() {
-        pipeline::RunStats::default()
+    // The teacher before anything is written: an ONNX file that does not fit the preset (or is
+    // no ONNX model) leaves the output folder as it was.
+    let teacher = if plan.pending.is_empty() {
+        None
     } else {
         let lib = ortlib::find(args.ort_lib.as_deref())?;
         let env = ortlib::init(&lib)?;
         let opts = teacher_options(args);
         let teacher = teacher::Teacher::new(&env, onnx, &spec, args.resolution, opts)?;
-        device = teacher.device.clone();
-        tracing::info!("teacher {} on {} (ONNX Runtime from {}, found by {})", onnx.display(), device, lib.path.display(), lib.found_by);
+        tracing::info!("teacher {} on {} (ONNX Runtime from {}, found by {})", onnx.display(), teacher.device, lib.path.display(), lib.found_by);
         if teacher.device != "cpu" {
             eprintln!(
                 "teacher on {}: {}; warm-up {:.1} s (not timed)",
@@ -270,22 +359,41 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
                 teacher.warmup_time.as_secs_f64()
             );
         }
-        out.manifest.extra.insert("device".into(), device.clone().into());
+        Some(teacher)
+    };
+    if let Some(note) = &restarted {
+        eprintln!("note: {note}");
+    }
+    if shards_before > 0 && !plan.pending.is_empty() {
+        eprintln!(
+            "incremental run: {} new input(s) under --images (of {}), encoded into new shard(s) {}; {} input(s) already in {} earlier shard(s) are kept",
+            plan.new_inputs(),
+            items.len(),
+            index_range(&summary.shards_planned),
+            plan.already,
+            shards_before
+        );
+    }
+    if !plan.removed.is_empty() {
+        eprintln!(
+            "warning: {} input(s) encoded by an earlier run are no longer under --images ({}); their rows stay in {}",
+            plan.removed.len(),
+            some_of(&plan.removed, 3),
+            out_dir.display()
+        );
+    }
+    let mut out = output::OutputDir::open(existing, &config, &inputs_info, onnx, &plan)?;
+    if let Some(teacher) = teacher {
+        summary.device = teacher.device.clone();
+        out.manifest.extra.insert("device".into(), teacher.device.clone().into());
         out.manifest.extra.insert("teacher_setup".into(), teacher.setup.clone().into());
         let cfg = pipeline_config(args, &spec, teacher.input_format(), onnx_sha256);
-        pipeline::run(pending, teacher, &mut out, &cfg)?
-    };
+        summary.stats = pipeline::run(plan.pending, teacher, &mut out, &cfg)?;
+    }
     out.finish(&listing_errors)?;
-    Ok(Summary {
-        out: out_dir.to_path_buf(),
-        device,
-        inputs_total: items.len() as u64,
-        shards_total,
-        shards_skipped,
-        stats,
-        listing_errors,
-        rows_total: out.manifest.rows,
-    })
+    summary.rows_total = out.manifest.rows;
+    summary.upscaled_total = out.manifest.upscaled_rows;
+    Ok(summary)
 }
 
 /// The stored-image format the flags ask for.

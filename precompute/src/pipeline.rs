@@ -18,11 +18,10 @@ use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use taesd_data::{
-    decode_rgb8, decode_stored_image, encode_image, make_samples, read_bytes, AugmentConfig, CropRect, DecodeLimits,
-    InputItem, ShardFileMeta, ShardRow, ShardWriter,
+    check_source_size, decode_rgb8_named, decode_stored_image, encode_image, is_upscaled, make_samples, read_bytes,
+    AugmentConfig, CropRect, DecodeLimits, InputItem, ShardFileMeta, ShardRow, ShardWriter,
 };
-use taesd_schemas::shard::shard_file_name;
-use taesd_schemas::{ErrorRecord, ImageFormat, LatentDtype, ShardEntry, VaeSpec};
+use taesd_schemas::{ErrorRecord, ImageFormat, InputRecord, LatentDtype, ShardEntry, VaeSpec};
 
 use crate::output::OutputDir;
 
@@ -37,6 +36,8 @@ pub struct PipelineConfig {
     pub image_format: ImageFormat,
     pub jpeg_quality: u8,
     pub limits: DecodeLimits,
+    /// Sources whose short side is below this are refused (stage `size`).
+    pub min_side: u32,
     pub latent_dtype: LatentDtype,
     pub vae: VaeSpec,
     pub onnx_sha256: String,
@@ -83,6 +84,10 @@ enum Done {
 pub struct RunStats {
     pub inputs: u64,
     pub rows: u64,
+    /// Rows whose crop was enlarged to the resolution (the source was smaller).
+    pub upscaled: u64,
+    /// Inputs that gave no row at all (each has at least one error record).
+    pub inputs_without_rows: u64,
     pub shards_written: u32,
     pub errors: Vec<ErrorRecord>,
     pub elapsed: Duration,
@@ -111,9 +116,10 @@ fn err(source: &str, stage: &str, reason: impl ToString) -> ErrorRecord {
 fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, ErrorRecord> {
     let bytes = read_bytes(item).map_err(|e| err(&item.source, "read", e))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    let rgb = decode_rgb8(&bytes, &cfg.limits).map_err(|e| err(&item.source, "decode", e))?;
+    let rgb = decode_rgb8_named(&bytes, Some(&item.source), &cfg.limits).map_err(|e| err(&item.source, "decode", e))?;
     drop(bytes);
     let (width, height) = rgb.dimensions();
+    check_source_size(width, height, cfg.min_side, cfg.augment.resolution).map_err(|e| err(&item.source, "size", e))?;
     let samples = make_samples(&rgb, &item.source, &cfg.augment)
         .into_iter()
         .map(|s| {
@@ -133,7 +139,7 @@ fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, Erro
 /// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`.
 pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut OutputDir, cfg: &PipelineConfig) -> Result<RunStats> {
     let total_inputs: u64 = shards.iter().map(|(_, v)| v.len() as u64).sum();
-    let order: Vec<u32> = shards.iter().map(|(i, _)| *i).collect();
+    let order: Vec<(u32, Vec<InputRecord>)> = shards.iter().map(|(i, v)| (*i, crate::output::input_records(v))).collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.workers.max(1))
         .thread_name(|i| format!("decode-{i}"))
@@ -524,6 +530,7 @@ struct ShardEnd {
     index: u32,
     errors: Vec<ErrorRecord>,
     inputs: u64,
+    without_rows: u64,
 }
 
 /// Finished inputs on their way to the file thread (each a few rows): enough to ride out a
@@ -534,7 +541,7 @@ const INPUTS_IN_WRITING: usize = 256;
 /// they come (row group by row group, [`ShardWriter`]), so that the teacher never waits for a
 /// file and, after the last batch, only the last row group and the footer are left to write (a
 /// whole 512-row shard of 1024 px images takes ~2 s).
-fn writer_stage(out: &mut OutputDir, order: &[u32], rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+fn writer_stage(out: &mut OutputDir, order: &[(u32, Vec<InputRecord>)], rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
     let (files_tx, files_rx) = bounded::<ToFiles>(INPUTS_IN_WRITING);
     std::thread::scope(|scope| {
         let files = std::thread::Builder::new()
@@ -549,6 +556,7 @@ fn writer_stage(out: &mut OutputDir, order: &[u32], rx: Receiver<Done>, cfg: &Pi
                     end.inputs += 1;
                     bar.inc(1);
                     if rows.is_empty() {
+                        end.without_rows += 1;
                         continue;
                     }
                     ToFiles::Rows(rows)
@@ -556,6 +564,7 @@ fn writer_stage(out: &mut OutputDir, order: &[u32], rx: Receiver<Done>, cfg: &Pi
                 Done::Failed(e) => {
                     end.errors.push(e);
                     end.inputs += 1;
+                    end.without_rows += 1;
                     bar.inc(1);
                     continue;
                 }
@@ -574,9 +583,15 @@ fn writer_stage(out: &mut OutputDir, order: &[u32], rx: Receiver<Done>, cfg: &Pi
 }
 
 /// Write each shard's file as its rows arrive (temp + rename at its end) and record it in the
-/// manifest, in `order` (the run's shards). A shard left unfinished (an error upstream) leaves no
-/// file.
-fn write_shards(out: &mut OutputDir, order: &[u32], msgs: Receiver<ToFiles>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+/// manifest, in `order` (the run's shards and the inputs each covers). A shard left unfinished
+/// (an error upstream) leaves no file.
+fn write_shards(
+    out: &mut OutputDir,
+    order: &[(u32, Vec<InputRecord>)],
+    msgs: Receiver<ToFiles>,
+    cfg: &PipelineConfig,
+    bar: &ProgressBar,
+) -> Result<RunStats> {
     let mut stats = RunStats::default();
     let meta = |index: u32| ShardFileMeta {
         vae: cfg.vae.clone(),
@@ -586,43 +601,51 @@ fn write_shards(out: &mut OutputDir, order: &[u32], msgs: Receiver<ToFiles>, cfg
         resolution: cfg.augment.resolution,
         shard_index: index,
         errors: Vec::new(),
+        inputs: None,
     };
-    let mut upcoming = order.iter().copied();
-    // The shard being filled: its index, and its writer once its first row came.
+    let resolution = cfg.augment.resolution;
+    let mut upcoming = order.iter();
+    // The shard being filled: its index and inputs, and its writer once its first row came.
     let mut current = upcoming.next();
     let mut open: Option<ShardWriter> = None;
+    let mut upscaled = 0u64;
     for msg in msgs {
         let t0 = Instant::now();
         match msg {
             ToFiles::Rows(rows) => {
-                let index = current.ok_or_else(|| anyhow!("internal: rows after the run's last shard"))?;
+                let index = current.map(|c| c.0).ok_or_else(|| anyhow!("internal: rows after the run's last shard"))?;
                 let w = match &mut open {
                     Some(w) => w,
-                    None => open.insert(ShardWriter::create(&out.shard_path(index), &meta(index))?),
+                    None => open.insert(ShardWriter::create_staged(&out.shard_path(index), out.staging(), &meta(index))?),
                 };
                 for r in rows {
+                    upscaled += is_upscaled(&r.crop, resolution) as u64;
                     w.push(r)?;
                 }
             }
             ToFiles::End(mut end) => {
-                if current != Some(end.index) {
-                    bail!("internal: shard {} ended while shard {current:?} was being filled", end.index);
-                }
+                let Some((index, inputs)) = current.filter(|c| c.0 == end.index) else {
+                    bail!("internal: shard {} ended while shard {:?} was being filled", end.index, current.map(|c| c.0));
+                };
                 let w = match open.take() {
                     Some(w) => w,
-                    None => ShardWriter::create(&out.shard_path(end.index), &meta(end.index))?, // a shard without rows
+                    // A shard without rows.
+                    None => ShardWriter::create_staged(&out.shard_path(*index), out.staging(), &meta(*index))?,
                 };
                 current = upcoming.next();
                 let rows = w.rows();
-                w.finish(&end.errors)?;
+                w.finish(&end.errors, Some(inputs))?;
                 out.add_shard(ShardEntry {
-                    file: shard_file_name(end.index),
+                    file: out.shard_entry_name(end.index),
                     index: end.index,
                     rows,
                     inputs: end.inputs,
                     errors: end.errors.len() as u64,
+                    upscaled,
                 })?;
                 stats.rows += rows;
+                stats.upscaled += std::mem::take(&mut upscaled);
+                stats.inputs_without_rows += end.without_rows;
                 stats.inputs += end.inputs;
                 stats.shards_written += 1;
                 stats.errors.append(&mut end.errors);

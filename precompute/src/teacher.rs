@@ -314,6 +314,39 @@ fn input_symbols(session: &Session) -> Vec<String> {
     }
 }
 
+/// Refuse, with the fix, a `--onnx` file that is missing or plainly another kind of file (a
+/// PyTorch checkpoint, a safetensors file, an archive): ONNX Runtime's own message for those is
+/// a protobuf parse error. Reads the first bytes only.
+pub fn check_onnx_file(onnx: &Path) -> Result<()> {
+    use std::io::Read;
+    if !onnx.is_file() {
+        bail!("ONNX file {} does not exist", onnx.display());
+    }
+    let mut head = [0u8; 16];
+    let n = std::fs::File::open(onnx)
+        .and_then(|mut f| f.read(&mut head))
+        .with_context(|| format!("cannot read the ONNX file {}", onnx.display()))?;
+    let head = &head[..n];
+    let hint = "export the VAE encoder to ONNX first (tools/export_vae_onnx.py; see the README)";
+    let what = if n == 0 {
+        Some("an empty file".to_string())
+    } else if head.starts_with(b"PK\x03\x04") {
+        Some("a zip archive (a PyTorch .pth/.pt checkpoint is one), not an ONNX model".to_string())
+    } else if head[0] == 0x80 && (2..=5).contains(&head.get(1).copied().unwrap_or(0)) {
+        Some("a Python pickle (a PyTorch checkpoint), not an ONNX model".to_string())
+    } else if n >= 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) < (1 << 32) {
+        Some("a safetensors file (weights only), not an ONNX model".to_string())
+    } else if head.starts_with(b"\x89HDF") {
+        Some("an HDF5 file (Keras weights?), not an ONNX model".to_string())
+    } else {
+        None
+    };
+    match what {
+        Some(w) => bail!("--onnx {} is {w}: {hint}", onnx.display()),
+        None => Ok(()),
+    }
+}
+
 impl Teacher {
     /// Open `onnx` for `spec` on `device`, and check its input/output signature against the preset
     /// and the working resolution; on CUDA, run the warm-up batches.
@@ -324,9 +357,7 @@ impl Teacher {
         resolution: u32,
         opts: TeacherOptions,
     ) -> Result<Teacher> {
-        if !onnx.is_file() {
-            bail!("ONNX file {} does not exist", onnx.display());
-        }
+        check_onnx_file(onnx)?;
         let res = resolution as i64;
         let (session, device_used) = match opts.device {
             DeviceRequest::Cpu => (Self::session(env, onnx, None, &opts, res)?, "cpu".to_string()),

@@ -60,6 +60,9 @@ pub mod meta {
     pub const SHARD_INDEX: &str = "taesd.shard_index";
     /// JSON list of [`ErrorRecord`]s for the inputs this shard covers.
     pub const ERRORS: &str = "taesd.errors";
+    /// JSON list of the [`InputRecord`]s this shard covers (every input: those with rows and
+    /// those in `taesd.errors`); absent in shards written before incremental runs.
+    pub const INPUTS: &str = "taesd.inputs";
 }
 
 /// Element type of the `latent` / `latent_std` columns.
@@ -143,9 +146,19 @@ pub fn arrow_schema() -> Schema {
 pub struct ErrorRecord {
     /// Same meaning as the `source` column.
     pub source: String,
-    /// `read`, `decode`, `teacher` or `latent` (NaN/inf in the teacher output).
+    /// `list` (unlistable), `read`, `decode`, `size` (below `--min-side`), `encode` (storing the
+    /// crop) or `latent` (NaN/inf in the teacher output).
     pub stage: String,
     pub reason: String,
+}
+
+/// One input a shard covers: where it came from and its size in bytes when it was listed. An
+/// incremental run encodes only the inputs no finished shard covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRecord {
+    /// Same meaning as the `source` column.
+    pub source: String,
+    pub size: u64,
 }
 
 /// The settings that define what an output folder contains. Two runs may write into one folder
@@ -164,6 +177,10 @@ pub struct OutputConfig {
     pub latent_dtype: LatentDtype,
     /// Source images per shard (a shard holds up to this many x `variants` rows).
     pub inputs_per_shard: u32,
+    /// Sources whose short side is below this many pixels are refused (stage `size`). Folders
+    /// written before the setting existed read as 0 (none refused).
+    #[serde(default)]
+    pub min_side: u32,
 }
 
 impl OutputConfig {
@@ -188,6 +205,9 @@ pub struct ShardEntry {
     /// Inputs (source images) this shard covers, including skipped ones.
     pub inputs: u64,
     pub errors: u64,
+    /// Rows whose crop was smaller than the resolution: the source pixels were enlarged.
+    #[serde(default)]
+    pub upscaled: u64,
 }
 
 /// `manifest.json`, rewritten atomically as shards complete.
@@ -204,10 +224,24 @@ pub struct Manifest {
     pub inputs_root: String,
     pub inputs_total: u64,
     pub inputs_fingerprint: String,
+    /// Shards finished plus those the latest run planned.
     pub shards_total: u32,
+    /// `file` is relative to the folder: `data/shard-00000.parquet` (or `shard-00000.parquet` in
+    /// folders written before the `data/` layout).
     pub shards: Vec<ShardEntry>,
     pub rows: u64,
     pub errors: u64,
+    /// Rows made from enlarged crops (sum of the shards' `upscaled`).
+    #[serde(default)]
+    pub upscaled_rows: u64,
+    /// Inputs encoded by an earlier run that the latest run no longer found under `--images`
+    /// (their rows stay in the shards).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_inputs: Vec<String>,
+    /// Inputs encoded by an earlier run whose size has changed since (the rows are of the old
+    /// content; write to a new folder to encode the new one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_inputs: Vec<String>,
     /// Anything else worth keeping (device used, timings, ...).
     #[serde(default)]
     pub extra: HashMap<String, serde_json::Value>,
@@ -215,6 +249,10 @@ pub struct Manifest {
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const ERRORS_FILE: &str = "errors.jsonl";
+/// The folder of an output's shards, so that the folder reads as one Parquet dataset
+/// (`pyarrow.parquet.read_table("OUT/data")`). Folders written before it hold the shards beside
+/// `manifest.json`.
+pub const DATA_DIR: &str = "data";
 
 /// File name of shard `index`.
 pub fn shard_file_name(index: u32) -> String {
@@ -239,6 +277,7 @@ mod tests {
             jpeg_quality: 95,
             latent_dtype: LatentDtype::Float16,
             inputs_per_shard: 512,
+            min_side: 128,
         }
     }
 

@@ -23,8 +23,19 @@ ap.add_argument("--jpeg-tolerance", type=float, default=0.1)
 a = ap.parse_args()
 
 manifest = json.load(open(os.path.join(a.out, "manifest.json")))
-files = sorted(glob.glob(os.path.join(a.out, "shard-*.parquet")))
-problems = []
+# The shards: OUT/data/ (a Parquet dataset), or beside the manifest in folders of the old layout.
+data = os.path.join(a.out, "data")
+files = sorted(glob.glob(os.path.join(data, "shard-*.parquet"))) or sorted(glob.glob(os.path.join(a.out, "shard-*.parquet")))
+if os.path.isdir(data):
+    # The folder reads as one dataset, with every row of the manifest.
+    whole = pq.read_table(data)
+    if whole.num_rows != manifest["rows"]:
+        problems_early = [f"pq.read_table({data}) gives {whole.num_rows} rows, the manifest {manifest['rows']}"]
+    else:
+        problems_early = []
+else:
+    problems_early = []
+problems = list(problems_early)
 rows = 0
 checked = 0
 max_err = 0.0

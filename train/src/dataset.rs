@@ -3,7 +3,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
-use taesd_data::{list_shards, ShardReader, ShardRow};
+use taesd_data::{OutputLayout, ShardReader, ShardRow};
 use taesd_schemas::shard::MANIFEST_FILE;
 use taesd_schemas::{Manifest, VaeSpec};
 
@@ -34,12 +34,20 @@ pub struct ShardSet {
 }
 
 impl ShardSet {
-    /// Open every `shard-*.parquet` of `dir` and check they hold one kind of data.
+    /// Open every `shard-*.parquet` of the precompute output `dir` (in `dir/data/`, or beside the
+    /// manifest in folders written before that layout; `dir` may also be the `data` folder) and
+    /// check they hold one kind of data.
     pub fn open(dir: &Path) -> Result<ShardSet> {
         ensure!(dir.is_dir(), "shard folder {} does not exist (run `precompute --out` first)", dir.display());
-        let files = list_shards(dir)?;
-        ensure!(!files.is_empty(), "{} holds no shard-*.parquet files", dir.display());
-        let manifest_path = dir.join(MANIFEST_FILE);
+        let layout = OutputLayout::locate(dir);
+        let files = layout.shard_files()?;
+        ensure!(
+            !files.is_empty(),
+            "{} holds no shards (no {}/shard-*.parquet, nor shard-*.parquet beside a manifest)",
+            dir.display(),
+            taesd_schemas::shard::DATA_DIR
+        );
+        let manifest_path = layout.root.join(MANIFEST_FILE);
         let manifest: Option<Manifest> = if manifest_path.is_file() {
             let bytes = std::fs::read(&manifest_path).with_context(|| format!("cannot read {}", manifest_path.display()))?;
             Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid manifest", manifest_path.display()))?)

@@ -85,7 +85,7 @@ fn collect_files(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, String)>) -> R
 fn gather(src: &Path, limit: usize) -> Result<Vec<Item>> {
     let limit = if limit == 0 { usize::MAX } else { limit };
     let mut items = Vec::new();
-    if src.is_dir() && !taesd_data::list_shards(src)?.is_empty() {
+    if src.is_dir() && !taesd_data::OutputLayout::locate(src).shard_files()?.is_empty() {
         let set = crate::dataset::ShardSet::open(src)?;
         let [c, h, w] = set.latent_shape.map(|v| v as usize);
         set.scan(|r| {

@@ -250,6 +250,7 @@ pub(crate) mod tests {
                 resolution: 32,
                 shard_index: s as u32,
                 errors: vec![],
+                inputs: None,
             };
             write_shard(&dir.path().join(taesd_schemas::shard::shard_file_name(s as u32)), chunk, &meta).unwrap();
         }
