@@ -231,7 +231,7 @@ try:
     import pyarrow.parquet as pq
 except ImportError:
     print("   (latent check skipped: no pyarrow)"); sys.exit()
-shards = sorted(glob.glob(sys.argv[1] + "/shard-*.parquet"))
+shards = sorted(glob.glob(sys.argv[1] + "/data/shard-*.parquet")) or sorted(glob.glob(sys.argv[1] + "/shard-*.parquet"))
 ref = np.load(sys.argv[2]) if shards else None
 if ref is None:
     print("   (latent check skipped: no shards)"); sys.exit()

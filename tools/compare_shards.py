@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 
 def rows(d):
     out = {}
-    for f in sorted(glob.glob(os.path.join(d, "shard-*.parquet"))):
+    # OUT/data/ (or, in folders of the earlier layout, beside manifest.json)
+    files = sorted(glob.glob(os.path.join(d, "data", "shard-*.parquet"))) or sorted(glob.glob(os.path.join(d, "shard-*.parquet")))
+    for f in files:
         dtype = np.dtype(pq.ParquetFile(f).metadata.metadata[b"taesd.latent_dtype"].decode())
         t = pq.read_table(f, columns=["source", "variant", "image", "latent", "latent_shape"]).to_pydict()
         for s, v, im, lat, shp in zip(t["source"], t["variant"], t["image"], t["latent"], t["latent_shape"]):
