@@ -363,6 +363,108 @@ fn clear_errors_for_bad_settings() {
     assert!(e.contains("without CUDA support") || e.contains("cannot open the GPU"), "{e}");
     let e = stderr(&run("train", &["--steps", "1", "--run-dir", s(&r), "--device", "cpu"], false));
     assert!(e.contains("--shards"), "{e}");
+    // --resume of a run folder that is not there: "no such run", not "no shards".
+    let missing = dir.path().join("no-such-run");
+    let e = stderr(&run("train", &["--resume", "--run-dir", s(&missing)], false));
+    assert!(e.contains("no such run") && e.contains("no-such-run") && !e.contains("shards"), "{e}");
+    assert!(!missing.exists());
+    // A missing file is said once ("x.pth: no such file", not "...: no such file: no such file").
+    let e = stderr(&run("train", &["convert", "--model", "/nowhere/x.pth", "--layout", "taesd", "--out", s(&dir.path().join("c"))], false));
+    assert_eq!(e.matches("no such file").count(), 1, "{e}");
+    assert!(e.contains("/nowhere/x.pth"), "{e}");
+}
+
+/// Overwrite the first page header of the `latent` column of shard `file`'s row group 0 with
+/// garbage: the footer stays valid (the shard opens), reading that row group fails.
+fn corrupt_row_group(file: &Path) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use std::io::{Seek, SeekFrom, Write};
+    let offset = {
+        let r = SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
+        let rg = r.metadata().row_group(0);
+        rg.columns().iter().find(|c| c.column_path().string() == "latent").unwrap().data_page_offset() as u64
+    };
+    let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&[0xFF; 24]).unwrap();
+}
+
+/// Copy the test shards (the data/ layout) into `dst`.
+fn copy_shards(dst: &Path) {
+    std::fs::create_dir_all(dst.join("data")).unwrap();
+    std::fs::copy(shards().join("manifest.json"), dst.join("manifest.json")).unwrap();
+    for f in shard_files(shards()) {
+        std::fs::copy(&f, dst.join("data").join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+/// A corrupt row group met after step 1 ends the run with a checkpoint and the command that
+/// resumes it; resumed with data.skip_bad_rows, the run skips it (counted) and finishes.
+#[test]
+fn bad_shard_data_mid_run_checkpoints_first_and_is_skippable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("latents");
+    copy_shards(&data);
+    // With a one-row shuffle buffer the row groups are read one after the other, in the epoch's
+    // order: 16 rows each, so with batches of 2 the second one is reached at step 9.
+    let units: Vec<u32> = shard_files(&data).iter().map(|f| taesd_data::ShardReader::open(f).unwrap().num_rows() as u32).collect();
+    assert_eq!(units, [16, 16, 16]);
+    let order: Vec<train::order::RowRef> = train::order::EpochOrder::new(&units, 0, 0, 1).collect();
+    let second = order[16].unit as usize;
+    assert!(order[..16].iter().all(|r| r.unit != second as u32));
+    let bad = shard_files(&data)[second].clone();
+    corrupt_row_group(&bad);
+
+    let run_dir = dir.path().join("run");
+    let args: Vec<String> = [
+        "--shards", s(&data), "--run-dir", s(&run_dir), "--device", "cpu", "--crop", "32", "--quiet", "--steps", "10",
+        "--batch-size", "2", "--set", "recipe.replay_capacity=16", "--set", "run.log_every=1", "--set", "data.shuffle_buffer=1",
+        "--set", "data.eval_fraction=0", "--set", "data.preview_images=0", "--set", "run.checkpoint_every=0",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let e = stderr(&train(&args, false));
+    let name = bad.file_name().unwrap().to_str().unwrap();
+    assert!(e.contains(name) && e.contains("row group 0"), "names the shard and row group: {e}");
+    assert!(e.contains("checkpoint saved at step 8"), "{e}");
+    assert!(e.contains(&format!("resume with: train --resume --run-dir {}", run_dir.display())) && e.contains("data.skip_bad_rows=true"), "{e}");
+    assert!(run_dir.join("checkpoints/step-00000008/trainer.json").is_file());
+
+    let r = run("train", &["--resume", "--run-dir", s(&run_dir), "--set", "data.skip_bad_rows=true", "--quiet"], true);
+    assert!(stdout(&r).contains("finished: step 10"), "{}", stdout(&r));
+    let metrics = run_dir.join("metrics.jsonl");
+    let bad_lines = json_lines(&metrics, "bad_data");
+    assert_eq!(bad_lines.len(), 1, "{bad_lines:?}");
+    assert_eq!(bad_lines[0]["rows"], 16);
+    assert!(bad_lines[0]["what"].as_str().unwrap().contains(name), "{}", bad_lines[0]);
+    let last = json_lines(&metrics, "train").pop().unwrap();
+    assert_eq!((last["step"].as_u64(), last["skipped_rows_total"].as_u64()), (Some(10), Some(16)), "{last}");
+}
+
+/// `train` reads shard folders of the layout before data/ (shards beside manifest.json), and
+/// folders without a manifest; its log has no escape codes when it is not a terminal.
+#[test]
+fn old_layout_shard_folders_still_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    for f in shard_files(shards()) {
+        std::fs::copy(&f, old.join(f.file_name().unwrap())).unwrap();
+    }
+    let run_dir = dir.path().join("run");
+    let mut args = small_run(&run_dir, 1, 2);
+    let i = args.iter().position(|a| a == "--shards").unwrap();
+    args[i + 1] = s(&old).to_string();
+    args.extend(["--set", "data.eval_fraction=0", "--set", "data.preview_images=0"].map(String::from));
+    let out = train(&args, true);
+    assert!(stdout(&out).contains("finished: step 1"), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(e.contains("no manifest.json"), "the missing manifest is warned about: {e}");
+    assert!(!e.contains('\x1b'), "escape codes in a non-terminal log: {e:?}");
+    let png = dir.path().join("png");
+    run("train", &["decode", "--model", s(&reference_taef2()), "--latents", s(&old), "--out", s(&png), "--limit", "1", "--device", "cpu"], true);
+    assert_eq!(std::fs::read_dir(&png).unwrap().count(), 1);
 }
 
 #[test]

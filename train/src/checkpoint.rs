@@ -25,6 +25,9 @@ pub struct TrainerState {
     pub images_seen: u64,
     /// Steps the NaN guard skipped so far.
     pub skipped_steps: u64,
+    /// Training rows skipped as bad data so far (`data.skip_bad_rows`).
+    #[serde(default)]
+    pub skipped_rows: u64,
     /// Wall-clock seconds spent training so far (all sessions).
     pub train_seconds: f64,
     /// The data seed (the run seed) the stream was built with.
@@ -176,6 +179,7 @@ mod tests {
     fn st(step: u64) -> TrainerState {
         TrainerState {
             step,
+            skipped_rows: 0,
             data_position: Position { epoch: 1, index: step },
             images_seen: step * 4,
             skipped_steps: 0,

@@ -242,6 +242,11 @@ fn overrides(a: &TrainArgs) -> Vec<String> {
 
 /// `train` (the runs). Returns the process exit code.
 pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
+    if let (true, Some(d)) = (a.resume, &a.run_dir) {
+        if !d.exists() {
+            bail!("--resume: no such run: {} does not exist (start a run there without --resume)", d.display());
+        }
+    }
     let req = PlanRequest {
         configs: a.configs.clone(),
         sweep: a.sweep.clone(),

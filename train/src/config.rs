@@ -66,6 +66,11 @@ pub struct DataConfig {
     pub eval_batch_size: usize,
     /// Samples in each preview grid.
     pub preview_images: usize,
+    /// Skip a row group that cannot be read (a corrupt page, a truncated file) or a row whose
+    /// image does not decode, instead of ending the run: each skip is a `bad_data` line in
+    /// metrics.jsonl and counts in `skipped_rows_total`. Off by default: bad data is an error
+    /// (after a checkpoint) that names the shard and row group; resume with this on to go past it.
+    pub skip_bad_rows: bool,
     /// A crop / batch-size schedule: the run starts with these stages, in order, each for its
     /// `steps`, then goes on with `crop` and `batch_size` above to the end. E.g. most of a
     /// from-scratch run on 128 px crops of 256 px shards (about 3x the images/s of 256 px
@@ -142,6 +147,7 @@ impl Default for DataConfig {
             eval_max_images: 128,
             eval_batch_size: 8,
             preview_images: 6,
+            skip_bad_rows: false,
             stages: Vec::new(),
         }
     }
@@ -195,6 +201,9 @@ pub struct RunConfig {
     pub eval_every: u64,
     /// Metrics line every N steps (losses averaged over the interval).
     pub log_every: u64,
+    /// The NaN guard gives up after this many skipped steps in a row (the run has diverged): the
+    /// run then ends with an error, after a checkpoint. 0 = never give up.
+    pub max_skips_in_a_row: u64,
     /// The final EMA export: the layouts taesd (safetensors and the `.pth` pair taesd.py and
     /// ComfyUI load), diffusers, comfyui, combined (layouts the variant cannot be saved in, e.g.
     /// diffusers for taef2, are skipped with a note), and `onnx` (encoder and decoder, float32
@@ -220,6 +229,7 @@ impl Default for RunConfig {
             preview_every: 500,
             eval_every: 5000,
             log_every: 10,
+            max_skips_in_a_row: 100,
             export: vec!["taesd".into(), "diffusers".into(), "comfyui".into()],
             plot_width: 960,
             plot_height: 540,
@@ -258,12 +268,14 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "run.preview_every",
     "run.eval_every",
     "run.log_every",
+    "run.max_skips_in_a_row",
     "run.export",
     "run.plot_width",
     "run.plot_height",
     "data.prefetch",
     "data.workers",
     "data.preview_images",
+    "data.skip_bad_rows",
     "model.reference_decoder",
     "model.cycle_encoder",
 ];

@@ -31,6 +31,9 @@ pub struct ShardSet {
     pub flipped: bool,
     pub units: Vec<Unit>,
     pub rows: u64,
+    /// `data.skip_bad_rows`: row groups that cannot be read (and rows whose image does not
+    /// decode, in the loader) are skipped with a warning instead of being an error.
+    pub skip_bad_rows: bool,
 }
 
 impl ShardSet {
@@ -116,6 +119,7 @@ impl ShardSet {
             readers,
             units,
             rows,
+            skip_bad_rows: false,
         })
     }
 
@@ -163,10 +167,19 @@ impl ShardSet {
     }
 
     /// Every row in file order (shards by name, row groups in order), one unit in memory at a
-    /// time; `f` returns false to stop.
+    /// time; `f` returns false to stop. An unreadable row group is an error, or skipped with a
+    /// warning when [`ShardSet::skip_bad_rows`].
     pub fn scan(&self, mut f: impl FnMut(ShardRow) -> Result<bool>) -> Result<()> {
         for u in 0..self.units.len() {
-            for r in self.read_unit(u)? {
+            let rows = match self.read_unit(u) {
+                Ok(rows) => rows,
+                Err(e) if self.skip_bad_rows => {
+                    tracing::warn!("skipping an unreadable row group (data.skip_bad_rows): {e:#}");
+                    continue;
+                }
+                Err(e) => return Err(e.context("bad data (set data.skip_bad_rows = true to skip it)")),
+            };
+            for r in rows {
                 if !f(r)? {
                     return Ok(());
                 }

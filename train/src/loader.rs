@@ -9,6 +9,11 @@
 //!
 //! Determinism: batch k is a pure function of (seed, the shards, the start position); each
 //! batch carries the position after its last row, which is what a checkpoint saves.
+//!
+//! Bad data: a row group that cannot be read, or a row whose stored image does not decode, is an
+//! error naming the shard and row group; with `data.skip_bad_rows` (the set's
+//! [`ShardSet::skip_bad_rows`]) it is skipped instead (the batch filled from the following rows,
+//! so batches stay full and deterministic), and the batch reports it ([`HostBatch::skipped`]).
 
 use crate::dataset::ShardSet;
 use crate::order::{Position, RowRef, RowStream};
@@ -19,7 +24,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -55,7 +60,21 @@ pub struct HostBatch {
     pub positions: Vec<Position>,
     /// The stream position after this batch: where a resumed run continues.
     pub next: Position,
+    /// Bad data skipped while this batch was cut (`data.skip_bad_rows`).
+    pub skipped: Vec<Skipped>,
 }
+
+/// Data the loader skipped: what, why, and how many rows it held.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    /// `shard <path> row group <g>`, or that plus `row <key> (<source>)`.
+    pub what: String,
+    pub reason: String,
+    pub rows: u64,
+}
+
+/// The context of a bad-data error when skipping is off.
+const BAD_DATA: &str = "bad training data (set data.skip_bad_rows = true to skip it)";
 
 impl HostBatch {
     /// `(images, latents)` on `device`, images f32 in [0, 1]: they travel as 8-bit samples and
@@ -107,7 +126,7 @@ impl Loader {
 
     /// The next batch (blocks until it is decoded).
     pub fn next_batch(&mut self) -> Result<HostBatch> {
-        let rx = self.rx.as_ref().expect("loader running");
+        let rx = self.rx.as_ref().ok_or_else(|| anyhow!("the loader was stopped"))?;
         match rx.recv() {
             Ok(b) => b,
             Err(_) => Err(anyhow!("the loader thread stopped unexpectedly")),
@@ -115,14 +134,22 @@ impl Loader {
     }
 }
 
-impl Drop for Loader {
-    fn drop(&mut self) {
+impl Loader {
+    /// Stop the thread (what dropping the loader does): a loader that is being replaced lets
+    /// its memory go before the next one starts.
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Dropping the receiver makes a blocked send fail, so the thread ends.
         self.rx.take();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -135,6 +162,18 @@ pub struct Producer<'a> {
     cache: HashMap<u32, (Vec<Option<ShardRow>>, usize)>,
     /// Training rows seen in the current epoch, to stop on an all-held-out set.
     epoch_rows: (u64, u64),
+    /// Row groups found unreadable (skipped from then on).
+    bad_units: HashSet<u32>,
+    /// Skipped since the last batch.
+    skipped: Vec<Skipped>,
+}
+
+/// A row picked for a batch: its stream position, where it is, and the row.
+#[derive(Debug)]
+pub struct Picked {
+    pub pos: Position,
+    pub at: RowRef,
+    pub row: ShardRow,
 }
 
 impl<'a> Producer<'a> {
@@ -146,12 +185,34 @@ impl<'a> Producer<'a> {
             stream: RowStream::new(&unit_rows, cfg.seed, cfg.shuffle_buffer, start),
             cache: HashMap::new(),
             epoch_rows: (start.epoch, 1),
+            bad_units: HashSet::new(),
+            skipped: Vec::new(),
         }
     }
 
-    fn take_row(&mut self, r: RowRef) -> Result<ShardRow> {
+    /// `shard <path> row group <g>` of a unit.
+    fn unit_name(&self, unit: u32) -> String {
+        let u = self.set.units[unit as usize];
+        format!("shard {} row group {}", self.set.readers[u.shard as usize].path().display(), u.group)
+    }
+
+    /// The row `r`; `None` when its row group is unreadable and skipped.
+    fn take_row(&mut self, r: RowRef) -> Result<Option<ShardRow>> {
+        if self.bad_units.contains(&r.unit) {
+            return Ok(None);
+        }
         if !self.cache.contains_key(&r.unit) {
-            let rows = self.set.read_unit(r.unit as usize)?;
+            let rows = match self.set.read_unit(r.unit as usize) {
+                Ok(rows) => rows,
+                Err(e) if self.set.skip_bad_rows => {
+                    let what = self.unit_name(r.unit);
+                    tracing::warn!("skipping {what}: {e:#}");
+                    self.bad_units.insert(r.unit);
+                    self.skipped.push(Skipped { what, reason: format!("{e:#}"), rows: self.set.units[r.unit as usize].rows as u64 });
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.context(BAD_DATA)),
+            };
             let n = rows.len();
             self.cache.insert(r.unit, (rows.into_iter().map(Some).collect(), n));
         }
@@ -161,7 +222,7 @@ impl<'a> Producer<'a> {
         if entry.1 == 0 {
             self.cache.remove(&r.unit);
         }
-        Ok(row)
+        Ok(Some(row))
     }
 
     /// Stored rows currently held (for the memory bound).
@@ -170,12 +231,25 @@ impl<'a> Producer<'a> {
     }
 
     /// The next batch's rows and their positions (no decoding).
-    pub fn next_rows(&mut self) -> Result<(Vec<(Position, ShardRow)>, Position)> {
-        let mut picked = Vec::with_capacity(self.cfg.batch_size);
-        while picked.len() < self.cfg.batch_size {
+    pub fn next_rows(&mut self) -> Result<(Vec<Picked>, Position)> {
+        self.next_n_rows(self.cfg.batch_size)
+    }
+
+    /// The next `n` training rows (no decoding).
+    fn next_n_rows(&mut self, n: usize) -> Result<(Vec<Picked>, Position)> {
+        let mut picked = Vec::with_capacity(n);
+        while picked.len() < n {
             let (pos, r) = self.stream.next_row();
             if pos.epoch != self.epoch_rows.0 {
                 if self.epoch_rows.1 == 0 {
+                    if !self.bad_units.is_empty() {
+                        bail!(
+                            "no usable training rows in {}: {} row group(s) were skipped as unreadable, the rest is held out (data.eval_fraction = {})",
+                            self.set.dir.display(),
+                            self.bad_units.len(),
+                            self.cfg.eval_fraction
+                        );
+                    }
                     bail!(
                         "no training rows in {}: every row is in the held-out split (data.eval_fraction = {})",
                         self.set.dir.display(),
@@ -188,25 +262,48 @@ impl<'a> Producer<'a> {
                 // asked for again): drop them, or the next epoch would find those rows taken.
                 self.cache.clear();
             }
-            let row = self.take_row(r)?;
+            let Some(row) = self.take_row(r)? else { continue };
             if is_heldout(&row.key, self.cfg.eval_fraction) {
                 continue;
             }
             self.epoch_rows.1 += 1;
-            picked.push((pos, row));
+            picked.push(Picked { pos, at: r, row });
         }
         Ok((picked, self.stream.position()))
     }
 
     /// The next batch, decoded (in parallel on the current rayon pool, in a fixed order).
     pub fn next_batch(&mut self) -> Result<HostBatch> {
-        let (rows, next) = self.next_rows()?;
         let spec = self.cfg.sample;
         let seed = self.cfg.seed;
-        let samples = rows
-            .par_iter()
-            .map(|(pos, row)| make_sample(row, &spec, &mut rng(seed, tag::SAMPLE, &[pos.epoch, pos.index])))
-            .collect::<Result<Vec<_>>>()?;
+        let mut rows: Vec<(Position, ShardRow)> = Vec::with_capacity(self.cfg.batch_size);
+        let mut samples = Vec::with_capacity(self.cfg.batch_size);
+        let mut next = self.stream.position();
+        // Rows whose sample cannot be cut are replaced by the following ones when skipping.
+        while rows.len() < self.cfg.batch_size {
+            let (picked, after) = self.next_n_rows(self.cfg.batch_size - rows.len())?;
+            next = after;
+            let cut: Vec<Result<crate::sample::Sample>> = picked
+                .par_iter()
+                .map(|p| make_sample(&p.row, &spec, &mut rng(seed, tag::SAMPLE, &[p.pos.epoch, p.pos.index])))
+                .collect();
+            for (p, s) in picked.into_iter().zip(cut) {
+                match s {
+                    Ok(s) => {
+                        samples.push(s);
+                        rows.push((p.pos, p.row));
+                    }
+                    Err(e) => {
+                        let what = format!("{} row `{}` ({})", self.unit_name(p.at.unit), p.row.key, p.row.source);
+                        if !self.set.skip_bad_rows {
+                            return Err(e.context(what).context(BAD_DATA));
+                        }
+                        tracing::warn!("skipping {what}: {e:#}");
+                        self.skipped.push(Skipped { what, reason: format!("{e:#}"), rows: 1 });
+                    }
+                }
+            }
+        }
         let crop = spec.crop as usize;
         let ls = spec.latent_side() as usize;
         let c = self.set.latent_shape[0] as usize;
@@ -225,6 +322,7 @@ impl<'a> Producer<'a> {
             keys: rows.iter().map(|(_, r)| r.key.clone()).collect(),
             positions: rows.iter().map(|(p, _)| *p).collect(),
             next,
+            skipped: std::mem::take(&mut self.skipped),
         })
     }
 }
@@ -238,9 +336,15 @@ pub(crate) mod tests {
 
     /// A shard folder of `n` 32 px rows (4-channel latents) in shards of `per_shard`.
     pub fn fixture(n: usize, per_shard: usize) -> tempfile::TempDir {
+        fixture_with(n, per_shard, |_| {})
+    }
+
+    /// [`fixture`], with `edit` applied to the rows before they are written.
+    pub fn fixture_with(n: usize, per_shard: usize, edit: impl FnOnce(&mut Vec<ShardRow>)) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let vae = VaeSpec { channels: 4, ..preset("sd").unwrap().spec() };
-        let rows: Vec<ShardRow> = (0..n).map(|i| test_row(&format!("img{i:04}"), false)).collect();
+        let mut rows: Vec<ShardRow> = (0..n).map(|i| test_row(&format!("img{i:04}"), false)).collect();
+        edit(&mut rows);
         for (s, chunk) in rows.chunks(per_shard).enumerate() {
             let meta = ShardFileMeta {
                 vae: vae.clone(),
@@ -322,6 +426,60 @@ pub(crate) mod tests {
             max = max.max(p.cached_rows());
         }
         assert!(max <= 20 + 64, "held {max} rows");
+    }
+
+    /// Overwrite the first page header of `file`'s `latent` column in row group 0: the shard
+    /// opens, that row group does not read.
+    fn damage_row_group(file: &std::path::Path) {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        use std::io::{Seek, SeekFrom, Write};
+        let offset = {
+            let r = SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
+            let rg = r.metadata().row_group(0);
+            rg.columns().iter().find(|c| c.column_path().string() == "latent").unwrap().data_page_offset() as u64
+        };
+        let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&[0xFF; 24]).unwrap();
+    }
+
+    #[test]
+    fn bad_row_groups_and_rows_are_errors_or_skipped_and_reported() {
+        // Three shards of 20 rows: shard 1's row group does not read, row 45's image is damaged.
+        let dir = fixture_with(60, 20, |rows| rows[45].image = b"\x89PNG but not really".to_vec());
+        damage_row_group(&dir.path().join(taesd_schemas::shard::shard_file_name(1)));
+        let c = LoaderConfig { shuffle_buffer: 100, ..cfg(6, 0.0) };
+
+        let set = ShardSet::open(dir.path()).unwrap();
+        let mut p = Producer::new(&set, &c, Position::default());
+        let e = (0..10).map(|_| p.next_batch()).find_map(Result::err).expect("the bad data is met within an epoch");
+        let e = format!("{e:#}");
+        let unit = e.contains("shard-00001.parquet") && e.contains("row group 0");
+        assert!(e.contains("skip_bad_rows") && (unit || e.contains("img0045")), "{e}");
+
+        let mut set = ShardSet::open(dir.path()).unwrap();
+        set.skip_bad_rows = true;
+        let mut p = Producer::new(&set, &c, Position::default());
+        let mut keys = Vec::new();
+        let mut skipped = Vec::new();
+        for _ in 0..20 {
+            let b = p.next_batch().unwrap();
+            assert_eq!(b.batch, 6, "batches stay full");
+            keys.extend(b.keys.iter().zip(&b.positions).filter(|(_, p)| p.epoch == 0).map(|(k, _)| k.clone()));
+            skipped.extend(b.skipped);
+        }
+        // The first epoch served every good row once: 60 - 20 (shard 1) - 1 (row 45).
+        let mut uniq = keys.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!((keys.len(), uniq.len()), (39, 39));
+        assert!(!keys.iter().any(|k| k == "img0045" || (20..40).any(|i| *k == format!("img{i:04}"))));
+        let unit = skipped.iter().find(|s| s.rows == 20).expect("the row group was reported");
+        assert!(unit.what.contains("shard-00001.parquet row group 0") && !unit.reason.is_empty(), "{unit:?}");
+        let row = skipped.iter().find(|s| s.rows == 1).expect("the row was reported");
+        assert!(row.what.contains("img0045") && row.reason.contains("does not decode"), "{row:?}");
+        // Reported once each per loader, not once per epoch.
+        assert_eq!(skipped.iter().filter(|s| s.rows == 20).count(), 1);
     }
 
     #[test]

@@ -80,7 +80,9 @@ pub struct Resolved {
 pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
     let mut config = config.clone();
     let shards = config.data.shards.clone().ok_or_else(|| anyhow!("no shards: pass --shards DIR or set data.shards"))?;
-    let set = Arc::new(ShardSet::open(&shards)?);
+    let mut set = ShardSet::open(&shards)?;
+    set.skip_bad_rows = config.data.skip_bad_rows;
+    let set = Arc::new(set);
     let channels = set.latent_shape[0] as usize;
     let variant = match config.variant() {
         Some(v) => Some(v),
@@ -261,13 +263,17 @@ fn progress_bar(steps: u64, start: u64, quiet: bool) -> ProgressBar {
     let target =
         if quiet || !std::io::stderr().is_terminal() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let pb = ProgressBar::with_draw_target(Some(steps), target);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({per_sec}, eta {eta}) {msg}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
+    pb.set_style(progress_style());
     pb.set_position(start);
     pb
+}
+
+/// The progress line: the losses (the message) are cut to what the terminal's width leaves, so
+/// that the line never wraps (a wrapped line is redrawn as a new line at every tick).
+fn progress_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} steps ({per_sec}, eta {eta}) {wide_msg}")
+        .expect("template")
+        .progress_chars("=> ")
 }
 
 fn describe_stage(s: &StageAt, default_crop: u32, stages: usize) -> String {
@@ -278,6 +284,40 @@ fn describe_stage(s: &StageAt, default_crop: u32, stages: usize) -> String {
 
 fn short_losses(v: &[(String, f64)]) -> String {
     v.iter().map(|(k, x)| format!("{k} {x:.4}")).collect::<Vec<_>>().join(", ")
+}
+
+/// A fatal error of the training loop at trainer state `ts`: save a checkpoint of the steps done
+/// (unless there is one at this step already, or no step was done), then return the error with
+/// how to resume. The recipe's state is that of `ts.step` when its step counter says so: a failed
+/// step writes nothing (its proposals are committed only at its end).
+fn fail_after_checkpoint(
+    e: anyhow::Error,
+    data_error: bool,
+    recipe: &Recipe,
+    ts: &TrainerState,
+    last_ckpt: Option<u64>,
+    run_dir: &Path,
+    save: impl FnOnce(&Recipe, &TrainerState) -> Result<PathBuf>,
+) -> anyhow::Error {
+    if ts.step == 0 {
+        return e;
+    }
+    let skip = if data_error { " --set data.skip_bad_rows=true (to skip the bad data)" } else { "" };
+    let resume = format!("resume with: train --resume --run-dir {}{skip}", run_dir.display());
+    let saved = if last_ckpt == Some(ts.step) {
+        Ok(format!("the checkpoint at step {} holds the run so far", ts.step))
+    } else if recipe.step_count() != ts.step {
+        Err(anyhow!("the error came in the middle of step {}'s update; the training state is not saved", recipe.step_count()))
+    } else {
+        save(recipe, ts).map(|p| format!("checkpoint saved at step {} ({})", ts.step, p.display()))
+    };
+    match saved {
+        Ok(note) => anyhow!("{e:#}\n{note}; {resume}"),
+        Err(s) => {
+            let last = last_ckpt.map_or("no checkpoint yet".to_string(), |k| format!("the last checkpoint is at step {k}"));
+            anyhow!("{e:#}\ncould not save a checkpoint ({s:#}); {last}; {resume}")
+        }
+    }
 }
 
 /// Run (or continue) one training run.
@@ -316,6 +356,7 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         data_position: Position::default(),
         images_seen: 0,
         skipped_steps: 0,
+        skipped_rows: 0,
         train_seconds: 0.0,
         seed: cfg.run.seed,
         shard_rows: r.set.rows,
@@ -486,72 +527,102 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
     };
     let mut interrupted = false;
     let mut time_limit_reached = false;
-    while ts.step < total {
-        time_limit_reached = opts.time_limit.is_some_and(|l| t0.elapsed() >= l);
-        if opts.stop.load(Ordering::SeqCst) || time_limit_reached {
-            interrupted = true;
-            break;
-        }
-        if ts.step >= stage.until {
-            // The next data stage: the loader restarts where the last one stopped.
-            stage = cfg.data.stage_at(ts.step);
-            drop(loader);
-            loader = Loader::start(r.set.clone(), loader_cfg(&stage), ts.data_position)?;
-            let crop = stage.crop.unwrap_or(r.crop);
-            log.write("stage", ts.step, json!({"stage": stage.stage, "crop": crop, "batch_size": stage.batch_size}))?;
-            say(&pb, format!("step {}: {}", ts.step, describe_stage(&stage, r.crop, cfg.data.stages.len())));
-        }
-        let tw = Instant::now();
-        let hb = loader.next_batch()?;
-        let loaded = tw.elapsed().as_secs_f64();
-        let (images, latents) = hb.to_tensors(&device)?;
-        let uploaded = tw.elapsed().as_secs_f64();
-        let report = recipe.step(&Batch { images, latents }).with_context(|| format!("training step {}", ts.step + 1))?;
-        let stepped = tw.elapsed().as_secs_f64();
-        interval.time("loader_wait", loaded);
-        interval.time("upload", uploaded - loaded);
-        interval.time("step", stepped - uploaded);
-        ts.train_seconds += stepped;
-        ts.step = recipe.step_count();
-        ts.data_position = hb.next;
-        ts.images_seen += hb.batch as u64;
-        let pause = Instant::now();
-        match &report.skipped {
-            Some(why) => {
-                ts.skipped_steps += 1;
-                interval.count(hb.batch as u64);
-                log.write("skip", ts.step, json!({"reason": why, "skipped_total": ts.skipped_steps}))?;
-                say(&pb, format!("step {}: skipped ({why})", ts.step));
+    // The loop's fallible calls: an error after step 1 saves a checkpoint first (as Ctrl-C
+    // does) and says how to resume (below). `data_error`: the loader failed (bad shard data).
+    let mut data_error = false;
+    let mut skips_in_a_row = 0u64;
+    let looped = (|| -> Result<()> {
+        while ts.step < total {
+            time_limit_reached = opts.time_limit.is_some_and(|l| t0.elapsed() >= l);
+            if opts.stop.load(Ordering::SeqCst) || time_limit_reached {
+                interrupted = true;
+                break;
             }
-            None => interval.add_step(&report.losses, &report.grad_norms, hb.batch as u64),
-        }
-        pb.set_position(ts.step);
-        if every(cfg.run.log_every, ts.step) || ts.step == total {
-            let means = interval.loss_means();
-            let mut v = interval.take();
-            v["lr"] = json!(report.lr);
-            v["epoch"] = json!(hb.next.epoch);
-            v["skipped_total"] = json!(ts.skipped_steps);
-            v["images_seen"] = json!(ts.images_seen);
-            v["elapsed_s"] = json!(ts.train_seconds);
-            let ips = v["images_per_s"].as_f64().unwrap_or(0.0);
-            log.write("train", ts.step, v)?;
-            pb.set_message(short_losses(&means));
-            if pb.is_hidden() && !opts.quiet {
-                eprintln!("step {}/{}: {} ({ips:.1} img/s)", ts.step, total, short_losses(&means));
+            if ts.step >= stage.until {
+                // The next data stage: the loader restarts where the last one stopped.
+                stage = cfg.data.stage_at(ts.step);
+                loader.stop();
+                loader = Loader::start(r.set.clone(), loader_cfg(&stage), ts.data_position)?;
+                let crop = stage.crop.unwrap_or(r.crop);
+                log.write("stage", ts.step, json!({"stage": stage.stage, "crop": crop, "batch_size": stage.batch_size}))?;
+                say(&pb, format!("step {}: {}", ts.step, describe_stage(&stage, r.crop, cfg.data.stages.len())));
             }
+            let tw = Instant::now();
+            let hb = loader.next_batch().inspect_err(|_| data_error = true)?;
+            for b in &hb.skipped {
+                ts.skipped_rows += b.rows;
+                log.write("bad_data", ts.step, json!({"what": b.what, "reason": b.reason, "rows": b.rows, "skipped_rows_total": ts.skipped_rows}))?;
+                say(&pb, format!("step {}: skipped bad data (data.skip_bad_rows): {}: {}", ts.step, b.what, b.reason));
+            }
+            let loaded = tw.elapsed().as_secs_f64();
+            let (images, latents) = hb.to_tensors(&device)?;
+            let uploaded = tw.elapsed().as_secs_f64();
+            let report = recipe.step(&Batch { images, latents }).with_context(|| format!("training step {}", ts.step + 1))?;
+            let stepped = tw.elapsed().as_secs_f64();
+            interval.time("loader_wait", loaded);
+            interval.time("upload", uploaded - loaded);
+            interval.time("step", stepped - uploaded);
+            ts.train_seconds += stepped;
+            ts.step = recipe.step_count();
+            ts.data_position = hb.next;
+            ts.images_seen += hb.batch as u64;
+            let pause = Instant::now();
+            match &report.skipped {
+                Some(why) => {
+                    ts.skipped_steps += 1;
+                    skips_in_a_row += 1;
+                    interval.count(hb.batch as u64);
+                    log.write("skip", ts.step, json!({"reason": why, "skipped_total": ts.skipped_steps}))?;
+                    say(&pb, format!("step {}: skipped ({why})", ts.step));
+                    let most = cfg.run.max_skips_in_a_row;
+                    if most > 0 && skips_in_a_row >= most {
+                        bail!(
+                            "the NaN guard skipped {skips_in_a_row} steps in a row (run.max_skips_in_a_row), the last at step {} ({why}): \
+                             giving up, the run has diverged (a lower recipe.lr or grad_clip, or --precision f32, may help in a new run)",
+                            ts.step
+                        );
+                    }
+                }
+                None => {
+                    skips_in_a_row = 0;
+                    interval.add_step(&report.losses, &report.grad_norms, hb.batch as u64)
+                }
+            }
+            pb.set_position(ts.step);
+            if every(cfg.run.log_every, ts.step) || ts.step == total {
+                let means = interval.loss_means();
+                let mut v = interval.take();
+                v["lr"] = json!(report.lr);
+                v["epoch"] = json!(hb.next.epoch);
+                v["skipped_total"] = json!(ts.skipped_steps);
+                v["skipped_rows_total"] = json!(ts.skipped_rows);
+                v["images_seen"] = json!(ts.images_seen);
+                v["elapsed_s"] = json!(ts.train_seconds);
+                let ips = v["images_per_s"].as_f64().unwrap_or(0.0);
+                log.write("train", ts.step, v)?;
+                pb.set_message(short_losses(&means));
+                if pb.is_hidden() && !opts.quiet {
+                    eprintln!("step {}/{}: {} ({ips:.1} img/s)", ts.step, total, short_losses(&means));
+                }
+            }
+            if every(cfg.run.checkpoint_every, ts.step) {
+                save_ckpt(&recipe, &ts, &mut log)?;
+                last_ckpt = Some(ts.step);
+            }
+            if every(cfg.run.preview_every, ts.step) {
+                preview_now(&recipe, &mut log, ts.step)?;
+            }
+            if every(cfg.run.eval_every, ts.step) && ts.step < total {
+                last_eval = eval_now(&recipe, &mut log, ts.step, false)?;
+            }
+            interval.time("pauses", pause.elapsed().as_secs_f64());
         }
-        if every(cfg.run.checkpoint_every, ts.step) {
-            save_ckpt(&recipe, &ts, &mut log)?;
-            last_ckpt = Some(ts.step);
-        }
-        if every(cfg.run.preview_every, ts.step) {
-            preview_now(&recipe, &mut log, ts.step)?;
-        }
-        if every(cfg.run.eval_every, ts.step) && ts.step < total {
-            last_eval = eval_now(&recipe, &mut log, ts.step, false)?;
-        }
-        interval.time("pauses", pause.elapsed().as_secs_f64());
+        Ok(())
+    })();
+    if let Err(e) = looped {
+        drop(loader);
+        pb.finish_and_clear();
+        return Err(fail_after_checkpoint(e, data_error, &recipe, &ts, last_ckpt, &run_dir, |recipe, ts| save_ckpt(recipe, ts, &mut log)));
     }
     drop(loader);
     let session_steps = ts.step - session_start;
@@ -592,4 +663,73 @@ pub fn run(plan: &RunPlan, opts: &RunOptions) -> Result<RunOutcome> {
         final_eval: last_eval,
         exported,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A terminal of a given width that keeps what is drawn.
+    #[derive(Debug)]
+    struct Screen {
+        width: u16,
+        lines: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            self.width
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.lines.lock().unwrap().push(s.to_string());
+            Ok(())
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.lines.lock().unwrap().push(s.to_string());
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_progress_line_fits_the_terminal() {
+        let losses: Vec<(String, f64)> = ["encoder", "disc", "correction_std", "disc_acc", "gan", "lowres_mse", "decoder", "decoder_mse"]
+            .iter()
+            .map(|k| (k.to_string(), 0.123456))
+            .collect();
+        for width in [100u16, 120] {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let screen = Screen { width, lines: lines.clone() };
+            let pb = ProgressBar::with_draw_target(Some(100_000), ProgressDrawTarget::term_like(Box::new(screen)));
+            pb.set_style(progress_style());
+            pb.set_position(12_345);
+            pb.set_message(short_losses(&losses));
+            pb.finish();
+            let lines = lines.lock().unwrap();
+            assert!(!lines.is_empty());
+            for l in lines.iter() {
+                let n = l.chars().count();
+                assert!(n <= width as usize, "{n} > {width} columns: {l:?}");
+            }
+            assert!(lines.iter().any(|l| l.contains("12345/100000") && l.contains("encoder 0.1235")), "{lines:?}");
+        }
+    }
 }

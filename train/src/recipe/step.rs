@@ -368,14 +368,20 @@ impl Recipe {
     }
 
     /// One full step (encoder, discriminator, decoder as configured). Increments the step
-    /// counter, also when the NaN guard skips the step.
+    /// counter, also when the NaN guard skips the step. A step that fails before its commit
+    /// (an out-of-memory error, say) leaves the state as it was before it, random draws included,
+    /// so that a checkpoint taken then resumes exactly.
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
         let mut prof = self.profile.take();
         if let Some(p) = prof.as_mut() {
             p.start(&self.device)?;
             p.steps += 1;
         }
+        let (step_before, rng_before) = (self.step, self.rng.clone());
         let r = self.step_inner(batch, &mut prof);
+        if r.is_err() && self.step == step_before {
+            self.rng = rng_before;
+        }
         self.profile = prof;
         r
     }
