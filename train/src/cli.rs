@@ -443,3 +443,15 @@ pub fn command(c: &Command) -> Result<i32> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The README calls `precompute` and `train` by name: it must say where they come from.
+    #[test]
+    fn the_readme_says_where_the_binaries_are() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        for needle in ["cargo install --path precompute", "cargo install --path train", "target/release/precompute", "target/release/train"] {
+            assert!(readme.contains(needle), "README does not say `{needle}`");
+        }
+    }
+}

@@ -10,6 +10,10 @@ use image::{Rgb, RgbImage};
 use std::path::Path;
 use taesd::{Decoder, Encoder};
 
+/// The column labels of a full grid (reference decoder, encoder and decoder), in order; a grid
+/// without some model leaves its columns out.
+pub const COLUMNS: [&str; 6] = ["real", "reference", "ours D(z)", "D(E(x))", "z teacher", "z ours"];
+
 /// Models shown in a preview.
 pub struct PreviewModels<'a> {
     pub encoder: Option<&'a Encoder>,
@@ -45,23 +49,24 @@ pub fn render(images: &Tensor, latents: &Tensor, m: &PreviewModels) -> Result<Rg
     let (k, _, h, w) = images.dims4()?;
     let (_, _, lh, _) = latents.dims4()?;
     let scale = h / lh.max(1);
-    let mut columns: Vec<(&str, Tensor)> = vec![("real", images.clone())];
+    let [real, reference, ours_dz, ours_dex, z_teacher, z_ours] = COLUMNS;
+    let mut columns: Vec<(&str, Tensor)> = vec![(real, images.clone())];
     if let Some(r) = m.reference {
-        columns.push(("reference", r.forward(latents).context("reference decoder")?));
+        columns.push((reference, r.forward(latents).context("reference decoder")?));
     }
     let ours_latent = match m.encoder {
         Some(e) => Some(e.forward(images).context("encoder")?),
         None => None,
     };
     if let Some(d) = m.decoder {
-        columns.push(("ours D(z)", d.forward(latents).context("decoder")?));
+        columns.push((ours_dz, d.forward(latents).context("decoder")?));
         if let Some(z) = &ours_latent {
-            columns.push(("D(E(x))", d.forward(z).context("decoder")?));
+            columns.push((ours_dex, d.forward(z).context("decoder")?));
         }
     }
-    let mut latent_cols: Vec<(&str, &Tensor)> = vec![("z teacher", latents)];
+    let mut latent_cols: Vec<(&str, &Tensor)> = vec![(z_teacher, latents)];
     if let Some(z) = &ours_latent {
-        latent_cols.push(("z ours", z));
+        latent_cols.push((z_ours, z));
     }
     let ncols = columns.len() + latent_cols.len();
     let pad = 2u32;
@@ -124,6 +129,16 @@ mod tests {
         assert_eq!(g.get_pixel(2, label_h + 2), real.get_pixel(0, 0));
         let only_real = render(&images, &latents, &PreviewModels { encoder: None, decoder: None, reference: None }).unwrap();
         assert_eq!(only_real.width(), 2 * 18 + 2);
+    }
+
+    /// The README describes the grid as it is: the column count and the columns in order.
+    #[test]
+    fn the_readme_describes_the_preview_columns() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let line = readme.lines().find(|l| l.contains("previews/step-N.png")).expect("README describes previews/step-N.png");
+        let para: String = readme.split(line).nth(1).unwrap().lines().take(3).fold(line.to_string(), |a, l| a + " " + l.trim());
+        assert!(para.contains(&format!("{} columns", COLUMNS.len())), "{para}");
+        assert!(para.contains(&COLUMNS.join(" | ")), "README: {para}\ncode: {}", COLUMNS.join(" | "));
     }
 
     #[test]
