@@ -111,6 +111,9 @@ class ShardRows:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        # The shards are in OUT/data/ (in folders of the earlier layout, beside manifest.json).
+        if os.path.isdir(os.path.join(folder, "data")):
+            folder = os.path.join(folder, "data")
         files = sorted(f for f in os.listdir(folder) if f.startswith("shard-") and f.endswith(".parquet"))
         if not files:
             raise SystemExit(f"{folder}: no shard-*.parquet files")
