@@ -266,10 +266,6 @@ impl OutputDir {
         self.layout.staging()
     }
 
-    pub fn is_done(&self, index: u32) -> bool {
-        self.manifest.shards.iter().any(|s| s.index == index)
-    }
-
     /// Record a shard that was just renamed into place.
     pub fn add_shard(&mut self, entry: ShardEntry) -> Result<()> {
         self.manifest.shards.retain(|s| s.index != entry.index);
