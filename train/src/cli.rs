@@ -209,35 +209,18 @@ pub enum Command {
     },
 }
 
-/// The overrides the direct flags stand for, after the --set ones.
-fn overrides(a: &TrainArgs) -> Vec<String> {
-    let mut o = a.sets.clone();
-    let q = |p: &std::path::Path| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
-    if let Some(s) = &a.shards {
-        o.push(format!("data.shards={}", q(s)));
-    }
-    if let Some(v) = a.steps {
-        o.push(format!("run.steps={v}"));
-    }
-    if let Some(v) = a.batch_size {
-        o.push(format!("data.batch_size={v}"));
-    }
-    if let Some(v) = a.crop {
-        o.push(format!("data.crop={v}"));
-    }
-    if let Some(v) = &a.device {
-        o.push(format!("run.device={}", toml::Value::String(v.clone())));
-    }
-    if let Some(v) = &a.precision {
-        o.push(format!("run.precision={}", toml::Value::String(v.clone())));
-    }
-    if let Some(v) = &a.run_dir {
-        o.push(format!("run.dir={}", q(v)));
-    }
-    if let Some(v) = a.seed {
-        o.push(format!("run.seed={v}"));
-    }
-    o
+/// The direct flags, typed (device and precision parsed here, once).
+fn flags(a: &TrainArgs) -> Result<crate::config::Flags> {
+    Ok(crate::config::Flags {
+        shards: a.shards.clone(),
+        steps: a.steps,
+        batch_size: a.batch_size,
+        crop: a.crop,
+        device: a.device.as_deref().map(crate::device::DeviceSpec::parse).transpose().context("--device")?,
+        precision: a.precision.as_deref().map(crate::recipe::Precision::parse).transpose().context("--precision")?,
+        run_dir: a.run_dir.clone(),
+        seed: a.seed,
+    })
 }
 
 /// `train` (the runs). Returns the process exit code.
@@ -250,7 +233,8 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let req = PlanRequest {
         configs: a.configs.clone(),
         sweep: a.sweep.clone(),
-        overrides: overrides(a),
+        overrides: a.sets.clone(),
+        flags: flags(a)?,
         resume: a.resume,
         only: a.only.clone(),
     };
@@ -259,14 +243,10 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         for p in &plans {
             let r = crate::runner::resolve(&p.config);
             let text = match r {
-                Ok(r) => r.config_toml()?,
+                Ok(r) => r.config.to_toml()?,
                 Err(e) => {
                     eprintln!("note: run `{}` not fully resolved ({e:#}); showing the configuration as given", p.name);
-                    let mut c = p.config.clone();
-                    if c.recipe.is_empty() {
-                        c.recipe = toml::Table::try_from(crate::recipe::RecipeConfig::default())?;
-                    }
-                    c.to_toml()?
+                    p.config.to_toml()?
                 }
             };
             println!("# run `{}` -> {}\n{text}", p.name, p.dir.display());

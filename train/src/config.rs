@@ -26,6 +26,8 @@
 //! folder holds them absolute, so `--resume` works from anywhere.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use crate::device::DeviceSpec;
+use crate::recipe::{Precision, RecipeConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -181,10 +183,10 @@ pub struct RunConfig {
     pub steps: u64,
     pub seed: u64,
     /// cpu, cuda, cuda:N or auto.
-    pub device: String,
+    pub device: DeviceSpec,
     /// Step arithmetic: f32 (exact), tf32 (TF32 tensor-core convolutions), bf16 (bf16
     /// activations, f32 master weights; see `recipe::precision`).
-    pub precision: String,
+    pub precision: Precision,
     /// Checkpoint every N steps (and always at exit); 0 = only at exit.
     pub checkpoint_every: u64,
     /// Checkpoints kept (older ones are deleted once a newer one is complete).
@@ -221,8 +223,8 @@ impl Default for RunConfig {
             dir: None,
             steps: 100_000,
             seed: 0,
-            device: "auto".into(),
-            precision: "f32".into(),
+            device: DeviceSpec::Auto,
+            precision: Precision::F32,
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             checkpoint_replay: true,
@@ -237,20 +239,61 @@ impl Default for RunConfig {
     }
 }
 
-/// Everything a run is made from. `recipe` is the training recipe's own table, handed to the
-/// recipe engine (whose `RecipeConfig` checks and fills it).
+/// Everything a run is made from: the typed result of the layers (defaults, config file, sweep
+/// entry, `--set`, then the direct flags: [`plan`]), parsed once.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub data: DataConfig,
     pub model: ModelConfig,
     pub run: RunConfig,
-    pub recipe: toml::Table,
+    /// The training recipe (`crate::recipe::config` lists every key and its default).
+    pub recipe: RecipeConfig,
 }
 
-/// Keys that hold paths (made absolute when a configuration is resolved).
-const PATH_KEYS: &[&str] =
-    &["data.shards", "model.init_encoder", "model.init_decoder", "model.reference_decoder", "model.cycle_encoder", "run.dir"];
+/// The direct flags of `train` (`--steps`, `--shards`, ...): the last layer, applied to the
+/// typed configuration (after `--set`).
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub shards: Option<PathBuf>,
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub crop: Option<u32>,
+    pub device: Option<DeviceSpec>,
+    pub precision: Option<Precision>,
+    pub run_dir: Option<PathBuf>,
+    pub seed: Option<u64>,
+}
+
+impl Flags {
+    pub fn apply(&self, c: &mut TrainConfig) {
+        if let Some(v) = &self.shards {
+            c.data.shards = Some(v.clone());
+        }
+        if let Some(v) = self.steps {
+            c.run.steps = v;
+        }
+        if let Some(v) = self.batch_size {
+            c.data.batch_size = v;
+        }
+        if let Some(v) = self.crop {
+            c.data.crop = Some(v);
+        }
+        if let Some(v) = self.device {
+            c.run.device = v;
+        }
+        if let Some(v) = self.precision {
+            c.run.precision = v;
+        }
+        if let Some(v) = &self.run_dir {
+            c.run.dir = Some(v.clone());
+        }
+        if let Some(v) = self.seed {
+            c.run.seed = v;
+        }
+    }
+}
+
 
 /// Keys a `--resume` may change: how long and how often, not what is trained; and where things
 /// are (a run folder carried to another machine: `tools/checkpoint_parts.sh`). The initial
@@ -281,10 +324,17 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
 ];
 
 impl TrainConfig {
+    /// Parse and [`validate`](Self::validate).
     pub fn from_table(t: toml::Table) -> Result<TrainConfig> {
-        let cfg: TrainConfig = t.try_into().map_err(|e| anyhow!("{}", e.to_string().trim()))?;
+        let cfg = TrainConfig::parse(t)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The typed configuration of a (merged) table: unknown keys and ill-typed values are
+    /// errors naming the key; missing keys take the defaults.
+    pub fn parse(t: toml::Table) -> Result<TrainConfig> {
+        t.try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.to_string().trim()))
     }
 
     pub fn to_table(&self) -> Result<toml::Table> {
@@ -321,8 +371,6 @@ impl TrainConfig {
         ensure!(r.log_every >= 1, "run.log_every must be at least 1");
         ensure!(r.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1");
         ensure!(r.plot_width >= 160 && r.plot_height >= 120, "run.plot_width x plot_height must be at least 160 x 120");
-        crate::device::DeviceSpec::parse(&r.device).context("run.device")?;
-        crate::recipe::Precision::parse(&r.precision).context("run.precision")?;
         for l in &r.export {
             ensure!(
                 taesd::Layout::parse(l).is_some() || crate::export::RUN_FORMATS.contains(&l.as_str()),
@@ -336,7 +384,23 @@ impl TrainConfig {
                 taesd::Variant::names()
             );
         }
-        Ok(())
+        self.recipe.validate()
+    }
+
+    /// Relative paths made absolute against `cwd` (the resolved configuration saved in a run
+    /// folder holds them absolute, so `--resume` works from anywhere).
+    pub fn absolutize(&mut self, cwd: &Path) {
+        let abs = |p: &mut Option<PathBuf>| {
+            if let Some(x) = p.as_mut().filter(|x| x.is_relative()) {
+                *x = cwd.join(&*x);
+            }
+        };
+        abs(&mut self.data.shards);
+        abs(&mut self.model.init_encoder);
+        abs(&mut self.model.init_decoder);
+        abs(&mut self.model.reference_decoder);
+        abs(&mut self.model.cycle_encoder);
+        abs(&mut self.run.dir);
     }
 
     /// The variant named in the configuration, if any.
@@ -438,21 +502,6 @@ pub fn differences(old: &toml::Table, new: &toml::Table) -> Vec<(String, String)
         .collect()
 }
 
-fn absolutize_paths(t: &mut toml::Table) -> Result<()> {
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    for key in PATH_KEYS {
-        if let Some(toml::Value::String(s)) = get_path(t, key) {
-            let p = Path::new(s);
-            if p.is_relative() {
-                let abs = cwd.join(p);
-                let path: Vec<String> = key.split('.').map(String::from).collect();
-                set_path(t, &path, toml::Value::String(abs.to_string_lossy().into_owned()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// What the command line asked for, before resolution into runs.
 #[derive(Debug, Clone, Default)]
 pub struct PlanRequest {
@@ -460,8 +509,10 @@ pub struct PlanRequest {
     pub configs: Vec<PathBuf>,
     /// `--sweep` file: `[base]` plus `[[runs]]` entries, each with a `name`.
     pub sweep: Option<PathBuf>,
-    /// `--set` overrides, then the direct flags, in that order.
+    /// `--set` overrides (TOML values by key path).
     pub overrides: Vec<String>,
+    /// The direct flags, applied last.
+    pub flags: Flags,
     /// `--resume`: with no `--config`, the run folder's saved config is the base.
     pub resume: bool,
     /// `--only`: run just these entries of the sweep (by name; empty: all).
@@ -569,6 +620,7 @@ pub fn plan(req: &PlanRequest, run_dir_flag: Option<&Path>) -> Result<Vec<RunPla
         }
     };
     let overrides = req.overrides.iter().map(|s| parse_override(s)).collect::<Result<Vec<_>>>()?;
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
 
     let mut plans = Vec::new();
     for (stem, base) in &bases {
@@ -587,18 +639,20 @@ pub fn plan(req: &PlanRequest, run_dir_flag: Option<&Path>) -> Result<Vec<RunPla
                 (None, None) => "train".to_string(),
             };
             ensure!(valid_name(&name), "run name `{name}` is not a usable folder name");
-            set_path(&mut t, &["run".into(), "name".into()], toml::Value::String(name.clone()))?;
-            absolutize_paths(&mut t)?;
             let label = match entry {
                 Some(e) => format!("run `{name}` (sweep entry `{e}`)"),
                 None => format!("run `{name}`"),
             };
-            let config = TrainConfig::from_table(t).with_context(|| label.clone())?;
+            // The one typed parse of the merged layers; then the flags, the name, absolute paths.
+            let mut config = TrainConfig::parse(t).with_context(|| label.clone())?;
+            req.flags.apply(&mut config);
+            config.run.name = Some(name.clone());
+            config.absolutize(&cwd);
+            config.validate().with_context(|| label.clone())?;
             plans.push(RunPlan { name, dir: PathBuf::new(), config });
         }
     }
     // Run folders: the configured one, or runs/<name>; shared ones get a subfolder per run.
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let dirs: Vec<PathBuf> =
         plans.iter().map(|p| p.config.run.dir.clone().unwrap_or_else(|| cwd.join("runs").join(&p.name))).collect();
     for (i, p) in plans.iter_mut().enumerate() {
@@ -679,7 +733,7 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].name.as_str(), p[0].config.data.batch_size, p[0].config.run.steps), ("a", 2, 7));
         assert_eq!((p[1].name.as_str(), p[1].config.data.batch_size, p[1].config.run.steps), ("b", 3, 7));
-        assert_eq!(p[0].config.recipe.get("lr").unwrap().as_float(), Some(0.5));
+        assert_eq!(p[0].config.recipe.lr, 0.5);
         assert!(p[0].dir.ends_with("runs/a") && p[0].dir.is_absolute(), "{}", p[0].dir.display());
 
         // Two runs with one --run-dir: a subfolder each.
@@ -714,7 +768,7 @@ mod tests {
         let p = plan(&req, None).unwrap();
         assert_eq!(p.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["lo", "hi"]);
         assert_eq!((p[0].config.run.steps, p[1].config.run.steps), (11, 12));
-        assert_eq!(p[1].config.recipe.get("lr").unwrap().as_float(), Some(1e-3));
+        assert_eq!(p[1].config.recipe.lr, 1e-3);
         assert_eq!(p[0].dir, dir.path().join("sw/lo"));
 
         let bad = write(dir.path(), "bad.toml", "[[runs]]\nrecipe.lr = 1\n");
@@ -750,6 +804,30 @@ mod tests {
         let p = plan(&req, Some(&run)).unwrap();
         assert_eq!(p[0].config.run.steps, 50);
         assert_eq!(p[0].config.data.shards.as_deref(), Some(shards.as_path()));
+    }
+
+    #[test]
+    fn flags_come_last_and_values_are_typed_once() {
+        let req = PlanRequest {
+            overrides: vec!["run.steps=7".into(), "run.device=\"cpu\"".into(), "recipe.lr_schedule=\"cosine\"".into()],
+            flags: Flags { steps: Some(9), precision: Some(Precision::Bf16), crop: Some(64), ..Default::default() },
+            ..Default::default()
+        };
+        let c = &plan(&req, None).unwrap()[0].config;
+        assert_eq!((c.run.steps, c.run.device, c.run.precision, c.data.crop), (9, DeviceSpec::Cpu, Precision::Bf16, Some(64)));
+        assert_eq!(c.recipe.lr_schedule, crate::recipe::LrSchedule::Cosine);
+        // Typed values round-trip through the resolved config's TOML.
+        let text = c.to_toml().unwrap();
+        assert!(text.contains("device = \"cpu\"") && text.contains("precision = \"bf16\"") && text.contains("lr_schedule = \"cosine\""), "{text}");
+        assert_eq!(&TrainConfig::from_table(text.parse().unwrap()).unwrap(), c);
+        // Bad values are named by their key, recipe keys included.
+        for (set, key) in [("run.device=\"tpu\"", "tpu"), ("run.precision=\"fp8\"", "fp8"), ("recipe.lr=-1.0", "lr"), ("recipe.lrr=1.0", "lrr")] {
+            let e = plan(&PlanRequest { overrides: vec![set.into()], ..Default::default() }, None).unwrap_err();
+            assert!(format!("{e:#}").contains(key), "{set}: {e:#}");
+        }
+        // A flag that breaks a rule is refused as a --set would be.
+        let e = plan(&PlanRequest { flags: Flags { batch_size: Some(0), ..Default::default() }, ..Default::default() }, None).unwrap_err();
+        assert!(format!("{e:#}").contains("data.batch_size"), "{e:#}");
     }
 
     #[test]

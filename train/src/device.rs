@@ -9,8 +9,9 @@ pub fn cuda_compiled() -> bool {
     cfg!(feature = "cuda")
 }
 
-/// What a device string asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a device string asks for (`run.device`; serialised as its string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
@@ -33,9 +34,32 @@ impl DeviceSpec {
     }
 }
 
+impl TryFrom<String> for DeviceSpec {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        DeviceSpec::parse(&s)
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        match d {
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(0) => "cuda".into(),
+            DeviceSpec::Cuda(i) => format!("cuda:{i}"),
+            DeviceSpec::Auto => "auto".into(),
+        }
+    }
+}
+
 /// Open the device a string names. `cuda` never falls back to the CPU.
 pub fn open(s: &str) -> Result<Device> {
-    match DeviceSpec::parse(s)? {
+    open_spec(DeviceSpec::parse(s)?)
+}
+
+/// Open a device. `cuda` never falls back to the CPU.
+pub fn open_spec(spec: DeviceSpec) -> Result<Device> {
+    match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Cuda(i) => open_cuda(i),
         DeviceSpec::Auto => {
