@@ -118,7 +118,11 @@ pub fn read_rows(dir: &Path) -> Vec<taesd_data::ShardRow> {
 
 /// The lines of `errors.jsonl`.
 pub fn error_lines(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("errors.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(dir.join("errors.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// `manifest.json`.
@@ -178,7 +182,8 @@ pub fn random_tensors(v: Variant, seed: u64) -> HashMap<String, Tensor> {
             0.05
         };
         let numel: usize = dims.iter().product();
-        let vals: Vec<f32> = (0..numel).map(|_| next() * scale + if n.contains(".pool.1.weight") { 1.0 } else { 0.0 }).collect();
+        let vals: Vec<f32> =
+            (0..numel).map(|_| next() * scale + if n.contains(".pool.1.weight") { 1.0 } else { 0.0 }).collect();
         out.insert(n, Tensor::from_vec(vals, dims, &Device::Cpu).unwrap());
     }
     out
@@ -190,7 +195,9 @@ pub fn model_folder(v: Variant, root: &Path) -> PathBuf {
     let dir = root.join(format!("{v}-model"));
     let mut tensors = random_tensors(v, v as u64 + 1);
     let released: Vec<PathBuf> = match v {
-        Variant::Taef2 => vec![shared().join("reference/taef2/taef2_encoder.pth"), shared().join("reference/taef2/taef2_decoder.pth")],
+        Variant::Taef2 => {
+            vec![shared().join("reference/taef2/taef2_encoder.pth"), shared().join("reference/taef2/taef2_decoder.pth")]
+        }
         Variant::Taesana => vec![shared().join("reference/taesana/taesana_encoder.pth")],
         _ => vec![],
     };

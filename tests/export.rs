@@ -74,7 +74,11 @@ fn onnx_exports_equal_candle_for_every_variant_in_ort_and_onnxruntime() {
         let model = model_folder(v, tmp.path());
         let out = tmp.path().join(format!("{v}-onnx"));
         for dtype in ["f32", "f16"] {
-            let o = run("train", &["export", "--model", s(&model), "--format", "onnx", "--out", s(&out), "--dtype", dtype], true);
+            let o = run(
+                "train",
+                &["export", "--model", s(&model), "--format", "onnx", "--out", s(&out), "--dtype", dtype],
+                true,
+            );
             assert!(stdout(&o).contains("wrote"), "{}", stdout(&o));
         }
         let taesd = Taesd::load(&model, Some(v), DType::F32, &Device::Cpu).unwrap();
@@ -90,7 +94,10 @@ fn onnx_exports_equal_candle_for_every_variant_in_ort_and_onnxruntime() {
                     let y = dec.forward(&z).unwrap();
                     (z, y)
                 };
-                let (xi, wi) = (tmp.path().join(format!("{v}-{part}-{i}-in.npy")), tmp.path().join(format!("{v}-{part}-{i}-want.npy")));
+                let (xi, wi) = (
+                    tmp.path().join(format!("{v}-{part}-{i}-in.npy")),
+                    tmp.path().join(format!("{v}-{part}-{i}-want.npy")),
+                );
                 write_npy(&xi, &input);
                 write_npy(&wi, &want);
                 pairs.push(xi);
@@ -114,7 +121,11 @@ fn onnx_exports_equal_candle_for_every_variant_in_ort_and_onnxruntime() {
                     // Ours through the `ort` crate.
                     let (d_ort, _) = max_abs(&run_ort(&file, input, precision == "float16"), want);
                     let tol = if precision == "float32" { 1e-4 } else { 2e-2 * m.max(1.0) };
-                    assert!(d <= tol && (d_ort as f64) <= tol, "{v} {part} {precision} {:?}: onnxruntime {d:.3e}, ort {d_ort:.3e} (max |y| {m:.3})", input.dims());
+                    assert!(
+                        d <= tol && (d_ort as f64) <= tol,
+                        "{v} {part} {precision} {:?}: onnxruntime {d:.3e}, ort {d_ort:.3e} (max |y| {m:.3})",
+                        input.dims()
+                    );
                     report.push(format!("{v} {part} {precision} {:?}: max |onnx - candle| {d:.2e} (ort crate {d_ort:.2e}), max |y| {m:.2}", input.dims()));
                 }
             }
@@ -145,14 +156,26 @@ fn pth_exports_read_back_and_pass_the_weights_only_rules_for_every_variant() {
         let j = py("check_pth.py", &[s(&files[0]), s(&files[1])]);
         for (f, part) in files.iter().zip(["encoder", "decoder"]) {
             let entries = j[s(f)].as_object().unwrap();
-            let want: Vec<(String, Vec<usize>)> = taesd::param_shapes(&v.config(), if part == "encoder" { taesd::Part::Encoder } else { taesd::Part::Decoder });
+            let want: Vec<(String, Vec<usize>)> = taesd::param_shapes(
+                &v.config(),
+                if part == "encoder" { taesd::Part::Encoder } else { taesd::Part::Decoder },
+            );
             let names: Vec<&String> = entries.keys().collect();
             assert_eq!(names.len(), want.len(), "{v} {part}");
             for (name, shape) in &want {
                 let e = &entries[name];
-                assert_eq!(e["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>(), *shape);
+                assert_eq!(
+                    e["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>(),
+                    *shape
+                );
                 assert_eq!(e["dtype"], "FloatStorage");
-                let sum: f64 = orig.tensors[&format!("{part}.{name}")].to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar().unwrap();
+                let sum: f64 = orig.tensors[&format!("{part}.{name}")]
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
                 let got = e["sum"].as_f64().unwrap();
                 assert!((got - sum).abs() <= 1e-6 * sum.abs().max(1.0), "{v} {part} {name}: {got} vs {sum}");
             }

@@ -7,8 +7,21 @@ use taesd_e2e::*;
 /// Flags shared by the runs here: the taef2 teacher on the CPU at a small size, so CI stays fast.
 fn base_args<'a>(images: &'a str, out: &'a str, onnx: &'a str) -> Vec<&'a str> {
     vec![
-        "--vae", "taef2", "--onnx", onnx, "--images", images, "--out", out, "--device", "cpu", "--resolution", "64",
-        "--batch-size", "4", "--quiet",
+        "--vae",
+        "taef2",
+        "--onnx",
+        onnx,
+        "--images",
+        images,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--resolution",
+        "64",
+        "--batch-size",
+        "4",
+        "--quiet",
     ]
 }
 
@@ -24,7 +37,10 @@ fn set<'a>(args: &mut Vec<&'a str>, flag: &'a str, value: &'a str) {
 /// stored images with the project's reader, rerun the ONNX teacher through precompute's Teacher,
 /// compare with the stored latents (f16 rounding only).
 fn rerun_teacher_in_rust(out: &Path) -> f32 {
-    use precompute::{ortlib, teacher::{Teacher, TeacherOptions}};
+    use precompute::{
+        ortlib,
+        teacher::{Teacher, TeacherOptions},
+    };
     static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
     let env = ENV.get_or_init(|| ortlib::init(&ortlib::find(None).unwrap()).unwrap());
     let rows = read_rows(out);
@@ -96,7 +112,13 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
         assert!(r.latent_std.is_none(), "taef2 outputs a plain latent");
     }
     // Every odd-but-valid image made it; every broken one is reported with a reason.
-    for ok in ["odd/cmyk.jpg", "odd/exif_orientation_6.jpg", "odd/grayscale_16bit.png", "odd/panorama_8x1.jpg", "odd/lossy.webp"] {
+    for ok in [
+        "odd/cmyk.jpg",
+        "odd/exif_orientation_6.jpg",
+        "odd/grayscale_16bit.png",
+        "odd/panorama_8x1.jpg",
+        "odd/lossy.webp",
+    ] {
         assert!(rows.iter().any(|r| r.source == ok), "{ok} missing");
     }
     let errors = error_lines(out.path());
@@ -118,7 +140,8 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
     assert!(summary.contains("skipped          4"), "{summary}");
     assert!(summary.contains(&format!("= {decodable} with rows + 4 without")), "{summary}");
 
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "complete");
     assert_eq!(manifest["rows"].as_u64().unwrap() as usize, decodable);
 
@@ -282,7 +305,9 @@ fn every_file_under_images_ends_as_a_row_or_an_error() {
         let name = format!("image.{}", f.extensions_str()[0]);
         if f.writing_enabled() {
             let src = match f {
-                ImageFormat::Hdr | ImageFormat::OpenExr => DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(img.clone()).into_rgb32f()),
+                ImageFormat::Hdr | ImageFormat::OpenExr => {
+                    DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(img.clone()).into_rgb32f())
+                }
                 ImageFormat::Farbfeld => DynamicImage::ImageRgba16(DynamicImage::ImageRgb8(img.clone()).into_rgba16()),
                 // The ICO decoder takes only RGBA PNGs inside.
                 ImageFormat::Ico => DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(img.clone()).into_rgba8()),
@@ -341,13 +366,19 @@ fn every_file_under_images_ends_as_a_row_or_an_error() {
     let rows = read_rows(&out);
     let errors = error_lines(&out);
     let with_rows: std::collections::BTreeSet<String> = rows.iter().map(|r| r.source.clone()).collect();
-    let with_errors: std::collections::BTreeSet<String> = errors.iter().map(|e| e["source"].as_str().unwrap().to_string()).collect();
+    let with_errors: std::collections::BTreeSet<String> =
+        errors.iter().map(|e| e["source"].as_str().unwrap().to_string()).collect();
     assert!(with_rows.is_disjoint(&with_errors), "{with_rows:?} / {with_errors:?}");
-    let accounted: Vec<String> = with_rows.iter().chain(&with_errors).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let accounted: Vec<String> =
+        with_rows.iter().chain(&with_errors).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     assert_eq!(accounted, files, "rows + errors must be every file\n{summary}");
     assert_eq!(with_rows.len() + with_errors.len(), files.len());
     for d in &decodable {
-        assert!(with_rows.contains(d), "{d} should have decoded: {:?}", errors.iter().find(|e| e["source"] == d.as_str()));
+        assert!(
+            with_rows.contains(d),
+            "{d} should have decoded: {:?}",
+            errors.iter().find(|e| e["source"] == d.as_str())
+        );
     }
     for (name, what) in &unsupported {
         let e = errors.iter().find(|e| e["source"] == name.as_str()).unwrap();
@@ -360,10 +391,7 @@ fn every_file_under_images_ends_as_a_row_or_an_error() {
     assert!(reason("notes.txt").contains("not an image"), "{}", reason("notes.txt"));
     // The summary accounts for every file.
     assert!(summary.contains(&format!("inputs           {} under --images", files.len())), "{summary}");
-    assert!(
-        summary.contains(&format!("= {} with rows + {} without", with_rows.len(), with_errors.len())),
-        "{summary}"
-    );
+    assert!(summary.contains(&format!("= {} with rows + {} without", with_rows.len(), with_errors.len())), "{summary}");
     let m = manifest(&out);
     assert_eq!(m["inputs_total"].as_u64().unwrap() as usize, files.len());
     assert_eq!(m["errors"].as_u64().unwrap() as usize, with_errors.len());
@@ -374,8 +402,16 @@ fn every_file_under_images_ends_as_a_row_or_an_error() {
 #[test]
 fn tiny_and_sliver_images_are_refused_and_upscaled_rows_counted() {
     let images = tempfile::tempdir().unwrap();
-    for (name, w, h) in [("one_pixel.png", 1, 1), ("sliver.png", 4000, 10), ("narrow.png", 20, 40), ("small.png", 64, 48), ("big.png", 160, 128)] {
-        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y * 5 % 256) as u8, 90])).save(images.path().join(name)).unwrap();
+    for (name, w, h) in [
+        ("one_pixel.png", 1, 1),
+        ("sliver.png", 4000, 10),
+        ("narrow.png", 20, 40),
+        ("small.png", 64, 48),
+        ("big.png", 160, 128),
+    ] {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y * 5 % 256) as u8, 90]))
+            .save(images.path().join(name))
+            .unwrap();
     }
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let x = taef2_onnx();
@@ -413,7 +449,8 @@ fn tiny_and_sliver_images_are_refused_and_upscaled_rows_counted() {
 #[test]
 fn a_grown_folder_is_encoded_incrementally() {
     let all = pool_subset(9);
-    let mut names: Vec<String> = std::fs::read_dir(all.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(all.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     let images = tempfile::tempdir().unwrap();
     let copy = |n: &str| std::fs::copy(all.path().join(n), images.path().join(n)).unwrap();
@@ -426,7 +463,8 @@ fn a_grown_folder_is_encoded_incrementally() {
     let mut args = base_args(i, o, x.to_str().unwrap());
     args.extend(["--shard-rows", "4"]);
     run("precompute", &args, true);
-    let first: Vec<(std::path::PathBuf, Vec<u8>)> = shard_files(out.path()).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+    let first: Vec<(std::path::PathBuf, Vec<u8>)> =
+        shard_files(out.path()).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
     assert_eq!(first.len(), 2);
 
     // Three more images: only they are encoded, into new shards; the old ones are untouched.
@@ -442,7 +480,10 @@ fn a_grown_folder_is_encoded_incrementally() {
     }
     assert_eq!(shard_files(out.path()).len(), 3);
     let m = manifest(out.path());
-    assert_eq!((m["status"].as_str(), m["rows"].as_u64(), m["inputs_total"].as_u64()), (Some("complete"), Some(9), Some(9)));
+    assert_eq!(
+        (m["status"].as_str(), m["rows"].as_u64(), m["inputs_total"].as_u64()),
+        (Some("complete"), Some(9), Some(9))
+    );
     // The same rows as one run over the nine images.
     let mut fresh_args = base_args(i, fresh.path().to_str().unwrap(), x.to_str().unwrap());
     fresh_args.extend(["--shard-rows", "4"]);
@@ -536,7 +577,8 @@ fn empty_folders_warn_logs_have_no_escape_codes_and_errors_say_things_once() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let x = taef2_onnx();
-    let res = run("precompute", &base_args(empty.path().to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap()), true);
+    let res =
+        run("precompute", &base_args(empty.path().to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap()), true);
     let e = stderr(&res);
     assert!(e.contains("warning") && e.contains("holds no input files"), "{e}");
     assert!(!out.exists(), "nothing to write, nothing written");
@@ -551,7 +593,11 @@ fn empty_folders_warn_logs_have_no_escape_codes_and_errors_say_things_once() {
     assert!(!e.contains('\x1b'), "escape codes in a non-terminal log: {e:?}");
 
     let missing = dir.path().join("nowhere");
-    let e = stderr(&run("precompute", &base_args(missing.to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap()), false));
+    let e = stderr(&run(
+        "precompute",
+        &base_args(missing.to_str().unwrap(), out.to_str().unwrap(), x.to_str().unwrap()),
+        false,
+    ));
     assert_eq!(e.matches("does not exist").count(), 1, "{e}");
     assert_eq!(e.matches("nowhere").count(), 1, "{e}");
 }
@@ -590,7 +636,11 @@ fn webdataset_tar_members_become_rows_keyed_by_member_name() {
     drop(t);
     let out = tempfile::tempdir().unwrap();
     let x = taef2_onnx();
-    run("precompute", &base_args(dir.path().to_str().unwrap(), out.path().to_str().unwrap(), x.to_str().unwrap()), true);
+    run(
+        "precompute",
+        &base_args(dir.path().to_str().unwrap(), out.path().to_str().unwrap(), x.to_str().unwrap()),
+        true,
+    );
     let rows = read_rows(out.path());
     let mut keys: Vec<_> = rows.iter().map(|r| r.key.clone()).collect();
     keys.sort();
@@ -608,7 +658,19 @@ fn augmented_jpeg_shards_are_deterministic_and_match_the_teacher() {
     let i = images.path().to_str().unwrap();
     for o in [a.path(), b.path()] {
         let mut args = base_args(i, o.to_str().unwrap(), x.to_str().unwrap());
-        args.extend(["--variants", "3", "--hflip", "--color-augment", "0.5", "--image-format", "jpeg", "--quality", "90", "--seed", "7"]);
+        args.extend([
+            "--variants",
+            "3",
+            "--hflip",
+            "--color-augment",
+            "0.5",
+            "--image-format",
+            "jpeg",
+            "--quality",
+            "90",
+            "--seed",
+            "7",
+        ]);
         run("precompute", &args, true);
     }
     let (ra, rb) = (read_rows(a.path()), read_rows(b.path()));
@@ -637,8 +699,27 @@ fn nan_latents_are_skipped_and_reported_with_the_file_and_reason() {
     let onnx = repo().join("tests/data/nan_encoder_f16.onnx");
     let (i, o) = (images.path().to_str().unwrap(), out.path().to_str().unwrap());
     let args = [
-        "--vae", "custom", "--channels", "3", "--scale", "1", "--input-range", "0,1", "--onnx", onnx.to_str().unwrap(),
-        "--images", i, "--out", o, "--device", "cpu", "--resolution", "64", "--batch-size", "3", "--quiet",
+        "--vae",
+        "custom",
+        "--channels",
+        "3",
+        "--scale",
+        "1",
+        "--input-range",
+        "0,1",
+        "--onnx",
+        onnx.to_str().unwrap(),
+        "--images",
+        i,
+        "--out",
+        o,
+        "--device",
+        "cpu",
+        "--resolution",
+        "64",
+        "--batch-size",
+        "3",
+        "--quiet",
     ];
     let summary = stdout(&run("precompute", &args, true));
     let rows = read_rows(out.path());
@@ -662,7 +743,8 @@ fn nan_latents_are_skipped_and_reported_with_the_file_and_reason() {
         assert!(reason.contains("192 NaN and 0 inf values (of 192)") && reason.contains("fp16-fix"), "{reason}");
     }
     assert!(summary.contains("skipped          2") && summary.contains("black.png"), "{summary}");
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "complete");
 }
 
@@ -672,7 +754,18 @@ fn decode_only_measures_the_cpu_side_without_a_teacher() {
     let images = pool_subset(6);
     let o = run(
         "precompute",
-        &["--vae", "sdxl", "--images", images.path().to_str().unwrap(), "--resolution", "64", "--decode-only", "--quiet", "--workers", "2"],
+        &[
+            "--vae",
+            "sdxl",
+            "--images",
+            images.path().to_str().unwrap(),
+            "--resolution",
+            "64",
+            "--decode-only",
+            "--quiet",
+            "--workers",
+            "2",
+        ],
         true,
     );
     let text = stdout(&o);

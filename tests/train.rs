@@ -18,8 +18,22 @@ fn shards() -> &'static Path {
         run(
             "precompute",
             &[
-                "--vae", "taef2", "--onnx", x.to_str().unwrap(), "--images", images.path().to_str().unwrap(), "--out",
-                out.path().to_str().unwrap(), "--device", "cpu", "--resolution", "64", "--batch-size", "8", "--shard-rows", "16",
+                "--vae",
+                "taef2",
+                "--onnx",
+                x.to_str().unwrap(),
+                "--images",
+                images.path().to_str().unwrap(),
+                "--out",
+                out.path().to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--resolution",
+                "64",
+                "--batch-size",
+                "8",
+                "--shard-rows",
+                "16",
                 "--quiet",
             ],
             true,
@@ -40,8 +54,21 @@ fn s(p: &Path) -> &str {
 /// `train` flags of the small CPU runs here (without --steps / --batch-size).
 fn base_run(run_dir: &Path) -> Vec<String> {
     [
-        "--shards", s(shards()), "--run-dir", s(run_dir), "--device", "cpu", "--crop", "32", "--quiet",
-        "--set", "recipe.replay_capacity=16", "--set", "run.log_every=1", "--set", "data.shuffle_buffer=40",
+        "--shards",
+        s(shards()),
+        "--run-dir",
+        s(run_dir),
+        "--device",
+        "cpu",
+        "--crop",
+        "32",
+        "--quiet",
+        "--set",
+        "recipe.replay_capacity=16",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "data.shuffle_buffer=40",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -75,7 +102,10 @@ fn json_lines(path: &Path, kind: &str) -> Vec<serde_json::Value> {
 fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(n, t)| (n, (format!("{:?}", t.dtype()), t.shape().to_vec(), t.data().to_vec()))).collect()
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (format!("{:?}", t.dtype()), t.shape().to_vec(), t.data().to_vec())))
+        .collect()
 }
 
 fn png_size(path: &Path) -> (u32, u32) {
@@ -95,9 +125,24 @@ fn a_short_run_learns_writes_previews_curve_metrics_and_exports() {
     let args = with(
         small_run(&run_dir, 12, 4),
         &[
-            "--set", "data.eval_fraction=0.15", "--set", "data.eval_max_images=4", "--set", "data.preview_images=3",
-            "--set", "run.log_every=2", "--set", "run.preview_every=6", "--set", "run.eval_every=0",
-            "--set", "run.plot_width=480", "--set", "run.plot_height=300", "--set", "recipe.lr=1e-3",
+            "--set",
+            "data.eval_fraction=0.15",
+            "--set",
+            "data.eval_max_images=4",
+            "--set",
+            "data.preview_images=3",
+            "--set",
+            "run.log_every=2",
+            "--set",
+            "run.preview_every=6",
+            "--set",
+            "run.eval_every=0",
+            "--set",
+            "run.plot_width=480",
+            "--set",
+            "run.plot_height=300",
+            "--set",
+            "recipe.lr=1e-3",
         ],
     );
     let out = train(&args, true);
@@ -127,7 +172,12 @@ fn a_short_run_learns_writes_previews_curve_metrics_and_exports() {
 
     // Held-out evaluation at step 0 and at the end: the trained model beats the step-0 one.
     let evals = json_lines(&metrics, "eval");
-    let ema = |step: u64| evals.iter().find(|e| e["step"] == step && e["model"] == "ema").unwrap_or_else(|| panic!("no ema eval at {step}"));
+    let ema = |step: u64| {
+        evals
+            .iter()
+            .find(|e| e["step"] == step && e["model"] == "ema")
+            .unwrap_or_else(|| panic!("no ema eval at {step}"))
+    };
     let (p0, p1) = (ema(0)["psnr"].as_f64().unwrap(), ema(12)["psnr"].as_f64().unwrap());
     assert!(p1 > p0 + 0.1, "held-out PSNR {p0:.3} -> {p1:.3}");
     let (m0, m1) = (ema(0)["encoder_mae"].as_f64().unwrap(), ema(12)["encoder_mae"].as_f64().unwrap());
@@ -152,20 +202,43 @@ fn a_short_run_learns_writes_previews_curve_metrics_and_exports() {
 
     // `train eval` on the run folder: its shards, its held-out split, its export.
     let j = dir.path().join("eval.json");
-    let e = run("train", &["eval", "--model", s(&run_dir), "--device", "cpu", "--max-images", "4", "--json", s(&j)], true);
+    let e =
+        run("train", &["eval", "--model", s(&run_dir), "--device", "cpu", "--max-images", "4", "--json", s(&j)], true);
     assert!(stdout(&e).contains("psnr"), "{}", stdout(&e));
     let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
     let ours = &rep["models"]["ours"];
-    for k in ["psnr", "ssim", "sharpness", "cycle_mae", "encoder_mae", "encoder_rmse", "roundtrip_psnr", "roundtrip_ssim"] {
+    for k in
+        ["psnr", "ssim", "sharpness", "cycle_mae", "encoder_mae", "encoder_rmse", "roundtrip_psnr", "roundtrip_ssim"]
+    {
         assert!(ours[k].as_f64().is_some_and(f64::is_finite), "{k} missing: {rep}");
     }
     assert_eq!(rep["images"], 4);
     assert!(rep["split"].as_str().unwrap().starts_with("heldout"));
-    assert!((ours["psnr"].as_f64().unwrap() - p1).abs() < 1e-3, "the command and the run agree: {} vs {p1}", ours["psnr"]);
+    assert!(
+        (ours["psnr"].as_f64().unwrap() - p1).abs() < 1e-3,
+        "the command and the run agree: {} vs {p1}",
+        ours["psnr"]
+    );
 
     // Decode with the trained model.
     let png = dir.path().join("decoded");
-    run("train", &["decode", "--model", s(&run_dir), "--latents", s(shards()), "--out", s(&png), "--limit", "2", "--device", "cpu"], true);
+    run(
+        "train",
+        &[
+            "decode",
+            "--model",
+            s(&run_dir),
+            "--latents",
+            s(shards()),
+            "--out",
+            s(&png),
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        true,
+    );
     assert_eq!(std::fs::read_dir(&png).unwrap().count(), 2);
 }
 
@@ -175,12 +248,18 @@ fn assert_same_run(a: &Path, b: &Path, step: u64) {
         assert!(tensors(&a.join(f)) == tensors(&b.join(f)), "{f} differs between {} and {}", a.display(), b.display());
     }
     let ck = format!("checkpoints/step-{step:08}/recipe");
-    for f in ["encoder", "decoder", "ema_encoder", "ema_decoder", "disc", "optim_encoder", "optim_decoder", "optim_disc"] {
+    for f in
+        ["encoder", "decoder", "ema_encoder", "ema_decoder", "disc", "optim_encoder", "optim_decoder", "optim_disc"]
+    {
         let f = format!("{ck}/{f}.safetensors");
         assert!(tensors(&a.join(&f)) == tensors(&b.join(&f)), "{f} differs");
     }
-    let ta: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join(format!("checkpoints/step-{step:08}/trainer.json"))).unwrap()).unwrap();
-    let tb: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join(format!("checkpoints/step-{step:08}/trainer.json"))).unwrap()).unwrap();
+    let ta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join(format!("checkpoints/step-{step:08}/trainer.json"))).unwrap())
+            .unwrap();
+    let tb: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join(format!("checkpoints/step-{step:08}/trainer.json"))).unwrap())
+            .unwrap();
     assert_eq!(ta["data_position"], tb["data_position"]);
     assert_eq!(ta["images_seen"], tb["images_seen"]);
 }
@@ -200,20 +279,30 @@ fn resumed_and_interrupted_runs_end_with_the_same_weights_as_an_uninterrupted_on
     // Starting over a run folder is refused; so is resuming with other settings.
     let e = stderr(&train(&with(small_run(&b, 4, 2), &quiet), false));
     assert!(e.contains("already has a checkpoint at step 2") && e.contains("--resume"), "{e}");
-    let e = stderr(&run("train", &["--resume", "--run-dir", s(&b), "--steps", "4", "--set", "recipe.lr=1e-2", "--quiet"], false));
+    let e = stderr(&run(
+        "train",
+        &["--resume", "--run-dir", s(&b), "--steps", "4", "--set", "recipe.lr=1e-2", "--quiet"],
+        false,
+    ));
     assert!(e.contains("recipe.lr") && e.contains("0.0003 -> 0.01"), "{e}");
     let r = run("train", &["--resume", "--run-dir", s(&b), "--steps", "4", "--quiet"], true);
     assert!(stdout(&r).contains("finished: step 4"), "{}", stdout(&r));
     assert_same_run(&a, &b, 4);
-    let steps: Vec<u64> = json_lines(&b.join("metrics.jsonl"), "train").iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> =
+        json_lines(&b.join("metrics.jsonl"), "train").iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1, 2, 3, 4], "one metrics line per step across the two sessions");
 
     // C: interrupted by SIGINT part-way (the handler checkpoints and exits), then resumed.
     let args = with(small_run(&c, 4, 2), &quiet);
-    let child = Command::new(bin("train")).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = Command::new(bin("train"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let metrics = c.join("metrics.jsonl");
     let t0 = std::time::Instant::now();
-    while !(metrics.is_file() && !json_lines(&metrics, "train").is_empty()) {
+    while !metrics.is_file() || json_lines(&metrics, "train").is_empty() {
         assert!(t0.elapsed().as_secs() < 300, "no training step after 300 s");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -223,7 +312,10 @@ fn resumed_and_interrupted_runs_end_with_the_same_weights_as_an_uninterrupted_on
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(130), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("interrupted at step") && text.contains("--resume"), "{text}");
-    let ck: Vec<String> = std::fs::read_dir(c.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let ck: Vec<String> = std::fs::read_dir(c.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(ck.len(), 1, "{ck:?}");
     let k: u64 = ck[0].trim_start_matches("step-").parse().unwrap();
     assert!((1..4).contains(&k), "interrupted at step {k}");
@@ -270,7 +362,21 @@ fn encode_decode_convert_and_eval_commands_with_the_released_taef2() {
     let lat = dir.path().join("latents");
     let o = run(
         "train",
-        &["encode", "--model", s(&model), "--images", s(images.path()), "--out", s(&lat), "--format", "both", "--size", "64", "--device", "cpu"],
+        &[
+            "encode",
+            "--model",
+            s(&model),
+            "--images",
+            s(images.path()),
+            "--out",
+            s(&lat),
+            "--format",
+            "both",
+            "--size",
+            "64",
+            "--device",
+            "cpu",
+        ],
         true,
     );
     assert!(stdout(&o).contains("encoded 3 images"), "{}", stdout(&o));
@@ -288,14 +394,23 @@ fn encode_decode_convert_and_eval_commands_with_the_released_taef2() {
         std::fs::copy(p, only_st.join(p.file_name().unwrap())).unwrap();
     }
     let png = dir.path().join("png");
-    run("train", &["decode", "--model", s(&model), "--latents", s(&only_st), "--out", s(&png), "--device", "cpu"], true);
+    run(
+        "train",
+        &["decode", "--model", s(&model), "--latents", s(&only_st), "--out", s(&png), "--device", "cpu"],
+        true,
+    );
     let stem = first.file_stem().unwrap().to_str().unwrap().to_string();
     let decoded = image::open(png.join(format!("{stem}.png"))).unwrap().into_rgb8();
     assert_eq!(decoded.dimensions(), (64, 64));
-    let src = std::fs::read_dir(images.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_stem().unwrap() == stem.as_str()).unwrap();
+    let src = std::fs::read_dir(images.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_stem().unwrap() == stem.as_str())
+        .unwrap();
     let src = image::open(&src).unwrap().into_rgb8();
     let (w, h) = src.dimensions();
-    let sq = image::imageops::resize(&src, 64 * w / w.min(h), 64 * h / w.min(h), image::imageops::FilterType::CatmullRom);
+    let sq =
+        image::imageops::resize(&src, 64 * w / w.min(h), 64 * h / w.min(h), image::imageops::FilterType::CatmullRom);
     let sq = image::imageops::crop_imm(&sq, (sq.width() - 64) / 2, (sq.height() - 64) / 2, 64, 64).to_image();
     let p = psnr(&decoded, &sq);
     assert!(p > 17.0, "released taef2 round trip at 64 px: {p:.2} dB");
@@ -305,7 +420,23 @@ fn encode_decode_convert_and_eval_commands_with_the_released_taef2() {
     run("train", &["decode", "--model", s(&model), "--latents", s(npy), "--out", s(&png2), "--device", "cpu"], true);
     assert_eq!(png_size(&png2.join(format!("{}.png", npy.file_stem().unwrap().to_str().unwrap()))), (64, 64));
     let png3 = dir.path().join("png3");
-    run("train", &["decode", "--model", s(&model), "--latents", s(shards()), "--out", s(&png3), "--limit", "3", "--device", "cpu"], true);
+    run(
+        "train",
+        &[
+            "decode",
+            "--model",
+            s(&model),
+            "--latents",
+            s(shards()),
+            "--out",
+            s(&png3),
+            "--limit",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        true,
+    );
     assert_eq!(std::fs::read_dir(&png3).unwrap().count(), 3);
 
     // convert: .pth -> taesd safetensors -> comfyui -> taesd: the same tensors.
@@ -320,14 +451,34 @@ fn encode_decode_convert_and_eval_commands_with_the_released_taef2() {
         let (x, y) = (tensors(&t0.join(f)), tensors(&t1.join(f)));
         assert!(!x.is_empty() && x == y, "{f} changed in the round trip");
     }
-    let e = stderr(&run("train", &["convert", "--model", s(&model), "--layout", "diffusers", "--out", s(&dir.path().join("d"))], false));
+    let e = stderr(&run(
+        "train",
+        &["convert", "--model", s(&model), "--layout", "diffusers", "--out", s(&dir.path().join("d"))],
+        false,
+    ));
     assert!(e.contains("diffusers") && e.contains("taef2"), "{e}");
 
     // eval on all rows, with a reference decoder (the same weights: same numbers).
     let j = dir.path().join("eval.json");
     let o = run(
         "train",
-        &["eval", "--model", s(&t1), "--reference", s(&model), "--shards", s(shards()), "--split", "all", "--max-images", "6", "--device", "cpu", "--json", s(&j)],
+        &[
+            "eval",
+            "--model",
+            s(&t1),
+            "--reference",
+            s(&model),
+            "--shards",
+            s(shards()),
+            "--split",
+            "all",
+            "--max-images",
+            "6",
+            "--device",
+            "cpu",
+            "--json",
+            s(&j),
+        ],
         true,
     );
     assert!(stdout(&o).contains("reference"), "{}", stdout(&o));
@@ -369,7 +520,11 @@ fn clear_errors_for_bad_settings() {
     assert!(e.contains("no such run") && e.contains("no-such-run") && !e.contains("shards"), "{e}");
     assert!(!missing.exists());
     // A missing file is said once ("x.pth: no such file", not "...: no such file: no such file").
-    let e = stderr(&run("train", &["convert", "--model", "/nowhere/x.pth", "--layout", "taesd", "--out", s(&dir.path().join("c"))], false));
+    let e = stderr(&run(
+        "train",
+        &["convert", "--model", "/nowhere/x.pth", "--layout", "taesd", "--out", s(&dir.path().join("c"))],
+        false,
+    ));
     assert_eq!(e.matches("no such file").count(), 1, "{e}");
     assert!(e.contains("/nowhere/x.pth"), "{e}");
 }
@@ -407,7 +562,8 @@ fn bad_shard_data_mid_run_checkpoints_first_and_is_skippable() {
     copy_shards(&data);
     // With a one-row shuffle buffer the row groups are read one after the other, in the epoch's
     // order: 16 rows each, so with batches of 2 the second one is reached at step 9.
-    let units: Vec<u32> = shard_files(&data).iter().map(|f| taesd_data::ShardReader::open(f).unwrap().num_rows() as u32).collect();
+    let units: Vec<u32> =
+        shard_files(&data).iter().map(|f| taesd_data::ShardReader::open(f).unwrap().num_rows() as u32).collect();
     assert_eq!(units, [16, 16, 16]);
     let order: Vec<train::order::RowRef> = train::order::EpochOrder::new(&units, 0, 0, 1).collect();
     let second = order[16].unit as usize;
@@ -417,9 +573,31 @@ fn bad_shard_data_mid_run_checkpoints_first_and_is_skippable() {
 
     let run_dir = dir.path().join("run");
     let args: Vec<String> = [
-        "--shards", s(&data), "--run-dir", s(&run_dir), "--device", "cpu", "--crop", "32", "--quiet", "--steps", "10",
-        "--batch-size", "2", "--set", "recipe.replay_capacity=16", "--set", "run.log_every=1", "--set", "data.shuffle_buffer=1",
-        "--set", "data.eval_fraction=0", "--set", "data.preview_images=0", "--set", "run.checkpoint_every=0",
+        "--shards",
+        s(&data),
+        "--run-dir",
+        s(&run_dir),
+        "--device",
+        "cpu",
+        "--crop",
+        "32",
+        "--quiet",
+        "--steps",
+        "10",
+        "--batch-size",
+        "2",
+        "--set",
+        "recipe.replay_capacity=16",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "data.shuffle_buffer=1",
+        "--set",
+        "data.eval_fraction=0",
+        "--set",
+        "data.preview_images=0",
+        "--set",
+        "run.checkpoint_every=0",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -428,7 +606,11 @@ fn bad_shard_data_mid_run_checkpoints_first_and_is_skippable() {
     let name = bad.file_name().unwrap().to_str().unwrap();
     assert!(e.contains(name) && e.contains("row group 0"), "names the shard and row group: {e}");
     assert!(e.contains("checkpoint saved at step 8"), "{e}");
-    assert!(e.contains(&format!("resume with: train --resume --run-dir {}", run_dir.display())) && e.contains("data.skip_bad_rows=true"), "{e}");
+    assert!(
+        e.contains(&format!("resume with: train --resume --run-dir {}", run_dir.display()))
+            && e.contains("data.skip_bad_rows=true"),
+        "{e}"
+    );
     assert!(run_dir.join("checkpoints/step-00000008/trainer.json").is_file());
 
     let r = run("train", &["--resume", "--run-dir", s(&run_dir), "--set", "data.skip_bad_rows=true", "--quiet"], true);
@@ -463,7 +645,23 @@ fn old_layout_shard_folders_still_train() {
     assert!(e.contains("no manifest.json"), "the missing manifest is warned about: {e}");
     assert!(!e.contains('\x1b'), "escape codes in a non-terminal log: {e:?}");
     let png = dir.path().join("png");
-    run("train", &["decode", "--model", s(&reference_taef2()), "--latents", s(&old), "--out", s(&png), "--limit", "1", "--device", "cpu"], true);
+    run(
+        "train",
+        &[
+            "decode",
+            "--model",
+            s(&reference_taef2()),
+            "--latents",
+            s(&old),
+            "--out",
+            s(&png),
+            "--limit",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        true,
+    );
     assert_eq!(std::fs::read_dir(&png).unwrap().count(), 1);
 }
 
@@ -502,7 +700,18 @@ fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
     // checkpoint (no replay buffer in it: run.checkpoint_replay = false).
     let out = run(
         "train",
-        &["--resume", "--run-dir", s(&b), "--steps", "1000", "--time-limit", "3", "--set", "run.checkpoint_replay=false", "--quiet"],
+        &[
+            "--resume",
+            "--run-dir",
+            s(&b),
+            "--steps",
+            "1000",
+            "--time-limit",
+            "3",
+            "--set",
+            "run.checkpoint_replay=false",
+            "--quiet",
+        ],
         true,
     );
     let text = stdout(&out);
@@ -514,13 +723,22 @@ fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
         .max()
         .unwrap();
     assert!((5..1000).contains(&k), "stopped at step {k}");
-    assert!(!std::fs::read_dir(ck.join("recipe")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("replay")));
-    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join("export/export.json")).unwrap()).unwrap();
+    assert!(!std::fs::read_dir(ck.join("recipe")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("replay")));
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("export/export.json")).unwrap()).unwrap();
     assert_eq!(info["step"], 4, "the export is still the one of step 4");
 
     // `train eval --model RUN` takes the newer weights: the checkpoint of step k, not the export.
     let j = dir.path().join("eval.json");
-    let e = run("train", &["eval", "--model", s(&b), "--device", "cpu", "--split", "all", "--max-images", "2", "--json", s(&j)], true);
+    let e = run(
+        "train",
+        &["eval", "--model", s(&b), "--device", "cpu", "--split", "all", "--max-images", "2", "--json", s(&j)],
+        true,
+    );
     let want = format!("step-{k:08}");
     assert!(stdout(&e).contains(&want), "{}", stdout(&e));
     let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
@@ -531,7 +749,12 @@ fn data_stages_resume_across_a_boundary_and_stints_end_at_a_time_limit() {
 fn tb_scalars(tb: &serde_json::Value, tag: &str) -> Vec<(u64, f64)> {
     tb["scalars"][tag]
         .as_array()
-        .unwrap_or_else(|| panic!("no scalar tag {tag} in {}", tb["scalars"].as_object().unwrap().keys().cloned().collect::<Vec<_>>().join(", ")))
+        .unwrap_or_else(|| {
+            panic!(
+                "no scalar tag {tag} in {}",
+                tb["scalars"].as_object().unwrap().keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
         .iter()
         .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
         .collect()
@@ -550,9 +773,22 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
     let args = with(
         small_run(&run_dir, 6, 2),
         &[
-            "--set", "data.eval_fraction=0.15", "--set", "data.eval_max_images=2", "--set", "data.preview_images=2",
-            "--set", "run.log_every=2", "--set", "run.preview_every=3", "--set", "run.eval_every=0",
-            "--set", "run.export=[\"taesd\", \"comfyui\", \"onnx\"]", "--set", &format!("model.reference_decoder=\"{}\"", s(&reference)),
+            "--set",
+            "data.eval_fraction=0.15",
+            "--set",
+            "data.eval_max_images=2",
+            "--set",
+            "data.preview_images=2",
+            "--set",
+            "run.log_every=2",
+            "--set",
+            "run.preview_every=3",
+            "--set",
+            "run.eval_every=0",
+            "--set",
+            "run.export=[\"taesd\", \"comfyui\", \"onnx\"]",
+            "--set",
+            &format!("model.reference_decoder=\"{}\"", s(&reference)),
         ],
     );
     let out = train(&args, true);
@@ -581,8 +817,11 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
     let evals = json_lines(&metrics, "eval");
     for model in ["ema", "raw", "reference"] {
         let got = tb_scalars(&tb, &format!("eval/psnr/{model}"));
-        let want: Vec<(u64, f64)> =
-            evals.iter().filter(|e| e["model"] == model).map(|e| (e["step"].as_u64().unwrap(), e["psnr"].as_f64().unwrap())).collect();
+        let want: Vec<(u64, f64)> = evals
+            .iter()
+            .filter(|e| e["model"] == model)
+            .map(|e| (e["step"].as_u64().unwrap(), e["psnr"].as_f64().unwrap()))
+            .collect();
         assert_eq!(got.len(), want.len(), "eval/psnr/{model}");
         assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 6], "eval/psnr/{model}");
         for (g, w) in got.iter().zip(&want) {
@@ -602,7 +841,10 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
     // report.html: one well-formed page with every section, written at the end of the run.
     let report = run_dir.join("report.html");
     let rep = py("check_report.py", &[s(&report)]);
-    assert_eq!(rep["sections"], serde_json::json!(["summary", "curves", "eval", "preview", "throughput", "exports", "config"]));
+    assert_eq!(
+        rep["sections"],
+        serde_json::json!(["summary", "curves", "eval", "preview", "throughput", "exports", "config"])
+    );
     assert_eq!(rep["images"], serde_json::json!([[pw, ph]]), "the newest preview, inline");
     assert!(rep["svg"].as_u64().unwrap() >= 8, "{rep}");
     let text = |sec: &str| rep["text"][sec].as_str().unwrap().to_string();
@@ -620,11 +862,16 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
     assert!(stderr(&run("train", &["report", s(dir.path())], false)).contains("not a run folder"));
 
     // Exports: the .pth pair beside the safetensors, ONNX in both precisions, all in export.json.
-    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("export/export.json")).unwrap()).unwrap();
-    let listed: Vec<String> = info["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("export/export.json")).unwrap()).unwrap();
+    let listed: Vec<String> =
+        info["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
     for f in [
-        "export/taesd/taef2_encoder.pth", "export/taesd/taef2_decoder.pth", "export/onnx/taef2_encoder.onnx",
-        "export/onnx/taef2_decoder.fp16.onnx", "export/comfyui/taef2.safetensors",
+        "export/taesd/taef2_encoder.pth",
+        "export/taesd/taef2_decoder.pth",
+        "export/onnx/taef2_encoder.onnx",
+        "export/onnx/taef2_decoder.fp16.onnx",
+        "export/comfyui/taef2.safetensors",
     ] {
         assert!(listed.iter().any(|l| l.ends_with(f)) && run_dir.join(f).is_file(), "{f} not exported: {listed:?}");
     }
@@ -641,15 +888,39 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
     run(
         "precompute",
         &[
-            "--vae", "custom", "--channels", "32", "--scale", "1", "--shift", "0", "--input-range", "0,1", "--downscale", "8",
-            "--onnx", s(&onnx_enc), "--images", s(images.path()), "--out", s(&latents), "--device", "cpu", "--resolution", "64",
-            "--batch-size", "2", "--quiet",
+            "--vae",
+            "custom",
+            "--channels",
+            "32",
+            "--scale",
+            "1",
+            "--shift",
+            "0",
+            "--input-range",
+            "0,1",
+            "--downscale",
+            "8",
+            "--onnx",
+            s(&onnx_enc),
+            "--images",
+            s(images.path()),
+            "--out",
+            s(&latents),
+            "--device",
+            "cpu",
+            "--resolution",
+            "64",
+            "--batch-size",
+            "2",
+            "--quiet",
         ],
         true,
     );
     let rows = read_rows(&latents);
     assert_eq!(rows.len(), 4);
-    let ours = taesd::Taesd::load(run_dir.join("export/taesd"), None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let ours =
+        taesd::Taesd::load(run_dir.join("export/taesd"), None, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
     let enc = ours.encoder.unwrap();
     let mut worst = 0f32;
     for r in &rows {

@@ -54,12 +54,7 @@ impl Default for DecodeLimits {
     /// 16384 px per side, 128 megapixels, 1 GiB for the decoded buffer: far above any training
     /// image, far below what takes a machine down.
     fn default() -> Self {
-        DecodeLimits {
-            max_width: 16_384,
-            max_height: 16_384,
-            max_pixels: 128 * 1024 * 1024,
-            max_alloc: 1 << 30,
-        }
+        DecodeLimits { max_width: 16_384, max_height: 16_384, max_pixels: 128 * 1024 * 1024, max_alloc: 1 << 30 }
     }
 }
 
@@ -327,10 +322,7 @@ fn check_dimensions(format: &str, width: u32, height: u32, limits: &DecodeLimits
         });
     }
     if width > limits.max_width || height > limits.max_height {
-        return too_large(format!(
-            "exceeds the maximum size of {}x{} pixels",
-            limits.max_width, limits.max_height
-        ));
+        return too_large(format!("exceeds the maximum size of {}x{} pixels", limits.max_width, limits.max_height));
     }
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_pixels {
@@ -386,7 +378,9 @@ fn check_jpeg_complete(b: &[u8]) -> Result<(), JpegStructure> {
         // Find the next marker; tolerate junk between segments as libjpeg does.
         match b[pos..].iter().position(|&x| x == 0xFF) {
             Some(off) => pos += off,
-            None => return Err(Truncated(format!("the data ends after {scans} scan(s) without an end-of-image marker"))),
+            None => {
+                return Err(Truncated(format!("the data ends after {scans} scan(s) without an end-of-image marker")))
+            }
         }
         while pos < b.len() && b[pos] == 0xFF {
             pos += 1; // 0xFF fill bytes
@@ -500,7 +494,8 @@ mod tests {
     /// Mean absolute difference per sample of two same-sized images.
     fn mad(a: &RgbImage, b: &RgbImage) -> f64 {
         assert_eq!(a.dimensions(), b.dimensions());
-        let s: u64 = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as i32 - y as i32).unsigned_abs() as u64).sum();
+        let s: u64 =
+            a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as i32 - y as i32).unsigned_abs() as u64).sum();
         s as f64 / a.as_raw().len() as f64
     }
 
@@ -539,10 +534,9 @@ mod tests {
                 let cut = &full[..(full.len() as f64 * frac) as usize];
                 match decode_rgb8(cut, &DecodeLimits::default()) {
                     Ok(_) => panic!("{name} cut to {} bytes decoded without error", cut.len()),
-                    Err(e) => assert!(
-                        matches!(e, DecodeError::Truncated { .. } | DecodeError::Corrupt { .. }),
-                        "{name}: {e}"
-                    ),
+                    Err(e) => {
+                        assert!(matches!(e, DecodeError::Truncated { .. } | DecodeError::Corrupt { .. }), "{name}: {e}")
+                    }
                 }
             }
         }
@@ -588,7 +582,9 @@ mod tests {
 
     #[test]
     fn sixteen_bit_is_rounded_not_truncated() {
-        let img = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(4, 1, |x, _| image::Luma([[0u16, 257 * 100 + 128, 65535, 257 * 7][x as usize]]));
+        let img = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(4, 1, |x, _| {
+            image::Luma([[0u16, 257 * 100 + 128, 65535, 257 * 7][x as usize]])
+        });
         let mut png = Vec::new();
         DynamicImage::ImageLuma16(img).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
         let out = decode_rgb8(&png, &DecodeLimits::default()).unwrap();
@@ -622,7 +618,11 @@ mod tests {
     #[test]
     fn sixteen_bit_alpha_over_white() {
         let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_fn(2, 1, |x, _| {
-            if x == 0 { image::Rgba([0, 0, 0, 0]) } else { image::Rgba([0, 65535, 0, 32768]) }
+            if x == 0 {
+                image::Rgba([0, 0, 0, 0])
+            } else {
+                image::Rgba([0, 65535, 0, 32768])
+            }
         });
         let mut png = Vec::new();
         DynamicImage::ImageRgba16(img).write_to(&mut Cursor::new(&mut png), ImageFormat::Png).unwrap();
@@ -648,7 +648,9 @@ mod tests {
     #[test]
     fn conversions_match_the_original_photo() {
         let original = decode_rgb8(&pool("photo-00010.jpg"), &DecodeLimits::default()).unwrap();
-        for (name, tolerance) in [("progressive.jpg", 4.0), ("lossy.webp", 8.0), ("cmyk.jpg", 8.0), ("palette.png", 8.0)] {
+        for (name, tolerance) in
+            [("progressive.jpg", 4.0), ("lossy.webp", 8.0), ("cmyk.jpg", 8.0), ("palette.png", 8.0)]
+        {
             let img = dec(name).unwrap();
             let d = mad(&img, &original);
             assert!(d < tolerance, "{name}: mean abs diff {d:.2} vs the original photo");
@@ -726,7 +728,9 @@ mod tests {
             let mut bytes = Vec::new();
             let src = match f {
                 // Float and alpha-only encoders (the ICO decoder takes only RGBA PNGs inside).
-                ImageFormat::Hdr | ImageFormat::OpenExr => DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(img.clone()).into_rgb32f()),
+                ImageFormat::Hdr | ImageFormat::OpenExr => {
+                    DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(img.clone()).into_rgb32f())
+                }
                 ImageFormat::Farbfeld => DynamicImage::ImageRgba16(DynamicImage::ImageRgb8(img.clone()).into_rgba16()),
                 ImageFormat::Ico => DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(img.clone()).into_rgba8()),
                 _ => DynamicImage::ImageRgb8(img.clone()),
@@ -735,7 +739,8 @@ mod tests {
                 panic!("{f:?}: cannot write the fixture: {e}");
             }
             let name = format!("x.{}", f.extensions_str()[0]);
-            let out = decode_rgb8_named(&bytes, Some(&name), &DecodeLimits::default()).unwrap_or_else(|e| panic!("{f:?}: {e}"));
+            let out = decode_rgb8_named(&bytes, Some(&name), &DecodeLimits::default())
+                .unwrap_or_else(|e| panic!("{f:?}: {e}"));
             assert_eq!(out.dimensions(), (40, 24), "{f:?}");
             let d = mad(&out, &img);
             let tolerance = match f {
@@ -747,7 +752,14 @@ mod tests {
             assert!(d <= tolerance, "{f:?}: mean abs diff {d:.2}");
             seen.push(f);
         }
-        for f in [ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::Tga, ImageFormat::Qoi, ImageFormat::OpenExr] {
+        for f in [
+            ImageFormat::Gif,
+            ImageFormat::Bmp,
+            ImageFormat::Tiff,
+            ImageFormat::Tga,
+            ImageFormat::Qoi,
+            ImageFormat::OpenExr,
+        ] {
             assert!(seen.contains(&f), "{f:?} was not covered");
         }
     }

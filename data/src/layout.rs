@@ -42,7 +42,10 @@ impl OutputLayout {
         }
         if list_shards(dir).is_ok_and(|v| !v.is_empty()) {
             let parent_has_manifest = dir.parent().is_some_and(|p| p.join(MANIFEST_FILE).is_file());
-            if !dir.join(MANIFEST_FILE).is_file() && parent_has_manifest && dir.file_name().is_some_and(|n| n == DATA_DIR) {
+            if !dir.join(MANIFEST_FILE).is_file()
+                && parent_has_manifest
+                && dir.file_name().is_some_and(|n| n == DATA_DIR)
+            {
                 // The `data` folder of an output was given.
                 return OutputLayout { root: dir.parent().expect("checked").to_path_buf(), shards: dir.to_path_buf() };
             }

@@ -11,12 +11,14 @@ pub mod policy;
 pub mod shard;
 pub mod source;
 
-pub use decode::{decode_rgb8, decode_rgb8_named, decodes, DecodeError, DecodeLimits, ALPHA_BACKGROUND, DECODED_FORMATS};
+pub use decode::{
+    decode_rgb8, decode_rgb8_named, decodes, DecodeError, DecodeLimits, ALPHA_BACKGROUND, DECODED_FORMATS,
+};
 pub use layout::OutputLayout;
 pub use policy::{check_source_size, default_min_side, is_upscaled, make_samples, AugmentConfig, CropRect, Sample};
 pub use shard::{
-    decode_latent, decode_stored_image, encode_image, encode_latent, is_temp_file, list_shards, temp_path, temp_path_in, write_shard,
-    LatentRecord, ShardFileMeta, ShardReader, ShardRow, ShardWriter, ROW_GROUP_ROWS,
+    decode_latent, decode_stored_image, encode_image, encode_latent, is_temp_file, list_shards, temp_path,
+    temp_path_in, write_shard, LatentRecord, ShardFileMeta, ShardReader, ShardRow, ShardWriter, ROW_GROUP_ROWS,
 };
 pub use source::{
     fingerprint, is_image_name, list_inputs, read_bytes, sha256_hex, InputItem, Listing, SourceError, SourceLoc,

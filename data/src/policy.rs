@@ -193,12 +193,13 @@ fn plan(w: u32, h: u32, source_id: &str, variant: u32, cfg: &AugmentConfig) -> P
 /// Resample `crop` of `src` to `n x n` in one Lanczos3 pass.
 fn resize_crop(resizer: &mut Resizer, src: &ImageRef<'_>, crop: CropRect, n: u32) -> RgbImage {
     let mut dst = Image::new(n, n, PixelType::U8x3);
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
-        .crop(crop.x as f64, crop.y as f64, crop.w as f64, crop.h as f64);
-    resizer
-        .resize(src, &mut dst, &options)
-        .expect("same pixel type and a crop inside the source");
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)).crop(
+        crop.x as f64,
+        crop.y as f64,
+        crop.w as f64,
+        crop.h as f64,
+    );
+    resizer.resize(src, &mut dst, &options).expect("same pixel type and a crop inside the source");
     RgbImage::from_raw(n, n, dst.into_vec()).expect("n*n*3 bytes")
 }
 
@@ -229,7 +230,9 @@ mod tests {
 
     /// A test image with structure in both directions (no mirror symmetry).
     fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w.max(2)) as u8, (y * 255 / h.max(2)) as u8, ((x * 7 + y * 3) % 256) as u8]))
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 255 / w.max(2)) as u8, (y * 255 / h.max(2)) as u8, ((x * 7 + y * 3) % 256) as u8])
+        })
     }
 
     #[test]
@@ -288,7 +291,11 @@ mod tests {
             ]
         );
         let (m, t) = plan(1000, 700, "x.jpg", 2, &AugmentConfig { color_augment: 1.0, ..c }).color.unwrap();
-        let want_m = [[-0.080295086, 0.98443806, -0.69146764], [1.6332138, 0.7740584, -0.23065555], [0.91880393, 0.3906547, 1.941763]];
+        let want_m = [
+            [-0.080295086, 0.98443806, -0.69146764],
+            [1.6332138, 0.7740584, -0.23065555],
+            [0.91880393, 0.3906547, 1.941763],
+        ];
         let want_t = [0.9295099, 0.39599437, 0.29679787];
         for i in 0..3 {
             assert!((t[i] - want_t[i]).abs() < 1e-6, "t {t:?}");
@@ -452,7 +459,11 @@ mod tests {
         use fast_image_resize::CpuExtensions;
         let src = odd("progressive.jpg");
         let view = ImageRef::new(src.width(), src.height(), src.as_raw(), PixelType::U8x3).unwrap();
-        let crops = [CropRect { x: 0, y: 0, w: 256, h: 256 }, CropRect { x: 17, y: 3, w: 201, h: 201 }, CropRect { x: 40, y: 40, w: 20, h: 20 }];
+        let crops = [
+            CropRect { x: 0, y: 0, w: 256, h: 256 },
+            CropRect { x: 17, y: 3, w: 201, h: 201 },
+            CropRect { x: 40, y: 40, w: 20, h: 20 },
+        ];
         for &crop in &crops {
             for n in [64, 100, 256] {
                 let mut best = Resizer::new();

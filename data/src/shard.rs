@@ -235,7 +235,12 @@ fn to_i32(v: u32, what: &str) -> Result<i32> {
 fn validate_row(r: &ShardRow, meta: &ShardFileMeta) -> Result<()> {
     let [c, lh, lw] = r.latent_shape;
     let n = c as usize * lh as usize * lw as usize;
-    ensure!(r.latent.len() == n, "latent has {} values but latent_shape {:?} needs {n}", r.latent.len(), r.latent_shape);
+    ensure!(
+        r.latent.len() == n,
+        "latent has {} values but latent_shape {:?} needs {n}",
+        r.latent.len(),
+        r.latent_shape
+    );
     if let Some(std) = &r.latent_std {
         ensure!(std.len() == n, "latent_std has {} values but latent_shape {:?} needs {n}", std.len(), r.latent_shape);
     }
@@ -309,9 +314,15 @@ fn rows_to_batch(schema: &SchemaRef, rows: &[ShardRow], dtype: LatentDtype) -> R
         bail!("schema: latent_shape is not a list");
     };
     let shape_values = Int32Array::from_iter_values(rows.iter().flat_map(|r| r.latent_shape.map(|v| v as i32)));
-    let shapes = ListArray::try_new(item_field, OffsetBuffer::from_lengths(rows.iter().map(|_| 3)), Arc::new(shape_values), None)?;
+    let shapes = ListArray::try_new(
+        item_field,
+        OffsetBuffer::from_lengths(rows.iter().map(|_| 3)),
+        Arc::new(shape_values),
+        None,
+    )?;
     let latents: Vec<Vec<u8>> = rows.iter().map(|r| encode_latent(&r.latent, dtype)).collect();
-    let stds: Vec<Option<Vec<u8>>> = rows.iter().map(|r| r.latent_std.as_ref().map(|s| encode_latent(s, dtype))).collect();
+    let stds: Vec<Option<Vec<u8>>> =
+        rows.iter().map(|r| r.latent_std.as_ref().map(|s| encode_latent(s, dtype))).collect();
 
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.key.as_str()))),
@@ -382,7 +393,8 @@ impl ShardWriter {
         // errors and inputs: the Arrow schema is fixed when the file starts (see docs/format.md).
         let kv: Vec<KeyValue> =
             kv_pairs(meta)?.into_iter().filter(|p| p.key != key::ERRORS && p.key != key::INPUTS).collect();
-        let schema_kv: HashMap<String, String> = kv.iter().filter_map(|p| p.value.clone().map(|v| (p.key.clone(), v))).collect();
+        let schema_kv: HashMap<String, String> =
+            kv.iter().filter_map(|p| p.value.clone().map(|v| (p.key.clone(), v))).collect();
         let schema: SchemaRef = Arc::new(arrow_schema().with_metadata(schema_kv));
         let props = writer_properties(kv)?;
         let tmp = temp_path_in(final_path, staging);
@@ -423,7 +435,12 @@ impl ShardWriter {
     /// `row`, the shard's row `i`, against the shard's metadata.
     fn validate(&self, i: u64, row: &ShardRow) -> Result<()> {
         validate_row(row, &self.meta).with_context(|| {
-            format!("shard {}: row {i} (source {:?}, variant {}) is invalid", self.final_path.display(), row.source, row.variant)
+            format!(
+                "shard {}: row {i} (source {:?}, variant {}) is invalid",
+                self.final_path.display(),
+                row.source,
+                row.variant
+            )
         })
     }
 
@@ -440,9 +457,12 @@ impl ShardWriter {
         if rows.is_empty() {
             return Ok(());
         }
-        let w = self.writer.as_mut().ok_or_else(|| anyhow!("shard {} is already finished", self.final_path.display()))?;
+        let w =
+            self.writer.as_mut().ok_or_else(|| anyhow!("shard {} is already finished", self.final_path.display()))?;
         let batch = rows_to_batch(&self.schema, rows, self.meta.latent_dtype)?;
-        w.write(&batch).and_then(|()| w.flush()).with_context(|| format!("writing shard {}", self.final_path.display()))?;
+        w.write(&batch)
+            .and_then(|()| w.flush())
+            .with_context(|| format!("writing shard {}", self.final_path.display()))?;
         self.written += rows.len() as u64;
         Ok(())
     }
@@ -489,9 +509,7 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
         _ => Path::new("."),
     };
     #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync folder {}", dir.display()))?;
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync folder {}", dir.display()))?;
     Ok(())
 }
 
@@ -526,8 +544,8 @@ fn parse_meta(kv: &HashMap<String, String>) -> Result<ShardFileMeta> {
     let dtype_s = get(key::LATENT_DTYPE)?;
     let latent_dtype = LatentDtype::parse(dtype_s).ok_or_else(|| anyhow!("unknown latent dtype {dtype_s:?}"))?;
     let fmt_s = get(key::IMAGE_FORMAT)?;
-    let image_format: ImageFormat =
-        serde_json::from_value(serde_json::Value::String(fmt_s.to_string())).map_err(|_| anyhow!("unknown image format {fmt_s:?}"))?;
+    let image_format: ImageFormat = serde_json::from_value(serde_json::Value::String(fmt_s.to_string()))
+        .map_err(|_| anyhow!("unknown image format {fmt_s:?}"))?;
     let errors: Vec<ErrorRecord> =
         serde_json::from_str(get(key::ERRORS)?).context("metadata 'taesd.errors' is not a list of error records")?;
     let inputs: Option<Vec<InputRecord>> = kv
@@ -549,9 +567,7 @@ fn parse_meta(kv: &HashMap<String, String>) -> Result<ShardFileMeta> {
 /// The columns the file must have, with their types (nullability and field metadata aside).
 fn check_schema(found: &Schema) -> Result<()> {
     for want in arrow_schema().fields() {
-        let got = found
-            .field_with_name(want.name())
-            .map_err(|_| anyhow!("column '{}' is missing", want.name()))?;
+        let got = found.field_with_name(want.name()).map_err(|_| anyhow!("column '{}' is missing", want.name()))?;
         ensure!(
             got.data_type().equals_datatype(want.data_type()),
             "column '{}' has type {} but the schema says {}",
@@ -628,7 +644,8 @@ impl ShardReader {
 
     fn builder(&self) -> Result<ParquetRecordBatchReaderBuilder<File>> {
         let file = File::open(&self.path).with_context(|| format!("cannot open shard {}", self.path.display()))?;
-        Ok(ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.arrow_meta.clone()).with_batch_size(ROW_GROUP_ROWS))
+        Ok(ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.arrow_meta.clone())
+            .with_batch_size(ROW_GROUP_ROWS))
     }
 
     /// Every row, in file order.
@@ -648,7 +665,10 @@ impl ShardReader {
         let mut out = Vec::new();
         for batch in reader {
             let batch = batch.with_context(|| format!("shard {}: reading row group {i}", self.path.display()))?;
-            out.extend(batch_to_rows(&batch, self.meta.latent_dtype).with_context(|| format!("shard {}", self.path.display()))?);
+            out.extend(
+                batch_to_rows(&batch, self.meta.latent_dtype)
+                    .with_context(|| format!("shard {}", self.path.display()))?,
+            );
         }
         Ok(out)
     }
@@ -701,7 +721,12 @@ impl ShardReader {
             };
             let (x, y, w, h) = (f("x")?, f("y")?, f("w")?, f("h")?);
             for i in 0..batch.num_rows() {
-                out.push(CropRect { x: u32_at(x, i, "crop.x")?, y: u32_at(y, i, "crop.y")?, w: u32_at(w, i, "crop.w")?, h: u32_at(h, i, "crop.h")? });
+                out.push(CropRect {
+                    x: u32_at(x, i, "crop.x")?,
+                    y: u32_at(y, i, "crop.y")?,
+                    w: u32_at(w, i, "crop.w")?,
+                    h: u32_at(h, i, "crop.h")?,
+                });
             }
         }
         Ok(out)
@@ -767,7 +792,11 @@ fn batch_to_latents(batch: &RecordBatch, dtype: LatentDtype) -> Result<Vec<Laten
             Ok(LatentRecord {
                 latent: latent_at(latent.value(i), shape, dtype, i, col::LATENT)?,
                 latent_shape: shape,
-                latent_std: if std.is_null(i) { None } else { Some(latent_at(std.value(i), shape, dtype, i, col::LATENT_STD)?) },
+                latent_std: if std.is_null(i) {
+                    None
+                } else {
+                    Some(latent_at(std.value(i), shape, dtype, i, col::LATENT_STD)?)
+                },
             })
         })
         .collect()
@@ -777,7 +806,8 @@ fn batch_to_rows(batch: &RecordBatch, dtype: LatentDtype) -> Result<Vec<ShardRow
     let s = |n| column::<StringArray>(batch, n);
     let n = |name| column::<Int32Array>(batch, name);
     let (keys, sources, shas) = (s(col::KEY)?, s(col::SOURCE)?, s(col::SOURCE_SHA256)?);
-    let (sw, sh, variant, width, height) = (n(col::SOURCE_WIDTH)?, n(col::SOURCE_HEIGHT)?, n(col::VARIANT)?, n(col::WIDTH)?, n(col::HEIGHT)?);
+    let (sw, sh, variant, width, height) =
+        (n(col::SOURCE_WIDTH)?, n(col::SOURCE_HEIGHT)?, n(col::VARIANT)?, n(col::WIDTH)?, n(col::HEIGHT)?);
     let crop = column::<StructArray>(batch, col::CROP)?;
     let crop_col = |f: &str| -> Result<&Int32Array> {
         crop.column_by_name(f)
@@ -800,7 +830,12 @@ fn batch_to_rows(batch: &RecordBatch, dtype: LatentDtype) -> Result<Vec<ShardRow
                 source_width: u32_at(sw, i, col::SOURCE_WIDTH)?,
                 source_height: u32_at(sh, i, col::SOURCE_HEIGHT)?,
                 variant: u32_at(variant, i, col::VARIANT)?,
-                crop: CropRect { x: u32_at(cx, i, "crop.x")?, y: u32_at(cy, i, "crop.y")?, w: u32_at(cw, i, "crop.w")?, h: u32_at(ch, i, "crop.h")? },
+                crop: CropRect {
+                    x: u32_at(cx, i, "crop.x")?,
+                    y: u32_at(cy, i, "crop.y")?,
+                    w: u32_at(cw, i, "crop.w")?,
+                    h: u32_at(ch, i, "crop.h")?,
+                },
                 flip: flip.value(i),
                 color_aug: color_aug.value(i),
                 image: image.value(i).to_vec(),
@@ -828,7 +863,11 @@ mod tests {
             image_format: ImageFormat::Png,
             resolution: 16,
             shard_index: 7,
-            errors: vec![ErrorRecord { source: "bad.jpg".into(), stage: "decode".into(), reason: "truncated JPEG file: ...".into() }],
+            errors: vec![ErrorRecord {
+                source: "bad.jpg".into(),
+                stage: "decode".into(),
+                reason: "truncated JPEG file: ...".into(),
+            }],
             inputs: Some(vec![
                 InputRecord { source: "bad.jpg".into(), size: 123 },
                 InputRecord { source: "dir/k0.jpg".into(), size: 4567 },
@@ -1007,7 +1046,10 @@ mod tests {
         assert!(!tmp.exists());
         let r = ShardReader::open(&path).unwrap();
         assert_eq!(r.num_rows(), 150);
-        assert_eq!((0..r.num_row_groups()).map(|i| r.row_group_num_rows(i).unwrap()).collect::<Vec<_>>(), vec![64, 64, 22]);
+        assert_eq!(
+            (0..r.num_row_groups()).map(|i| r.row_group_num_rows(i).unwrap()).collect::<Vec<_>>(),
+            vec![64, 64, 22]
+        );
         assert_eq!(r.read_all().unwrap(), rows);
         assert_eq!(r.meta(), &m, "metadata incl. the errors added at the end");
     }
@@ -1067,8 +1109,28 @@ mod tests {
         let cases: Vec<(ShardRow, &str)> = vec![
             (ShardRow { latent: vec![0.0; 3], ..row(0, false) }, "needs 16"),
             (ShardRow { latent_std: Some(vec![0.0; 2]), ..row(0, false) }, "latent_std has 2"),
-            (ShardRow { latent: { let mut l = row(0, false).latent; l[3] = f32::NAN; l }, ..row(0, false) }, "latent[3] = NaN"),
-            (ShardRow { latent: { let mut l = row(0, false).latent; l[0] = 1e6; l }, ..row(0, false) }, "float16"),
+            (
+                ShardRow {
+                    latent: {
+                        let mut l = row(0, false).latent;
+                        l[3] = f32::NAN;
+                        l
+                    },
+                    ..row(0, false)
+                },
+                "latent[3] = NaN",
+            ),
+            (
+                ShardRow {
+                    latent: {
+                        let mut l = row(0, false).latent;
+                        l[0] = 1e6;
+                        l
+                    },
+                    ..row(0, false)
+                },
+                "float16",
+            ),
             (ShardRow { width: 32, ..row(0, false) }, "resolution is 16"),
             (ShardRow { latent_shape: [4, 4, 1], ..row(0, false) }, "downscale 8"),
             (ShardRow { latent_shape: [2, 2, 4], ..row(0, false) }, "has 2 channels"),
@@ -1104,7 +1166,9 @@ mod tests {
         // taesd metadata but a missing column.
         let partial = dir.path().join("partial.parquet");
         let schema = Arc::new(Schema::new(vec![Field::new(col::KEY, DataType::Utf8, false)]));
-        let props = WriterProperties::builder().set_key_value_metadata(Some(kv_pairs(&meta(LatentDtype::Float16)).unwrap())).build();
+        let props = WriterProperties::builder()
+            .set_key_value_metadata(Some(kv_pairs(&meta(LatentDtype::Float16)).unwrap()))
+            .build();
         let mut w = ArrowWriter::try_new(File::create(&partial).unwrap(), schema.clone(), Some(props)).unwrap();
         w.write(&RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["k"]))]).unwrap()).unwrap();
         w.close().unwrap();

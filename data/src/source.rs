@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 pub fn is_image_name(name: &str) -> bool {
     Path::new(name).extension().is_some_and(|e| {
         image::ImageFormat::from_extension(e).is_some()
-            || e.to_str().is_some_and(|e| crate::decode::OTHER_IMAGE_EXTENSIONS.iter().any(|(x, _)| x.eq_ignore_ascii_case(e)))
+            || e.to_str()
+                .is_some_and(|e| crate::decode::OTHER_IMAGE_EXTENSIONS.iter().any(|(x, _)| x.eq_ignore_ascii_case(e)))
     })
 }
 
@@ -81,9 +82,7 @@ pub enum SourceError {
 }
 
 fn has_extension(path: &Path, exts: &[&str]) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 fn is_image_path(path: &Path) -> bool {
@@ -96,10 +95,7 @@ fn is_tar_path(path: &Path) -> bool {
 
 /// `rel` with `/` separators, whatever the platform.
 fn slash_path(rel: &Path) -> String {
-    rel.components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
+    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
 }
 
 /// A name without its final extension (`a/b.c.jpg` -> `a/b.c`); unchanged if it has none.
@@ -132,10 +128,7 @@ pub fn list_inputs(root: &Path) -> Result<Listing, SourceError> {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    let where_ = e
-                        .path()
-                        .map(|p| slash_path(p.strip_prefix(root).unwrap_or(p)))
-                        .unwrap_or_default();
+                    let where_ = e.path().map(|p| slash_path(p.strip_prefix(root).unwrap_or(p))).unwrap_or_default();
                     let reason = match e.loop_ancestor() {
                         Some(a) => format!("symbolic link loop back to {}; not followed", a.display()),
                         None => format!("cannot read: {e}"),
@@ -216,10 +209,9 @@ fn list_tar(listing: &mut Listing, path: &Path, rel: &str) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                listing.errors.push((
-                    rel.to_string(),
-                    format!("tar file unreadable after {} image member(s): {e}", found.len()),
-                ));
+                listing
+                    .errors
+                    .push((rel.to_string(), format!("tar file unreadable after {} image member(s): {e}", found.len())));
                 break;
             }
         };
@@ -227,7 +219,9 @@ fn list_tar(listing: &mut Listing, path: &Path, rel: &str) {
             Ok(p) => slash_path(&p),
             Err(e) => {
                 let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-                listing.errors.push((format!("{rel}{TAR_MEMBER_SEPARATOR}{raw}"), format!("unusable member name: {e}")));
+                listing
+                    .errors
+                    .push((format!("{rel}{TAR_MEMBER_SEPARATOR}{raw}"), format!("unusable member name: {e}")));
                 continue;
             }
         };
@@ -296,7 +290,10 @@ pub fn read_bytes(item: &InputItem) -> std::io::Result<Vec<u8>> {
             f.seek(SeekFrom::Start(*offset))?;
             let mut buf = vec![0u8; *size as usize];
             f.read_exact(&mut buf).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("reading {size} bytes at offset {offset} of {}: {e}", tar.display()))
+                std::io::Error::new(
+                    e.kind(),
+                    format!("reading {size} bytes at offset {offset} of {}: {e}", tar.display()),
+                )
             })?;
             Ok(buf)
         }
@@ -377,8 +374,10 @@ mod tests {
         std::fs::copy(&pool[2], root.join("sub/deeper/c.PnG")).unwrap();
         std::fs::write(root.join("notes.txt"), "x").unwrap();
         std::fs::write(root.join("sub/photo.gif"), "x").unwrap();
-        let members: Vec<(String, Vec<u8>)> =
-            vec![("000001.jpg".into(), std::fs::read(&pool[3]).unwrap()), ("dir/000002.webp".into(), std::fs::read(&pool[4]).unwrap())];
+        let members: Vec<(String, Vec<u8>)> = vec![
+            ("000001.jpg".into(), std::fs::read(&pool[3]).unwrap()),
+            ("dir/000002.webp".into(), std::fs::read(&pool[4]).unwrap()),
+        ];
         build_tar(&root.join("sub/shard.tar"), &members);
 
         let l = list_inputs(root).unwrap();
@@ -388,11 +387,20 @@ mod tests {
         let sources: Vec<&str> = l.items.iter().map(|i| i.source.as_str()).collect();
         assert_eq!(
             sources,
-            ["b.jpg", "notes.txt", "sub/A.JPEG", "sub/deeper/c.PnG", "sub/photo.gif", "sub/shard.tar:000001.jpg", "sub/shard.tar:dir/000002.webp"]
+            [
+                "b.jpg",
+                "notes.txt",
+                "sub/A.JPEG",
+                "sub/deeper/c.PnG",
+                "sub/photo.gif",
+                "sub/shard.tar:000001.jpg",
+                "sub/shard.tar:dir/000002.webp"
+            ]
         );
         let keys: Vec<&str> = l.items.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, ["b", "notes", "sub/A", "sub/deeper/c", "sub/photo", "000001", "dir/000002"]);
-        let images: Vec<&InputItem> = l.items.iter().filter(|i| !i.source.ends_with(".txt") && !i.source.ends_with(".gif")).collect();
+        let images: Vec<&InputItem> =
+            l.items.iter().filter(|i| !i.source.ends_with(".txt") && !i.source.ends_with(".gif")).collect();
 
         // Bytes come back exactly, from files and from tar members.
         for (item, expect) in images.into_iter().zip([&pool[0], &pool[1], &pool[2], &pool[3], &pool[4]]) {
@@ -403,7 +411,14 @@ mod tests {
             crate::decode::decode_rgb8(&read_bytes(item).unwrap(), &Default::default()).unwrap();
         }
         assert!(matches!(l.items[5].loc, SourceLoc::TarMember { .. }));
-        assert!(is_image_name("x.TIF") && is_image_name("a/b.qoi") && is_image_name("c.avif") && is_image_name("h.HEIC") && !is_image_name("d.txt") && !is_image_name("e"));
+        assert!(
+            is_image_name("x.TIF")
+                && is_image_name("a/b.qoi")
+                && is_image_name("c.avif")
+                && is_image_name("h.HEIC")
+                && !is_image_name("d.txt")
+                && !is_image_name("e")
+        );
 
         // Deterministic: the same listing and fingerprint again.
         let again = list_inputs(root).unwrap();
@@ -461,8 +476,10 @@ mod tests {
         // Garbage named .tar.
         std::fs::write(dir.path().join("garbage.tar"), vec![0x5au8; 1500]).unwrap();
         // A tar cut in the middle of its second image.
-        let members: Vec<(String, Vec<u8>)> =
-            vec![("m1.jpg".into(), std::fs::read(&pool[1]).unwrap()), ("m2.jpg".into(), std::fs::read(&pool[2]).unwrap())];
+        let members: Vec<(String, Vec<u8>)> = vec![
+            ("m1.jpg".into(), std::fs::read(&pool[1]).unwrap()),
+            ("m2.jpg".into(), std::fs::read(&pool[2]).unwrap()),
+        ];
         let full = dir.path().join("full.tar");
         build_tar(&full, &members);
         let bytes = std::fs::read(&full).unwrap();
@@ -476,11 +493,7 @@ mod tests {
         assert_eq!(read_bytes(&l.items[0]).unwrap(), members[0].1);
         let err_sources: Vec<&str> = l.errors.iter().map(|(s, _)| s.as_str()).collect();
         assert!(err_sources.contains(&"garbage.tar"), "{:?}", l.errors);
-        assert!(
-            l.errors.iter().any(|(s, r)| s.starts_with("cut.tar") && r.contains("truncated")),
-            "{:?}",
-            l.errors
-        );
+        assert!(l.errors.iter().any(|(s, r)| s.starts_with("cut.tar") && r.contains("truncated")), "{:?}", l.errors);
     }
 
     #[test]
@@ -488,7 +501,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool_files(2);
         let tar = dir.path().join("d.tar");
-        build_tar(&tar, &[("x.jpg".into(), std::fs::read(&pool[0]).unwrap()), ("x.jpg".into(), std::fs::read(&pool[1]).unwrap())]);
+        build_tar(
+            &tar,
+            &[("x.jpg".into(), std::fs::read(&pool[0]).unwrap()), ("x.jpg".into(), std::fs::read(&pool[1]).unwrap())],
+        );
         let l = list_inputs(&tar).unwrap();
         assert_eq!(l.items.len(), 1);
         assert_eq!(read_bytes(&l.items[0]).unwrap(), std::fs::read(&pool[1]).unwrap());

@@ -59,7 +59,9 @@ use image::{DynamicImage, ImageFormat, RgbImage};
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use taesd_data::{decode_rgb8_named, write_shard, CropRect, DecodeLimits, ShardFileMeta, ShardReader, ShardRow, DECODED_FORMATS};
+use taesd_data::{
+    decode_rgb8_named, write_shard, CropRect, DecodeLimits, ShardFileMeta, ShardReader, ShardRow, DECODED_FORMATS,
+};
 use taesd_schemas::{preset, ImageFormat as Stored, LatentDtype};
 
 /// The largest single allocation the shard reader may make for the small shards here.
@@ -125,7 +127,9 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 fn fixture(format: ImageFormat) -> Vec<u8> {
     let rgb = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 256) as u8]));
     let img = match format {
-        ImageFormat::Hdr | ImageFormat::OpenExr => DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(rgb).into_rgb32f()),
+        ImageFormat::Hdr | ImageFormat::OpenExr => {
+            DynamicImage::ImageRgb32F(DynamicImage::ImageRgb8(rgb).into_rgb32f())
+        }
         ImageFormat::Farbfeld => DynamicImage::ImageRgba16(DynamicImage::ImageRgb8(rgb).into_rgba16()),
         ImageFormat::Png | ImageFormat::Tiff | ImageFormat::Qoi | ImageFormat::Tga | ImageFormat::Ico => {
             let mut rgba = DynamicImage::ImageRgb8(rgb).into_rgba8();
@@ -159,7 +163,8 @@ fn damaged_images_of_every_format_fail_cleanly_within_the_cap() {
         for _ in 0..250 {
             let (bytes, what) = mutate(&valid, &mut rng);
             cases += 1;
-            let (r, largest) = probe::largest(|| catch_unwind(AssertUnwindSafe(|| decode_rgb8_named(&bytes, Some(&name), &limits))));
+            let (r, largest) =
+                probe::largest(|| catch_unwind(AssertUnwindSafe(|| decode_rgb8_named(&bytes, Some(&name), &limits))));
             match r {
                 Err(p) => problems.push(format!("{format:?}, {what}: panicked: {}", panic_message(p))),
                 Ok(Err(e)) => {
@@ -221,7 +226,8 @@ fn huge_declared_sizes_are_refused_before_allocation() {
     ];
     for (ext, bytes) in cases {
         let name = format!("bomb.{ext}");
-        let (r, largest) = probe::largest(|| catch_unwind(AssertUnwindSafe(|| decode_rgb8_named(&bytes, Some(&name), &limits))));
+        let (r, largest) =
+            probe::largest(|| catch_unwind(AssertUnwindSafe(|| decode_rgb8_named(&bytes, Some(&name), &limits))));
         let e = match r {
             Ok(Err(e)) => e.to_string(),
             Ok(Ok(_)) => panic!("{name}: a 60000x60000 header decoded"),
@@ -330,7 +336,9 @@ fn a_footer_claiming_huge_column_chunks_is_refused_before_allocation() {
     let footer_len = u32::from_le_bytes(valid[valid.len() - 8..valid.len() - 4].try_into().unwrap()) as usize;
     let data_end = valid.len() - 8 - footer_len;
     let meta = ParquetMetaDataReader::new().parse_and_finish(&std::fs::File::open(&path).unwrap()).unwrap();
-    for (what, size, offset) in [("3 GiB chunk", 3i64 << 30, None), ("chunk past the end", 1000, Some(valid.len() as i64 + 10))] {
+    for (what, size, offset) in
+        [("3 GiB chunk", 3i64 << 30, None), ("chunk past the end", 1000, Some(valid.len() as i64 + 10))]
+    {
         let mut b = meta.clone().into_builder();
         let mut groups = Vec::new();
         for rg in meta.row_groups() {

@@ -42,8 +42,12 @@ fn main() -> anyhow::Result<()> {
     for s in ["a", "b"] {
         let image = &r[&format!("image_{s}")];
         let (lm, lr) = errors(&enc.forward(&on(image)?)?, &r[&format!("taef2_latent_{s}")])?;
-        let (dm, dr) = errors(&dec.forward(&on(&r[&format!("taef2_latent_{s}")])?)?, &r[&format!("taef2_decoded_{s}")])?;
-        println!("taef2 image_{s} {:?}: encoder max|err| {lm:.3e} rel {lr:.2e}; decoder max|err| {dm:.3e} rel {dr:.2e}", image.dims());
+        let (dm, dr) =
+            errors(&dec.forward(&on(&r[&format!("taef2_latent_{s}")])?)?, &r[&format!("taef2_decoded_{s}")])?;
+        println!(
+            "taef2 image_{s} {:?}: encoder max|err| {lm:.3e} rel {lr:.2e}; decoder max|err| {dm:.3e} rel {dr:.2e}",
+            image.dims()
+        );
     }
     let (sm, sr) = errors(&taesana.encoder.as_ref().unwrap().forward(&on(&r["image_a"])?)?, &r["taesana_latent_a"])?;
     println!("taesana image_a: encoder max|err| {sm:.3e} rel {sr:.2e}");

@@ -36,44 +36,23 @@ pub const POOL_EPS: f64 = 1e-5;
 
 impl LayerSpec {
     fn conv(c_in: usize, c_out: usize) -> Self {
-        LayerSpec::Conv {
-            c_in,
-            c_out,
-            stride: 1,
-            bias: true,
-        }
+        LayerSpec::Conv { c_in, c_out, stride: 1, bias: true }
     }
     fn conv_nb(c_in: usize, c_out: usize) -> Self {
-        LayerSpec::Conv {
-            c_in,
-            c_out,
-            stride: 1,
-            bias: false,
-        }
+        LayerSpec::Conv { c_in, c_out, stride: 1, bias: false }
     }
     fn down(c: usize) -> Self {
-        LayerSpec::Conv {
-            c_in: c,
-            c_out: c,
-            stride: 2,
-            bias: false,
-        }
+        LayerSpec::Conv { c_in: c, c_out: c, stride: 2, bias: false }
     }
     fn block(c: usize, pool: bool) -> Self {
-        LayerSpec::Block {
-            c_in: c,
-            c_out: c,
-            pool,
-        }
+        LayerSpec::Block { c_in: c, c_out: c, pool }
     }
 
     /// The layer's tensors, named relative to the layer (`weight`, `conv.0.weight`, ...).
     pub fn params(&self) -> Vec<(String, Vec<usize>)> {
         let mut p = Vec::new();
         match *self {
-            LayerSpec::Conv {
-                c_in, c_out, bias, ..
-            } => {
+            LayerSpec::Conv { c_in, c_out, bias, .. } => {
                 p.push(("weight".to_string(), vec![c_out, c_in, 3, 3]));
                 if bias {
                     p.push(("bias".to_string(), vec![c_out]));
@@ -114,19 +93,9 @@ pub fn encoder_spec(cfg: &TaesdConfig) -> Vec<LayerSpec> {
     let mut l = match cfg.downscale {
         Downscale::X8 => vec![LayerSpec::conv(3, 64), LayerSpec::block(64, false)],
         Downscale::X32 => vec![
-            Conv {
-                c_in: 3,
-                c_out: 32,
-                stride: 2,
-                bias: true,
-            },
+            Conv { c_in: 3, c_out: 32, stride: 2, bias: true },
             Relu,
-            Conv {
-                c_in: 32,
-                c_out: 64,
-                stride: 2,
-                bias: true,
-            },
+            Conv { c_in: 32, c_out: 64, stride: 2, bias: true },
             Relu,
             LayerSpec::block(64, false),
         ],
@@ -167,12 +136,7 @@ pub fn decoder_spec(cfg: &TaesdConfig) -> Vec<LayerSpec> {
                 l.extend([Upsample, LayerSpec::conv_nb(64, 64)]);
                 l.extend(blocks3(64, false));
             }
-            l.extend([
-                Upsample,
-                LayerSpec::conv_nb(64, 64),
-                LayerSpec::block(64, false),
-                LayerSpec::conv(64, 3),
-            ]);
+            l.extend([Upsample, LayerSpec::conv_nb(64, 64), LayerSpec::block(64, false), LayerSpec::conv(64, 3)]);
             l
         }
     }
@@ -209,20 +173,13 @@ pub fn param_shapes(cfg: &TaesdConfig, part: Part) -> Vec<(String, Vec<usize>)> 
     part.spec(cfg)
         .iter()
         .enumerate()
-        .flat_map(|(i, l)| {
-            l.params()
-                .into_iter()
-                .map(move |(n, s)| (format!("{i}.{n}"), s))
-        })
+        .flat_map(|(i, l)| l.params().into_iter().map(move |(n, s)| (format!("{i}.{n}"), s)))
         .collect()
 }
 
 /// Number of parameters of one part.
 pub fn param_count(cfg: &TaesdConfig, part: Part) -> usize {
-    param_shapes(cfg, part)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum()
+    param_shapes(cfg, part).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
 }
 
 /// taesd.py index of the decoder's last conv (the one that outputs RGB).
@@ -234,11 +191,7 @@ pub fn decoder_last_conv_index(cfg: &TaesdConfig) -> usize {
 /// taesana), for a trainer that starts it at 0.5 (mid-grey).
 pub fn decoder_last_conv_bias_name(cfg: impl Into<TaesdConfig>) -> String {
     let cfg = cfg.into();
-    format!(
-        "{}.{}.bias",
-        Part::Decoder.prefix(),
-        decoder_last_conv_index(&cfg)
-    )
+    format!("{}.{}.bias", Part::Decoder.prefix(), decoder_last_conv_index(&cfg))
 }
 
 #[cfg(test)]
@@ -249,19 +202,13 @@ mod tests {
     #[test]
     fn indices_match_the_reference_files() {
         let cfg = Variant::Taef2.config();
-        let enc: Vec<_> = param_shapes(&cfg, Part::Encoder)
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let enc: Vec<_> = param_shapes(&cfg, Part::Encoder).into_iter().map(|(n, _)| n).collect();
         assert_eq!(enc.len(), 79);
         assert_eq!(enc[0], "0.weight");
         assert!(enc.contains(&"11.pool.3.weight".to_string()));
         assert!(!enc.iter().any(|n| n.starts_with("10.pool")));
         assert_eq!(enc.last().unwrap(), "14.bias");
-        let dec: Vec<_> = param_shapes(&cfg, Part::Decoder)
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let dec: Vec<_> = param_shapes(&cfg, Part::Decoder).into_iter().map(|(n, _)| n).collect();
         assert_eq!(dec.len(), 79);
         assert!(dec.contains(&"5.pool.1.bias".to_string()));
         assert!(!dec.iter().any(|n| n.starts_with("8.pool")));
@@ -269,13 +216,7 @@ mod tests {
         let sana = param_shapes(&Variant::Taesana.config(), Part::Encoder);
         assert_eq!(sana.len(), 69);
         assert_eq!(sana.last().unwrap(), &("17.bias".to_string(), vec![32]));
-        assert_eq!(
-            decoder_last_conv_bias_name(Variant::Taesd),
-            "decoder.19.bias"
-        );
-        assert_eq!(
-            decoder_last_conv_bias_name(Variant::Taesana),
-            "decoder.29.bias"
-        );
+        assert_eq!(decoder_last_conv_bias_name(Variant::Taesd), "decoder.19.bias");
+        assert_eq!(decoder_last_conv_bias_name(Variant::Taesana), "decoder.29.bias");
     }
 }

@@ -39,18 +39,11 @@ pub struct TensorFile {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TaesdError + '_ {
-    move |cause| TaesdError::Io {
-        path: path.to_path_buf(),
-        cause,
-    }
+    move |cause| TaesdError::Io { path: path.to_path_buf(), cause }
 }
 
 fn is_pickle(path: &Path) -> Result<bool> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_lowercase();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_lowercase();
     match ext.as_str() {
         "safetensors" | "sft" => Ok(false),
         "pth" | "pt" | "bin" | "ckpt" => Ok(true),
@@ -96,21 +89,15 @@ pub fn read_tensor_file(path: impl AsRef<Path>) -> Result<TensorFile> {
         (tensors, HashMap::new())
     } else {
         let bytes = std::fs::read(path).map_err(io_err(path))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            TaesdError::UnknownLayout {
-                file: path.to_path_buf(),
-                reason: format!("not a safetensors file: {e}"),
-            }
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| TaesdError::UnknownLayout {
+            file: path.to_path_buf(),
+            reason: format!("not a safetensors file: {e}"),
         })?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).ctx(ctx)?;
         (tensors, metadata)
     };
-    Ok(TensorFile {
-        path: path.to_path_buf(),
-        tensors,
-        metadata,
-    })
+    Ok(TensorFile { path: path.to_path_buf(), tensors, metadata })
 }
 
 /// What was found in a checkpoint.
@@ -143,10 +130,7 @@ impl CheckpointInfo {
     }
     /// The parts present.
     pub fn parts(&self) -> Vec<Part> {
-        Part::BOTH
-            .into_iter()
-            .filter(|p| self.file(*p).is_some())
-            .collect()
+        Part::BOTH.into_iter().filter(|p| self.file(*p).is_some()).collect()
     }
     pub fn file(&self, part: Part) -> Option<&Path> {
         match part {
@@ -168,10 +152,7 @@ impl Checkpoint {
     /// The tensors of one part under their reference names (`1.conv.0.weight`).
     pub fn part_tensors(&self, part: Part) -> HashMap<String, Tensor> {
         let prefix = format!("{}.", part.prefix());
-        self.tensors
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|l| (l.to_string(), t.clone())))
-            .collect()
+        self.tensors.iter().filter_map(|(n, t)| n.strip_prefix(&prefix).map(|l| (l.to_string(), t.clone()))).collect()
     }
 
     /// A `VarBuilder` over the tensors (converted to `dtype` on `device` as layers ask for them),
@@ -188,14 +169,8 @@ impl Checkpoint {
         {
             let mut data = vm.data().lock().expect("fresh VarMap");
             for (name, t) in &self.tensors {
-                let t = t
-                    .to_device(device)
-                    .and_then(|t| t.to_dtype(dtype))
-                    .and_then(|t| Var::from_tensor(&t));
-                data.insert(
-                    name.clone(),
-                    t.ctx(|| format!("{name}: to {dtype:?} on {device:?}"))?,
-                );
+                let t = t.to_device(device).and_then(|t| t.to_dtype(dtype)).and_then(|t| Var::from_tensor(&t));
+                data.insert(name.clone(), t.ctx(|| format!("{name}: to {dtype:?} on {device:?}"))?);
             }
         }
         Ok(vm)
@@ -222,10 +197,8 @@ struct DiffusersTinyConfig {
 impl DiffusersTinyConfig {
     fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|cause| TaesdError::Json {
-            path: path.to_path_buf(),
-            cause,
-        })?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|cause| TaesdError::Json { path: path.to_path_buf(), cause })?;
         cfg.check(path)?;
         Ok(cfg)
     }
@@ -243,35 +216,14 @@ impl DiffusersTinyConfig {
             }
         }
         let check_vec = |field: &str, v: &Option<Vec<usize>>, want: &[usize]| match v {
-            Some(v) if v.as_slice() != want => {
-                Err(bad(field, format!("{v:?}"), &format!("{want:?}")))
-            }
+            Some(v) if v.as_slice() != want => Err(bad(field, format!("{v:?}"), &format!("{want:?}"))),
             _ => Ok(()),
         };
-        check_vec(
-            "encoder_block_out_channels",
-            &self.encoder_block_out_channels,
-            &[64; 4],
-        )?;
-        check_vec(
-            "decoder_block_out_channels",
-            &self.decoder_block_out_channels,
-            &[64; 4],
-        )?;
-        check_vec(
-            "num_encoder_blocks",
-            &self.num_encoder_blocks,
-            &[1, 3, 3, 3],
-        )?;
-        check_vec(
-            "num_decoder_blocks",
-            &self.num_decoder_blocks,
-            &[3, 3, 3, 1],
-        )?;
-        for (field, v) in [
-            ("in_channels", self.in_channels),
-            ("out_channels", self.out_channels),
-        ] {
+        check_vec("encoder_block_out_channels", &self.encoder_block_out_channels, &[64; 4])?;
+        check_vec("decoder_block_out_channels", &self.decoder_block_out_channels, &[64; 4])?;
+        check_vec("num_encoder_blocks", &self.num_encoder_blocks, &[1, 3, 3, 3])?;
+        check_vec("num_decoder_blocks", &self.num_decoder_blocks, &[3, 3, 3, 1])?;
+        for (field, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels)] {
             if let Some(v) = v.filter(|v| *v != 3) {
                 return Err(bad(field, v.to_string(), "3"));
             }
@@ -282,11 +234,7 @@ impl DiffusersTinyConfig {
         if let Some(a) = self.act_fn.as_ref().filter(|a| a.as_str() != "relu") {
             return Err(bad("act_fn", a.clone(), "relu"));
         }
-        if let Some(u) = self
-            .upsample_fn
-            .as_ref()
-            .filter(|u| u.as_str() != "nearest")
-        {
+        if let Some(u) = self.upsample_fn.as_ref().filter(|u| u.as_str() != "nearest") {
             return Err(bad("upsample_fn", u.clone(), "nearest"));
         }
         Ok(())
@@ -310,15 +258,8 @@ fn shape_of(t: &Tensor) -> Vec<usize> {
 }
 
 fn split_file(file: TensorFile) -> Result<Unit> {
-    let TensorFile {
-        path,
-        mut tensors,
-        metadata,
-    } = file;
-    let unknown = |reason: String| TaesdError::UnknownLayout {
-        file: path.clone(),
-        reason,
-    };
+    let TensorFile { path, mut tensors, metadata } = file;
+    let unknown = |reason: String| TaesdError::UnknownLayout { file: path.clone(), reason };
     if tensors.is_empty() {
         return Err(unknown("it holds no tensors".into()));
     }
@@ -333,11 +274,7 @@ fn split_file(file: TensorFile) -> Result<Unit> {
 
     let mut vae_scaling = None;
     if layout == Layout::ComfyUi {
-        let scalar = |t: &Tensor| {
-            t.flatten_all()
-                .and_then(|t| t.to_dtype(DType::F64))
-                .and_then(|t| t.to_vec1::<f64>())
-        };
+        let scalar = |t: &Tensor| t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>());
         let scale = tensors.remove(COMFY_VAE_SCALE);
         let shift = tensors.remove(COMFY_VAE_SHIFT);
         if let Some(s) = scale {
@@ -354,10 +291,7 @@ fn split_file(file: TensorFile) -> Result<Unit> {
 
     // A taesd.py file is one part: the encoder's index 0 is a conv, the decoder's the Clamp.
     let file_part = (layout == Layout::TaesdPy).then(|| {
-        if tensors
-            .keys()
-            .any(|n| split_index(n).map(|(i, _)| i) == Some(0))
-        {
+        if tensors.keys().any(|n| split_index(n).map(|(i, _)| i) == Some(0)) {
             Part::Encoder
         } else {
             Part::Decoder
@@ -383,44 +317,25 @@ fn split_file(file: TensorFile) -> Result<Unit> {
         }
     }
     parts.sort_by_key(|(p, _)| *p);
-    Ok(Unit {
-        path,
-        layout,
-        parts,
-        metadata,
-        vae_scaling,
-    })
+    Ok(Unit { path, layout, parts, metadata, vae_scaling })
 }
 
 /// The structure one part's tensors describe. Lenient: strict checking comes after.
 /// `fallback_c`: latent channels to assume when the tensors that tell it are missing.
-fn detect_part_config(
-    part: Part,
-    t: &PartTensors,
-    fallback_c: Option<usize>,
-    unit: &Unit,
-) -> Result<TaesdConfig> {
-    let max_index = t
-        .keys()
-        .filter_map(|n| split_index(n).map(|(i, _)| i))
-        .max()
-        .unwrap_or(0);
+fn detect_part_config(part: Part, t: &PartTensors, fallback_c: Option<usize>, unit: &Unit) -> Result<TaesdConfig> {
+    let max_index = t.keys().filter_map(|n| split_index(n).map(|(i, _)| i)).max().unwrap_or(0);
     let midblock_pool = t.keys().any(|n| n.contains(".pool."));
     let dim = |name: &str, d: usize| t.get(name).and_then(|(_, t)| t.dims().get(d).copied());
     let (downscale, c) = match part {
         Part::Encoder => {
-            let x32 =
-                max_index > 14 || (dim("0.weight", 0) == Some(32) && t.contains_key("2.weight"));
+            let x32 = max_index > 14 || (dim("0.weight", 0) == Some(32) && t.contains_key("2.weight"));
             let last = if x32 { 17 } else { 14 };
             let c = dim(&format!("{last}.weight"), 0).or_else(|| dim(&format!("{last}.bias"), 0));
             (if x32 { Downscale::X32 } else { Downscale::X8 }, c)
         }
         Part::Decoder => {
             let x32 = max_index > 19 || dim("1.weight", 0) == Some(256);
-            (
-                if x32 { Downscale::X32 } else { Downscale::X8 },
-                dim("1.weight", 1),
-            )
+            (if x32 { Downscale::X32 } else { Downscale::X8 }, dim("1.weight", 1))
         }
     };
     let latent_channels = match c.or(fallback_c) {
@@ -440,21 +355,11 @@ fn detect_part_config(
             });
         }
     };
-    Ok(TaesdConfig {
-        latent_channels,
-        midblock_pool,
-        downscale,
-    })
+    Ok(TaesdConfig { latent_channels, midblock_pool, downscale })
 }
 
 /// Check one part's tensors against the structure: every tensor present, right shape, no extras.
-pub(crate) fn check_part(
-    cfg: &TaesdConfig,
-    part: Part,
-    t: &PartTensors,
-    file: &Path,
-    layout: Layout,
-) -> Result<()> {
+pub(crate) fn check_part(cfg: &TaesdConfig, part: Part, t: &PartTensors, file: &Path, layout: Layout) -> Result<()> {
     let what = format!("{} {}", cfg.describe(), part.prefix());
     let expected = param_shapes(cfg, part);
     for (local, shape) in &expected {
@@ -480,8 +385,7 @@ pub(crate) fn check_part(
         }
     }
     if t.len() != expected.len() {
-        let known: std::collections::HashSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
         if let Some((_, (name, tensor))) = t.iter().find(|(l, _)| !known.contains(l.as_str())) {
             return Err(TaesdError::UnexpectedTensor {
                 file: file.to_path_buf(),
@@ -497,11 +401,7 @@ pub(crate) fn check_part(
 /// The variant a path's names hint at: the file name, else its folder's or the one above
 /// (`taef1/vae/diffusion_pytorch_model.safetensors`).
 fn name_hint(path: &Path) -> Option<Variant> {
-    path.ancestors().take(3).find_map(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .and_then(Variant::from_file_name)
-    })
+    path.ancestors().take(3).find_map(|p| p.file_name().and_then(|n| n.to_str()).and_then(Variant::from_file_name))
 }
 
 /// Check and merge files (each one or two parts) into one checkpoint.
@@ -510,9 +410,7 @@ fn assemble(
     expected: Option<Variant>,
     diffusers_cfg: Option<(&Path, &DiffusersTinyConfig)>,
 ) -> Result<Checkpoint> {
-    let first = units
-        .first()
-        .ok_or_else(|| TaesdError::Other("no checkpoint files given".into()))?;
+    let first = units.first().ok_or_else(|| TaesdError::Other("no checkpoint files given".into()))?;
     let layout = first.layout;
     let fallback_c = expected.map(|v| v.latent_channels());
 
@@ -567,10 +465,7 @@ fn assemble(
         if let Some(c) = dc.latent_channels.filter(|c| *c != config.latent_channels) {
             return Err(TaesdError::Config {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "latent_channels is {c}, but the weights have {}",
-                    config.latent_channels
-                ),
+                reason: format!("latent_channels is {c}, but the weights have {}", config.latent_channels),
             });
         }
     }
@@ -587,10 +482,7 @@ fn assemble(
     let fits = |v: &Variant| candidates.contains(v);
     let variant = expected
         .or_else(|| {
-            units
-                .iter()
-                .find_map(|u| u.metadata.get(META_VARIANT).and_then(|s| Variant::parse(s)))
-                .filter(fits)
+            units.iter().find_map(|u| u.metadata.get(META_VARIANT).and_then(|s| Variant::parse(s))).filter(fits)
         })
         .or_else(|| units.iter().find_map(|u| name_hint(&u.path)).filter(fits))
         .or_else(|| config.unique_variant());
@@ -623,11 +515,7 @@ fn diffusers_files(dir: &Path) -> Option<(PathBuf, PathBuf)> {
     for d in [dir.to_path_buf(), dir.join("vae")] {
         let config = d.join("config.json");
         if config.is_file() {
-            if let Some(w) = DIFFUSERS_WEIGHT_FILES
-                .iter()
-                .map(|f| d.join(f))
-                .find(|p| p.is_file())
-            {
+            if let Some(w) = DIFFUSERS_WEIGHT_FILES.iter().map(|f| d.join(f)).find(|p| p.is_file()) {
                 return Some((w, config));
             }
         }
@@ -643,10 +531,8 @@ fn taesd_py_files(dir: &Path, expected: Option<Variant>) -> Result<Vec<PathBuf>>
     let entries = std::fs::read_dir(dir).map_err(io_err(dir))?;
     for e in entries {
         let p = e.map_err(io_err(dir))?.path();
-        let (Some(stem), Some(ext)) = (
-            p.file_stem().and_then(|s| s.to_str()),
-            p.extension().and_then(|s| s.to_str()),
-        ) else {
+        let (Some(stem), Some(ext)) = (p.file_stem().and_then(|s| s.to_str()), p.extension().and_then(|s| s.to_str()))
+        else {
             continue;
         };
         let rank = match ext {
@@ -720,14 +606,8 @@ pub fn load_checkpoint(path: impl AsRef<Path>, expected: Option<Variant>) -> Res
 
 /// Load several files as one checkpoint (e.g. a taesd.py `_encoder` and `_decoder` pair); each
 /// part may come from one file only, and all must have one structure.
-pub fn load_checkpoints<P: AsRef<Path>>(
-    paths: &[P],
-    expected: Option<Variant>,
-) -> Result<Checkpoint> {
-    let units = paths
-        .iter()
-        .map(|p| read_tensor_file(p.as_ref()).and_then(split_file))
-        .collect::<Result<Vec<_>>>()?;
+pub fn load_checkpoints<P: AsRef<Path>>(paths: &[P], expected: Option<Variant>) -> Result<Checkpoint> {
+    let units = paths.iter().map(|p| read_tensor_file(p.as_ref()).and_then(split_file)).collect::<Result<Vec<_>>>()?;
     assemble(units, expected, None)
 }
 
@@ -747,23 +627,15 @@ pub fn load_varmap(
 /// The tensors of a `VarMap` (a shallow copy: they share storage with the variables).
 pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
     let data = varmap.data().lock().expect("VarMap lock");
-    data.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
+    data.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
 }
 
 /// Set the decoder's output bias (all three channels) to `value` in a `VarMap` built by
 /// [`crate::Taesd::new`] or [`crate::Decoder::new`] under `decoder` (0.5: start at mid-grey).
-pub fn set_decoder_output_bias(
-    varmap: &VarMap,
-    cfg: impl Into<TaesdConfig>,
-    value: f64,
-) -> Result<()> {
+pub fn set_decoder_output_bias(varmap: &VarMap, cfg: impl Into<TaesdConfig>, value: f64) -> Result<()> {
     let name = crate::arch::decoder_last_conv_bias_name(cfg);
     let data = varmap.data().lock().expect("VarMap lock");
-    let var = data
-        .get(&name)
-        .ok_or_else(|| TaesdError::Other(format!("the VarMap has no `{name}`")))?;
+    let var = data.get(&name).ok_or_else(|| TaesdError::Other(format!("the VarMap has no `{name}`")))?;
     let t = var.as_tensor();
     let full = Tensor::full(value, t.shape(), t.device()).and_then(|f| f.to_dtype(t.dtype()));
     full.and_then(|f| var.set(&f)).ctx(|| name.clone())

@@ -21,11 +21,7 @@ impl Decoder {
     pub fn new(config: &TaesdConfig, vb: VarBuilder) -> Result<Self> {
         let seq = Sequential::new(&decoder_spec(config), vb)?;
         let dtype = seq.dtype().unwrap_or(DType::F32);
-        Ok(Self {
-            config: *config,
-            seq,
-            dtype,
-        })
+        Ok(Self { config: *config, seq, dtype })
     }
 
     pub fn config(&self) -> &TaesdConfig {

@@ -22,11 +22,7 @@ impl Encoder {
     pub fn new(config: &TaesdConfig, vb: VarBuilder) -> Result<Self> {
         let seq = Sequential::new(&encoder_spec(config), vb)?;
         let dtype = seq.dtype().unwrap_or(DType::F32);
-        Ok(Self {
-            config: *config,
-            seq,
-            dtype,
-        })
+        Ok(Self { config: *config, seq, dtype })
     }
 
     pub fn config(&self) -> &TaesdConfig {

@@ -11,36 +11,16 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TaesdError {
     #[error("{}: missing tensor `{name}` (shape {expected}) of the {what}", .file.display())]
-    MissingTensor {
-        file: PathBuf,
-        name: String,
-        expected: String,
-        what: String,
-    },
+    MissingTensor { file: PathBuf, name: String, expected: String, what: String },
 
     #[error("{}: tensor `{name}` has shape {got:?}, the {what} needs {expected:?}", .file.display())]
-    ShapeMismatch {
-        file: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-        what: String,
-    },
+    ShapeMismatch { file: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize>, what: String },
 
     #[error("{}: unexpected tensor `{name}` (shape {shape:?}) in the {what}", .file.display())]
-    UnexpectedTensor {
-        file: PathBuf,
-        name: String,
-        shape: Vec<usize>,
-        what: String,
-    },
+    UnexpectedTensor { file: PathBuf, name: String, shape: Vec<usize>, what: String },
 
     #[error("{}: holds a {found} checkpoint, but {expected} was asked for", .file.display())]
-    WrongVariant {
-        file: PathBuf,
-        expected: String,
-        found: String,
-    },
+    WrongVariant { file: PathBuf, expected: String, found: String },
 
     #[error("{}: not a TAESD checkpoint this crate knows: {reason}", .file.display())]
     UnknownLayout { file: PathBuf, reason: String },
@@ -49,11 +29,7 @@ pub enum TaesdError {
     Damaged { file: PathBuf, reason: String },
 
     #[error("the {layout} layout cannot hold {what}: {reason}")]
-    UnsupportedLayout {
-        layout: String,
-        what: String,
-        reason: String,
-    },
+    UnsupportedLayout { layout: String, what: String, reason: String },
 
     #[error("unknown TAESD variant `{0}` (known: {known})", known = crate::Variant::names())]
     UnknownVariant(String),
@@ -62,34 +38,22 @@ pub enum TaesdError {
     UnknownLayoutName(String),
 
     #[error("{}: {cause}", .path.display())]
-    Io {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    Io { path: PathBuf, cause: std::io::Error },
 
     #[error("{}: bad config.json: {cause}", .path.display())]
-    Json {
-        path: PathBuf,
-        cause: serde_json::Error,
-    },
+    Json { path: PathBuf, cause: serde_json::Error },
 
     #[error("{}: {reason}", .path.display())]
     Config { path: PathBuf, reason: String },
 
     #[error("{context}: {cause}")]
-    Candle {
-        context: String,
-        cause: candle_core::Error,
-    },
+    Candle { context: String, cause: candle_core::Error },
 
     #[error(transparent)]
     CandleOther(#[from] candle_core::Error),
 
     #[error("{}: cannot write safetensors: {cause}", .path.display())]
-    Write {
-        path: PathBuf,
-        cause: safetensors::SafeTensorError,
-    },
+    Write { path: PathBuf, cause: safetensors::SafeTensorError },
 
     #[error("{0}")]
     Other(String),
@@ -104,10 +68,7 @@ pub(crate) trait CandleContext<T> {
 
 impl<T> CandleContext<T> for candle_core::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|cause| TaesdError::Candle {
-            context: context(),
-            cause,
-        })
+        self.map_err(|cause| TaesdError::Candle { context: context(), cause })
     }
 }
 
@@ -118,7 +79,10 @@ mod tests {
     /// The cause is said once, also in an anyhow chain (`{:#}`).
     #[test]
     fn wrapped_errors_are_not_repeated_in_a_chain() {
-        let e = TaesdError::Io { path: "x.pth".into(), cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file") };
+        let e = TaesdError::Io {
+            path: "x.pth".into(),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        };
         let chain = format!("{:#}", anyhow::Error::from(e));
         assert_eq!(chain, "x.pth: no such file");
         let e = TaesdError::Json { path: "c.json".into(), cause: serde_json::from_str::<u8>("x").unwrap_err() };

@@ -15,8 +15,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Module, Result, Tensor};
-use taesd_ops::{Act, ConvParams, Format};
 use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use taesd_ops::{Act, ConvParams, Format};
 
 use crate::arch::{LayerSpec, POOL_EPS, POOL_EXPANSION, POOL_GROUPS};
 
@@ -49,17 +49,15 @@ pub fn conv_act(c: &Conv2d, x: &Tensor, relu: bool, f: Format) -> Result<Tensor>
     if !use_ops() || cfg.dilation != 1 || cfg.groups != 1 {
         return taesd_ops::outside(x, |x| {
             let y = f.from_nchw(&c.forward(&f.to_nchw(x)?)?)?;
-            if relu { y.relu() } else { Ok(y) }
+            if relu {
+                y.relu()
+            } else {
+                Ok(y)
+            }
         });
     }
     let act = if relu { Act::Relu } else { Act::None };
-    taesd_ops::conv2d_act(
-        x,
-        c.weight(),
-        c.bias(),
-        ConvParams::new(cfg.stride, cfg.padding).with_format(f),
-        act,
-    )
+    taesd_ops::conv2d_act(x, c.weight(), c.bias(), ConvParams::new(cfg.stride, cfg.padding).with_format(f), act)
 }
 
 fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -80,18 +78,8 @@ fn upsample2x(x: &Tensor, f: Format) -> Result<Tensor> {
 }
 
 /// 3x3 conv, padding 1, as the reference's `conv(n_in, n_out, **kwargs)`.
-pub fn conv3x3(
-    c_in: usize,
-    c_out: usize,
-    stride: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        stride,
-        ..Default::default()
-    };
+pub fn conv3x3(c_in: usize, c_out: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding: 1, stride, ..Default::default() };
     if bias {
         conv2d(c_in, c_out, 3, cfg, vb)
     } else {
@@ -177,16 +165,8 @@ impl Block {
             conv3x3(c_out, c_out, 1, true, vc.pp("2"))?,
             conv3x3(c_out, c_out, 1, true, vc.pp("4"))?,
         ];
-        let skip = if c_in != c_out {
-            Some(conv1x1_no_bias(c_in, c_out, vb.pp("skip"))?)
-        } else {
-            None
-        };
-        let pool = if pool {
-            Some(MidBlockPool::new(c_in, vb.pp("pool"))?)
-        } else {
-            None
-        };
+        let skip = if c_in != c_out { Some(conv1x1_no_bias(c_in, c_out, vb.pp("skip"))?) } else { None };
+        let pool = if pool { Some(MidBlockPool::new(c_in, vb.pp("pool"))?) } else { None };
         Ok(Self { convs, skip, pool })
     }
 }
@@ -249,15 +229,8 @@ impl Layer {
     /// Build the layer of `spec`, its tensors under `vb` (already at the layer's index).
     pub fn new(spec: &LayerSpec, vb: VarBuilder) -> Result<Self> {
         Ok(match *spec {
-            LayerSpec::Conv {
-                c_in,
-                c_out,
-                stride,
-                bias,
-            } => Layer::Conv(conv3x3(c_in, c_out, stride, bias, vb)?),
-            LayerSpec::Block { c_in, c_out, pool } => {
-                Layer::Block(Box::new(Block::new(c_in, c_out, pool, vb)?))
-            }
+            LayerSpec::Conv { c_in, c_out, stride, bias } => Layer::Conv(conv3x3(c_in, c_out, stride, bias, vb)?),
+            LayerSpec::Block { c_in, c_out, pool } => Layer::Block(Box::new(Block::new(c_in, c_out, pool, vb)?)),
             LayerSpec::Relu => Layer::Relu,
             LayerSpec::Upsample => Layer::Upsample,
             LayerSpec::Clamp => Layer::Clamp,
@@ -292,11 +265,8 @@ pub struct Sequential {
 
 impl Sequential {
     pub fn new(specs: &[LayerSpec], vb: VarBuilder) -> Result<Self> {
-        let layers = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Layer::new(s, vb.pp(i.to_string())))
-            .collect::<Result<_>>()?;
+        let layers =
+            specs.iter().enumerate().map(|(i, s)| Layer::new(s, vb.pp(i.to_string()))).collect::<Result<_>>()?;
         Ok(Self { layers })
     }
 

@@ -43,12 +43,7 @@ pub const COMFY_VAE_SCALE: &str = "vae_scale";
 pub const COMFY_VAE_SHIFT: &str = "vae_shift";
 
 impl Layout {
-    pub const ALL: [Layout; 4] = [
-        Layout::TaesdPy,
-        Layout::Diffusers,
-        Layout::ComfyUi,
-        Layout::Combined,
-    ];
+    pub const ALL: [Layout; 4] = [Layout::TaesdPy, Layout::Diffusers, Layout::ComfyUi, Layout::Combined];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -61,9 +56,7 @@ impl Layout {
 
     pub fn parse(s: &str) -> Option<Layout> {
         match s.trim().to_lowercase().as_str() {
-            "taesd" | "taesd.py" | "taesd-py" | "taesd_py" | "taesdpy" | "reference" => {
-                Some(Layout::TaesdPy)
-            }
+            "taesd" | "taesd.py" | "taesd-py" | "taesd_py" | "taesdpy" | "reference" => Some(Layout::TaesdPy),
             "diffusers" | "autoencodertiny" => Some(Layout::Diffusers),
             "comfyui" | "comfy" => Some(Layout::ComfyUi),
             "combined" | "candle" | "varmap" => Some(Layout::Combined),
@@ -86,9 +79,7 @@ impl Layout {
                 let (idx, rest) = split_index(local).expect("reference names start with an index");
                 let idx = match part {
                     Part::Encoder => idx,
-                    Part::Decoder => idx
-                        .checked_sub(1)
-                        .expect("the decoder's index 0 holds no tensors"),
+                    Part::Decoder => idx.checked_sub(1).expect("the decoder's index 0 holds no tensors"),
                 };
                 format!("{}.layers.{idx}.{rest}", part.prefix())
             }
@@ -103,10 +94,7 @@ impl Layout {
             Layout::TaesdPy => with_index(part?, external),
             Layout::Combined => {
                 for p in Part::BOTH {
-                    if let Some(rest) = external
-                        .strip_prefix(p.prefix())
-                        .and_then(|r| r.strip_prefix('.'))
-                    {
+                    if let Some(rest) = external.strip_prefix(p.prefix()).and_then(|r| r.strip_prefix('.')) {
                         return with_index(p, rest);
                     }
                 }
@@ -126,10 +114,7 @@ impl Layout {
             }
             Layout::Diffusers => {
                 for p in Part::BOTH {
-                    if let Some(rest) = external
-                        .strip_prefix(p.prefix())
-                        .and_then(|r| r.strip_prefix(".layers."))
-                    {
+                    if let Some(rest) = external.strip_prefix(p.prefix()).and_then(|r| r.strip_prefix(".layers.")) {
                         let (idx, tail) = split_index(rest)?;
                         let idx = if p == Part::Decoder { idx + 1 } else { idx };
                         return Some((p, format!("{idx}.{tail}")));
@@ -194,73 +179,24 @@ mod tests {
     #[test]
     fn names_map_both_ways() {
         let cases = [
-            (
-                Layout::TaesdPy,
-                Part::Decoder,
-                "3.conv.0.weight",
-                "3.conv.0.weight",
-            ),
-            (
-                Layout::Diffusers,
-                Part::Decoder,
-                "3.conv.0.weight",
-                "decoder.layers.2.conv.0.weight",
-            ),
-            (
-                Layout::Diffusers,
-                Part::Decoder,
-                "1.weight",
-                "decoder.layers.0.weight",
-            ),
-            (
-                Layout::Diffusers,
-                Part::Encoder,
-                "14.bias",
-                "encoder.layers.14.bias",
-            ),
-            (
-                Layout::ComfyUi,
-                Part::Encoder,
-                "11.pool.1.bias",
-                "taesd_encoder.11.pool.1.bias",
-            ),
-            (
-                Layout::Combined,
-                Part::Decoder,
-                "19.bias",
-                "decoder.19.bias",
-            ),
+            (Layout::TaesdPy, Part::Decoder, "3.conv.0.weight", "3.conv.0.weight"),
+            (Layout::Diffusers, Part::Decoder, "3.conv.0.weight", "decoder.layers.2.conv.0.weight"),
+            (Layout::Diffusers, Part::Decoder, "1.weight", "decoder.layers.0.weight"),
+            (Layout::Diffusers, Part::Encoder, "14.bias", "encoder.layers.14.bias"),
+            (Layout::ComfyUi, Part::Encoder, "11.pool.1.bias", "taesd_encoder.11.pool.1.bias"),
+            (Layout::Combined, Part::Decoder, "19.bias", "decoder.19.bias"),
         ];
         for (layout, part, local, ext) in cases {
             assert_eq!(layout.external_name(part, local), ext);
-            let hint = if layout == Layout::TaesdPy {
-                Some(part)
-            } else {
-                None
-            };
-            assert_eq!(
-                layout.local_name(ext, hint),
-                Some((part, local.to_string()))
-            );
+            let hint = if layout == Layout::TaesdPy { Some(part) } else { None };
+            assert_eq!(layout.local_name(ext, hint), Some((part, local.to_string())));
             assert_eq!(Layout::parse(layout.name()), Some(layout));
-            assert_eq!(
-                serde_json::to_string(&layout).unwrap(),
-                format!("\"{layout}\"")
-            );
+            assert_eq!(serde_json::to_string(&layout).unwrap(), format!("\"{layout}\""));
         }
         assert_eq!(Layout::ComfyUi.local_name(COMFY_VAE_SCALE, None), None);
-        assert_eq!(
-            Layout::detect(["1.weight", "1.bias"]),
-            Some(Layout::TaesdPy)
-        );
-        assert_eq!(
-            Layout::detect(["decoder.layers.0.weight", "encoder.layers.0.weight"]),
-            Some(Layout::Diffusers)
-        );
-        assert_eq!(
-            Layout::detect(["taesd_decoder.1.weight", "vae_scale"]),
-            Some(Layout::ComfyUi)
-        );
+        assert_eq!(Layout::detect(["1.weight", "1.bias"]), Some(Layout::TaesdPy));
+        assert_eq!(Layout::detect(["decoder.layers.0.weight", "encoder.layers.0.weight"]), Some(Layout::Diffusers));
+        assert_eq!(Layout::detect(["taesd_decoder.1.weight", "vae_scale"]), Some(Layout::ComfyUi));
         assert_eq!(Layout::detect(["decoder.1.weight"]), Some(Layout::Combined));
         assert_eq!(Layout::detect(["decoder.1.weight", "1.weight"]), None);
         assert_eq!(Layout::detect(["model.x"]), None);

@@ -40,13 +40,10 @@ pub mod taesd;
 pub mod variant;
 pub mod zip_store;
 
-pub use arch::{
-    decoder_last_conv_bias_name, decoder_last_conv_index, param_count, param_shapes, LayerSpec,
-    Part,
-};
+pub use arch::{decoder_last_conv_bias_name, decoder_last_conv_index, param_count, param_shapes, LayerSpec, Part};
 pub use checkpoint::{
-    load_checkpoint, load_checkpoints, load_varmap, read_tensor_file, set_decoder_output_bias,
-    varmap_tensors, Checkpoint, CheckpointInfo, TensorFile,
+    load_checkpoint, load_checkpoints, load_varmap, read_tensor_file, set_decoder_output_bias, varmap_tensors,
+    Checkpoint, CheckpointInfo, TensorFile,
 };
 pub use decoder::Decoder;
 pub use encoder::Encoder;

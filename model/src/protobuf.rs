@@ -144,11 +144,7 @@ pub mod read {
 
     /// The values of `field`.
     pub fn all<'a>(fields: &[(u32, Value<'a>)], field: u32) -> Vec<Value<'a>> {
-        fields
-            .iter()
-            .filter(|(f, _)| *f == field)
-            .map(|(_, v)| v.clone())
-            .collect()
+        fields.iter().filter(|(f, _)| *f == field).map(|(_, v)| v.clone()).collect()
     }
 
     /// The length-delimited values of `field`.
@@ -164,10 +160,7 @@ pub mod read {
 
     /// The string values of `field`.
     pub fn strings(fields: &[(u32, Value<'_>)], field: u32) -> Vec<String> {
-        bytes(fields, field)
-            .into_iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect()
+        bytes(fields, field).into_iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
     }
 }
 

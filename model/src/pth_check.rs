@@ -52,7 +52,10 @@ pub fn check_tensors(path: &Path, infos: &HashMap<String, TensorInfo>) -> Result
         let entry = zip.by_name(&info.path).map_err(|e| format!("tensor `{name}`: data entry {}: {e}", info.path))?;
         let have = entry.size();
         if have > file_len {
-            return Err(format!("tensor `{name}`: data entry {} claims {have} bytes in a {file_len}-byte file", info.path));
+            return Err(format!(
+                "tensor `{name}`: data entry {} claims {have} bytes in a {file_len}-byte file",
+                info.path
+            ));
         }
         let elems = info.layout.shape().elem_count() as u64;
         let need = (info.layout.start_offset() as u64)
@@ -94,9 +97,9 @@ fn arg_of(op: u8) -> Option<Arg> {
     use Arg::*;
     Some(match op {
         // No argument.
-        b'(' | b'.' | b'0' | b'1' | b'2' | b'N' | b'R' | b'a' | b'b' | b'd' | b'}' | b'e' | b'l' | b']' | b'o' | b's'
-        | b't' | b')' | b'u' | b'Q' | 0x81 | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | 0x8f | 0x90 | 0x91 | 0x92 | 0x93 | 0x94
-        | 0x97 | 0x98 => None,
+        b'(' | b'.' | b'0' | b'1' | b'2' | b'N' | b'R' | b'a' | b'b' | b'd' | b'}' | b'e' | b'l' | b']' | b'o'
+        | b's' | b't' | b')' | b'u' | b'Q' | 0x81 | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | 0x8f | 0x90 | 0x91 | 0x92
+        | 0x93 | 0x94 | 0x97 | 0x98 => None,
         // Fixed-size arguments.
         b'K' | b'h' | b'q' | 0x80 | 0x82 => Fixed(1),
         b'M' | 0x83 => Fixed(2),
@@ -164,7 +167,11 @@ pub fn walk(b: &[u8]) -> Result<(), Problem> {
                 for _ in 0..k {
                     match b[i..].iter().position(|&c| c == b'\n') {
                         Some(p) => i += p + 1,
-                        None => return Err(format!("opcode 0x{op:02x} at byte {at}: the pickle ends inside its text argument")),
+                        None => {
+                            return Err(format!(
+                                "opcode 0x{op:02x} at byte {at}: the pickle ends inside its text argument"
+                            ))
+                        }
                     }
                 }
             }

@@ -131,46 +131,19 @@ fn strides(dims: &[usize]) -> Vec<usize> {
 fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
     let t = t.to_device(&Device::Cpu)?.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => t
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::F64 => t
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|x| x.to_bits().to_le_bytes())
-            .collect(),
-        DType::BF16 => t
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|x| x.to_bits().to_le_bytes())
-            .collect(),
+        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
         d => candle_core::bail!("no torch storage for {d:?}"),
     })
 }
 
 /// The archive's folder name: the file stem, reduced to `[A-Za-z0-9_.-]`.
 pub fn archive_name(path: &Path) -> String {
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("archive");
-    let s: String = stem
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_-.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("archive");
+    let s: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || "_-.".contains(c) { c } else { '_' }).collect();
     if s.is_empty() {
         "archive".into()
     } else {
@@ -189,10 +162,7 @@ pub fn pth_bytes(archive: &str, tensors: &[(String, Tensor)]) -> Result<Vec<u8>>
     }
     for (i, (name, t)) in tensors.iter().enumerate() {
         let class = storage_class(t.dtype()).ok_or_else(|| {
-            TaesdError::Other(format!(
-                "{name}: a .pth cannot hold {:?} tensors here (f32, f16, bf16, f64)",
-                t.dtype()
-            ))
+            TaesdError::Other(format!("{name}: a .pth cannot hold {:?} tensors here (f32, f16, bf16, f64)", t.dtype()))
         })?;
         let dims = t.dims().to_vec();
         let numel: usize = dims.iter().product();
@@ -225,29 +195,19 @@ pub fn pth_bytes(archive: &str, tensors: &[(String, Tensor)]) -> Result<Vec<u8>>
     let mut z = ZipStore::new(Vec::new());
     let io = |e: std::io::Error| TaesdError::Other(format!("writing the .pth archive: {e}"));
     z.add(&format!("{archive}/data.pkl"), &p.0).map_err(io)?;
-    z.add(&format!("{archive}/.format_version"), b"1")
-        .map_err(io)?;
-    z.add(
-        &format!("{archive}/.storage_alignment"),
-        ALIGNMENT.to_string().as_bytes(),
-    )
-    .map_err(io)?;
-    z.add(&format!("{archive}/byteorder"), b"little")
-        .map_err(io)?;
+    z.add(&format!("{archive}/.format_version"), b"1").map_err(io)?;
+    z.add(&format!("{archive}/.storage_alignment"), ALIGNMENT.to_string().as_bytes()).map_err(io)?;
+    z.add(&format!("{archive}/byteorder"), b"little").map_err(io)?;
     for (i, r) in records.iter().enumerate() {
         z.add(&format!("{archive}/data/{i}"), r).map_err(io)?;
     }
-    z.add(&format!("{archive}/version"), FILE_VERSION.as_bytes())
-        .map_err(io)?;
+    z.add(&format!("{archive}/version"), FILE_VERSION.as_bytes()).map_err(io)?;
     z.finish().map_err(io)
 }
 
 /// Write `tensors` (in this order) as a `.pth` state dict at `path` (parent folders created).
 pub fn write_pth(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let io = |cause| TaesdError::Io {
-        path: path.to_path_buf(),
-        cause,
-    };
+    let io = |cause| TaesdError::Io { path: path.to_path_buf(), cause };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -264,14 +224,8 @@ mod tests {
     #[test]
     fn round_trip_through_candles_pickle_reader() {
         let dev = Device::Cpu;
-        let w = Tensor::arange(0f32, 64.0 * 3.0 * 9.0, &dev)
-            .unwrap()
-            .reshape((64, 3, 3, 3))
-            .unwrap();
-        let b = Tensor::new(&[0.5f32, -1.25], &dev)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap();
+        let w = Tensor::arange(0f32, 64.0 * 3.0 * 9.0, &dev).unwrap().reshape((64, 3, 3, 3)).unwrap();
+        let b = Tensor::new(&[0.5f32, -1.25], &dev).unwrap().to_dtype(DType::F16).unwrap();
         let big = Tensor::ones((300, 300), DType::BF16, &dev).unwrap(); // BININT sizes
         let s = Tensor::new(0.13025f32, &dev).unwrap(); // a 0-d scalar (ComfyUI's vae_scale)
         let tensors = vec![
@@ -286,21 +240,10 @@ mod tests {
         let back = candle_core::pickle::read_all_with_key(&path, None).unwrap();
         assert_eq!(back.len(), 4);
         for (name, t) in &tensors {
-            let bt = &back
-                .iter()
-                .find(|(n, _)| n == name)
-                .unwrap_or_else(|| panic!("{name} missing"))
-                .1;
+            let bt = &back.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1;
             assert_eq!(t.dtype(), bt.dtype(), "{name}");
             assert_eq!(t.dims(), bt.dims(), "{name}");
-            let f = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(f(t), f(bt), "{name}");
         }
         assert_eq!(archive_name(&path), "x_encoder");

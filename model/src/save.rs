@@ -10,9 +10,7 @@ use candle_nn::VarMap;
 use taesd_schemas::LatentScaling;
 
 use crate::arch::{param_shapes, Part};
-use crate::checkpoint::{
-    check_part, varmap_tensors, Checkpoint, PartTensors, META_LAYOUT, META_VARIANT,
-};
+use crate::checkpoint::{check_part, varmap_tensors, Checkpoint, PartTensors, META_LAYOUT, META_VARIANT};
 use crate::error::{CandleContext, Result, TaesdError};
 use crate::layouts::{Layout, COMFY_VAE_SCALE, COMFY_VAE_SHIFT};
 use crate::variant::{TaesdConfig, Variant};
@@ -43,12 +41,7 @@ impl FileFormat {
     }
 
     pub fn parse(s: &str) -> Option<FileFormat> {
-        match s
-            .trim()
-            .trim_start_matches('.')
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        match s.trim().trim_start_matches('.').to_ascii_lowercase().as_str() {
             "safetensors" | "sft" => Some(FileFormat::Safetensors),
             "pth" | "pt" | "torch" => Some(FileFormat::Pth),
             _ => None,
@@ -117,18 +110,12 @@ pub fn save_tensors(
     let mut parts: BTreeMap<Part, PartTensors> = BTreeMap::new();
     for (name, t) in tensors {
         for part in Part::BOTH {
-            if let Some(local) = name
-                .strip_prefix(part.prefix())
-                .and_then(|r| r.strip_prefix('.'))
-            {
+            if let Some(local) = name.strip_prefix(part.prefix()).and_then(|r| r.strip_prefix('.')) {
                 let t = match opts.dtype {
                     Some(d) => t.to_dtype(d).ctx(|| format!("{name} to {d:?}"))?,
                     None => t.clone(),
                 };
-                parts
-                    .entry(part)
-                    .or_default()
-                    .insert(local.to_string(), (name.clone(), t));
+                parts.entry(part).or_default().insert(local.to_string(), (name.clone(), t));
             }
         }
     }
@@ -149,10 +136,8 @@ pub fn save_tensors(
         });
     }
 
-    let mut metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (META_LAYOUT.to_string(), layout.to_string()),
-    ]);
+    let mut metadata =
+        HashMap::from([("format".to_string(), "pt".to_string()), (META_LAYOUT.to_string(), layout.to_string())]);
     if let Some(v) = opts.variant.or_else(|| cfg.unique_variant()) {
         metadata.insert(META_VARIANT.to_string(), v.to_string());
     }
@@ -161,8 +146,7 @@ pub fn save_tensors(
         param_shapes(cfg, part)
             .iter()
             .filter_map(|(local, _)| {
-                t.get(local)
-                    .map(|(_, tensor)| (layout.external_name(part, local), tensor.clone()))
+                t.get(local).map(|(_, tensor)| (layout.external_name(part, local), tensor.clone()))
             })
             .collect()
     };
@@ -175,20 +159,13 @@ pub fn save_tensors(
     match layout {
         Layout::TaesdPy => {
             let prefix = if dest.is_dir() {
-                let name = opts
-                    .variant
-                    .or_else(|| cfg.unique_variant())
-                    .map(|v| v.name())
-                    .unwrap_or("taesd");
+                let name = opts.variant.or_else(|| cfg.unique_variant()).map(|v| v.name()).unwrap_or("taesd");
                 dest.join(name)
             } else {
                 dest.to_path_buf()
             };
             for (part, t) in &parts {
-                let mut name = prefix
-                    .file_name()
-                    .map(|n| n.to_os_string())
-                    .unwrap_or_default();
+                let mut name = prefix.file_name().map(|n| n.to_os_string()).unwrap_or_default();
                 name.push(format!("_{}.{}", part.prefix(), opts.format.extension()));
                 let path = prefix.with_file_name(name);
                 write(&path, rename(*part, t))?;
@@ -196,30 +173,23 @@ pub fn save_tensors(
             }
         }
         Layout::Diffusers => {
-            std::fs::create_dir_all(dest).map_err(|cause| TaesdError::Io {
-                path: dest.to_path_buf(),
-                cause,
-            })?;
+            std::fs::create_dir_all(dest).map_err(|cause| TaesdError::Io { path: dest.to_path_buf(), cause })?;
             let all: Vec<_> = parts.iter().flat_map(|(p, t)| rename(*p, t)).collect();
             let path = dest.join(DIFFUSERS_WEIGHTS);
             write_safetensors(&path, all, &metadata)?;
             written.push(path);
             let config = dest.join("config.json");
             let text = serde_json::to_string_pretty(&diffusers_config(cfg)).expect("json");
-            std::fs::write(&config, text + "\n").map_err(|cause| TaesdError::Io {
-                path: config.clone(),
-                cause,
-            })?;
+            std::fs::write(&config, text + "\n").map_err(|cause| TaesdError::Io { path: config.clone(), cause })?;
             written.push(config);
         }
         Layout::ComfyUi | Layout::Combined => {
             let mut all: Vec<_> = parts.iter().flat_map(|(p, t)| rename(*p, t)).collect();
             if layout == Layout::ComfyUi {
-                if let Some(s) = opts.vae_scaling.or_else(|| {
-                    opts.variant
-                        .or_else(|| cfg.unique_variant())
-                        .and_then(|v| v.vae_scaling())
-                }) {
+                if let Some(s) = opts
+                    .vae_scaling
+                    .or_else(|| opts.variant.or_else(|| cfg.unique_variant()).and_then(|v| v.vae_scaling()))
+                {
                     let dev = candle_core::Device::Cpu;
                     let scalar = |x: f64| Tensor::new(x as f32, &dev).ctx(|| "vae_scale".into());
                     all.push((COMFY_VAE_SCALE.to_string(), scalar(s.scale)?));
@@ -247,12 +217,7 @@ pub fn save_varmap(
 impl Checkpoint {
     /// Save in `layout` (see [`save_tensors`]); the checkpoint's variant and ComfyUI scaling
     /// fill what `opts` leaves out.
-    pub fn save(
-        &self,
-        layout: Layout,
-        dest: impl AsRef<Path>,
-        opts: &SaveOptions,
-    ) -> Result<Vec<PathBuf>> {
+    pub fn save(&self, layout: Layout, dest: impl AsRef<Path>, opts: &SaveOptions) -> Result<Vec<PathBuf>> {
         let opts = SaveOptions {
             variant: opts.variant.or(self.info.variant),
             dtype: opts.dtype,
@@ -288,25 +253,14 @@ pub fn diffusers_config(cfg: &TaesdConfig) -> serde_json::Value {
     })
 }
 
-fn write_safetensors(
-    path: &Path,
-    tensors: Vec<(String, Tensor)>,
-    metadata: &HashMap<String, String>,
-) -> Result<()> {
+fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>, metadata: &HashMap<String, String>) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|cause| TaesdError::Io {
-            path: dir.to_path_buf(),
-            cause,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|cause| TaesdError::Io { path: dir.to_path_buf(), cause })?;
     }
     let tensors = tensors
         .into_iter()
         .map(|(n, t)| t.contiguous().map(|t| (n.clone(), t)).ctx(|| n.clone()))
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(tensors, Some(metadata.clone()), path).map_err(|cause| {
-        TaesdError::Write {
-            path: path.to_path_buf(),
-            cause,
-        }
-    })
+    safetensors::serialize_to_file(tensors, Some(metadata.clone()), path)
+        .map_err(|cause| TaesdError::Write { path: path.to_path_buf(), cause })
 }

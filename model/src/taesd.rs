@@ -51,21 +51,11 @@ impl Taesd {
             ),
             None => None,
         };
-        Ok(Self {
-            config: cfg,
-            variant: ck.info.variant,
-            encoder,
-            decoder,
-        })
+        Ok(Self { config: cfg, variant: ck.info.variant, encoder, decoder })
     }
 
     /// Load any checkpoint file or folder (see [`load_checkpoint`]).
-    pub fn load(
-        path: impl AsRef<Path>,
-        expected: Option<Variant>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(path: impl AsRef<Path>, expected: Option<Variant>, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_checkpoint(&load_checkpoint(path, expected)?, dtype, device)
     }
 
@@ -80,15 +70,11 @@ impl Taesd {
     }
 
     pub fn encoder(&self) -> Result<&Encoder> {
-        self.encoder
-            .as_ref()
-            .ok_or_else(|| TaesdError::Other(format!("this {} has no encoder loaded", self.config)))
+        self.encoder.as_ref().ok_or_else(|| TaesdError::Other(format!("this {} has no encoder loaded", self.config)))
     }
 
     pub fn decoder(&self) -> Result<&Decoder> {
-        self.decoder
-            .as_ref()
-            .ok_or_else(|| TaesdError::Other(format!("this {} has no decoder loaded", self.config)))
+        self.decoder.as_ref().ok_or_else(|| TaesdError::Other(format!("this {} has no decoder loaded", self.config)))
     }
 
     /// [0, 1] images -> scaled latents.

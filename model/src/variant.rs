@@ -32,14 +32,8 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 6] = [
-        Variant::Taesd,
-        Variant::Taesdxl,
-        Variant::Taesd3,
-        Variant::Taef1,
-        Variant::Taef2,
-        Variant::Taesana,
-    ];
+    pub const ALL: [Variant; 6] =
+        [Variant::Taesd, Variant::Taesdxl, Variant::Taesd3, Variant::Taef1, Variant::Taef2, Variant::Taesana];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -59,12 +53,7 @@ impl Variant {
 
     /// Parse a variant name (case-insensitive, `-`/`_` ignored: `TAESD-XL` is taesdxl).
     pub fn parse(s: &str) -> Option<Variant> {
-        let s: String = s
-            .trim()
-            .chars()
-            .filter(|c| *c != '-' && *c != '_')
-            .collect::<String>()
-            .to_lowercase();
+        let s: String = s.trim().chars().filter(|c| *c != '-' && *c != '_').collect::<String>().to_lowercase();
         Variant::ALL.into_iter().find(|v| v.name() == s)
     }
 
@@ -92,11 +81,7 @@ impl Variant {
         TaesdConfig {
             latent_channels: self.latent_channels(),
             midblock_pool: self.has_midblock_pool(),
-            downscale: if self == Variant::Taesana {
-                Downscale::X32
-            } else {
-                Downscale::X8
-            },
+            downscale: if self == Variant::Taesana { Downscale::X32 } else { Downscale::X8 },
         }
     }
 
@@ -117,10 +102,7 @@ impl Variant {
             Variant::Taef1 => "flux1",
             Variant::Taef2 | Variant::Taesana => return None,
         };
-        preset(name).map(|p| LatentScaling {
-            scale: p.scale,
-            shift: p.shift,
-        })
+        preset(name).map(|p| LatentScaling { scale: p.scale, shift: p.shift })
     }
 
     /// A variant named in a file or folder name (`taesdxl_decoder.pth`, `taef1/`, `taesd3_...`),
@@ -178,11 +160,7 @@ pub struct TaesdConfig {
 impl TaesdConfig {
     /// The 8x taesd.py structure with `latent_channels` channels and no pool.
     pub fn custom(latent_channels: usize) -> TaesdConfig {
-        TaesdConfig {
-            latent_channels,
-            midblock_pool: false,
-            downscale: Downscale::X8,
-        }
+        TaesdConfig { latent_channels, midblock_pool: false, downscale: Downscale::X8 }
     }
 
     pub fn spatial_scale(&self) -> usize {
@@ -191,10 +169,7 @@ impl TaesdConfig {
 
     /// The named variants with exactly this structure (two for C=4 and C=16, none for a custom C).
     pub fn variants(&self) -> Vec<Variant> {
-        Variant::ALL
-            .into_iter()
-            .filter(|v| v.config() == *self)
-            .collect()
+        Variant::ALL.into_iter().filter(|v| v.config() == *self).collect()
     }
 
     /// The variant when the structure names exactly one.
@@ -218,11 +193,7 @@ impl TaesdConfig {
                 "custom (C={}, {}x{})",
                 self.latent_channels,
                 self.spatial_scale(),
-                if self.midblock_pool {
-                    ", mid-block pool"
-                } else {
-                    ""
-                }
+                if self.midblock_pool { ", mid-block pool" } else { "" }
             )
         } else {
             names.iter().map(|v| v.name()).collect::<Vec<_>>().join("/")
@@ -254,61 +225,28 @@ mod tests {
         }
         assert_eq!(Variant::parse("TAESD-XL"), Some(Variant::Taesdxl));
         assert!("taesd4".parse::<Variant>().is_err());
-        assert_eq!(
-            Variant::from_file_name("taesdxl_decoder.pth"),
-            Some(Variant::Taesdxl)
-        );
-        assert_eq!(
-            Variant::from_file_name("/x/taef2_encoder.pth"),
-            Some(Variant::Taef2)
-        );
-        assert_eq!(
-            Variant::from_file_name("taesd_encoder.safetensors"),
-            Some(Variant::Taesd)
-        );
+        assert_eq!(Variant::from_file_name("taesdxl_decoder.pth"), Some(Variant::Taesdxl));
+        assert_eq!(Variant::from_file_name("/x/taef2_encoder.pth"), Some(Variant::Taef2));
+        assert_eq!(Variant::from_file_name("taesd_encoder.safetensors"), Some(Variant::Taesd));
         assert_eq!(Variant::from_file_name("vae.pth"), None);
         for v in Variant::ALL {
             assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{v}\""));
         }
         let cfg: TaesdConfig =
-            serde_json::from_str(&serde_json::to_string(&Variant::Taesana.config()).unwrap())
-                .unwrap();
+            serde_json::from_str(&serde_json::to_string(&Variant::Taesana.config()).unwrap()).unwrap();
         assert_eq!(cfg, Variant::Taesana.config());
     }
 
     #[test]
     fn structure_of_each_variant() {
-        let c: Vec<_> = Variant::ALL
-            .iter()
-            .map(|v| (v.latent_channels(), v.spatial_scale()))
-            .collect();
+        let c: Vec<_> = Variant::ALL.iter().map(|v| (v.latent_channels(), v.spatial_scale())).collect();
         assert_eq!(c, [(4, 8), (4, 8), (16, 8), (16, 8), (32, 8), (32, 32)]);
-        assert_eq!(
-            Variant::Taesd.config().variants(),
-            [Variant::Taesd, Variant::Taesdxl]
-        );
-        assert_eq!(
-            Variant::Taef2.config().unique_variant(),
-            Some(Variant::Taef2)
-        );
-        assert_eq!(
-            Variant::Taesana.config().unique_variant(),
-            Some(Variant::Taesana)
-        );
+        assert_eq!(Variant::Taesd.config().variants(), [Variant::Taesd, Variant::Taesdxl]);
+        assert_eq!(Variant::Taef2.config().unique_variant(), Some(Variant::Taef2));
+        assert_eq!(Variant::Taesana.config().unique_variant(), Some(Variant::Taesana));
         assert_eq!(TaesdConfig::custom(8).unique_variant(), None);
-        let supported: Vec<_> = Variant::ALL
-            .into_iter()
-            .filter(|v| v.diffusers_supported())
-            .collect();
-        assert_eq!(
-            supported,
-            [
-                Variant::Taesd,
-                Variant::Taesdxl,
-                Variant::Taesd3,
-                Variant::Taef1
-            ]
-        );
+        let supported: Vec<_> = Variant::ALL.into_iter().filter(|v| v.diffusers_supported()).collect();
+        assert_eq!(supported, [Variant::Taesd, Variant::Taesdxl, Variant::Taesd3, Variant::Taef1]);
         assert_eq!(Variant::Taesdxl.vae_scaling().unwrap().scale, 0.13025);
         assert_eq!(Variant::Taef1.vae_scaling().unwrap().shift, 0.1159);
         assert!(Variant::Taef2.vae_scaling().is_none());

@@ -42,11 +42,7 @@ fn too_big(what: &str) -> io::Error {
 
 impl<W: Write> ZipStore<W> {
     pub fn new(out: W) -> Self {
-        ZipStore {
-            out,
-            offset: 0,
-            entries: Vec::new(),
-        }
+        ZipStore { out, offset: 0, entries: Vec::new() }
     }
 
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -83,12 +79,7 @@ impl<W: Write> ZipStore<W> {
         self.put(&h)?;
         debug_assert_eq!(self.offset % ALIGNMENT, 0);
         self.put(data)?;
-        self.entries.push(Entry {
-            name: name.to_string(),
-            crc,
-            size,
-            offset,
-        });
+        self.entries.push(Entry { name: name.to_string(), crc, size, offset });
         Ok(())
     }
 
@@ -157,8 +148,7 @@ mod tests {
             let name = String::from_utf8(z[p + 46..p + 46 + name_len].to_vec()).unwrap();
             let local = u32_at(z, p + 42) as usize;
             assert_eq!(u32_at(z, local), LOCAL_HEADER);
-            let data_at =
-                local + 30 + u16_at(z, local + 26) as usize + u16_at(z, local + 28) as usize;
+            let data_at = local + 30 + u16_at(z, local + 26) as usize + u16_at(z, local + 28) as usize;
             let data = z[data_at..data_at + size].to_vec();
             assert_eq!(CRC32.checksum(&data), crc, "{name}");
             out.push((name, data, data_at));
@@ -175,10 +165,7 @@ mod tests {
         z.add("a/byteorder", b"little").unwrap();
         let bytes = z.finish().unwrap();
         let back = read_back(&bytes);
-        assert_eq!(
-            back.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
-            ["a/data.pkl", "a/data/0", "a/byteorder"]
-        );
+        assert_eq!(back.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["a/data.pkl", "a/data/0", "a/byteorder"]);
         assert_eq!(back[1].1, vec![7u8; 1000]);
         for (name, _, at) in &back {
             assert_eq!(*at as u64 % ALIGNMENT, 0, "{name} starts at {at}");

@@ -7,8 +7,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use taesd::{
-    load_checkpoint, load_checkpoints, read_tensor_file, save_tensors, save_varmap, varmap_tensors,
-    Layout, SaveOptions, Taesd, TaesdConfig, TaesdError, Variant,
+    load_checkpoint, load_checkpoints, read_tensor_file, save_tensors, save_varmap, varmap_tensors, Layout,
+    SaveOptions, Taesd, TaesdConfig, TaesdError, Variant,
 };
 
 const REF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference");
@@ -18,10 +18,7 @@ fn random_varmap(cfg: &TaesdConfig, dtype: DType) -> VarMap {
     let vm = VarMap::new();
     Taesd::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
     for (_, v) in vm.data().lock().unwrap().iter() {
-        let r = Tensor::randn(0f32, 1f32, v.shape(), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let r = Tensor::randn(0f32, 1f32, v.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         v.set(&r).unwrap();
     }
     vm
@@ -29,18 +26,8 @@ fn random_varmap(cfg: &TaesdConfig, dtype: DType) -> VarMap {
 
 fn bits(t: &Tensor) -> (DType, Vec<usize>, Vec<u32>) {
     // f16/bf16 -> f32 is exact, so equal f32 bits mean equal stored bits.
-    let v = t
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    (
-        t.dtype(),
-        t.dims().to_vec(),
-        v.into_iter().map(f32::to_bits).collect(),
-    )
+    let v = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    (t.dtype(), t.dims().to_vec(), v.into_iter().map(f32::to_bits).collect())
 }
 
 fn assert_same(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &str) {
@@ -77,16 +64,10 @@ fn every_layout_round_trips_bit_exact() {
             for layout in Layout::ALL {
                 let dir = tmp.path().join(format!("{dtype:?}"));
                 let dest = save_dest(&dir, layout, v);
-                let opts = SaveOptions {
-                    variant: Some(v),
-                    ..Default::default()
-                };
+                let opts = SaveOptions { variant: Some(v), ..Default::default() };
                 let saved = save_varmap(&vm, &cfg, layout, &dest, &opts);
                 if layout == Layout::Diffusers && !v.diffusers_supported() {
-                    assert!(
-                        matches!(saved, Err(TaesdError::UnsupportedLayout { .. })),
-                        "{v} diffusers: {saved:?}"
-                    );
+                    assert!(matches!(saved, Err(TaesdError::UnsupportedLayout { .. })), "{v} diffusers: {saved:?}");
                     continue;
                 }
                 let files = saved.unwrap();
@@ -139,8 +120,7 @@ fn diffusers_files_are_named_as_autoencoder_tiny() {
     let plain: HashMap<String, Tensor> = f.tensors.clone();
     let bare = tmp.path().join("bare");
     std::fs::create_dir_all(&bare).unwrap();
-    candle_core::safetensors::save(&plain, bare.join("diffusion_pytorch_model.safetensors"))
-        .unwrap();
+    candle_core::safetensors::save(&plain, bare.join("diffusion_pytorch_model.safetensors")).unwrap();
     std::fs::copy(dir.join("config.json"), bare.join("config.json")).unwrap();
     let ck = load_checkpoint(&bare, None).unwrap();
     assert_eq!((ck.info.variant, ck.info.config), (None, cfg));
@@ -152,10 +132,7 @@ fn diffusers_files_are_named_as_autoencoder_tiny() {
     for f in ["diffusion_pytorch_model.safetensors", "config.json"] {
         std::fs::copy(bare.join(f), pipe.join("vae").join(f)).unwrap();
     }
-    assert_eq!(
-        load_checkpoint(&pipe, None).unwrap().info.variant,
-        Some(Variant::Taef1)
-    );
+    assert_eq!(load_checkpoint(&pipe, None).unwrap().info.variant, Some(Variant::Taef1));
 }
 
 #[test]
@@ -169,17 +146,11 @@ fn comfyui_file_carries_vae_scaling() {
         &cfg,
         Layout::ComfyUi,
         &path,
-        &SaveOptions {
-            variant: Some(Variant::Taesd3),
-            ..Default::default()
-        },
+        &SaveOptions { variant: Some(Variant::Taesd3), ..Default::default() },
     )
     .unwrap();
     let f = read_tensor_file(&path).unwrap();
-    assert!(
-        f.tensors.contains_key("taesd_encoder.0.weight")
-            && f.tensors.contains_key("taesd_decoder.19.bias")
-    );
+    assert!(f.tensors.contains_key("taesd_encoder.0.weight") && f.tensors.contains_key("taesd_decoder.19.bias"));
     assert_eq!(f.tensors["vae_scale"].to_scalar::<f32>().unwrap(), 1.5305);
     assert_eq!(f.tensors["vae_shift"].to_scalar::<f32>().unwrap(), 0.0609);
     let ck = load_checkpoint(&path, None).unwrap();
@@ -202,30 +173,14 @@ fn released_pth_round_trips_through_every_layout() {
             load_checkpoint(&dest, None).unwrap()
         };
         assert_eq!(back.info.variant, Some(Variant::Taef2));
-        assert_same(
-            &orig.tensors,
-            &back.tensors,
-            &format!("taef2 pth -> {layout}"),
-        );
+        assert_same(&orig.tensors, &back.tensors, &format!("taef2 pth -> {layout}"));
     }
     // fp16 -> f32 VarMap (fine-tuning) -> saved back as fp16: the original bits.
-    let (vm, info) = taesd::load_varmap(
-        format!("{REF}/taesana/taesana_encoder.pth"),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert_eq!(
-        (info.variant, info.has_encoder(), info.has_decoder()),
-        (Some(Variant::Taesana), true, false)
-    );
+    let (vm, info) =
+        taesd::load_varmap(format!("{REF}/taesana/taesana_encoder.pth"), None, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!((info.variant, info.has_encoder(), info.has_decoder()), (Some(Variant::Taesana), true, false));
     let dest = tmp.path().join("sana");
-    let opts = SaveOptions {
-        dtype: Some(DType::F16),
-        variant: info.variant,
-        ..Default::default()
-    };
+    let opts = SaveOptions { dtype: Some(DType::F16), variant: info.variant, ..Default::default() };
     let files = save_varmap(&vm, &info.config, Layout::TaesdPy, &dest, &opts).unwrap();
     assert_eq!(files, [tmp.path().join("sana_encoder.safetensors")]);
     let back = load_checkpoint(&files[0], None).unwrap();
@@ -238,10 +193,7 @@ fn released_pth_round_trips_through_every_layout() {
         &SaveOptions::default(),
     );
     let msg = err.unwrap_err().to_string();
-    assert!(
-        msg.contains("diffusers") && msg.contains("taef2") && msg.contains("pool"),
-        "{msg}"
-    );
+    assert!(msg.contains("diffusers") && msg.contains("taef2") && msg.contains("pool"), "{msg}");
 }
 
 #[test]
@@ -251,10 +203,7 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
     let lie = tmp.path().join("taesd_encoder.pth");
     std::fs::copy(format!("{REF}/taef2/taef2_encoder.pth"), &lie).unwrap();
     let ck = load_checkpoint(&lie, None).unwrap();
-    assert_eq!(
-        (ck.info.variant, ck.info.has_encoder()),
-        (Some(Variant::Taef2), true)
-    );
+    assert_eq!((ck.info.variant, ck.info.has_encoder()), (Some(Variant::Taef2), true));
     // A decoder file named "encoder" is still a decoder.
     let lie = tmp.path().join("model_encoder.pth");
     std::fs::copy(format!("{REF}/taef2/taef2_decoder.pth"), &lie).unwrap();
@@ -263,17 +212,9 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
     // No metadata, neutral names: C=4 is taesd or taesdxl, the name decides when it can.
     let cfg = Variant::Taesd.config();
     let t = varmap_tensors(&random_varmap(&cfg, DType::F32));
-    let enc: HashMap<String, Tensor> = t
-        .iter()
-        .filter_map(|(n, t)| {
-            n.strip_prefix("encoder.")
-                .map(|n| (n.to_string(), t.clone()))
-        })
-        .collect();
-    for (name, want) in [
-        ("model_encoder.safetensors", None),
-        ("taesdxl_encoder.safetensors", Some(Variant::Taesdxl)),
-    ] {
+    let enc: HashMap<String, Tensor> =
+        t.iter().filter_map(|(n, t)| n.strip_prefix("encoder.").map(|n| (n.to_string(), t.clone()))).collect();
+    for (name, want) in [("model_encoder.safetensors", None), ("taesdxl_encoder.safetensors", Some(Variant::Taesdxl))] {
         let p = tmp.path().join(name);
         candle_core::safetensors::save(&enc, &p).unwrap();
         let ck = load_checkpoint(&p, None).unwrap();
@@ -282,14 +223,7 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
     // A custom channel count is a config without a variant.
     let custom = TaesdConfig::custom(8);
     let p = tmp.path().join("c8.safetensors");
-    save_varmap(
-        &random_varmap(&custom, DType::F32),
-        &custom,
-        Layout::Combined,
-        &p,
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    save_varmap(&random_varmap(&custom, DType::F32), &custom, Layout::Combined, &p, &SaveOptions::default()).unwrap();
     let ck = load_checkpoint(&p, None).unwrap();
     assert_eq!((ck.info.config, ck.info.variant), (custom, None));
 }
@@ -297,22 +231,11 @@ fn variant_comes_from_the_tensors_not_the_file_name() {
 /// Save a taesd diffusers checkpoint, rewrite its weights with `edit`, and load it.
 fn load_edited(
     edit: impl FnOnce(&mut HashMap<String, Tensor>),
-) -> (
-    std::path::PathBuf,
-    taesd::Result<taesd::Checkpoint>,
-    tempfile::TempDir,
-) {
+) -> (std::path::PathBuf, taesd::Result<taesd::Checkpoint>, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Variant::Taesd.config();
     let dir = tmp.path().join("taesd-diffusers");
-    save_varmap(
-        &random_varmap(&cfg, DType::F32),
-        &cfg,
-        Layout::Diffusers,
-        &dir,
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    save_varmap(&random_varmap(&cfg, DType::F32), &cfg, Layout::Diffusers, &dir, &SaveOptions::default()).unwrap();
     let file = dir.join("diffusion_pytorch_model.safetensors");
     let mut t = read_tensor_file(&file).unwrap().tensors;
     edit(&mut t);
@@ -335,8 +258,7 @@ fn bad_checkpoints_name_the_tensor_and_the_file() {
         e => panic!("{e:?}"),
     }
     assert!(
-        err.to_string()
-            .contains("diffusion_pytorch_model.safetensors")
+        err.to_string().contains("diffusion_pytorch_model.safetensors")
             && err.to_string().contains("decoder.layers.4.conv.2.bias")
     );
 
@@ -349,21 +271,9 @@ fn bad_checkpoints_name_the_tensor_and_the_file() {
     let err = r.unwrap_err();
     println!("{err}");
     match &err {
-        TaesdError::ShapeMismatch {
-            file: f,
-            name,
-            expected,
-            got,
-            ..
-        } => {
-            assert_eq!(
-                (f, name.as_str()),
-                (&file, "encoder.layers.3.conv.0.weight")
-            );
-            assert_eq!(
-                (expected.as_slice(), got.as_slice()),
-                (&[64, 64, 3, 3][..], &[64, 64, 1, 1][..])
-            );
+        TaesdError::ShapeMismatch { file: f, name, expected, got, .. } => {
+            assert_eq!((f, name.as_str()), (&file, "encoder.layers.3.conv.0.weight"));
+            assert_eq!((expected.as_slice(), got.as_slice()), (&[64, 64, 3, 3][..], &[64, 64, 1, 1][..]));
         }
         e => panic!("{e:?}"),
     }
@@ -387,33 +297,20 @@ fn bad_checkpoints_name_the_tensor_and_the_file() {
     });
     let err = r.unwrap_err();
     println!("{err}");
-    assert!(
-        matches!(&err, TaesdError::MissingTensor { name, .. } if name == "decoder.layers.0.weight"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, TaesdError::MissingTensor { name, .. } if name == "decoder.layers.0.weight"), "{err:?}");
 
     // config.json that disagrees with the weights.
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Variant::Taesd.config();
     let dir = tmp.path().join("d");
-    save_varmap(
-        &random_varmap(&cfg, DType::F32),
-        &cfg,
-        Layout::Diffusers,
-        &dir,
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    save_varmap(&random_varmap(&cfg, DType::F32), &cfg, Layout::Diffusers, &dir, &SaveOptions::default()).unwrap();
     let text = std::fs::read_to_string(dir.join("config.json"))
         .unwrap()
         .replace("\"latent_channels\": 4", "\"latent_channels\": 16");
     std::fs::write(dir.join("config.json"), text).unwrap();
     let err = load_checkpoint(&dir, None).unwrap_err();
     println!("{err}");
-    assert!(
-        matches!(&err, TaesdError::Config { .. }) && err.to_string().contains("latent_channels"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, TaesdError::Config { .. }) && err.to_string().contains("latent_channels"), "{err:?}");
 }
 
 #[test]
@@ -421,17 +318,10 @@ fn wrong_variant_and_foreign_files_are_refused() {
     let enc = format!("{REF}/taef2/taef2_encoder.pth");
     let err = load_checkpoint(&enc, Some(Variant::Taesd)).unwrap_err();
     println!("{err}");
-    assert!(
-        matches!(&err, TaesdError::WrongVariant { expected, .. } if expected == "taesd"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, TaesdError::WrongVariant { expected, .. } if expected == "taesd"), "{err:?}");
     assert!(err.to_string().contains("taef2_encoder.pth") && err.to_string().contains("taef2"));
     // The variant's structure must match even where the name is compatible-looking.
-    assert!(load_checkpoint(
-        format!("{REF}/taesana/taesana_encoder.pth"),
-        Some(Variant::Taef2)
-    )
-    .is_err());
+    assert!(load_checkpoint(format!("{REF}/taesana/taesana_encoder.pth"), Some(Variant::Taef2)).is_err());
     // An encoder of one variant with a decoder of another.
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Variant::Taesd.config();
@@ -445,16 +335,10 @@ fn wrong_variant_and_foreign_files_are_refused() {
     .unwrap();
     let err = load_checkpoints(&[enc.clone(), files[1].display().to_string()], None).unwrap_err();
     println!("{err}");
-    assert!(
-        err.to_string().contains("taef2") && err.to_string().contains("taesd"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("taef2") && err.to_string().contains("taesd"), "{err}");
     // Not a TAESD checkpoint.
     let p = tmp.path().join("other.safetensors");
-    let t = HashMap::from([(
-        "model.weight".to_string(),
-        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
-    )]);
+    let t = HashMap::from([("model.weight".to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())]);
     candle_core::safetensors::save(&t, &p).unwrap();
     let err = load_checkpoint(&p, None).unwrap_err();
     println!("{err}");
@@ -487,9 +371,6 @@ fn diffusers_named_taef2_weights_load() {
     let p = tmp.path().join("taef2.safetensors");
     candle_core::safetensors::save(&renamed, &p).unwrap();
     let ck = load_checkpoint(&p, None).unwrap();
-    assert_eq!(
-        (ck.info.layout, ck.info.variant),
-        (Layout::Diffusers, Some(Variant::Taef2))
-    );
+    assert_eq!((ck.info.layout, ck.info.variant), (Layout::Diffusers, Some(Variant::Taef2)));
     assert_same(&orig.tensors, &ck.tensors, "taef2 diffusers-named");
 }

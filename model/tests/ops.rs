@@ -24,9 +24,8 @@ fn ops_match_stock_candle_values_and_gradients() {
             taesd::layers::set_fused_blocks(fused);
             let z = enc.forward(&x).unwrap();
             let y = dec.forward(&z).unwrap();
-            let loss = ((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap()
-                + z.sqr().unwrap().mean_all().unwrap())
-            .unwrap();
+            let loss =
+                ((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap() + z.sqr().unwrap().mean_all().unwrap()).unwrap();
             let g = grads_of(&vm, &loss);
             taesd::layers::set_use_ops(true);
             taesd::layers::set_fused_blocks(true);

@@ -15,12 +15,7 @@ fn build(cfg: &TaesdConfig) -> (VarMap, Taesd) {
 
 fn counts(vm: &VarMap) -> (usize, usize) {
     let data = vm.data().lock().unwrap();
-    let n = |p: &str| {
-        data.iter()
-            .filter(|(k, _)| k.starts_with(p))
-            .map(|(_, v)| v.elem_count())
-            .sum()
-    };
+    let n = |p: &str| data.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v.elem_count()).sum();
     (n("encoder."), n("decoder."))
 }
 
@@ -43,14 +38,7 @@ fn parameter_counts_of_every_variant() {
         let (e, d) = counts(&vm);
         println!("{v:8} encoder {e:>9} decoder {d:>9}");
         assert_eq!((e, d), (enc, dec), "{v}");
-        assert_eq!(
-            (
-                param_count(&cfg, Part::Encoder),
-                param_count(&cfg, Part::Decoder)
-            ),
-            (enc, dec),
-            "{v}"
-        );
+        assert_eq!((param_count(&cfg, Part::Encoder), param_count(&cfg, Part::Decoder)), (enc, dec), "{v}");
     }
 }
 
@@ -59,11 +47,7 @@ fn released_files_have_the_counted_parameters() {
     for (file, v, part) in [
         ("taef2/taef2_encoder.pth", Variant::Taef2, Part::Encoder),
         ("taef2/taef2_decoder.pth", Variant::Taef2, Part::Decoder),
-        (
-            "taesana/taesana_encoder.pth",
-            Variant::Taesana,
-            Part::Encoder,
-        ),
+        ("taesana/taesana_encoder.pth", Variant::Taesana, Part::Encoder),
     ] {
         let f = taesd::read_tensor_file(format!("{REF}/{file}")).unwrap();
         let n: usize = f.tensors.values().map(|t| t.elem_count()).sum();
@@ -75,11 +59,7 @@ fn released_files_have_the_counted_parameters() {
 #[test]
 fn forward_shapes() {
     let dev = Device::Cpu;
-    for (v, h, w) in [
-        (Variant::Taesd, 64, 48),
-        (Variant::Taef2, 40, 24),
-        (Variant::Taesana, 64, 32),
-    ] {
+    for (v, h, w) in [(Variant::Taesd, 64, 48), (Variant::Taef2, 40, 24), (Variant::Taesana, 64, 32)] {
         let (_, m) = build(&v.config());
         let x = Tensor::rand(0f32, 1f32, (2, 3, h, w), &dev).unwrap();
         let z = m.encode(&x).unwrap();
@@ -90,9 +70,7 @@ fn forward_shapes() {
     }
     // Odd sizes round up through the stride-2 convs, as in PyTorch.
     let (_, m) = build(&Variant::Taesd.config());
-    let z = m
-        .encode(&Tensor::zeros((1, 3, 33, 17), DType::F32, &dev).unwrap())
-        .unwrap();
+    let z = m.encode(&Tensor::zeros((1, 3, 33, 17), DType::F32, &dev).unwrap()).unwrap();
     assert_eq!(z.dims(), [1, 4, 5, 3]);
 }
 
@@ -102,20 +80,15 @@ fn trainable_from_varmap_and_gradients_reach_every_variable() {
     let cfg = Variant::Taef2.config();
     let (vm, m) = build(&cfg);
     taesd::set_decoder_output_bias(&vm, cfg, 0.5).unwrap();
-    let bias = vm.data().lock().unwrap()[&taesd::decoder_last_conv_bias_name(cfg)]
-        .as_tensor()
-        .to_vec1::<f32>()
-        .unwrap();
+    let bias =
+        vm.data().lock().unwrap()[&taesd::decoder_last_conv_bias_name(cfg)].as_tensor().to_vec1::<f32>().unwrap();
     assert_eq!(bias, [0.5; 3]);
     let x = Tensor::rand(0f32, 1f32, (1, 3, 32, 32), &dev).unwrap();
     let y = m.decode(&m.encode(&x).unwrap()).unwrap();
     let loss = (y - &x).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in vm.data().lock().unwrap().iter() {
-        assert!(
-            grads.get(var.as_tensor()).is_some(),
-            "no gradient for {name}"
-        );
+        assert!(grads.get(var.as_tensor()).is_some(), "no gradient for {name}");
     }
     // A second model on the same VarMap shares the variables.
     let again = Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
@@ -132,18 +105,10 @@ fn decoder_input_dtype_follows_weights() {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     // (candle 0.11's CPU backend has no bf16 matmul, so bf16 inference needs CUDA; f16 runs here.)
-    let m = Taesd::new(
-        &Variant::Taesd.config(),
-        VarBuilder::from_varmap(&vm, DType::F16, &dev),
-    )
-    .unwrap();
-    let y = m
-        .decode(&Tensor::zeros((1, 4, 2, 2), DType::F32, &dev).unwrap())
-        .unwrap();
+    let m = Taesd::new(&Variant::Taesd.config(), VarBuilder::from_varmap(&vm, DType::F16, &dev)).unwrap();
+    let y = m.decode(&Tensor::zeros((1, 4, 2, 2), DType::F32, &dev).unwrap()).unwrap();
     assert_eq!(y.dtype(), DType::F16);
     let (_, m) = build(&Variant::Taesd.config());
-    let y = m
-        .decode(&Tensor::zeros((1, 4, 2, 2), DType::F16, &dev).unwrap())
-        .unwrap();
+    let y = m.decode(&Tensor::zeros((1, 4, 2, 2), DType::F16, &dev).unwrap()).unwrap();
     assert_eq!((y.dtype(), y.dims()), (DType::F32, &[1, 3, 16, 16][..]));
 }

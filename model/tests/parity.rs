@@ -14,24 +14,12 @@ fn reference() -> std::collections::HashMap<String, Tensor> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// The released taef2 encoder and decoder (`.pth`, fp16) loaded as f32.
 fn taef2_f32(dev: &Device) -> Taesd {
-    let files = [
-        format!("{REF}/taef2/taef2_encoder.pth"),
-        format!("{REF}/taef2/taef2_decoder.pth"),
-    ];
+    let files = [format!("{REF}/taef2/taef2_encoder.pth"), format!("{REF}/taef2/taef2_decoder.pth")];
     Taesd::load_files(&files, None, DType::F32, dev).unwrap()
 }
 
@@ -94,21 +82,12 @@ fn taef2_computes_in_bf16_with_f32_weights() {
 #[test]
 fn taesana_encoder_matches_reference() {
     let r = reference();
-    let model = Taesd::load(
-        format!("{REF}/taesana/taesana_encoder.pth"),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = Taesd::load(format!("{REF}/taesana/taesana_encoder.pth"), None, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.variant, Some(Variant::Taesana));
     assert!(model.decoder.is_none());
     let latent = model.encode(&r["image_a"]).unwrap();
     let e = max_abs(&latent, &r["taesana_latent_a"]);
-    println!(
-        "taesana image_a [1, 3, 256, 256] -> {:?}: encoder max|err| = {e:.3e} (tol {TOL:.0e})",
-        latent.dims()
-    );
+    println!("taesana image_a [1, 3, 256, 256] -> {:?}: encoder max|err| = {e:.3e} (tol {TOL:.0e})", latent.dims());
     assert!(e <= TOL, "taesana encoder: {e}");
 }
 

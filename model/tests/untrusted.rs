@@ -122,6 +122,8 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// `cases` damaged copies of `valid`, each written as `dir/name` and read both ways.
+// The closures return catch_unwind's Result, whose Err is the panic payload (large, and the point).
+#[allow(clippy::result_large_err)]
 fn check(valid: &[u8], dir: &Path, name: &str, seed: u64, cases: usize) {
     let path = dir.join(name);
     let mut rng = Rng(seed);
@@ -131,8 +133,14 @@ fn check(valid: &[u8], dir: &Path, name: &str, seed: u64, cases: usize) {
         let (bytes, what) = mutate(valid, &mut rng);
         std::fs::write(&path, &bytes).unwrap();
         for (how, (r, largest)) in [
-            ("read_tensor_file", probe::largest(|| catch_unwind(AssertUnwindSafe(|| read_tensor_file(&path).map(|_| ()))))),
-            ("load_checkpoint", probe::largest(|| catch_unwind(AssertUnwindSafe(|| load_checkpoint(&path, None).map(|_| ()))))),
+            (
+                "read_tensor_file",
+                probe::largest(|| catch_unwind(AssertUnwindSafe(|| read_tensor_file(&path).map(|_| ())))),
+            ),
+            (
+                "load_checkpoint",
+                probe::largest(|| catch_unwind(AssertUnwindSafe(|| load_checkpoint(&path, None).map(|_| ())))),
+            ),
         ] {
             match r {
                 Err(p) => problems.push(format!("{name}, {what}: {how} panicked: {}", panic_message(p))),

@@ -26,7 +26,9 @@ fn collected_weight_gradients_equal_the_graphs() {
                     let z = enc.forward_in_format(&x, dt, f).unwrap().to_dtype(DType::F32).unwrap();
                     let y = dec.forward_in_format(&z, dt, f).unwrap().to_dtype(DType::F32).unwrap();
                     drop(active);
-                    let loss = ((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap() + z.sqr().unwrap().mean_all().unwrap()).unwrap();
+                    let loss = ((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+                        + z.sqr().unwrap().mean_all().unwrap())
+                    .unwrap();
                     let g = loss.backward().unwrap();
                     let mut in_graph = 0;
                     let grads: Vec<Vec<f32>> = vars
@@ -50,7 +52,10 @@ fn collected_weight_gradients_equal_the_graphs() {
                 assert_eq!(collected0, 0);
                 assert_eq!(graph0, vars.len());
                 // Every conv weight and bias is collected; only the pools' GroupNorms (candle_nn) stay.
-                assert!(collected1 > 0 && graph1 + collected1 == vars.len(), "{variant:?}: {graph1} in the graph, {collected1} collected");
+                assert!(
+                    collected1 > 0 && graph1 + collected1 == vars.len(),
+                    "{variant:?}: {graph1} in the graph, {collected1} collected"
+                );
                 let norms = vars.iter().filter(|(n, _)| n.contains(".pool.1.")).count();
                 assert_eq!(graph1, norms, "{variant:?} {dt:?} {f:?}: weights left in the graph");
                 for ((name, _), (a, b)) in vars.iter().zip(g0.iter().zip(&g1)) {

@@ -76,10 +76,7 @@ pub fn adam_update(
     grad_scale: Option<&Tensor>,
     h: &AdamStep,
 ) -> Result<AdamOut> {
-    for (name, t) in [("g", g), ("m", m), ("v", v)]
-        .into_iter()
-        .chain(vmax.map(|t| ("vmax", t)))
-    {
+    for (name, t) in [("g", g), ("m", m), ("v", v)].into_iter().chain(vmax.map(|t| ("vmax", t))) {
         if t.shape() != p.shape() {
             bail!("adam_update: {name} has shape {:?}, p {:?}", t.dims(), p.dims());
         }
@@ -100,9 +97,7 @@ pub fn adam_update(
     let out = match p.device() {
         Device::Cpu => cpu_update(&pf, &gf, &mf, &vf, vmf.as_ref(), sf.as_ref(), &c)?,
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            crate::cuda::kernels::adam(&pf, &gf, &mf, &vf, vmf.as_ref(), sf.as_ref(), &c)?
-        }
+        Device::Cuda(_) => crate::cuda::kernels::adam(&pf, &gf, &mf, &vf, vmf.as_ref(), sf.as_ref(), &c)?,
         d => bail!("adam_update: no implementation on {d:?}"),
     };
     let shape = p.shape();
@@ -159,10 +154,5 @@ fn cpu_update(
         vo[i] = vi;
     }
     let t = |v: Vec<f32>| Tensor::from_vec(v, n, &Device::Cpu);
-    Ok(AdamOut {
-        p: t(po)?,
-        m: t(mo)?,
-        v: t(vo)?,
-        vmax: vmo.map(t).transpose()?,
-    })
+    Ok(AdamOut { p: t(po)?, m: t(mo)?, v: t(vo)?, vmax: vmo.map(t).transpose()? })
 }

@@ -66,16 +66,9 @@ pub fn batch_norm_train_act(
     if n * h * w < 2 {
         bail!("BatchNorm in training mode needs more than one value per channel");
     }
-    let op = BnReluOp {
-        eps,
-        format,
-        act,
-        saved: Arc::new(Mutex::new(None)),
-    };
+    let op = BnReluOp { eps, format, act, saved: Arc::new(Mutex::new(None)) };
     let saved = op.saved.clone();
-    let y = x
-        .contiguous()?
-        .apply_op3_arc(&weight.contiguous()?, &bias.contiguous()?, Arc::new(Box::new(op)))?;
+    let y = x.contiguous()?.apply_op3_arc(&weight.contiguous()?, &bias.contiguous()?, Arc::new(Box::new(op)))?;
     let (mean, invstd) = saved
         .lock()
         .unwrap()
@@ -123,7 +116,8 @@ impl CustomOp3 for BnReluOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (y, shape, mean, invstd) = crate::cuda::bn::forward((s1, l1), (s2, l2), (s3, l3), self.eps, self.format, self.act)?;
+        let (y, shape, mean, invstd) =
+            crate::cuda::bn::forward((s1, l1), (s2, l2), (s3, l3), self.eps, self.format, self.act)?;
         *self.saved.lock().unwrap() = Some((mean, invstd));
         Ok((y, shape))
     }
@@ -163,9 +157,8 @@ impl CustomOp3 for BnReluOp {
 /// term per output) with f32 FMA math and on the CPU.
 pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act, format: Format) -> Result<Tensor> {
     let c = scale.dim(0)?;
-    let w = identity(c, scale.dtype(), scale.device())?
-        .broadcast_mul(&scale.reshape((c, 1))?)?
-        .reshape((c, c, 1, 1))?;
+    let w =
+        identity(c, scale.dtype(), scale.device())?.broadcast_mul(&scale.reshape((c, 1))?)?.reshape((c, c, 1, 1))?;
     conv2d_act(x, &w, Some(shift), ConvParams::new(1, 0).with_format(format), act)
 }
 
@@ -177,7 +170,9 @@ fn identity(c: usize, dtype: candle_core::DType, device: &candle_core::Device) -
     }
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        if let Some(t) = cache.iter().find(|t| t.dim(0).ok() == Some(c) && t.dtype() == dtype && t.device().same_device(device)) {
+        if let Some(t) =
+            cache.iter().find(|t| t.dim(0).ok() == Some(c) && t.dtype() == dtype && t.device().same_device(device))
+        {
             return Ok(t.clone());
         }
         let t = Tensor::eye(c, dtype, device)?;
@@ -193,7 +188,14 @@ fn identity(c: usize, dtype: candle_core::DType, device: &candle_core::Device) -
 /// candle_nn's GroupNorm on half-precision activations (f32 copies, a dozen full-size ops and
 /// their backward) took 25 ms of a 123 ms training step for TAEF2's six mid-block pools (H100,
 /// 256/bs32). `None` where the BatchNorm op does not run (the caller keeps its plain ops).
-pub fn group_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64, format: Format) -> Result<Option<Tensor>> {
+pub fn group_norm_relu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    format: Format,
+) -> Result<Option<Tensor>> {
     let (n, c, h, w) = format.nchw(x.dims())?;
     if groups == 0 || c % groups != 0 {
         bail!("group_norm_relu: {c} channels in {groups} groups");

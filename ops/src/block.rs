@@ -17,12 +17,12 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
-use crate::tape;
 use crate::conv::{act_bias_bwd, conv_bwd_data, conv_bwd_filter, conv_op, fast_device, Act, ConvParams};
-use crate::format::Format;
-use crate::weight_grads::{collector_for, WeightGrads};
 use crate::cpu;
 use crate::elementwise::{add_relu, kernels_on, relu_bwd};
+use crate::format::Format;
+use crate::tape;
+use crate::weight_grads::{collector_for, WeightGrads};
 
 /// The block's parameters: `(weight [C_out, C_in, 3, 3], bias [C_out])` of the three convs, and
 /// the skip conv's weight `[C_out, C_in, 1, 1]` when the channel count changes; the activations'
@@ -58,11 +58,17 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
     for (i, (w, b)) in p.convs.iter().enumerate() {
         let want_in = if i == 0 { c_in } else { c_out };
         if w.dims() != [c_out, want_in, 3, 3] || b.dims() != [c_out] {
-            bail!("taesd-ops block: conv {i} has weight {:?} and bias {:?} for {want_in} -> {c_out} channels", w.dims(), b.dims());
+            bail!(
+                "taesd-ops block: conv {i} has weight {:?} and bias {:?} for {want_in} -> {c_out} channels",
+                w.dims(),
+                b.dims()
+            );
         }
     }
     match p.skip {
-        Some(s) if s.dims() != [c_out, c_in, 1, 1] => bail!("taesd-ops block: skip weight {:?} for {c_in} -> {c_out}", s.dims()),
+        Some(s) if s.dims() != [c_out, c_in, 1, 1] => {
+            bail!("taesd-ops block: skip weight {:?} for {c_in} -> {c_out}", s.dims())
+        }
         None if c_in != c_out => bail!("taesd-ops block: {c_in} -> {c_out} channels needs a skip conv"),
         _ => {}
     }
@@ -114,7 +120,13 @@ pub fn block(x: &Tensor, p: &BlockParams) -> Result<Tensor> {
         let op = Arc::new(BlockOp { layout, saved: Saved { h0, h1, h2, s }, packs: (wd, bd), sunk });
         let y = x.apply_op3_no_bwd(&a, &b, op.as_ref())?;
         let xs = x.clone();
-        tape::record("block", &[&x], &[&a, &b], &y, Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, want[0], false, y, dy)?.0])))?;
+        tape::record(
+            "block",
+            &[&x],
+            &[&a, &b],
+            &y,
+            Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, want[0], false, y, dy)?.0])),
+        )?;
         return Ok(y);
     }
     match grads {
@@ -195,7 +207,15 @@ impl CustomOp3 for BlockOp {
 
     /// The last step, `relu(h2 + s)`, from the kept intermediates (the inputs' storages were
     /// already read by the detached forward).
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         cpu::to_storage(&cpu::add_relu(&self.saved.h2, &self.saved.s)?)
     }
 
@@ -212,7 +232,14 @@ impl CustomOp3 for BlockOp {
         crate::cuda::kernels::add_relu_tensors(&self.saved.h2, &self.saved.s)
     }
 
-    fn bwd(&self, x: &Tensor, wpack: &Tensor, bpack: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wpack: &Tensor,
+        bpack: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.backward(x, x.track_op(), wpack.track_op() || bpack.track_op(), y, dy)
     }
 }
@@ -220,7 +247,14 @@ impl CustomOp3 for BlockOp {
 impl BlockOp {
     /// `want_x`: whether `x`'s gradient is wanted; `want_packs`: the packed weights' (when not
     /// sunk). Sunk weights' gradients always go to the collector.
-    fn backward(&self, x: &Tensor, want_x: bool, want_packs: bool, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(
+        &self,
+        x: &Tensor,
+        want_x: bool,
+        want_packs: bool,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want_w = self.sunk.is_some() || want_packs;
         if !want_x && !want_w {
             return Ok((None, None, None));
@@ -264,11 +298,18 @@ impl BlockOp {
             return Ok((dx, None, None));
         }
         let (dwp, dbp) = if want_w {
-            let mut parts = vec![dw0.expect("wanted").flatten_all()?, dw1.expect("wanted").flatten_all()?, dw2.expect("wanted").flatten_all()?];
+            let mut parts = vec![
+                dw0.expect("wanted").flatten_all()?,
+                dw1.expect("wanted").flatten_all()?,
+                dw2.expect("wanted").flatten_all()?,
+            ];
             if let Some(d) = dws {
                 parts.push(d.flatten_all()?);
             }
-            let db = [db0, db1, db2].into_iter().map(|d| d.ok_or_else(|| candle_core::Error::Msg("bias gradient".into()))).collect::<Result<Vec<_>>>()?;
+            let db = [db0, db1, db2]
+                .into_iter()
+                .map(|d| d.ok_or_else(|| candle_core::Error::Msg("bias gradient".into())))
+                .collect::<Result<Vec<_>>>()?;
             (Some(Tensor::cat(&parts, 0)?), Some(Tensor::cat(&db, 0)?))
         } else {
             (None, None)

@@ -46,35 +46,20 @@ impl ConvParams {
 
     #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
     pub(crate) fn out_hw(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
-        (
-            (h + 2 * self.padding - kh) / self.stride + 1,
-            (w + 2 * self.padding - kw) / self.stride + 1,
-        )
+        ((h + 2 * self.padding - kh) / self.stride + 1, (w + 2 * self.padding - kw) / self.stride + 1)
     }
 }
 
 /// `conv2d(x, w) + b`: `x` `[N, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`, `b` `[C_out]` (NCHW;
 /// [`conv2d_act`] takes any format).
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     conv2d_act(x, w, b, ConvParams::new(stride, padding), Act::None)
 }
 
 /// `act(conv2d(x, w) + b)`, `x` in `p.format`, `w` `[C_out, C_in, kh, kw]` whatever the format.
 /// `w` and `b` are cast to `x`'s dtype first (mixed precision: f32 master weights, bf16/f16
 /// activations; the cast's backward gives f32 gradients).
-pub fn conv2d_act(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    p: ConvParams,
-    act: Act,
-) -> Result<Tensor> {
+pub fn conv2d_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
     let (_, c_in, h, wd) = p.format.nchw(x.dims())?;
     let (c_out, wc_in, kh, kw) = w.dims4()?;
     if c_in != wc_in {
@@ -98,7 +83,9 @@ pub fn conv2d_act(
     };
     let ws: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
     let padded = p.format == Format::Nhwc && x.device().is_cuda() && (c_in % 8 != 0 || c_out % 8 != 0);
-    if tape::is_open() && (padded || !fast_device(x.device()) || (collector_for(&ws).is_none() && ws.iter().any(|w| w.track_op()))) {
+    if tape::is_open()
+        && (padded || !fast_device(x.device()) || (collector_for(&ws).is_none() && ws.iter().any(|w| w.track_op())))
+    {
         // Not recordable on a tape (padding or candle's ops; or weights whose gradients go
         // through the graph): on the graph, between taped runs.
         return tape::outside(x, |x| conv2d_act(x, w, b, p, act));
@@ -142,7 +129,13 @@ pub fn conv2d_act(
         };
         let ws: Vec<&Tensor> = std::iter::once(&w).chain(&b).collect();
         let (xs, wk, bk) = (x.clone(), w.clone(), b.clone());
-        tape::record("conv2d", &[&x], &ws, &y, Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, &wk, bk.as_ref(), y, dy, want[0])?.0])))?;
+        tape::record(
+            "conv2d",
+            &[&x],
+            &ws,
+            &y,
+            Box::new(move |y, dy, want| Ok(vec![op.backward(&xs, &wk, bk.as_ref(), y, dy, want[0])?.0])),
+        )?;
         return Ok(y);
     }
     apply(&x, &w, b.as_ref(), op)
@@ -227,7 +220,13 @@ impl ConvOp {
         };
         let wc = crate::cuda::Cuda::of(&s.w)?;
         let bc = s.b.as_ref().map(crate::cuda::Cuda::of).transpose()?;
-        crate::cuda::conv::forward(x, (wc.storage(), wc.layout), bc.as_ref().map(|c| (c.storage(), c.layout)), self.p, self.act)
+        crate::cuda::conv::forward(
+            x,
+            (wc.storage(), wc.layout),
+            bc.as_ref().map(|c| (c.storage(), c.layout)),
+            self.p,
+            self.act,
+        )
     }
 
     /// `want_x`: whether `x`'s gradient is wanted (the graph's `x.track_op()`; a tape says).
@@ -243,11 +242,7 @@ impl ConvOp {
         let dy = dy.contiguous()?;
         if let Some(s) = &self.sunk {
             let (dz, db) = act_bias_bwd(&dy, y, self.act, s.b.is_some(), self.p.format)?;
-            let dx = if want_x {
-                Some(conv_bwd_data(&dz, &s.w, x.dims(), self.p)?)
-            } else {
-                None
-            };
+            let dx = if want_x { Some(conv_bwd_data(&dz, &s.w, x.dims(), self.p)?) } else { None };
             let dw = conv_bwd_filter(x, &dz, s.w.dims(), self.p)?;
             s.grads.add(s.w_id, &self.p.format.filter_to_oihw(&dw)?)?;
             if let (Some(db), Some(id)) = (db, s.b_id) {
@@ -257,16 +252,8 @@ impl ConvOp {
         }
         let want_b = b.is_some_and(|b| b.track_op());
         let (dz, db) = act_bias_bwd(&dy, y, self.act, want_b, self.p.format)?;
-        let dx = if want_x {
-            Some(conv_bwd_data(&dz, w, x.dims(), self.p)?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(conv_bwd_filter(x, &dz, w.dims(), self.p)?)
-        } else {
-            None
-        };
+        let dx = if want_x { Some(conv_bwd_data(&dz, w, x.dims(), self.p)?) } else { None };
+        let dw = if w.track_op() { Some(conv_bwd_filter(x, &dz, w.dims(), self.p)?) } else { None };
         Ok((dx, dw, db))
     }
 }
@@ -276,13 +263,7 @@ impl CustomOp2 for ConvOp {
         "taesd-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         self.cpu(&cpu::to_tensor(s1, l1)?, &cpu::to_tensor(s2, l2)?, None)
     }
 
@@ -297,13 +278,7 @@ impl CustomOp2 for ConvOp {
         self.cuda((s1, l1), (s2, l2), None)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.backward(x, w, None, y, dy, x.track_op())?;
         Ok((dx, dw))
     }
@@ -323,11 +298,7 @@ impl CustomOp3 for ConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu(
-            &cpu::to_tensor(s1, l1)?,
-            &cpu::to_tensor(s2, l2)?,
-            Some(&cpu::to_tensor(s3, l3)?),
-        )
+        self.cpu(&cpu::to_tensor(s1, l1)?, &cpu::to_tensor(s2, l2)?, Some(&cpu::to_tensor(s3, l3)?))
     }
 
     #[cfg(feature = "cudnn")]
@@ -358,13 +329,7 @@ impl CustomOp3 for ConvOp {
 // Backward pieces, by device. They take and give contiguous tensors, outside the graph.
 
 /// Backward of `act(z + b)` on activations in `format`: `(dz, db)`.
-pub fn act_bias_bwd(
-    dy: &Tensor,
-    y: &Tensor,
-    act: Act,
-    bias: bool,
-    format: Format,
-) -> Result<(Tensor, Option<Tensor>)> {
+pub fn act_bias_bwd(dy: &Tensor, y: &Tensor, act: Act, bias: bool, format: Format) -> Result<(Tensor, Option<Tensor>)> {
     if act == Act::None && !bias {
         return Ok((dy.clone(), None));
     }

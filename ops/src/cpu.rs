@@ -86,13 +86,7 @@ fn widen(t: &Tensor) -> Result<Tensor> {
 }
 
 /// `act(conv(x, w) + b)` with candle's CPU convolution.
-pub(crate) fn conv_fwd(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    p: ConvParams,
-    act: Act,
-) -> Result<Tensor> {
+pub(crate) fn conv_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: ConvParams, act: Act) -> Result<Tensor> {
     let dt = x.dtype();
     let y = widen(x)?.conv2d(&widen(w)?, p.padding, p.stride, 1, 1)?;
     if b.is_none() && act == Act::None {
@@ -114,22 +108,13 @@ pub(crate) fn conv_fwd(
 
 /// Backward of `act(z + b)` given the output `y` and its gradient: (dz, db). `dz` is `dy`
 /// itself without ReLU.
-pub(crate) fn act_bias_bwd(
-    dy: &Tensor,
-    y: &Tensor,
-    act: Act,
-    bias: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+pub(crate) fn act_bias_bwd(dy: &Tensor, y: &Tensor, act: Act, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
     let (n, c, h, w) = dy.dims4()?;
     let hw = h * w;
     let dz = if act == Act::Relu {
         let g = f64s(dy)?;
         let yv = f64s(y)?;
-        let v = g
-            .iter()
-            .zip(&yv)
-            .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
-            .collect();
+        let v = g.iter().zip(&yv).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }).collect();
         from_f64s(v, dy.shape(), dy.dtype())?
     } else {
         dy.clone()
@@ -158,21 +143,11 @@ pub(crate) fn act_bias_bwd(
 /// zero-padded) with the weight transposed (in/out) and flipped. candle's backprop uses
 /// `conv_transpose2d`, whose CPU kernel is a naive loop (~50x slower); the result is the same sum
 /// in another order. Falls back to `conv_transpose2d` when padding exceeds `k - 1`.
-pub(crate) fn conv_bwd_data(
-    dz: &Tensor,
-    w: &Tensor,
-    x_dims: &[usize],
-    p: ConvParams,
-) -> Result<Tensor> {
+pub(crate) fn conv_bwd_data(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
     conv_bwd_data_wide(&widen(dz)?, &widen(w)?, x_dims, p)?.to_dtype(dz.dtype())
 }
 
-fn conv_bwd_data_wide(
-    dz: &Tensor,
-    w: &Tensor,
-    x_dims: &[usize],
-    p: ConvParams,
-) -> Result<Tensor> {
+fn conv_bwd_data_wide(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
     let (_, _, ho, wo) = dz.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
     let (h, wd) = (x_dims[2], x_dims[3]);
@@ -203,12 +178,7 @@ fn conv_bwd_data_wide(
 }
 
 /// The input gradient exactly as candle's backprop computes it (`conv_transpose2d`).
-pub(crate) fn conv_bwd_data_transposed(
-    dz: &Tensor,
-    w: &Tensor,
-    x_dims: &[usize],
-    p: ConvParams,
-) -> Result<Tensor> {
+pub(crate) fn conv_bwd_data_transposed(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvParams) -> Result<Tensor> {
     let grad_h = dz.dim(2)?;
     let k_h = w.dim(2)?;
     let out_size = (grad_h - 1) * p.stride + (k_h - 1) + 1 - 2 * p.padding;
@@ -217,23 +187,14 @@ pub(crate) fn conv_bwd_data_transposed(
 }
 
 /// The weight gradient of a convolution, as candle's backprop computes it.
-pub(crate) fn conv_bwd_filter(
-    x: &Tensor,
-    dz: &Tensor,
-    w_dims: &[usize],
-    p: ConvParams,
-) -> Result<Tensor> {
+pub(crate) fn conv_bwd_filter(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: ConvParams) -> Result<Tensor> {
     let g = widen(x)?
         .transpose(0, 1)?
         .conv2d(&widen(dz)?.transpose(0, 1)?, p.padding, 1, p.stride, 1)?
         .transpose(0, 1)?
         .to_dtype(x.dtype())?;
     let (_, _, g0, g1) = g.dims4()?;
-    let g = if g0 != w_dims[2] || g1 != w_dims[3] {
-        g.narrow(2, 0, w_dims[2])?.narrow(3, 0, w_dims[3])?
-    } else {
-        g
-    };
+    let g = if g0 != w_dims[2] || g1 != w_dims[3] { g.narrow(2, 0, w_dims[2])?.narrow(3, 0, w_dims[3])? } else { g };
     g.contiguous()
 }
 
@@ -247,11 +208,7 @@ pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub(crate) fn relu_bwd(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     let g = f32s(dy)?;
     let yv = f32s(y)?;
-    let v = g
-        .iter()
-        .zip(&yv)
-        .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
-        .collect();
+    let v = g.iter().zip(&yv).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }).collect();
     from_f32s(v, dy.shape(), dy.dtype())
 }
 
@@ -265,9 +222,5 @@ pub(crate) fn upsample2x(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn downsum2x(dy: &Tensor) -> Result<Tensor> {
     let (n, c, h2, w2) = dy.dims4()?;
     let (h, w) = (h2 / 2, w2 / 2);
-    dy.to_dtype(DType::F32)?
-        .reshape((n, c, h, 2, w, 2))?
-        .sum(5)?
-        .sum(3)?
-        .to_dtype(dy.dtype())
+    dy.to_dtype(DType::F32)?.reshape((n, c, h, 2, w, 2))?.sum(5)?.sum(3)?.to_dtype(dy.dtype())
 }

@@ -22,7 +22,13 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     if tape::is_open() {
         let y = a.apply_op2_no_bwd(&b, &AddRelu)?;
-        tape::record("add_relu", &[&a, &b], &[], &y, Box::new(|y, dy, want| AddRelu::backward(dy, y, want[0], want[1])))?;
+        tape::record(
+            "add_relu",
+            &[&a, &b],
+            &[],
+            &y,
+            Box::new(|y, dy, want| AddRelu::backward(dy, y, want[0], want[1])),
+        )?;
         return Ok(y);
     }
     a.apply_op2(&b, AddRelu)
@@ -39,7 +45,13 @@ pub fn upsample_nearest2x(x: &Tensor, format: Format) -> Result<Tensor> {
     let x = x.contiguous()?;
     if tape::is_open() {
         let y = x.apply_op1_no_bwd(&Upsample2x { format })?;
-        tape::record("upsample_nearest2x", &[&x], &[], &y, Box::new(move |_, dy, want| Ok(vec![want[0].then(|| downsum2x(dy, format)).transpose()?])))?;
+        tape::record(
+            "upsample_nearest2x",
+            &[&x],
+            &[],
+            &y,
+            Box::new(move |_, dy, want| Ok(vec![want[0].then(|| downsum2x(dy, format)).transpose()?])),
+        )?;
         return Ok(y);
     }
     x.apply_op1(Upsample2x { format })
@@ -61,17 +73,8 @@ impl CustomOp2 for AddRelu {
         "taesd-add-relu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::to_storage(&cpu::add_relu(
-            &cpu::to_tensor(s1, l1)?,
-            &cpu::to_tensor(s2, l2)?,
-        )?)
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu::to_storage(&cpu::add_relu(&cpu::to_tensor(s1, l1)?, &cpu::to_tensor(s2, l2)?)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -85,13 +88,7 @@ impl CustomOp2 for AddRelu {
         crate::cuda::kernels::add_relu((s1, l1), (s2, l2))
     }
 
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mut g = AddRelu::backward(dy, y, a.track_op(), b.track_op())?.into_iter();
         Ok((g.next().flatten(), g.next().flatten()))
     }
@@ -148,11 +145,7 @@ impl CustomOp1 for Upsample2x {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::kernels::upsample2x((s, l), self.format)
     }
 

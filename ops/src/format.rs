@@ -138,7 +138,10 @@ mod tests {
         let got = y.get(1).unwrap().get(3).unwrap().get(4).unwrap().get(2).unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(want, got);
         let back = Format::Nhwc.to_nchw(&y).unwrap();
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let w = Tensor::zeros((8, 3, 3, 3), candle_core::DType::F32, &d).unwrap();
         let wf = Format::Nhwc.filter(&w).unwrap();
         assert_eq!(wf.dims(), [8, 3, 3, 3]);

@@ -29,9 +29,9 @@ mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod device;
 mod elementwise;
 mod format;
-mod device;
 mod settings;
 mod tape;
 mod weight_grads;
@@ -39,16 +39,15 @@ mod weight_grads;
 pub use adam::{adam_update, AdamOut, AdamStep};
 pub use batch_norm::{batch_norm_relu_train, batch_norm_train_act, channel_affine, group_norm_relu, BnOut};
 pub use block::{block, block_on, BlockParams};
-pub use conv::{
-    act_bias_bwd, conv2d, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, stock, Act,
-    ConvParams,
-};
+pub use conv::{act_bias_bwd, conv2d, conv2d_act, conv_bwd_data, conv_bwd_filter, fast_device, stock, Act, ConvParams};
+pub use device::tune_device;
 pub use elementwise::{add_relu, downsum2x, kernels_on, relu_bwd, upsample_nearest2x};
 pub use format::{preferred_format, Format};
-pub use device::tune_device;
+pub use settings::{
+    log_algorithms, set_log_algorithms, set_settings, settings, update_settings, AlgoSearch, F32Math, Settings,
+};
 pub use tape::{enable_taping, outside, taped, Taping};
 pub use weight_grads::{Active as WeightGradsActive, WeightGrads};
-pub use settings::{log_algorithms, set_log_algorithms, set_settings, settings, update_settings, AlgoSearch, F32Math, Settings};
 
 /// Drops this thread's cached cuDNN plans and workspaces (all devices). A no-op without `cudnn`.
 pub fn clear_caches() {

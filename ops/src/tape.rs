@@ -122,7 +122,13 @@ fn open(x: &Tensor) -> Tensor {
 
 /// Records an op of the open run: `acts` its activation inputs, `weights` its other inputs
 /// (variables among them must have been taken off the graph by the op), `out` its result.
-pub(crate) fn record(name: &str, acts: &[&Tensor], weights: &[&Tensor], out: &Tensor, backward: Backward) -> Result<()> {
+pub(crate) fn record(
+    name: &str,
+    acts: &[&Tensor],
+    weights: &[&Tensor],
+    out: &Tensor,
+    backward: Backward,
+) -> Result<()> {
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
         let seg = o.as_mut().expect("record() inside an open run");
@@ -283,7 +289,13 @@ impl CustomOp2 for TapeNode {
     }
 
     /// The anchor variable gets no gradient (the ops gave theirs to the collector).
-    fn bwd(&self, _x: &Tensor, _anchor: &Tensor, res: &Tensor, dres: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _anchor: &Tensor,
+        res: &Tensor,
+        dres: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((self.backward(res, dres)?, None))
     }
 }

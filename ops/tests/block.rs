@@ -93,7 +93,10 @@ fn check(c_in: usize, c_out: usize, dt: DType, seed: u64) -> Result<()> {
         assert_eq!(a.dtype(), DType::F32, "{what}: gradient {i} in the master weights' dtype");
         let d = max_abs_diff(a, b);
         assert_eq!(d, 0.0, "{what}: gradient of tensor {i} (0 = x, then w0..w2, b0..b2, skip) differs by {d:e}");
-        assert!(b.abs()?.max_all()?.to_scalar::<f32>()? > 0.0, "{what}: gradient {i} is all zero: the check would prove nothing");
+        assert!(
+            b.abs()?.max_all()?.to_scalar::<f32>()? > 0.0,
+            "{what}: gradient {i} is all zero: the check would prove nothing"
+        );
     }
     Ok(())
 }
@@ -119,7 +122,8 @@ fn fused_block_gives_the_input_gradient_alone_for_frozen_weights() -> Result<()>
     let (w, b): (Vec<Tensor>, Vec<Tensor>) = (p.w.iter().map(frozen).collect(), p.b.iter().map(frozen).collect());
     let s = p.skip.as_ref().map(frozen);
     let x = Var::from_tensor(&randn(&mut rng, &[1, 3, 5, 5], 1.0))?;
-    let bp = BlockParams { convs: [(&w[0], &b[0]), (&w[1], &b[1]), (&w[2], &b[2])], skip: s.as_ref(), format: Format::Nchw };
+    let bp =
+        BlockParams { convs: [(&w[0], &b[0]), (&w[1], &b[1]), (&w[2], &b[2])], skip: s.as_ref(), format: Format::Nchw };
     let g = loss(&block(x.as_tensor(), &bp)?)?.backward()?;
     let gc = loss(&p.composed(x.as_tensor())?)?.backward()?;
     assert_eq!(max_abs_diff(g.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()), 0.0);
@@ -133,7 +137,11 @@ fn fused_block_refuses_mismatched_weights() {
     let p = Params::new(&mut rng, 3, 4);
     let x = randn(&mut rng, &[1, 3, 5, 5], 1.0);
     let bp = BlockParams {
-        convs: [(p.w[0].as_tensor(), p.b[0].as_tensor()), (p.w[1].as_tensor(), p.b[1].as_tensor()), (p.w[2].as_tensor(), p.b[2].as_tensor())],
+        convs: [
+            (p.w[0].as_tensor(), p.b[0].as_tensor()),
+            (p.w[1].as_tensor(), p.b[1].as_tensor()),
+            (p.w[2].as_tensor(), p.b[2].as_tensor()),
+        ],
         skip: None,
         format: Format::Nchw,
     };

@@ -25,11 +25,8 @@ fn chain(x: &Tensor, ws: &[Var], f: Format) -> Result<Tensor> {
     let h = f.from_nchw(x)?;
     let h = conv2d_act(&h, &ws[0], Some(&ws[1]), p(1, 1), Act::Relu)?;
     let h = conv2d_act(&h, &ws[2], None, p(2, 1), Act::None)?;
-    let bp = BlockParams {
-        convs: [(&ws[3], &ws[4]), (&ws[5], &ws[6]), (&ws[7], &ws[8])],
-        skip: Some(&ws[9]),
-        format: f,
-    };
+    let bp =
+        BlockParams { convs: [(&ws[3], &ws[4]), (&ws[5], &ws[6]), (&ws[7], &ws[8])], skip: Some(&ws[9]), format: f };
     let h = block(&h, &bp)?;
     let h = upsample_nearest2x(&h, f)?;
     let s = conv2d_act(&h, &ws[10], None, p(1, 0), Act::None)?;
@@ -55,7 +52,10 @@ fn check(dt: DType, seed: u64) -> Result<()> {
         vec![3, 7, 3, 3],
         vec![3],
     ];
-    let ws: Vec<Var> = shapes.iter().map(|s| Var::from_tensor(&randn(&mut rng, s, DType::F32).affine(0.4, 0.0).unwrap()).unwrap()).collect();
+    let ws: Vec<Var> = shapes
+        .iter()
+        .map(|s| Var::from_tensor(&randn(&mut rng, s, DType::F32).affine(0.4, 0.0).unwrap()).unwrap())
+        .collect();
     let x = Var::from_tensor(&randn(&mut rng, &[2, 5, 8, 10], dt))?;
     let r = randn(&mut rng, &[2, 3, 8, 10], DType::F32);
     let run = |f: Format| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {

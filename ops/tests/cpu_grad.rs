@@ -4,9 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use taesd_ops::{
-    adam_update, add_relu, conv2d_act, stock, upsample_nearest2x, Act, AdamStep, ConvParams, Format,
-};
+use taesd_ops::{adam_update, add_relu, conv2d_act, stock, upsample_nearest2x, Act, AdamStep, ConvParams, Format};
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], dt: DType) -> Tensor {
     let n: usize = shape.iter().product();
@@ -44,16 +42,7 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
-    for &(k, stride, pad) in &[
-        (1, 1, 0),
-        (3, 1, 1),
-        (3, 1, 0),
-        (3, 2, 1),
-        (3, 2, 0),
-        (4, 2, 1),
-        (4, 1, 1),
-        (1, 2, 0),
-    ] {
+    for &(k, stride, pad) in &[(1, 1, 0), (3, 1, 1), (3, 1, 0), (3, 2, 1), (3, 2, 0), (4, 2, 1), (4, 1, 1), (1, 2, 0)] {
         for &bias in &[false, true] {
             for &act in &[Act::None, Act::Relu] {
                 // Odd and even sizes (stride 2 drops a row for odd sizes).
@@ -71,10 +60,7 @@ fn cases() -> Vec<Case> {
 fn conv_matches_candle_values_and_grads() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for c in cases() {
-        let what = format!(
-            "k{} s{} p{} bias {} {:?} {}x{}",
-            c.k, c.stride, c.pad, c.bias, c.act, c.hw, c.hw
-        );
+        let what = format!("k{} s{} p{} bias {} {:?} {}x{}", c.k, c.stride, c.pad, c.bias, c.act, c.hw, c.hw);
         let x = Var::from_tensor(&randn(&mut rng, &[2, c.c_in, c.hw, c.hw], DType::F32))?;
         let w = Var::from_tensor(&randn(&mut rng, &[c.c_out, c.c_in, c.k, c.k], DType::F32))?;
         let b = Var::from_tensor(&randn(&mut rng, &[c.c_out], DType::F32))?;
@@ -276,9 +262,11 @@ fn adam_matches_reference_rule() -> Result<()> {
         let mut vmt = amsgrad.then(|| f32t(&vm)).transpose()?;
         let (lr, b1, b2, eps) = (1e-3, 0.9, 0.99, 1e-8);
         for step in 1..=5u64 {
-            let g: Vec<f64> = (0..n).map(|_| (rng.random::<f64>() - 0.5) * 10f64.powi(rng.random_range(-3..2))).collect();
+            let g: Vec<f64> =
+                (0..n).map(|_| (rng.random::<f64>() - 0.5) * 10f64.powi(rng.random_range(-3..2))).collect();
             let scale = if scaled { 0.5 } else { 1.0 };
-            let h = AdamStep { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled_weight_decay: decoupled, step };
+            let h =
+                AdamStep { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled_weight_decay: decoupled, step };
             let st = Tensor::new(scale as f32, &Device::Cpu)?;
             let out = adam_update(&pt, &f32t(&g)?, &mt, &vt, vmt.as_ref(), scaled.then_some(&st), &h)?;
             // The reference, in f64.
@@ -325,7 +313,8 @@ fn adam_is_bit_identical_to_the_op_sequence() -> Result<()> {
     let scale = Tensor::new(0.7f32, &Device::Cpu)?;
     for &(decoupled, wd) in &[(false, 0.0), (false, 0.05), (true, 0.01)] {
         let (lr, b1, b2, eps, t) = (3e-4, 0.9, 0.999, 1e-8, 7);
-        let h = AdamStep { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled_weight_decay: decoupled, step: t };
+        let h =
+            AdamStep { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled_weight_decay: decoupled, step: t };
         let out = adam_update(&p, &g, &m, &v, Some(&vmax), Some(&scale), &h)?;
         let bc1 = 1.0 - f64::powi(b1, t as i32);
         let bc2 = 1.0 - f64::powi(b2, t as i32);
@@ -343,7 +332,9 @@ fn adam_is_bit_identical_to_the_op_sequence() -> Result<()> {
         let vm2 = vmax.maximum(&v2)?;
         let denom = vm2.sqrt()?.affine(1.0 / bc2.sqrt(), eps)?;
         let p2 = (pp - (&m2 / denom)?.affine(lr / bc1, 0.0)?)?;
-        for (a, b, what) in [(&out.p, &p2, "p"), (&out.m, &m2, "m"), (&out.v, &v2, "v"), (out.vmax.as_ref().unwrap(), &vm2, "vmax")] {
+        for (a, b, what) in
+            [(&out.p, &p2, "p"), (&out.m, &m2, "m"), (&out.v, &v2, "v"), (out.vmax.as_ref().unwrap(), &vm2, "vmax")]
+        {
             assert_eq!(max_abs_diff(a, b), 0.0, "{what} (decoupled {decoupled}, wd {wd})");
         }
     }
@@ -363,15 +354,11 @@ fn cpu_conv_backward_time() -> Result<()> {
         let t0 = std::time::Instant::now();
         let reps = 3;
         for _ in 0..reps {
-            let y = if ours {
-                conv2d_act(&x, &w, Some(&b), p, Act::Relu)?
-            } else {
-                stock(&x, &w, Some(&b), p, Act::Relu)?
-            };
+            let y =
+                if ours { conv2d_act(&x, &w, Some(&b), p, Act::Relu)? } else { stock(&x, &w, Some(&b), p, Act::Relu)? };
             let _ = y.sum_all()?.backward()?;
         }
         println!("{name}: 4x64x32x32 3x3 conv fwd+bwd {:.1} ms", t0.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }
     Ok(())
 }
-

@@ -203,21 +203,55 @@ mod tests {
 
     #[test]
     fn tuning_flags_parse_with_safe_defaults() {
-        let c = Cli::try_parse_from(["precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o"]).unwrap();
+        let c = Cli::try_parse_from(["precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o"])
+            .unwrap();
         assert_eq!(c.run.conv_search, ConvSearch::Heuristic);
         assert!(!c.run.io_binding && !c.run.nhwc && !c.run.static_shapes && !c.run.cuda_graph);
         assert!(c.run.cuda_options.is_empty() && !c.run.decode_only);
         let c = Cli::try_parse_from([
-            "precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o", "--conv-search", "exhaustive",
-            "--nhwc", "true", "--io-binding", "true", "--cuda-graph", "true", "--cuda-option", "a=1", "--cuda-option",
-            "b = x", "--warmup", "5",
+            "precompute",
+            "--vae",
+            "sd",
+            "--onnx",
+            "a.onnx",
+            "--images",
+            "i",
+            "--out",
+            "o",
+            "--conv-search",
+            "exhaustive",
+            "--nhwc",
+            "true",
+            "--io-binding",
+            "true",
+            "--cuda-graph",
+            "true",
+            "--cuda-option",
+            "a=1",
+            "--cuda-option",
+            "b = x",
+            "--warmup",
+            "5",
         ])
         .unwrap();
         assert_eq!(c.run.conv_search, ConvSearch::Exhaustive);
         assert!(c.run.nhwc && c.run.io_binding && c.run.cuda_graph);
         assert_eq!(c.run.cuda_options, vec![("a".into(), "1".into()), ("b".into(), "x".into())]);
         assert_eq!(c.run.warmup, 5);
-        assert!(Cli::try_parse_from(["precompute", "--vae", "sd", "--onnx", "a", "--images", "i", "--out", "o", "--cuda-option", "x"]).is_err());
+        assert!(Cli::try_parse_from([
+            "precompute",
+            "--vae",
+            "sd",
+            "--onnx",
+            "a",
+            "--images",
+            "i",
+            "--out",
+            "o",
+            "--cuda-option",
+            "x"
+        ])
+        .is_err());
         // --decode-only needs neither --onnx nor --out.
         let c = Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i", "--decode-only"]).unwrap();
         assert!(c.run.decode_only && c.run.onnx.is_none());

@@ -111,10 +111,16 @@ impl InspectReport {
         );
         println!("inputs        {} from {}", m.inputs_total, m.inputs_root);
         if !m.removed_inputs.is_empty() {
-            println!("removed       {} input(s) encoded earlier, no longer under the input folder (rows kept)", m.removed_inputs.len());
+            println!(
+                "removed       {} input(s) encoded earlier, no longer under the input folder (rows kept)",
+                m.removed_inputs.len()
+            );
         }
         if !m.changed_inputs.is_empty() {
-            println!("changed       {} input(s) changed size after they were encoded (rows of the old files)", m.changed_inputs.len());
+            println!(
+                "changed       {} input(s) changed size after they were encoded (rows of the old files)",
+                m.changed_inputs.len()
+            );
         }
         println!("rows          {}", self.rows);
         println!("upscaled      {} rows (crops smaller than {} px, enlarged)", m.upscaled_rows, c.resolution);

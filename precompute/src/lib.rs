@@ -109,7 +109,11 @@ impl Summary {
             s.inputs,
             s.inputs - s.inputs_without_rows,
             s.inputs_without_rows,
-            if self.listing_errors.is_empty() { String::new() } else { format!("; {} unlistable (stage list)", self.listing_errors.len()) }
+            if self.listing_errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} unlistable (stage list)", self.listing_errors.len())
+            }
         );
         if s.inputs > 0 {
             println!(
@@ -139,7 +143,8 @@ pub fn vae_spec(args: &RunArgs) -> Result<VaeSpec> {
         let channels = args.channels.context("--vae custom needs --channels")?;
         let scale = args.scale.context("--vae custom needs --scale (use 1 for latents already in TAESD scale)")?;
         let range = args.input_range.as_deref().context("--vae custom needs --input-range (\"0,1\" or \"-1,1\")")?;
-        let range = PixelRange::parse(range).with_context(|| format!("--input-range {range}: use \"0,1\" or \"-1,1\""))?;
+        let range =
+            PixelRange::parse(range).with_context(|| format!("--input-range {range}: use \"0,1\" or \"-1,1\""))?;
         return Ok(VaeSpec::custom(channels, scale, args.shift.unwrap_or(0.0), range, args.downscale));
     }
     if args.channels.is_some() || args.scale.is_some() || args.shift.is_some() || args.input_range.is_some() {
@@ -217,19 +222,29 @@ impl DecodeSummary {
 pub fn decode_only(args: &RunArgs) -> Result<DecodeSummary> {
     let spec = vae_spec(args)?;
     let images = args.images.as_deref().context("--images is required")?;
-    if args.resolution == 0 || args.resolution % spec.downscale as u32 != 0 {
+    if args.resolution == 0 || !args.resolution.is_multiple_of(spec.downscale as u32) {
         bail!("--resolution {} must be a positive multiple of {}", args.resolution, spec.downscale);
     }
     let mut items = list_inputs(images).map_err(|e| anyhow::anyhow!("--images: {e}"))?.items;
     if let Some(n) = args.limit {
         items.truncate(n);
     }
-    let cfg = pipeline_config(args, &spec, teacher::InputFormat { half: args.decode_dtype == LatentDtypeArg::F16, range: spec.input_range }, String::new());
+    let cfg = pipeline_config(
+        args,
+        &spec,
+        teacher::InputFormat { half: args.decode_dtype == LatentDtypeArg::F16, range: spec.input_range },
+        String::new(),
+    );
     let stats = pipeline::decode_only(&items, &cfg)?;
     Ok(DecodeSummary { workers: cfg.workers, stats })
 }
 
-fn pipeline_config(args: &RunArgs, spec: &VaeSpec, input_format: teacher::InputFormat, onnx_sha256: String) -> pipeline::PipelineConfig {
+fn pipeline_config(
+    args: &RunArgs,
+    spec: &VaeSpec,
+    input_format: teacher::InputFormat,
+    onnx_sha256: String,
+) -> pipeline::PipelineConfig {
     pipeline::PipelineConfig {
         input_format,
         batch_size: args.batch_size.max(1),
@@ -273,7 +288,7 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     if !(0.0..=1.0).contains(&args.color_augment) {
         bail!("--color-augment is a fraction in [0, 1]");
     }
-    if args.resolution == 0 || args.resolution % spec.downscale as u32 != 0 {
+    if args.resolution == 0 || !args.resolution.is_multiple_of(spec.downscale as u32) {
         bail!("--resolution {} must be a positive multiple of {}", args.resolution, spec.downscale);
     }
     teacher::check_onnx_file(onnx)?;
@@ -333,7 +348,11 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         eprintln!(
             "warning: --images {} holds no input files{}; nothing to encode",
             images.display(),
-            if listing_errors.is_empty() { String::new() } else { format!(" that could be listed ({} listing errors)", listing_errors.len()) }
+            if listing_errors.is_empty() {
+                String::new()
+            } else {
+                format!(" that could be listed ({} listing errors)", listing_errors.len())
+            }
         );
         if existing.manifest.is_none() {
             // Nothing to write: leave --out as it was.
@@ -350,7 +369,13 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         let env = ortlib::init(&lib)?;
         let opts = teacher_options(args);
         let teacher = teacher::Teacher::new(&env, onnx, &spec, args.resolution, opts)?;
-        tracing::info!("teacher {} on {} (ONNX Runtime from {}, found by {})", onnx.display(), teacher.device, lib.path.display(), lib.found_by);
+        tracing::info!(
+            "teacher {} on {} (ONNX Runtime from {}, found by {})",
+            onnx.display(),
+            teacher.device,
+            lib.path.display(),
+            lib.found_by
+        );
         if teacher.device != "cpu" {
             eprintln!(
                 "teacher on {}: {}; warm-up {:.1} s (not timed)",

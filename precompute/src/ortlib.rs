@@ -84,7 +84,11 @@ fn pip_package_dirs() -> Vec<PathBuf> {
 /// Load the library and create the process-wide ORT environment (once).
 pub fn init(lib: &OrtLibrary) -> Result<ort::environment::Environment> {
     let builder = ort::init_from(&lib.path).map_err(|e| {
-        anyhow::anyhow!("could not load ONNX Runtime from {} (found by {}): {e}; {FIX}", lib.path.display(), lib.found_by)
+        anyhow::anyhow!(
+            "could not load ONNX Runtime from {} (found by {}): {e}; {FIX}",
+            lib.path.display(),
+            lib.found_by
+        )
     })?;
     let env = builder
         .with_name("taesd-precompute")

@@ -61,7 +61,9 @@ impl Existing {
         let manifest = if layout.manifest_path().is_file() { Some(read_manifest(&layout.root)?) } else { None };
         if manifest.is_none() {
             let parquet_in = |d: &Path| {
-                std::fs::read_dir(d).map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".parquet"))).unwrap_or(false)
+                std::fs::read_dir(d)
+                    .map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".parquet")))
+                    .unwrap_or(false)
             };
             if parquet_in(&layout.root) || parquet_in(&layout.shards) {
                 bail!(
@@ -74,17 +76,24 @@ impl Existing {
         let mut shards = Vec::new();
         for path in layout.shard_files()? {
             let Some(index) = shard_index(&path) else { continue };
-            let unreadable = || format!("finished shard {} is unreadable; delete it to encode its inputs again", path.display());
+            let unreadable =
+                || format!("finished shard {} is unreadable; delete it to encode its inputs again", path.display());
             let r = ShardReader::open(&path).with_context(unreadable)?;
             let meta = r.meta();
             let resolution = meta.resolution;
-            let upscaled = r.crops().with_context(unreadable)?.iter().filter(|c| is_upscaled(c, resolution)).count() as u64;
+            let upscaled =
+                r.crops().with_context(unreadable)?.iter().filter(|c| is_upscaled(c, resolution)).count() as u64;
             let inputs: Vec<(String, Option<u64>)> = match &meta.inputs {
                 Some(list) => list.iter().map(|i| (i.source.clone(), Some(i.size))).collect(),
                 None => {
                     let mut seen = HashSet::new();
                     let mut v = Vec::new();
-                    for s in r.sources().with_context(unreadable)?.into_iter().chain(meta.errors.iter().map(|e| e.source.clone())) {
+                    for s in r
+                        .sources()
+                        .with_context(unreadable)?
+                        .into_iter()
+                        .chain(meta.errors.iter().map(|e| e.source.clone()))
+                    {
                         if seen.insert(s.clone()) {
                             v.push((s, None));
                         }
@@ -182,11 +191,8 @@ pub fn plan(existing: &Existing, items: &[InputItem], inputs_per_shard: u32) -> 
     plan.removed.sort();
     plan.changed.sort();
     let first = existing.next_index();
-    plan.pending = new
-        .chunks(inputs_per_shard.max(1) as usize)
-        .enumerate()
-        .map(|(i, c)| (first + i as u32, c.to_vec()))
-        .collect();
+    plan.pending =
+        new.chunks(inputs_per_shard.max(1) as usize).enumerate().map(|(i, c)| (first + i as u32, c.to_vec())).collect();
     plan
 }
 
@@ -207,9 +213,16 @@ impl OutputDir {
     /// Create the folder (or take the existing one, checked by [`Existing::check_settings`]) for a
     /// run of `plan` with `config`: leftover temp files of a killed run are removed and the
     /// manifest is written.
-    pub fn open(existing: Existing, config: &OutputConfig, inputs: &InputsInfo, onnx_path: &Path, plan: &Plan) -> Result<OutputDir> {
+    pub fn open(
+        existing: Existing,
+        config: &OutputConfig,
+        inputs: &InputsInfo,
+        onnx_path: &Path,
+        plan: &Plan,
+    ) -> Result<OutputDir> {
         let layout = existing.layout;
-        std::fs::create_dir_all(&layout.shards).with_context(|| format!("cannot create output folder {}", layout.shards.display()))?;
+        std::fs::create_dir_all(&layout.shards)
+            .with_context(|| format!("cannot create output folder {}", layout.shards.display()))?;
         for d in [&layout.root, &layout.shards] {
             for e in std::fs::read_dir(d)?.filter_map(|e| e.ok()) {
                 if is_temp_file(&e.path()) {
@@ -313,7 +326,8 @@ pub fn input_records(items: &[InputItem]) -> Vec<InputRecord> {
 pub fn read_manifest(root: &Path) -> Result<Manifest> {
     let p = root.join(taesd_schemas::shard::MANIFEST_FILE);
     let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let m: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid manifest", p.display()))?;
+    let m: Manifest =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid manifest", p.display()))?;
     if m.schema_version != SCHEMA_VERSION {
         bail!("{} has schema version {}, this build reads {SCHEMA_VERSION}", p.display(), m.schema_version);
     }
@@ -344,7 +358,14 @@ mod tests {
 
     fn finished(index: u32, inputs: &[(&str, Option<u64>)]) -> Finished {
         Finished {
-            entry: ShardEntry { file: format!("data/shard-{index:05}.parquet"), index, rows: 0, inputs: inputs.len() as u64, errors: 0, upscaled: 0 },
+            entry: ShardEntry {
+                file: format!("data/shard-{index:05}.parquet"),
+                index,
+                rows: 0,
+                inputs: inputs.len() as u64,
+                errors: 0,
+                upscaled: 0,
+            },
             inputs: inputs.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
         }
     }
@@ -359,18 +380,23 @@ mod tests {
         let sources = |p: &Plan| -> Vec<(u32, Vec<String>)> {
             p.pending.iter().map(|(i, v)| (*i, v.iter().map(|x| x.source.clone()).collect())).collect()
         };
-        assert_eq!(sources(&p), vec![(0, vec!["a".into(), "b".into()]), (1, vec!["c".into(), "d".into()]), (2, vec!["e".into()])]);
+        assert_eq!(
+            sources(&p),
+            vec![(0, vec!["a".into(), "b".into()]), (1, vec!["c".into(), "d".into()]), (2, vec!["e".into()])]
+        );
         assert_eq!((p.already, p.new_inputs()), (0, 5));
 
         // Killed after shards 0 and 1: the rest is the same shard 2 as before.
         let mut ex = Existing { layout: OutputLayout::new(dir.path()), manifest: None, shards: vec![] };
-        ex.shards = vec![finished(0, &[("a", Some(10)), ("b", Some(10))]), finished(1, &[("c", Some(10)), ("d", Some(10))])];
+        ex.shards =
+            vec![finished(0, &[("a", Some(10)), ("b", Some(10))]), finished(1, &[("c", Some(10)), ("d", Some(10))])];
         let p = plan(&ex, &items, 2);
         assert_eq!(sources(&p), vec![(2, vec!["e".into()])]);
 
         // Inputs added (b2, f), removed (c), changed (d), and an older shard without sizes.
         ex.shards.push(finished(2, &[("e", None)]));
-        let grown: Vec<InputItem> = vec![item("a", 10), item("b", 10), item("b2", 7), item("d", 11), item("e", 99), item("f", 1)];
+        let grown: Vec<InputItem> =
+            vec![item("a", 10), item("b", 10), item("b2", 7), item("d", 11), item("e", 99), item("f", 1)];
         let p = plan(&ex, &grown, 2);
         assert_eq!(sources(&p), vec![(3, vec!["b2".into(), "f".into()])]);
         assert_eq!(p.already, 4);

@@ -123,11 +123,14 @@ fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, Erro
     let samples = make_samples(&rgb, &item.source, &cfg.augment)
         .into_iter()
         .map(|s| {
-            let image = encode_image(&s.rgb, cfg.image_format, cfg.jpeg_quality).map_err(|e| err(&item.source, "encode", format!("{e:#}")))?;
+            let image = encode_image(&s.rgb, cfg.image_format, cfg.jpeg_quality)
+                .map_err(|e| err(&item.source, "encode", format!("{e:#}")))?;
             // The teacher must see exactly what a reader of the shard will decode.
             let seen = match cfg.image_format {
                 ImageFormat::Png => s.rgb,
-                ImageFormat::Jpeg => decode_stored_image(&image).map_err(|e| err(&item.source, "encode", format!("{e:#}")))?,
+                ImageFormat::Jpeg => {
+                    decode_stored_image(&image).map_err(|e| err(&item.source, "encode", format!("{e:#}")))?
+                }
             };
             let pixels = cfg.input_format.convert(&seen);
             Ok(PreparedSample { variant: s.variant, crop: s.crop, flip: s.flip, color_aug: s.color_aug, image, pixels })
@@ -137,9 +140,15 @@ fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, Erro
 }
 
 /// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`.
-pub fn run(shards: Vec<(u32, Vec<InputItem>)>, mut teacher: Teacher, out: &mut OutputDir, cfg: &PipelineConfig) -> Result<RunStats> {
+pub fn run(
+    shards: Vec<(u32, Vec<InputItem>)>,
+    mut teacher: Teacher,
+    out: &mut OutputDir,
+    cfg: &PipelineConfig,
+) -> Result<RunStats> {
     let total_inputs: u64 = shards.iter().map(|(_, v)| v.len() as u64).sum();
-    let order: Vec<(u32, Vec<InputRecord>)> = shards.iter().map(|(i, v)| (*i, crate::output::input_records(v))).collect();
+    let order: Vec<(u32, Vec<InputRecord>)> =
+        shards.iter().map(|(i, v)| (*i, crate::output::input_records(v))).collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.workers.max(1))
         .thread_name(|i| format!("decode-{i}"))
@@ -205,8 +214,10 @@ fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        )
+        .expect("valid template"),
     );
     bar
 }
@@ -263,7 +274,9 @@ impl Batcher {
             .enumerate()
             .skip(self.cursor.0)
             .map(|(i, f)| match f {
-                InFlight::Input { input, .. } => input.samples.len() - if i == self.cursor.0 { self.cursor.1 } else { 0 },
+                InFlight::Input { input, .. } => {
+                    input.samples.len() - if i == self.cursor.0 { self.cursor.1 } else { 0 }
+                }
                 InFlight::Failed(_) => 0,
             })
             .sum()
@@ -408,7 +421,12 @@ fn sample_side(s: &PreparedSample) -> usize {
 /// Batch samples through the teacher, in order; flush at every shard end. Returns the time spent
 /// in the teacher and the batcher's waits. The teacher itself runs on a thread of its own (the
 /// runner), so that the next batch is staged while the current one is encoded.
-fn teacher_stage(teacher: &mut Teacher, rx: Receiver<Work>, tx: Sender<Done>, batch: usize) -> Result<(Duration, Waits)> {
+fn teacher_stage(
+    teacher: &mut Teacher,
+    rx: Receiver<Work>,
+    tx: Sender<Done>,
+    batch: usize,
+) -> Result<(Duration, Waits)> {
     let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
     let host = teacher.host_allocator()?;
     let pad = teacher.device != "cpu" || teacher.fixed_batch().is_some();
@@ -541,7 +559,13 @@ const INPUTS_IN_WRITING: usize = 256;
 /// they come (row group by row group, [`ShardWriter`]), so that the teacher never waits for a
 /// file and, after the last batch, only the last row group and the footer are left to write (a
 /// whole 512-row shard of 1024 px images takes ~2 s).
-fn writer_stage(out: &mut OutputDir, order: &[(u32, Vec<InputRecord>)], rx: Receiver<Done>, cfg: &PipelineConfig, bar: &ProgressBar) -> Result<RunStats> {
+fn writer_stage(
+    out: &mut OutputDir,
+    order: &[(u32, Vec<InputRecord>)],
+    rx: Receiver<Done>,
+    cfg: &PipelineConfig,
+    bar: &ProgressBar,
+) -> Result<RunStats> {
     let (files_tx, files_rx) = bounded::<ToFiles>(INPUTS_IN_WRITING);
     std::thread::scope(|scope| {
         let files = std::thread::Builder::new()
@@ -616,7 +640,9 @@ fn write_shards(
                 let index = current.map(|c| c.0).ok_or_else(|| anyhow!("internal: rows after the run's last shard"))?;
                 let w = match &mut open {
                     Some(w) => w,
-                    None => open.insert(ShardWriter::create_staged(&out.shard_path(index), out.staging(), &meta(index))?),
+                    None => {
+                        open.insert(ShardWriter::create_staged(&out.shard_path(index), out.staging(), &meta(index))?)
+                    }
                 };
                 for r in rows {
                     upscaled += is_upscaled(&r.crop, resolution) as u64;
@@ -625,7 +651,11 @@ fn write_shards(
             }
             ToFiles::End(mut end) => {
                 let Some((index, inputs)) = current.filter(|c| c.0 == end.index) else {
-                    bail!("internal: shard {} ended while shard {:?} was being filled", end.index, current.map(|c| c.0));
+                    bail!(
+                        "internal: shard {} ended while shard {:?} was being filled",
+                        end.index,
+                        current.map(|c| c.0)
+                    );
                 };
                 let w = match open.take() {
                     Some(w) => w,

@@ -220,8 +220,12 @@ impl HostBatch {
         }
         let r = row * self.per..(row + 1) * self.per;
         match (px, self.half) {
-            (SamplePixels::F16(v), true) => self.tensor.try_extract_tensor_mut::<f16>().map_err(ort_err)?.1[r].copy_from_slice(v),
-            (SamplePixels::F32(v), false) => self.tensor.try_extract_tensor_mut::<f32>().map_err(ort_err)?.1[r].copy_from_slice(v),
+            (SamplePixels::F16(v), true) => {
+                self.tensor.try_extract_tensor_mut::<f16>().map_err(ort_err)?.1[r].copy_from_slice(v)
+            }
+            (SamplePixels::F32(v), false) => {
+                self.tensor.try_extract_tensor_mut::<f32>().map_err(ort_err)?.1[r].copy_from_slice(v)
+            }
             (SamplePixels::F32(v), true) => {
                 for (d, s) in self.tensor.try_extract_tensor_mut::<f16>().map_err(ort_err)?.1[r].iter_mut().zip(v) {
                     *d = f16::from_f32(*s);
@@ -406,7 +410,9 @@ impl Teacher {
             session,
         };
         t.validate(onnx, resolution)?;
-        if t.cuda.is_some() && t.session.metadata().ok().and_then(|m| m.custom("taesd.optimized")).as_deref() == Some("none") {
+        if t.cuda.is_some()
+            && t.session.metadata().ok().and_then(|m| m.custom("taesd.optimized")).as_deref() == Some("none")
+        {
             // tools/export_vae_onnx.py writes this key; 1.8x measured at 512 and 1024 (docs/gpu.md).
             eprintln!(
                 "note: {} is a plain export; on CUDA an export with `tools/export_vae_onnx.py --optimize` (fused GroupNorm, NHWC convolutions) encodes ~1.8x faster",
@@ -424,12 +430,20 @@ impl Teacher {
                 t.run(&b, rows)?;
             }
             t.warmup_time = start.elapsed();
-            tracing::info!("teacher warm-up ({} runs of {rows}x3x{side}x{side}): {:.1} s", opts.warmup, t.warmup_time.as_secs_f64());
+            tracing::info!(
+                "teacher warm-up ({} runs of {rows}x3x{side}x{side}): {:.1} s",
+                opts.warmup,
+                t.warmup_time.as_secs_f64()
+            );
         }
         Ok(t)
     }
 
-    fn builder(env: &Environment, cuda: Option<i32>, opts: &TeacherOptions) -> Result<ort::session::builder::SessionBuilder> {
+    fn builder(
+        env: &Environment,
+        cuda: Option<i32>,
+        opts: &TeacherOptions,
+    ) -> Result<ort::session::builder::SessionBuilder> {
         let mut b = Session::builder(env).map_err(ort_err)?;
         if let Some(n) = opts.intra_threads {
             b = b.with_intra_threads(n).map_err(ort_err)?;
@@ -466,7 +480,8 @@ impl Teacher {
         // Free-dimension overrides: first the names tools/export_vae_onnx.py gives, then whatever
         // symbols the model turns out to use.
         let batch = opts.batch.max(1) as i64;
-        let mut names: Vec<(String, i64)> = vec![("batch".into(), batch), ("height".into(), res), ("width".into(), res)];
+        let mut names: Vec<(String, i64)> =
+            vec![("batch".into(), batch), ("height".into(), res), ("width".into(), res)];
         for _ in 0..2 {
             let mut b = Self::builder(env, cuda, opts)?;
             for (n, v) in &names {
@@ -502,7 +517,8 @@ impl Teacher {
     pub fn host_allocator(&self) -> Result<HostAllocator> {
         let half = self.input_type == TensorElementType::Float16;
         if self.cuda.is_some() {
-            let info = MemoryInfo::new(AllocationDevice::CUDA_PINNED, 0, AllocatorType::Device, MemoryType::CPUOutput).map_err(ort_err)?;
+            let info = MemoryInfo::new(AllocationDevice::CUDA_PINNED, 0, AllocatorType::Device, MemoryType::CPUOutput)
+                .map_err(ort_err)?;
             // Check that the host can write into what it gives (ort refuses to extract from
             // memory it does not see as host-accessible).
             let usable = Allocator::new(&self.session, info).and_then(|alloc| {
@@ -525,11 +541,12 @@ impl Teacher {
         let name = onnx.display();
         let c = self.spec.channels as i64;
         let ds = self.spec.downscale as u32;
-        if resolution % ds != 0 {
+        if !resolution.is_multiple_of(ds) {
             bail!("--resolution {resolution} is not a multiple of the encoder's downscale factor {ds}");
         }
         let inp = self.session.inputs().first().ok_or_else(|| anyhow!("{name}: the model has no input"))?;
-        let (ity, idims) = tensor_sig(inp.dtype()).ok_or_else(|| anyhow!("{name}: input `{}` is not a tensor", inp.name()))?;
+        let (ity, idims) =
+            tensor_sig(inp.dtype()).ok_or_else(|| anyhow!("{name}: input `{}` is not a tensor", inp.name()))?;
         if idims.len() != 4 {
             bail!("{name}: input `{}` has shape {idims:?}; expected [batch, 3, H, W]", inp.name());
         }
@@ -554,17 +571,24 @@ impl Teacher {
             .find(|o| matches!(o.name(), "latent" | "latent_dist" | "moments" | "latent_mean"))
             .or_else(|| outs.first())
             .ok_or_else(|| anyhow!("{name}: the model has no output"))?;
-        let (oty, odims) = tensor_sig(out.dtype()).ok_or_else(|| anyhow!("{name}: output `{}` is not a tensor", out.name()))?;
+        let (oty, odims) =
+            tensor_sig(out.dtype()).ok_or_else(|| anyhow!("{name}: output `{}` is not a tensor", out.name()))?;
         if odims.len() != 4 {
             bail!("{name}: output `{}` has shape {odims:?}; expected [batch, C, H/{ds}, W/{ds}]", out.name());
         }
         if !matches!(oty, TensorElementType::Float32 | TensorElementType::Float16) {
             bail!("{name}: output `{}` is {oty:?}; expected float32 or float16", out.name());
         }
-        self.output_kind = Self::kind_for(odims[1], c).map_err(|e| anyhow!("{name}: output `{}`: {e} (preset `{}`)", out.name(), self.spec.name))?;
+        self.output_kind = Self::kind_for(odims[1], c)
+            .map_err(|e| anyhow!("{name}: output `{}`: {e} (preset `{}`)", out.name(), self.spec.name))?;
         for d in [odims[2], odims[3]] {
             if d > 0 && d != (resolution / ds) as i64 {
-                bail!("{name}: output `{}` has spatial size {d}; expected {} (= {resolution} / {ds}) for preset `{}`", out.name(), resolution / ds, self.spec.name);
+                bail!(
+                    "{name}: output `{}` has spatial size {d}; expected {} (= {resolution} / {ds}) for preset `{}`",
+                    out.name(),
+                    resolution / ds,
+                    self.spec.name
+                );
             }
         }
         self.output_name = out.name().to_string();
@@ -577,7 +601,10 @@ impl Teacher {
             -1 => Ok(None),
             x if x == c => Ok(Some(OutputKind::Latent)),
             x if x == 2 * c => Ok(Some(OutputKind::Moments)),
-            x => bail!("{x} channels, but the preset has {c}-channel latents (expected {c}, or {} for posterior moments)", 2 * c),
+            x => bail!(
+                "{x} channels, but the preset has {c}-channel latents (expected {c}, or {} for posterior moments)",
+                2 * c
+            ),
         }
     }
 
@@ -619,16 +646,20 @@ impl Teacher {
         if use_binding && self.output_kind.is_some() && self.bound.as_ref().is_none_or(|b| b.shape != shape) {
             self.bind(shape)?;
         }
-        let (oshape, raw): (Vec<i64>, Vec<f32>) = match self.bound.as_mut().filter(|b| use_binding && b.shape == shape) {
+        let (oshape, raw): (Vec<i64>, Vec<f32>) = match self.bound.as_mut().filter(|b| use_binding && b.shape == shape)
+        {
             Some(b) => {
                 batch.tensor.copy_into(&mut b.dev_in).map_err(|e| anyhow!("copy to the device: {e}"))?;
                 let outputs = self.session.run_binding(&b.binding).map_err(ort_err)?;
-                let v = outputs.get(&self.output_name).ok_or_else(|| anyhow!("output `{}` missing", self.output_name))?;
+                let v =
+                    outputs.get(&self.output_name).ok_or_else(|| anyhow!("output `{}` missing", self.output_name))?;
                 extract(v)?
             }
             None => {
-                let outputs = self.session.run(ort::inputs![self.input_name.as_str() => &batch.tensor]).map_err(ort_err)?;
-                let v = outputs.get(&self.output_name).ok_or_else(|| anyhow!("output `{}` missing", self.output_name))?;
+                let outputs =
+                    self.session.run(ort::inputs![self.input_name.as_str() => &batch.tensor]).map_err(ort_err)?;
+                let v =
+                    outputs.get(&self.output_name).ok_or_else(|| anyhow!("output `{}` missing", self.output_name))?;
                 extract(v)?
             }
         };
@@ -639,12 +670,17 @@ impl Teacher {
     fn bind(&mut self, shape: [usize; 4]) -> Result<()> {
         self.bound = None;
         let dev = self.cuda.expect("cuda");
-        let cuda = Allocator::new(&self.session, MemoryInfo::new(AllocationDevice::CUDA, dev, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?)
-            .map_err(|e| anyhow!("CUDA allocator: {e}"))?;
+        let cuda = Allocator::new(
+            &self.session,
+            MemoryInfo::new(AllocationDevice::CUDA, dev, AllocatorType::Device, MemoryType::Default)
+                .map_err(ort_err)?,
+        )
+        .map_err(|e| anyhow!("CUDA allocator: {e}"))?;
         let dev_in = DynTensor::new(&cuda, self.input_type, shape).map_err(ort_err)?;
         let mut binding = self.session.create_binding().map_err(ort_err)?;
         binding.bind_input(self.input_name.as_str(), &dev_in).map_err(ort_err)?;
-        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?;
+        let host =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?;
         binding.bind_output_to_device(self.output_name.as_str(), &host).map_err(ort_err)?;
         self.bound = Some(Bound { binding, dev_in, shape });
         Ok(())
@@ -654,7 +690,11 @@ impl Teacher {
     fn finish(&mut self, oshape: &[i64], raw: &[f32], rows: usize, n: usize, h: usize, w: usize) -> Result<Encoded> {
         let c = self.spec.channels;
         let ds = self.spec.downscale;
-        if oshape.len() != 4 || oshape[0] as usize != rows || oshape[2] as usize != h / ds || oshape[3] as usize != w / ds {
+        if oshape.len() != 4
+            || oshape[0] as usize != rows
+            || oshape[2] as usize != h / ds
+            || oshape[3] as usize != w / ds
+        {
             bail!("teacher output has shape {oshape:?}; expected [{rows}, C, {}, {}]", h / ds, w / ds);
         }
         let kind = match self.output_kind {

@@ -5,4 +5,6 @@ pub mod shard;
 
 pub use conventions::{LatentScaling, PixelRange};
 pub use presets::{preset, preset_names, Preset, VaeSpec, PRESETS};
-pub use shard::{ErrorRecord, ImageFormat, InputRecord, LatentDtype, Manifest, OutputConfig, ShardEntry, SCHEMA_VERSION};
+pub use shard::{
+    ErrorRecord, ImageFormat, InputRecord, LatentDtype, Manifest, OutputConfig, ShardEntry, SCHEMA_VERSION,
+};

@@ -38,12 +38,66 @@ use PixelRange::{MinusOneOne, ZeroOne};
 
 /// The preset table. `custom` is not a row: it is built from command-line flags.
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "sd", about: "Stable Diffusion 1.x/2.x VAE (sd-vae-ft-ema / ft-mse)", channels: 4, scale: 0.18215, shift: 0.0, input_range: MinusOneOne, taesd_variant: "taesd", source: "stabilityai/sd-vae-ft-mse" },
-    Preset { name: "sdxl", about: "SDXL VAE (runs in fp32; NaNs in fp16)", channels: 4, scale: 0.13025, shift: 0.0, input_range: MinusOneOne, taesd_variant: "taesdxl", source: "stabilityai/sdxl-vae" },
-    Preset { name: "sdxl-fp16-fix", about: "SDXL VAE fp16-fix (madebyollin), safe in fp16", channels: 4, scale: 0.13025, shift: 0.0, input_range: MinusOneOne, taesd_variant: "taesdxl", source: "madebyollin/sdxl-vae-fp16-fix" },
-    Preset { name: "sd3", about: "Stable Diffusion 3 VAE", channels: 16, scale: 1.5305, shift: 0.0609, input_range: MinusOneOne, taesd_variant: "taesd3", source: "stabilityai/stable-diffusion-3-medium-diffusers (subfolder vae)" },
-    Preset { name: "flux1", about: "FLUX.1 VAE", channels: 16, scale: 0.3611, shift: 0.1159, input_range: MinusOneOne, taesd_variant: "taef1", source: "black-forest-labs/FLUX.1-schnell (subfolder vae)" },
-    Preset { name: "taef2", about: "TAEF2 encoder as teacher (input [0,1], 32 ch, already TAESD-scaled)", channels: 32, scale: 1.0, shift: 0.0, input_range: ZeroOne, taesd_variant: "taef2", source: "madebyollin/taesd (taef2_encoder), exported to ONNX" },
+    Preset {
+        name: "sd",
+        about: "Stable Diffusion 1.x/2.x VAE (sd-vae-ft-ema / ft-mse)",
+        channels: 4,
+        scale: 0.18215,
+        shift: 0.0,
+        input_range: MinusOneOne,
+        taesd_variant: "taesd",
+        source: "stabilityai/sd-vae-ft-mse",
+    },
+    Preset {
+        name: "sdxl",
+        about: "SDXL VAE (runs in fp32; NaNs in fp16)",
+        channels: 4,
+        scale: 0.13025,
+        shift: 0.0,
+        input_range: MinusOneOne,
+        taesd_variant: "taesdxl",
+        source: "stabilityai/sdxl-vae",
+    },
+    Preset {
+        name: "sdxl-fp16-fix",
+        about: "SDXL VAE fp16-fix (madebyollin), safe in fp16",
+        channels: 4,
+        scale: 0.13025,
+        shift: 0.0,
+        input_range: MinusOneOne,
+        taesd_variant: "taesdxl",
+        source: "madebyollin/sdxl-vae-fp16-fix",
+    },
+    Preset {
+        name: "sd3",
+        about: "Stable Diffusion 3 VAE",
+        channels: 16,
+        scale: 1.5305,
+        shift: 0.0609,
+        input_range: MinusOneOne,
+        taesd_variant: "taesd3",
+        source: "stabilityai/stable-diffusion-3-medium-diffusers (subfolder vae)",
+    },
+    Preset {
+        name: "flux1",
+        about: "FLUX.1 VAE",
+        channels: 16,
+        scale: 0.3611,
+        shift: 0.1159,
+        input_range: MinusOneOne,
+        taesd_variant: "taef1",
+        source: "black-forest-labs/FLUX.1-schnell (subfolder vae)",
+    },
+    Preset {
+        name: "taef2",
+        about: "TAEF2 encoder as teacher (input [0,1], 32 ch, already TAESD-scaled)",
+        channels: 32,
+        scale: 1.0,
+        shift: 0.0,
+        input_range: ZeroOne,
+        taesd_variant: "taef2",
+        source: "madebyollin/taesd (taef2_encoder), exported to ONNX",
+    },
 ];
 
 /// Look a preset up by name.
@@ -99,7 +153,13 @@ mod tests {
             // `    "sd": (4, 0.18215, 0.0),`
             let (name, rest) = line.trim().split_once(':').unwrap();
             let name = name.trim().trim_matches('"');
-            let nums: Vec<f64> = rest.trim().trim_start_matches('(').trim_end_matches("),").split(',').map(|x| x.trim().parse().unwrap()).collect();
+            let nums: Vec<f64> = rest
+                .trim()
+                .trim_start_matches('(')
+                .trim_end_matches("),")
+                .split(',')
+                .map(|x| x.trim().parse().unwrap())
+                .collect();
             let p = preset(name).unwrap_or_else(|| panic!("the export tool's preset `{name}` is not in presets.rs"));
             assert_eq!((p.channels as f64, p.scale, p.shift), (nums[0], nums[1], nums[2]), "preset {name}");
             assert_eq!(p.input_range, MinusOneOne, "the export tool's presets all take [-1, 1]: {name}");

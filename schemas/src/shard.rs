@@ -132,11 +132,7 @@ pub fn arrow_schema() -> Schema {
         i32f(col::WIDTH),
         i32f(col::HEIGHT),
         Field::new(col::LATENT, DataType::Binary, false),
-        Field::new(
-            col::LATENT_SHAPE,
-            DataType::List(Arc::new(Field::new("item", DataType::Int32, false))),
-            false,
-        ),
+        Field::new(col::LATENT_SHAPE, DataType::List(Arc::new(Field::new("item", DataType::Int32, false))), false),
         Field::new(col::LATENT_STD, DataType::Binary, true),
     ])
 }

@@ -24,7 +24,8 @@ use taesd_e2e::{model_folder, parity, write_npy};
 fn main() {
     let mut args = std::env::args().skip(1);
     let out = std::path::PathBuf::from(args.next().expect("usage: consumer_fixtures OUT [VARIANT ...]"));
-    let mut wanted: Vec<Variant> = args.map(|a| Variant::parse(&a).unwrap_or_else(|| panic!("unknown variant {a}"))).collect();
+    let mut wanted: Vec<Variant> =
+        args.map(|a| Variant::parse(&a).unwrap_or_else(|| panic!("unknown variant {a}"))).collect();
     if wanted.is_empty() {
         wanted = Variant::ALL.into_iter().filter(|v| *v != Variant::Taesdxl).collect();
     }
@@ -45,7 +46,8 @@ fn main() {
         let pth = SaveOptions { variant: Some(v), format: FileFormat::Pth, ..Default::default() };
         let files = ck.save(Layout::TaesdPy, &dir, &pth).unwrap();
         if v == Variant::Taesd {
-            ck.save(Layout::Diffusers, dir.join("diffusers"), &SaveOptions { variant: Some(v), ..Default::default() }).unwrap();
+            ck.save(Layout::Diffusers, dir.join("diffusers"), &SaveOptions { variant: Some(v), ..Default::default() })
+                .unwrap();
         }
         let m = Taesd::from_checkpoint(&ck, DType::F32, &Device::Cpu).unwrap();
         let z = m.encoder.as_ref().unwrap().forward(&image).unwrap();
@@ -53,7 +55,13 @@ fn main() {
         write_npy(&dir.join("image.npy"), &image);
         write_npy(&dir.join("latent.npy"), &z);
         write_npy(&dir.join("decoded.npy"), &y);
-        println!("{v}: {} + image {:?} -> latent {:?} -> {:?}", files.iter().map(|f| f.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", "), image.dims(), z.dims(), y.dims());
+        println!(
+            "{v}: {} + image {:?} -> latent {:?} -> {:?}",
+            files.iter().map(|f| f.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", "),
+            image.dims(),
+            z.dims(),
+            y.dims()
+        );
         variants.push(v.name());
     }
     let manifest = serde_json::json!({

@@ -25,18 +25,42 @@ fn main() -> anyhow::Result<()> {
     };
     let enc = m.encoder.clone().unwrap();
     let dec = m.decoder.clone().unwrap();
-    t("encoder fwd", &mut || { enc.forward(&x)?; Ok(()) })?;
-    t("decoder fwd", &mut || { dec.forward(&z)?; Ok(()) })?;
-    t("encoder fwd+bwd", &mut || { let l = enc.forward(&x)?.sqr()?.mean_all()?; l.backward()?; Ok(()) })?;
-    t("decoder fwd+bwd", &mut || { let l = dec.forward(&z)?.sqr()?.mean_all()?; l.backward()?; Ok(()) })?;
+    t("encoder fwd", &mut || {
+        enc.forward(&x)?;
+        Ok(())
+    })?;
+    t("decoder fwd", &mut || {
+        dec.forward(&z)?;
+        Ok(())
+    })?;
+    t("encoder fwd+bwd", &mut || {
+        let l = enc.forward(&x)?.sqr()?.mean_all()?;
+        l.backward()?;
+        Ok(())
+    })?;
+    t("decoder fwd+bwd", &mut || {
+        let l = dec.forward(&z)?.sqr()?.mean_all()?;
+        l.backward()?;
+        Ok(())
+    })?;
     let w = Tensor::rand(-0.1f32, 0.1, (64, 64, 3, 3), &dev)?;
     let xi = Tensor::rand(0f32, 1f32, (b, 64, crop, crop), &dev)?;
-    t("conv 64->64 fwd", &mut || { xi.conv2d(&w, 1, 1, 1, 1)?; Ok(()) })?;
+    t("conv 64->64 fwd", &mut || {
+        xi.conv2d(&w, 1, 1, 1, 1)?;
+        Ok(())
+    })?;
     let wv = candle_core::Var::from_tensor(&w)?;
     let xv = candle_core::Var::from_tensor(&xi)?;
-    t("conv 64->64 fwd+bwd", &mut || { let l = xv.as_tensor().conv2d(wv.as_tensor(), 1, 1, 1, 1)?.sum_all()?; l.backward()?; Ok(()) })?;
+    t("conv 64->64 fwd+bwd", &mut || {
+        let l = xv.as_tensor().conv2d(wv.as_tensor(), 1, 1, 1, 1)?.sum_all()?;
+        l.backward()?;
+        Ok(())
+    })?;
     let y = xi.conv2d(&w, 1, 1, 1, 1)?;
-    t("conv_transpose 64->64", &mut || { y.conv_transpose2d(&w, 1, 0, 1, 1)?; Ok(()) })?;
+    t("conv_transpose 64->64", &mut || {
+        y.conv_transpose2d(&w, 1, 0, 1, 1)?;
+        Ok(())
+    })?;
     let mut recipe = train::recipe::Recipe::new(
         &train::recipe::RecipeConfig { replay_capacity: 64, ..Default::default() },
         cfg,
@@ -45,6 +69,9 @@ fn main() -> anyhow::Result<()> {
         0,
     )?;
     let batch = train::recipe::Batch { images: x.clone(), latents: z.clone() };
-    t("recipe step", &mut || { recipe.step(&batch)?; Ok(()) })?;
+    t("recipe step", &mut || {
+        recipe.step(&batch)?;
+        Ok(())
+    })?;
     Ok(())
 }

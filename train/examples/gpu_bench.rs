@@ -165,7 +165,12 @@ fn main() -> Result<()> {
 
 /// `--host-profile PATH`: `steps` more steps with the host sampled; the folded stacks go to PATH.
 #[cfg(feature = "host-profile")]
-fn host_profile(path: Option<String>, steps: Option<String>, recipe: &mut Recipe, b: &Batch) -> Result<serde_json::Value> {
+fn host_profile(
+    path: Option<String>,
+    steps: Option<String>,
+    recipe: &mut Recipe,
+    b: &Batch,
+) -> Result<serde_json::Value> {
     let Some(path) = path else { return Ok(serde_json::Value::Null) };
     let steps: usize = steps.map_or(Ok(20), |s| s.parse())?;
     let prof = train::host_profile::HostProfile::start(997)?;

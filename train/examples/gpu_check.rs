@@ -78,6 +78,7 @@ fn time_ms(d: &Device, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result
 
 /// Forward + gradients of `sum(f(x, w, b) * r)` for one conv config: ours on `dev`, stock on
 /// `dev`, ours on the CPU.
+#[allow(clippy::too_many_arguments)] // one conv configuration, spelled out at each call
 fn conv_case(
     c: &mut Checker,
     dev: &Device,
@@ -108,9 +109,12 @@ fn conv_case(
         };
         let r = Tensor::ones(y.shape(), DType::F32, &Device::Cpu)?;
         let (_, _, yh, yw) = y.dims4()?;
-        let r = (r * Tensor::arange(0f32, (yh * yw) as f32, &Device::Cpu)?.reshape((1, 1, yh, yw))?.broadcast_as(y.shape())?.affine(1.0 / (yh * yw) as f64, -0.5)?)?
-            .to_device(d)?
-            .to_dtype(dt)?;
+        let r = (r * Tensor::arange(0f32, (yh * yw) as f32, &Device::Cpu)?
+            .reshape((1, 1, yh, yw))?
+            .broadcast_as(y.shape())?
+            .affine(1.0 / (yh * yw) as f64, -0.5)?)?
+        .to_device(d)?
+        .to_dtype(dt)?;
         let g = (y.to_dtype(DType::F32)? * r.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
         let mut out = vec![y, g.get(&x).unwrap().clone(), g.get(&wv).unwrap().clone()];
         if bias {
@@ -130,8 +134,12 @@ fn conv_case(
         let c = &Device::Cpu;
         let y = ours[0].to_device(c)?;
         let (_, _, yh, yw) = y.dims4()?;
-        let r = Tensor::arange(0f32, (yh * yw) as f32, c)?.reshape((1, 1, yh, yw))?.broadcast_as(y.shape())?
-            .affine(1.0 / (yh * yw) as f64, -0.5)?.to_dtype(dt)?.contiguous()?;
+        let r = Tensor::arange(0f32, (yh * yw) as f32, c)?
+            .reshape((1, 1, yh, yw))?
+            .broadcast_as(y.shape())?
+            .affine(1.0 / (yh * yw) as f64, -0.5)?
+            .to_dtype(dt)?
+            .contiguous()?;
         let (xb, wb) = (x0.to_dtype(dt)?, w0.to_dtype(dt)?);
         let (dz, db) = taesd_ops::act_bias_bwd(&r, &y, act, bias, Format::Nchw)?;
         cpu[1] = taesd_ops::conv_bwd_data(&dz, &wb, xb.dims(), p)?;
@@ -141,7 +149,8 @@ fn conv_case(
         }
     }
     let tol = if dt == DType::F32 { 2e-5 } else { 1e-2 };
-    let what = format!("{dt:?} {f:?} {n}x{ci}x{h}x{w} -> {c_out} k{k} s{} p{} bias {bias} {act:?}", p.stride, p.padding);
+    let what =
+        format!("{dt:?} {f:?} {n}x{ci}x{h}x{w} -> {c_out} k{k} s{} p{} bias {bias} {act:?}", p.stride, p.padding);
     for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate().take(ours.len()) {
         c.check(&format!("{what} {name} vs CPU"), &ours[i], &cpu[i], tol)?;
         // candle's stock CUDA conv runs cuDNN at its default math (TF32 for f32). Its bf16
@@ -150,9 +159,18 @@ fn conv_case(
         // With ReLU, stock's TF32 forward may flip the mask of a pre-activation near 0 (as
         // above), so its gradients are shown, not checked, there too.
         if i == 0 || (dt == DType::F32 && act == Act::None) {
-            c.check(&format!("{what} {name} vs stock CUDA"), &ours[i], &stock[i], if dt == DType::F32 { 5e-3 } else { 1e-2 })?;
+            c.check(
+                &format!("{what} {name} vs stock CUDA"),
+                &ours[i],
+                &stock[i],
+                if dt == DType::F32 { 5e-3 } else { 1e-2 },
+            )?;
         } else {
-            println!("  {:<60} rel L2  {:9.2e} (not checked)", format!("{what} {name} vs stock CUDA"), rel_l2(&ours[i], &stock[i])?);
+            println!(
+                "  {:<60} rel L2  {:9.2e} (not checked)",
+                format!("{what} {name} vs stock CUDA"),
+                rel_l2(&ours[i], &stock[i])?
+            );
         }
     }
     Ok(())
@@ -168,7 +186,12 @@ fn main() -> Result<()> {
     let mut c = Checker { failures: vec![] };
 
     println!("== conv2d (+bias, +ReLU), values and gradients");
-    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
+    for (dt, f) in [
+        (DType::F32, Format::Nchw),
+        (DType::BF16, Format::Nchw),
+        (DType::F32, Format::Nhwc),
+        (DType::BF16, Format::Nhwc),
+    ] {
         for &(shape, c_out, k, s, pd, bias, act) in &[
             ((2, 16, 32, 32), 32, 3, 1, 1, true, Act::Relu),
             ((2, 16, 32, 32), 16, 3, 1, 1, true, Act::None),
@@ -183,7 +206,12 @@ fn main() -> Result<()> {
     }
 
     println!("== BatchNorm+ReLU (training mode) on cuDNN vs the plain-op formulation in f32");
-    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
+    for (dt, f) in [
+        (DType::F32, Format::Nchw),
+        (DType::BF16, Format::Nchw),
+        (DType::F32, Format::Nhwc),
+        (DType::BF16, Format::Nhwc),
+    ] {
         let (n, ch, h, w) = (4, 16, 24, 20);
         let x0 = Tensor::randn(0.5f32, 2.0, (n, ch, h, w), &Device::Cpu)?.to_dtype(dt)?;
         let w0 = Tensor::randn(1f32, 0.3, ch, &Device::Cpu)?;
@@ -236,7 +264,12 @@ fn main() -> Result<()> {
     }
 
     println!("== GroupNorm+ReLU (taesd_ops::group_norm_relu) vs candle_nn's GroupNorm + ReLU in f32");
-    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
+    for (dt, f) in [
+        (DType::F32, Format::Nchw),
+        (DType::BF16, Format::Nchw),
+        (DType::F32, Format::Nhwc),
+        (DType::BF16, Format::Nhwc),
+    ] {
         let (n, ch, h, w, groups) = (4, 32, 12, 10, 4);
         // Seeded: the bf16 tolerances sit near the rounding noise (ReLU masks flipping within
         // a rounding of 0), and an unseeded draw once landed just over (dbeta 5.26e-2 vs 5e-2).
@@ -275,12 +308,24 @@ fn main() -> Result<()> {
     }
 
     println!("== upsample 2x, add_relu");
-    for (dt, f) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
+    for (dt, f) in [
+        (DType::F32, Format::Nchw),
+        (DType::BF16, Format::Nchw),
+        (DType::F32, Format::Nhwc),
+        (DType::BF16, Format::Nhwc),
+    ] {
         let x0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
         let run = |d: &Device, ours: bool| -> Result<(Tensor, Tensor)> {
             let x = Var::from_tensor(&x0.to_device(d)?)?;
-            let y = if ours { f.to_nchw(&taesd_ops::upsample_nearest2x(&f.from_nchw(&x)?, f)?)? } else { x.upsample_nearest2d(34, 24)? };
-            let r = Tensor::arange(0f32, (34 * 24) as f32, d)?.reshape((1, 1, 34, 24))?.broadcast_as(y.shape())?.to_dtype(dt)?;
+            let y = if ours {
+                f.to_nchw(&taesd_ops::upsample_nearest2x(&f.from_nchw(&x)?, f)?)?
+            } else {
+                x.upsample_nearest2d(34, 24)?
+            };
+            let r = Tensor::arange(0f32, (34 * 24) as f32, d)?
+                .reshape((1, 1, 34, 24))?
+                .broadcast_as(y.shape())?
+                .to_dtype(dt)?;
             let g = (&y * r)?.sum_all()?.backward()?;
             Ok((y, g.get(&x).unwrap().clone()))
         };
@@ -289,7 +334,12 @@ fn main() -> Result<()> {
         let (yc, gc) = run(&Device::Cpu, true)?;
         c.check(&format!("{dt:?} {f:?} upsample y vs stock CUDA"), &yo, &ys, 0.0)?;
         c.check(&format!("{dt:?} {f:?} upsample y vs CPU"), &yo, &yc, 0.0)?;
-        c.check(&format!("{dt:?} {f:?} upsample dx vs stock CUDA"), &go, &gs, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
+        c.check(
+            &format!("{dt:?} {f:?} upsample dx vs stock CUDA"),
+            &go,
+            &gs,
+            if dt == DType::F32 { 1e-6 } else { 1e-2 },
+        )?;
         c.check(&format!("{dt:?} {f:?} upsample dx vs CPU"), &go, &gc, if dt == DType::F32 { 1e-6 } else { 1e-2 })?;
         let a0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
         let b0 = Tensor::randn(0f32, 1.0, (2, 8, 17, 12), &Device::Cpu)?.to_dtype(dt)?;
@@ -310,20 +360,33 @@ fn main() -> Result<()> {
     }
 
     println!("== fused block (one graph node) vs its single ops, and vs the CPU");
-    for (dt, fmt) in [(DType::F32, Format::Nchw), (DType::BF16, Format::Nchw), (DType::F32, Format::Nhwc), (DType::BF16, Format::Nhwc)] {
+    for (dt, fmt) in [
+        (DType::F32, Format::Nchw),
+        (DType::BF16, Format::Nchw),
+        (DType::F32, Format::Nhwc),
+        (DType::BF16, Format::Nhwc),
+    ] {
         for (ci, co) in [(64, 64), (32, 64)] {
-            let mk = |shape: &[usize], s: f64| -> Result<Tensor> { Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s)?) };
+            let mk = |shape: &[usize], s: f64| -> Result<Tensor> {
+                Ok((Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s)?)
+            };
             let w: Vec<Tensor> = vec![mk(&[co, ci, 3, 3], 0.1)?, mk(&[co, co, 3, 3], 0.1)?, mk(&[co, co, 3, 3], 0.1)?];
             let b: Vec<Tensor> = (0..3).map(|_| mk(&[co], 0.1)).collect::<Result<_>>()?;
             let sk = (ci != co).then(|| mk(&[co, ci, 1, 1], 0.3)).transpose()?;
             let x0 = mk(&[2, ci, 24, 20], 1.0)?;
             let run = |d: &Device, fused: bool| -> Result<Vec<Tensor>> {
-                let vars: Vec<Var> = w.iter().chain(&b).chain(&sk).map(|t| Var::from_tensor(&t.to_device(d)?)).collect::<candle_core::Result<_>>()?;
+                let vars: Vec<Var> = w
+                    .iter()
+                    .chain(&b)
+                    .chain(&sk)
+                    .map(|t| Var::from_tensor(&t.to_device(d)?))
+                    .collect::<candle_core::Result<_>>()?;
                 let x = Var::from_tensor(&x0.to_device(d)?)?;
                 let xin = x.as_tensor().to_dtype(dt)?;
                 let y = if fused {
                     let p = taesd_ops::BlockParams {
-                        convs: [(&vars[0], &vars[3]), (&vars[1], &vars[4]), (&vars[2], &vars[5])].map(|(a, b)| (a.as_tensor(), b.as_tensor())),
+                        convs: [(&vars[0], &vars[3]), (&vars[1], &vars[4]), (&vars[2], &vars[5])]
+                            .map(|(a, b)| (a.as_tensor(), b.as_tensor())),
                         skip: vars.get(6).map(|v| v.as_tensor()),
                         format: fmt,
                     };
@@ -358,11 +421,29 @@ fn main() -> Result<()> {
             // not an error of the backward. So they are judged by relative L2, loosely.
             let half = dt != DType::F32;
             // In NHWC the single ops (NCHW) run other cuDNN kernels: f32 sums in another order.
-            let (same, cpu_y, cpu_grad) = if half { (1e-2, 2e-2, 5e-2) } else if fmt == Format::Nhwc { (1e-4, 1e-5, 1e-2) } else { (1e-5, 1e-5, 1e-2) };
+            let (same, cpu_y, cpu_grad) = if half {
+                (1e-2, 2e-2, 5e-2)
+            } else if fmt == Format::Nhwc {
+                (1e-4, 1e-5, 1e-2)
+            } else {
+                (1e-5, 1e-5, 1e-2)
+            };
             for (i, n) in names.iter().enumerate().take(f.len()) {
-                c.check_metric(&format!("{dt:?} {fmt:?} block {ci}->{co} {n} fused vs single ops"), &f[i], &u[i], same, half)?;
+                c.check_metric(
+                    &format!("{dt:?} {fmt:?} block {ci}->{co} {n} fused vs single ops"),
+                    &f[i],
+                    &u[i],
+                    same,
+                    half,
+                )?;
                 let (tol, l2) = if i == 0 { (cpu_y, half) } else { (cpu_grad, true) };
-                c.check_metric(&format!("{dt:?} {fmt:?} block {ci}->{co} {n} fused CUDA vs CPU"), &f[i], &cp[i], tol, l2)?;
+                c.check_metric(
+                    &format!("{dt:?} {fmt:?} block {ci}->{co} {n} fused CUDA vs CPU"),
+                    &f[i],
+                    &cp[i],
+                    tol,
+                    l2,
+                )?;
             }
         }
     }
@@ -390,17 +471,33 @@ fn main() -> Result<()> {
                 drop((active, taping));
                 let g = ((&y - &x)?.sqr()?.mean_all()? + z.sqr()?.mean_all()?)?.backward()?;
                 vars.iter()
-                    .map(|(n, v)| g.get(v.as_tensor()).cloned().or_else(|| wg.get(v.as_tensor())).ok_or_else(|| anyhow::anyhow!("no gradient for {n}")))
+                    .map(|(n, v)| {
+                        g.get(v.as_tensor())
+                            .cloned()
+                            .or_else(|| wg.get(v.as_tensor()))
+                            .ok_or_else(|| anyhow::anyhow!("no gradient for {n}"))
+                    })
                     .collect()
             };
             let a = run(false, false)?;
             for (what, b) in [("collected", run(true, false)?), ("collected + taped", run(true, true)?)] {
-                let worst = a.iter().zip(&b).map(|(a, b)| rel_err(&b, a)).collect::<Result<Vec<_>>>()?.into_iter().fold(0.0, f64::max);
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(a, b)| rel_err(b, a))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .fold(0.0, f64::max);
                 // The same kernels either way, but cuDNN's weight-gradient algorithms may sum with
                 // atomics (not bit for bit; in bf16 a rounding of the gradient).
                 let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
                 let ok = worst <= tol && worst.is_finite();
-                println!("  {:<60} worst rel err {worst:9.2e} over {} tensors {}", format!("{dt:?} {what} vs graph"), a.len(), if ok { "ok" } else { "FAIL" });
+                println!(
+                    "  {:<60} worst rel err {worst:9.2e} over {} tensors {}",
+                    format!("{dt:?} {what} vs graph"),
+                    a.len(),
+                    if ok { "ok" } else { "FAIL" }
+                );
                 if !ok {
                     c.failures.push(format!("{dt:?} weight gradients {what} vs graph: {worst:e}"));
                 }
@@ -416,7 +513,15 @@ fn main() -> Result<()> {
         let v = mk(0.01)?.sqr()?;
         let vm = (&v * 1.2)?;
         let scale = Tensor::new(0.9f32, &Device::Cpu)?;
-        let h = taesd_ops::AdamStep { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: wd, decoupled_weight_decay: decoupled, step: 3 };
+        let h = taesd_ops::AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: wd,
+            decoupled_weight_decay: decoupled,
+            step: 3,
+        };
         let run = |d: &Device| -> Result<taesd_ops::AdamOut> {
             let t = |x: &Tensor| x.to_device(d);
             let vmt = if amsgrad { Some(t(&vm)?) } else { None };
@@ -437,24 +542,55 @@ fn main() -> Result<()> {
         let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (64, 64, 3, 3), &dev)? * 0.05)?)?;
         let b = Var::from_tensor(&Tensor::zeros(64, DType::F32, &dev)?)?;
         let p = ConvParams::new(1, 1);
-        let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
-        let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?; Ok(()) })?;
+        let fwd = time_ms(&dev, reps, &mut || {
+            taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?;
+            Ok(())
+        })?;
+        let fb = time_ms(&dev, reps, &mut || {
+            let _ = taesd_ops::conv2d_act(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
         println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({label}): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
         for dt in [DType::F32, DType::BF16] {
-            if label != "fp32" { break; }
+            if label != "fp32" {
+                break;
+            }
             let xb = Var::from_tensor(&x.as_tensor().to_dtype(dt)?)?;
-            let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
-            let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
-            println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({dt:?} activations): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+            let fwd = time_ms(&dev, reps, &mut || {
+                taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?;
+                Ok(())
+            })?;
+            let fb = time_ms(&dev, reps, &mut || {
+                let _ = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .backward()?;
+                Ok(())
+            })?;
+            println!(
+                "  conv 64->64 3x3 16x64x256x256 +bias+ReLU ({dt:?} activations): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}"
+            );
             // The backward's pieces on their own (the same calls the op's bwd makes).
             let y = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.detach();
             let yv = Var::from_tensor(&y)?;
             let dy = y.ones_like()?;
             let wb = w.as_tensor().to_dtype(dt)?;
-            let ab = time_ms(&dev, reps, &mut || { taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true, Format::Nchw)?; Ok(()) })?;
-            let bd = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?; Ok(()) })?;
-            let bf = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?; Ok(()) })?;
-            let ad = time_ms(&dev, reps, &mut || { let _ = yv.as_tensor().to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
+            let ab = time_ms(&dev, reps, &mut || {
+                taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true, Format::Nchw)?;
+                Ok(())
+            })?;
+            let bd = time_ms(&dev, reps, &mut || {
+                taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?;
+                Ok(())
+            })?;
+            let bf = time_ms(&dev, reps, &mut || {
+                taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?;
+                Ok(())
+            })?;
+            let ad = time_ms(&dev, reps, &mut || {
+                let _ = yv.as_tensor().to_dtype(DType::F32)?.sum_all()?.backward()?;
+                Ok(())
+            })?;
             println!("    of which: ReLU+bias backward {ab:8.2}  backward-data {bd:8.2}  backward-filter {bf:8.2}  (cast+sum+autograd of y alone {ad:8.2})");
         }
     }
@@ -462,18 +598,38 @@ fn main() -> Result<()> {
         // The same conv on NHWC activations (no transposes inside cuDNN), bf16, and its pieces.
         let f = Format::Nhwc;
         let p = ConvParams::new(1, 1).with_format(f);
-        let xb = Var::from_tensor(&Tensor::randn(0f32, 1.0, f.dims(16, 64, 256, 256).as_slice(), &dev)?.to_dtype(DType::BF16)?)?;
+        let xb = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, f.dims(16, 64, 256, 256).as_slice(), &dev)?.to_dtype(DType::BF16)?,
+        )?;
         let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (64, 64, 3, 3), &dev)? * 0.05)?)?;
         let b = Var::from_tensor(&Tensor::zeros(64, DType::F32, &dev)?)?;
-        let fwd = time_ms(&dev, reps, &mut || { taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
-        let fb = time_ms(&dev, reps, &mut || { let _ = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.to_dtype(DType::F32)?.sum_all()?.backward()?; Ok(()) })?;
-        println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU (BF16 activations, NHWC): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
+        let fwd = time_ms(&dev, reps, &mut || {
+            taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?;
+            Ok(())
+        })?;
+        let fb = time_ms(&dev, reps, &mut || {
+            let _ =
+                taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        println!(
+            "  conv 64->64 3x3 16x64x256x256 +bias+ReLU (BF16 activations, NHWC): ours fwd {fwd:8.2}  fwd+bwd {fb:8.2}"
+        );
         let y = taesd_ops::conv2d_act(&xb, &w, Some(&b), p, Act::Relu)?.detach();
         let dy = y.ones_like()?;
         let wb = f.filter(w.as_tensor())?.to_dtype(DType::BF16)?.contiguous()?;
-        let ab = time_ms(&dev, reps, &mut || { taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true, f)?; Ok(()) })?;
-        let bd = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?; Ok(()) })?;
-        let bf = time_ms(&dev, reps, &mut || { taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?; Ok(()) })?;
+        let ab = time_ms(&dev, reps, &mut || {
+            taesd_ops::act_bias_bwd(&dy, &y, Act::Relu, true, f)?;
+            Ok(())
+        })?;
+        let bd = time_ms(&dev, reps, &mut || {
+            taesd_ops::conv_bwd_data(&dy, &wb, xb.dims(), p)?;
+            Ok(())
+        })?;
+        let bf = time_ms(&dev, reps, &mut || {
+            taesd_ops::conv_bwd_filter(xb.as_tensor(), &dy, wb.dims(), p)?;
+            Ok(())
+        })?;
         println!("    of which: ReLU+bias backward {ab:8.2}  backward-data {bd:8.2}  backward-filter {bf:8.2}");
     }
     taesd_ops::update_settings(|s| s.f32_math = taesd_ops::F32Math::Exact);
@@ -482,26 +638,56 @@ fn main() -> Result<()> {
         let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (64, 64, 3, 3), &dev)? * 0.05)?)?;
         let b = Var::from_tensor(&Tensor::zeros(64, DType::F32, &dev)?)?;
         let p = ConvParams::new(1, 1);
-        let fwd = time_ms(&dev, 2, &mut || { taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?; Ok(()) })?;
-        let fb = time_ms(&dev, 2, &mut || { let _ = taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?; Ok(()) })?;
+        let fwd = time_ms(&dev, 2, &mut || {
+            taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?;
+            Ok(())
+        })?;
+        let fb = time_ms(&dev, 2, &mut || {
+            let _ = taesd_ops::stock(&x, &w, Some(&b), p, Act::Relu)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
         println!("  conv 64->64 3x3 16x64x256x256 +bias+ReLU: stock candle fwd {fwd:8.2}  fwd+bwd {fb:8.2}");
     }
     {
         // candle's reductions and broadcasts at BatchNorm shapes (the discriminator's first block).
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (32, 64, 256, 256), &dev)?)?;
         let s = Var::from_tensor(&Tensor::ones((1, 64, 1, 1), DType::F32, &dev)?)?;
-        let r1 = time_ms(&dev, reps, &mut || { x.as_tensor().sum_keepdim((0, 2, 3))?; Ok(()) })?;
-        let r2 = time_ms(&dev, reps, &mut || { x.as_tensor().sum_keepdim((2, 3))?.sum_keepdim(0)?; Ok(()) })?;
-        let r3 = time_ms(&dev, reps, &mut || { x.as_tensor().sum_all()?; Ok(()) })?;
-        let r4 = time_ms(&dev, reps, &mut || { x.as_tensor().affine(2.0, 1.0)?; Ok(()) })?;
-        let r5 = time_ms(&dev, reps, &mut || { x.as_tensor().broadcast_mul(s.as_tensor())?; Ok(()) })?;
-        let r6 = time_ms(&dev, reps, &mut || { let _ = x.as_tensor().broadcast_mul(s.as_tensor())?.sum_all()?.backward()?; Ok(()) })?;
+        let r1 = time_ms(&dev, reps, &mut || {
+            x.as_tensor().sum_keepdim((0, 2, 3))?;
+            Ok(())
+        })?;
+        let r2 = time_ms(&dev, reps, &mut || {
+            x.as_tensor().sum_keepdim((2, 3))?.sum_keepdim(0)?;
+            Ok(())
+        })?;
+        let r3 = time_ms(&dev, reps, &mut || {
+            x.as_tensor().sum_all()?;
+            Ok(())
+        })?;
+        let r4 = time_ms(&dev, reps, &mut || {
+            x.as_tensor().affine(2.0, 1.0)?;
+            Ok(())
+        })?;
+        let r5 = time_ms(&dev, reps, &mut || {
+            x.as_tensor().broadcast_mul(s.as_tensor())?;
+            Ok(())
+        })?;
+        let r6 = time_ms(&dev, reps, &mut || {
+            let _ = x.as_tensor().broadcast_mul(s.as_tensor())?.sum_all()?.backward()?;
+            Ok(())
+        })?;
         println!("  [32,64,256,256] f32: sum over (0,2,3) {r1:8.2}  sum (2,3) then 0 {r2:8.2}  sum_all {r3:8.2}  affine {r4:8.2}  broadcast_mul [1,C,1,1] {r5:8.2}  its fwd+bwd (sum_all loss) {r6:8.2}");
     }
     {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 64, 128, 128), &dev)?)?;
-        let ours = time_ms(&dev, reps, &mut || { let _ = taesd_ops::upsample_nearest2x(&x, Format::Nchw)?.sum_all()?.backward()?; Ok(()) })?;
-        let stock = time_ms(&dev, 2, &mut || { let _ = x.upsample_nearest2d(256, 256)?.sum_all()?.backward()?; Ok(()) })?;
+        let ours = time_ms(&dev, reps, &mut || {
+            let _ = taesd_ops::upsample_nearest2x(&x, Format::Nchw)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        let stock = time_ms(&dev, 2, &mut || {
+            let _ = x.upsample_nearest2d(256, 256)?.sum_all()?.backward()?;
+            Ok(())
+        })?;
         println!("  upsample 2x 16x64x128x128 fwd+bwd: ours {ours:8.2}  stock {stock:8.2}");
     }
 
@@ -522,9 +708,13 @@ fn main() -> Result<()> {
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
-        let mut opt = train::recipe::optim::Adam::new(vars, train::recipe::optim::AdamConfig::amsgrad(1e-3, (0.9, 0.99)))?;
+        let mut opt =
+            train::recipe::optim::Adam::new(vars, train::recipe::optim::AdamConfig::amsgrad(1e-3, (0.9, 0.99)))?;
         opt.set_fused(Some(ops));
-        let fwd = time_ms(&dev, reps, &mut || { dec.forward(&z)?; Ok(()) })?;
+        let fwd = time_ms(&dev, reps, &mut || {
+            dec.forward(&z)?;
+            Ok(())
+        })?;
         let n = if ops { reps } else { 2 };
         let step = time_ms(&dev, n, &mut || {
             let l = (dec.forward(&z)? - &target)?.sqr()?.mean_all()?;

@@ -309,7 +309,10 @@ fn print_outcome(o: &RunOutcome) {
         );
         return;
     }
-    println!("run `{}` finished: step {} ({:.2} steps/s this session, {} skipped)", o.name, o.step, o.steps_per_s, o.skipped_steps);
+    println!(
+        "run `{}` finished: step {} ({:.2} steps/s this session, {} skipped)",
+        o.name, o.step, o.steps_per_s, o.skipped_steps
+    );
     if !o.final_eval.is_empty() {
         print!("{}", crate::eval::table(&o.final_eval));
     }
@@ -321,7 +324,19 @@ fn print_outcome(o: &RunOutcome) {
 /// Run a subcommand.
 pub fn command(c: &Command) -> Result<i32> {
     match c {
-        Command::Eval { model, shards, reference, cycle_encoder, split, eval_fraction, max_images, batch_size, device, variant, json } => {
+        Command::Eval {
+            model,
+            shards,
+            reference,
+            cycle_encoder,
+            split,
+            eval_fraction,
+            max_images,
+            batch_size,
+            device,
+            variant,
+            json,
+        } => {
             let split = match (split.as_str(), eval_fraction) {
                 ("all", None) => Some(crate::eval::Split::All),
                 ("all", Some(_)) => bail!("--eval-fraction applies to --split heldout"),
@@ -344,10 +359,12 @@ pub fn command(c: &Command) -> Result<i32> {
             let files: Vec<String> = rep.model_files.iter().map(|p| p.display().to_string()).collect();
             println!("ours: {}", files.join(", "));
             println!("{} images ({}), {} px, shards {}", rep.images, rep.split, rep.resolution, rep.shards.display());
-            let rows: Vec<(String, crate::eval::Metrics)> = rep.models.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let rows: Vec<(String, crate::eval::Metrics)> =
+                rep.models.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             print!("{}", crate::eval::table(&rows));
             if let Some(p) = json {
-                std::fs::write(p, serde_json::to_string_pretty(&rep)? + "\n").with_context(|| format!("cannot write {}", p.display()))?;
+                std::fs::write(p, serde_json::to_string_pretty(&rep)? + "\n")
+                    .with_context(|| format!("cannot write {}", p.display()))?;
             }
             Ok(0)
         }
@@ -430,7 +447,12 @@ mod tests {
     #[test]
     fn the_readme_says_where_the_binaries_are() {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-        for needle in ["cargo install --path precompute", "cargo install --path train", "target/release/precompute", "target/release/train"] {
+        for needle in [
+            "cargo install --path precompute",
+            "cargo install --path train",
+            "target/release/precompute",
+            "target/release/train",
+        ] {
             assert!(readme.contains(needle), "README does not say `{needle}`");
         }
     }

@@ -25,9 +25,9 @@
 //! paths are relative to the current directory; the resolved configuration saved in the run
 //! folder holds them absolute, so `--resume` works from anywhere.
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
 use crate::device::DeviceSpec;
 use crate::recipe::{Precision, RecipeConfig};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -294,7 +294,6 @@ impl Flags {
     }
 }
 
-
 /// Keys a `--resume` may change: how long and how often, not what is trained; and where things
 /// are (a run folder carried to another machine: `tools/checkpoint_parts.sh`). The initial
 /// weights (`model.init_*`) only matter at step 0: a resumed run loads its checkpoint.
@@ -412,8 +411,7 @@ impl TrainConfig {
 /// Read a TOML file as a table.
 pub fn read_table(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.parse::<toml::Table>()
-        .map_err(|e| anyhow!("{}: not valid TOML: {}", path.display(), e.to_string().trim()))
+    text.parse::<toml::Table>().map_err(|e| anyhow!("{}: not valid TOML: {}", path.display(), e.to_string().trim()))
 }
 
 /// Merge `over` into `base`: tables merge key by key, anything else is replaced.
@@ -448,9 +446,7 @@ pub fn set_path(t: &mut toml::Table, path: &[String], value: toml::Value) -> Res
     let mut cur = t;
     for (i, p) in parents.iter().enumerate() {
         let entry = cur.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry
-            .as_table_mut()
-            .ok_or_else(|| anyhow!("`{}` is a value, not a section", path[..=i].join(".")))?;
+        cur = entry.as_table_mut().ok_or_else(|| anyhow!("`{}` is a value, not a section", path[..=i].join(".")))?;
     }
     cur.insert(last.clone(), value);
     Ok(())
@@ -718,7 +714,8 @@ mod tests {
         let mut t = toml::Table::new();
         set_path(&mut t, &["recipe".into(), "gan".into(), "w".into()], toml::Value::Integer(2)).unwrap();
         assert_eq!(get_path(&t, "recipe.gan.w").unwrap().as_integer(), Some(2));
-        let e = set_path(&mut t, &["recipe".into(), "gan".into(), "w".into(), "x".into()], toml::Value::Integer(1)).unwrap_err();
+        let e = set_path(&mut t, &["recipe".into(), "gan".into(), "w".into(), "x".into()], toml::Value::Integer(1))
+            .unwrap_err();
         assert!(e.to_string().contains("recipe.gan.w"), "{e}");
     }
 
@@ -728,7 +725,8 @@ mod tests {
         let a = write(dir.path(), "a.toml", "[data]\nbatch_size = 2\n[run]\nsteps = 5\n[recipe]\nlr = 0.5\n");
         let b = write(dir.path(), "b.toml", "[data]\nbatch_size = 3\n");
         let runs_dir = dir.path().join("out");
-        let req = PlanRequest { configs: vec![a.clone(), b], overrides: vec!["run.steps=7".into()], ..Default::default() };
+        let req =
+            PlanRequest { configs: vec![a.clone(), b], overrides: vec!["run.steps=7".into()], ..Default::default() };
         let p = plan(&req, None).unwrap();
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].name.as_str(), p[0].config.data.batch_size, p[0].config.run.steps), ("a", 2, 7));
@@ -790,7 +788,10 @@ mod tests {
     #[test]
     fn relative_paths_become_absolute_and_resume_reads_the_saved_config() {
         let dir = tempfile::tempdir().unwrap();
-        let req = PlanRequest { overrides: vec!["data.shards=some/where".into(), "run.steps=3".into()], ..Default::default() };
+        let req = PlanRequest {
+            overrides: vec!["data.shards=some/where".into(), "run.steps=3".into()],
+            ..Default::default()
+        };
         let p = plan(&req, None).unwrap();
         let shards = p[0].config.data.shards.clone().unwrap();
         assert!(shards.is_absolute() && shards.ends_with("some/where"), "{}", shards.display());
@@ -814,28 +815,46 @@ mod tests {
             ..Default::default()
         };
         let c = &plan(&req, None).unwrap()[0].config;
-        assert_eq!((c.run.steps, c.run.device, c.run.precision, c.data.crop), (9, DeviceSpec::Cpu, Precision::Bf16, Some(64)));
+        assert_eq!(
+            (c.run.steps, c.run.device, c.run.precision, c.data.crop),
+            (9, DeviceSpec::Cpu, Precision::Bf16, Some(64))
+        );
         assert_eq!(c.recipe.lr_schedule, crate::recipe::LrSchedule::Cosine);
         // Typed values round-trip through the resolved config's TOML.
         let text = c.to_toml().unwrap();
-        assert!(text.contains("device = \"cpu\"") && text.contains("precision = \"bf16\"") && text.contains("lr_schedule = \"cosine\""), "{text}");
+        assert!(
+            text.contains("device = \"cpu\"")
+                && text.contains("precision = \"bf16\"")
+                && text.contains("lr_schedule = \"cosine\""),
+            "{text}"
+        );
         assert_eq!(&TrainConfig::from_table(text.parse().unwrap()).unwrap(), c);
         // Bad values are named by their key, recipe keys included.
-        for (set, key) in [("run.device=\"tpu\"", "tpu"), ("run.precision=\"fp8\"", "fp8"), ("recipe.lr=-1.0", "lr"), ("recipe.lrr=1.0", "lrr")] {
+        for (set, key) in [
+            ("run.device=\"tpu\"", "tpu"),
+            ("run.precision=\"fp8\"", "fp8"),
+            ("recipe.lr=-1.0", "lr"),
+            ("recipe.lrr=1.0", "lrr"),
+        ] {
             let e = plan(&PlanRequest { overrides: vec![set.into()], ..Default::default() }, None).unwrap_err();
             assert!(format!("{e:#}").contains(key), "{set}: {e:#}");
         }
         // A flag that breaks a rule is refused as a --set would be.
-        let e = plan(&PlanRequest { flags: Flags { batch_size: Some(0), ..Default::default() }, ..Default::default() }, None).unwrap_err();
+        let e = plan(
+            &PlanRequest { flags: Flags { batch_size: Some(0), ..Default::default() }, ..Default::default() },
+            None,
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("data.batch_size"), "{e:#}");
     }
 
     #[test]
     fn stages_come_first_then_the_data_section() {
-        let t: toml::Table = "[data]\ncrop = 256\nbatch_size = 32\n[[data.stages]]\nsteps = 10\ncrop = 128\nbatch_size = 64\n\
+        let t: toml::Table =
+            "[data]\ncrop = 256\nbatch_size = 32\n[[data.stages]]\nsteps = 10\ncrop = 128\nbatch_size = 64\n\
                               [[data.stages]]\nsteps = 5\ncrop = 192\n"
-            .parse()
-            .unwrap();
+                .parse()
+                .unwrap();
         let c = TrainConfig::from_table(t).unwrap();
         let d = &c.data;
         assert_eq!(d.stage_at(0), StageAt { stage: 0, crop: Some(128), batch_size: 64, until: 10 });
@@ -850,7 +869,9 @@ mod tests {
         assert_eq!(DataConfig::default().stage_at(0).batch_size, 16);
         let e = TrainConfig::from_table("[[data.stages]]\nsteps = 0\n".parse().unwrap()).unwrap_err().to_string();
         assert!(e.contains("data.stages[0].steps"), "{e}");
-        let e = TrainConfig::from_table("[[data.stages]]\nsteps = 3\ncrops = 1\n".parse().unwrap()).unwrap_err().to_string();
+        let e = TrainConfig::from_table("[[data.stages]]\nsteps = 3\ncrops = 1\n".parse().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("crops"), "{e}");
     }
 

@@ -47,5 +47,6 @@ pub fn run(a: &ConvertArgs) -> Result<Vec<PathBuf>> {
     let name = ck.info.variant.map(|v| v.name().to_string()).unwrap_or_else(|| "taesd".into());
     let dest = destination(a.layout, &a.out, &name)?;
     let opts = SaveOptions { variant: a.variant.or(ck.info.variant), dtype: a.dtype, ..Default::default() };
-    ck.save(a.layout, &dest, &opts).with_context(|| format!("converting {} to the {} layout", a.model.display(), a.layout))
+    ck.save(a.layout, &dest, &opts)
+        .with_context(|| format!("converting {} to the {} layout", a.model.display(), a.layout))
 }

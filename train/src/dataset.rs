@@ -52,15 +52,23 @@ impl ShardSet {
         );
         let manifest_path = layout.root.join(MANIFEST_FILE);
         let manifest: Option<Manifest> = if manifest_path.is_file() {
-            let bytes = std::fs::read(&manifest_path).with_context(|| format!("cannot read {}", manifest_path.display()))?;
-            Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid manifest", manifest_path.display()))?)
+            let bytes =
+                std::fs::read(&manifest_path).with_context(|| format!("cannot read {}", manifest_path.display()))?;
+            Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not a valid manifest", manifest_path.display()))?,
+            )
         } else {
             tracing::warn!("{} has no {MANIFEST_FILE}: assuming the shards were not flipped", dir.display());
             None
         };
         if let Some(m) = &manifest {
             if m.status != "complete" {
-                tracing::warn!("{}: precompute has not finished (status {}); training on the shards present", dir.display(), m.status);
+                tracing::warn!(
+                    "{}: precompute has not finished (status {}); training on the shards present",
+                    dir.display(),
+                    m.status
+                );
             }
         }
         let mut readers = Vec::with_capacity(files.len());
@@ -95,7 +103,11 @@ impl ShardSet {
             );
         }
         let d = first.vae.downscale as u32;
-        ensure!(d > 0 && first.resolution % d == 0, "resolution {} is not a multiple of the VAE downscale {d}", first.resolution);
+        ensure!(
+            d > 0 && first.resolution % d == 0,
+            "resolution {} is not a multiple of the VAE downscale {d}",
+            first.resolution
+        );
         let latent_shape = [first.vae.channels as u32, first.resolution / d, first.resolution / d];
         let mut units = Vec::new();
         let mut rows = 0;

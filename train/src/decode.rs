@@ -34,7 +34,9 @@ fn latents_of_tensor(name: &str, t: Tensor, what: &Path) -> Result<Vec<Item>> {
         3 => vec![Item { name: name.to_string(), z: t }],
         4 => {
             let n = t.dim(0)?;
-            (0..n).map(|i| Ok(Item { name: if n == 1 { name.to_string() } else { format!("{name}_{i}") }, z: t.get(i)? })).collect::<Result<_>>()?
+            (0..n)
+                .map(|i| Ok(Item { name: if n == 1 { name.to_string() } else { format!("{name}_{i}") }, z: t.get(i)? }))
+                .collect::<Result<_>>()?
         }
         r => bail!("{}: a latent must be [C, h, w] or [B, C, h, w], got rank {r}", what.display()),
     })
@@ -67,8 +69,10 @@ fn read_file(path: &Path, rel_stem: &str) -> Result<Vec<Item>> {
 }
 
 fn collect_files(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
-    let mut entries: Vec<PathBuf> =
-        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {

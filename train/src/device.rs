@@ -188,7 +188,9 @@ fn pool_attribute(
             return None;
         }
         let mut v: u64 = 0;
-        if sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void) != sys::CUresult::CUDA_SUCCESS {
+        if sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void)
+            != sys::CUresult::CUDA_SUCCESS
+        {
             return None;
         }
         if reset {

@@ -100,13 +100,18 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
         }
         let (w, h) = pending[0].1.dimensions();
         let data: Vec<f32> = pending.iter().flat_map(|(_, img)| to_tensor(img)).collect();
-        let x = Tensor::from_vec(data, (pending.len(), 3, h as usize, w as usize), &Device::Cpu)?.to_device(&a.device)?;
+        let x =
+            Tensor::from_vec(data, (pending.len(), 3, h as usize, w as usize), &Device::Cpu)?.to_device(&a.device)?;
         let z = encoder.forward(&x).context("encoder forward")?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         for (i, (item, _)) in pending.iter().enumerate() {
             let zi = z.get(i)?;
             if a.formats.safetensors {
                 let p = out_path(&a.out, &item.key, "safetensors");
-                write_latent_safetensors(&p, &zi, &[("source", item.source.as_str()), ("variant", &variant), ("image_size", &format!("{w}x{h}"))])?;
+                write_latent_safetensors(
+                    &p,
+                    &zi,
+                    &[("source", item.source.as_str()), ("variant", &variant), ("image_size", &format!("{w}x{h}"))],
+                )?;
                 summary.files.push(p);
             }
             if a.formats.npy {
@@ -123,7 +128,9 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     for item in &listing.items {
         match load(item) {
             Ok(img) => {
-                if pending.first().is_some_and(|(_, p)| p.dimensions() != img.dimensions()) || pending.len() >= a.batch_size.max(1) {
+                if pending.first().is_some_and(|(_, p)| p.dimensions() != img.dimensions())
+                    || pending.len() >= a.batch_size.max(1)
+                {
                     flush(&mut pending, &mut summary)?;
                 }
                 pending.push((item, img));

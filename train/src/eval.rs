@@ -236,9 +236,12 @@ pub fn evaluate(set: &EvalSet, subject: &Subject, batch: usize, device: &Device)
     })
 }
 
+/// A column of [`table`]: header, value, decimals.
+type Column = (&'static str, fn(&Metrics) -> Option<f64>, usize);
+
 /// A fixed-width table of named metrics.
 pub fn table(rows: &[(String, Metrics)]) -> String {
-    let cols: [(&str, fn(&Metrics) -> Option<f64>, usize); 8] = [
+    let cols: [Column; 8] = [
         ("psnr", |m| m.psnr, 2),
         ("ssim", |m| m.ssim, 4),
         ("sharpness", |m| m.sharpness, 3),
@@ -285,7 +288,9 @@ mod tests {
     #[test]
     fn psnr_matches_the_formula() {
         let a = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
-        let b = Tensor::cat(&[&Tensor::full(0.1f32, (1, 3, 4, 4), &Device::Cpu).unwrap(), &a.narrow(0, 0, 1).unwrap()], 0).unwrap();
+        let b =
+            Tensor::cat(&[&Tensor::full(0.1f32, (1, 3, 4, 4), &Device::Cpu).unwrap(), &a.narrow(0, 0, 1).unwrap()], 0)
+                .unwrap();
         let p = psnr(&a, &b).unwrap();
         assert!((p[0] - 20.0).abs() < 1e-4, "{p:?}");
         assert!(p[1].is_infinite());
@@ -382,7 +387,8 @@ pub fn command(a: &EvalArgs) -> Result<EvalReport> {
     );
     let model_files = crate::models::checkpoint_files(&a.model)?;
     let model = crate::models::load(&a.model, variant, &a.device)?;
-    let reference_path = a.reference.clone().or_else(|| run_cfg.as_ref().and_then(|c| c.model.reference_decoder.clone()));
+    let reference_path =
+        a.reference.clone().or_else(|| run_cfg.as_ref().and_then(|c| c.model.reference_decoder.clone()));
     let reference = match &reference_path {
         Some(p) => Some(crate::models::load(p, variant.or(model.variant), &a.device)?),
         None => None,
@@ -396,7 +402,8 @@ pub fn command(a: &EvalArgs) -> Result<EvalReport> {
     let s = Subject { encoder: model.encoder.as_ref(), decoder: model.decoder.as_ref(), cycle_encoder: cycle_enc };
     models.insert("ours".to_string(), evaluate(&eval_set, &s, a.batch_size, &a.device)?);
     if let Some(r) = &reference {
-        let s = Subject { encoder: None, decoder: r.decoder.as_ref(), cycle_encoder: cycle_enc.or(model.encoder.as_ref()) };
+        let s =
+            Subject { encoder: None, decoder: r.decoder.as_ref(), cycle_encoder: cycle_enc.or(model.encoder.as_ref()) };
         ensure!(s.decoder.is_some(), "the reference {} has no decoder", reference_path.unwrap().display());
         models.insert("reference".to_string(), evaluate(&eval_set, &s, a.batch_size, &a.device)?);
     }

@@ -78,7 +78,12 @@ pub fn run(a: &ExportArgs) -> Result<Vec<PathBuf>> {
 
 /// The `.pth` pair of `tensors` (this crate's names) in the folder `dir`, beside the
 /// taesd-layout safetensors of a run's export.
-pub fn pth_files(tensors: &HashMap<String, Tensor>, cfg: TaesdConfig, variant: Option<Variant>, dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn pth_files(
+    tensors: &HashMap<String, Tensor>,
+    cfg: TaesdConfig,
+    variant: Option<Variant>,
+    dir: &Path,
+) -> Result<Vec<PathBuf>> {
     let opts = SaveOptions { variant, format: FileFormat::Pth, ..Default::default() };
     Ok(taesd::save_tensors(tensors, &cfg, Layout::TaesdPy, dir, &opts)?)
 }
@@ -110,7 +115,8 @@ pub fn run_export(
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
     Ok(names.into_iter().map(|n| final_dir.join(n)).collect())
 }
 
@@ -129,7 +135,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = run_export("onnx", &t, cfg, Some(Variant::Taesdxl), dir.path()).unwrap();
         let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, ["taesdxl_encoder.onnx", "taesdxl_decoder.onnx", "taesdxl_encoder.fp16.onnx", "taesdxl_decoder.fp16.onnx"]);
+        assert_eq!(
+            names,
+            ["taesdxl_encoder.onnx", "taesdxl_decoder.onnx", "taesdxl_encoder.fp16.onnx", "taesdxl_decoder.fp16.onnx"]
+        );
         assert!(files.iter().all(|f| f.is_file() && f.starts_with(dir.path().join("export/onnx"))));
         assert!(!dir.path().join("export/.tmp-onnx").exists());
         // Again: replaced in place.

@@ -58,7 +58,10 @@ mod tests {
 
     #[test]
     fn names_lose_the_hash_and_the_separators() {
-        assert_eq!(clean_name("candle_core::tensor::Tensor::add::h0123456789abcdef"), "candle_core::tensor::Tensor::add");
+        assert_eq!(
+            clean_name("candle_core::tensor::Tensor::add::h0123456789abcdef"),
+            "candle_core::tensor::Tensor::add"
+        );
         assert_eq!(clean_name("foo::hash_map"), "foo::hash_map");
         assert_eq!(clean_name("<a as b>::c"), "<a_as_b>::c");
         assert_eq!(clean_name("Unknown"), "?");

@@ -81,7 +81,8 @@ impl HostBatch {
     /// are scaled on the device.
     pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
         let [c, h, w] = self.latent_shape;
-        let images = Tensor::from_slice(&self.images, (self.batch, 3, self.crop, self.crop), &Device::Cpu)?.to_device(device)?;
+        let images =
+            Tensor::from_slice(&self.images, (self.batch, 3, self.crop, self.crop), &Device::Cpu)?.to_device(device)?;
         let images = crate::sample::images_to_unit(&images)?;
         let latents = Tensor::from_slice(&self.latents, (self.batch, c, h, w), &Device::Cpu)?.to_device(device)?;
         Ok((images, latents))
@@ -99,7 +100,11 @@ impl Loader {
     /// Start serving batches from `start`.
     pub fn start(set: Arc<ShardSet>, cfg: LoaderConfig, start: Position) -> Result<Loader> {
         crate::sample::check_crop(cfg.sample.crop, set.resolution, cfg.sample.scale)?;
-        let threads = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { cfg.workers };
+        let threads = if cfg.workers == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        } else {
+            cfg.workers
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("decode-{i}"))
@@ -208,7 +213,11 @@ impl<'a> Producer<'a> {
                     let what = self.unit_name(r.unit);
                     tracing::warn!("skipping {what}: {e:#}");
                     self.bad_units.insert(r.unit);
-                    self.skipped.push(Skipped { what, reason: format!("{e:#}"), rows: self.set.units[r.unit as usize].rows as u64 });
+                    self.skipped.push(Skipped {
+                        what,
+                        reason: format!("{e:#}"),
+                        rows: self.set.units[r.unit as usize].rows as u64,
+                    });
                     return Ok(None);
                 }
                 Err(e) => return Err(e.context(BAD_DATA)),
@@ -387,8 +396,12 @@ pub(crate) mod tests {
         assert!(held > 10 && held < 60, "{held}");
         let train_rows = 150 - held;
         // The first epoch serves every training row exactly once, and no held-out row ever.
-        let first_epoch: Vec<&String> =
-            batches.iter().flat_map(|b| b.keys.iter().zip(&b.positions)).filter(|(_, p)| p.epoch == 0).map(|(k, _)| k).collect();
+        let first_epoch: Vec<&String> = batches
+            .iter()
+            .flat_map(|b| b.keys.iter().zip(&b.positions))
+            .filter(|(_, p)| p.epoch == 0)
+            .map(|(k, _)| k)
+            .collect();
         let mut uniq = first_epoch.clone();
         uniq.sort();
         uniq.dedup();

@@ -207,7 +207,8 @@ mod tests {
         drop(log);
         let mut log = MetricsLog::open(dir.path(), Some(2)).unwrap();
         log.write("train", 3, json!({"lr": 0.5})).unwrap();
-        let steps: Vec<u64> = read_lines(log.path(), "train").unwrap().iter().map(|v| v["step"].as_u64().unwrap()).collect();
+        let steps: Vec<u64> =
+            read_lines(log.path(), "train").unwrap().iter().map(|v| v["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, [2, 3]);
         assert!(read_lines(log.path(), "skip").unwrap().is_empty());
         // Each session its own event file; the resumed one starts with a session start at step 3.
@@ -215,7 +216,10 @@ mod tests {
         assert_eq!(recs.len(), 3, "file version, session start, one line");
         let start = taesd::protobuf::read::fields(&recs[1]).unwrap();
         assert_eq!(taesd::protobuf::read::all(&start, 2), [taesd::protobuf::read::Value::Varint(3)]);
-        let files = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("tfevents")).count();
+        let files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("tfevents"))
+            .count();
         assert!(files >= 1);
     }
 }

@@ -63,17 +63,24 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
         // A checkpoint of a run: its EMA weights.
         let state = path.join(crate::checkpoint::RECIPE_DIR);
         if state.is_dir() {
-            let files: Vec<PathBuf> = ["ema_encoder.safetensors", "ema_decoder.safetensors", "encoder.safetensors", "decoder.safetensors"]
+            let files: Vec<PathBuf> =
+                ["ema_encoder.safetensors", "ema_decoder.safetensors", "encoder.safetensors", "decoder.safetensors"]
+                    .iter()
+                    .map(|f| state.join(f))
+                    .filter(|p| p.is_file())
+                    .collect();
+            let ema: Vec<PathBuf> = files
                 .iter()
-                .map(|f| state.join(f))
-                .filter(|p| p.is_file())
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("ema_"))
+                .cloned()
                 .collect();
-            let ema: Vec<PathBuf> = files.iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("ema_")).cloned().collect();
             // Untrained parts have no EMA file: take the plain weights of those.
             let mut out = ema.clone();
             for part in ["encoder", "decoder"] {
                 if !out.iter().any(|p| p.file_name().unwrap().to_string_lossy().contains(part)) {
-                    if let Some(p) = files.iter().find(|p| p.file_name().unwrap().to_string_lossy() == format!("{part}.safetensors")) {
+                    if let Some(p) =
+                        files.iter().find(|p| p.file_name().unwrap().to_string_lossy() == format!("{part}.safetensors"))
+                    {
                         out.push(p.clone());
                     }
                 }

@@ -32,6 +32,8 @@ const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
 const GRID: Rgb<u8> = Rgb([228, 228, 228]);
 
 /// "Nice" tick values covering [lo, hi] (about `n` of them).
+// `!(hi > lo)` on purpose: NaN bounds take this branch too.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     if !(hi > lo) {
         return vec![lo];
@@ -127,8 +129,11 @@ pub fn draw(series: &[Series], width: u32, height: u32, title: &str) -> RgbImage
     let yticks: Vec<(f64, String)> = if log {
         let (lo, hi) = (y0.floor() as i64, y1.ceil() as i64);
         let decades: Vec<i64> = (lo..=hi).collect();
-        let mut t: Vec<(f64, String)> =
-            decades.iter().map(|&d| (d as f64, format_tick(10f64.powi(d as i32)))).filter(|(v, _)| *v >= y0 && *v <= y1).collect();
+        let mut t: Vec<(f64, String)> = decades
+            .iter()
+            .map(|&d| (d as f64, format_tick(10f64.powi(d as i32))))
+            .filter(|(v, _)| *v >= y0 && *v <= y1)
+            .collect();
         if t.len() < 3 {
             for &d in &decades {
                 for m in [2.0, 5.0] {
@@ -266,7 +271,10 @@ pub fn write_comparison(runs: &[std::path::PathBuf], key: &str, out: &Path, widt
         let points = metric_series(&metrics, key)?;
         anyhow::ensure!(!points.is_empty(), "{}: no `{key}` values", metrics.display());
         let name = if r.is_dir() { r.file_name() } else { r.parent().and_then(|p| p.file_name()) };
-        series.push(Series { name: name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| r.display().to_string()), points });
+        series.push(Series {
+            name: name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| r.display().to_string()),
+            points,
+        });
     }
     draw(&series, width, height, key).save(out).with_context(|| format!("cannot write {}", out.display()))
 }
@@ -316,8 +324,14 @@ mod tests {
     #[test]
     fn curve_has_the_size_and_draws_each_series() {
         let s = vec![
-            Series { name: "decoder".into(), points: (0..50).map(|i| (i as f64 * 10.0, 1.0 / (1.0 + i as f64))).collect() },
-            Series { name: "encoder".into(), points: (0..50).map(|i| (i as f64 * 10.0, 0.5 * (-0.05 * i as f64).exp())).collect() },
+            Series {
+                name: "decoder".into(),
+                points: (0..50).map(|i| (i as f64 * 10.0, 1.0 / (1.0 + i as f64))).collect(),
+            },
+            Series {
+                name: "encoder".into(),
+                points: (0..50).map(|i| (i as f64 * 10.0, 0.5 * (-0.05 * i as f64).exp())).collect(),
+            },
         ];
         let img = draw(&s, 400, 300, "losses");
         assert_eq!(img.dimensions(), (400, 300));

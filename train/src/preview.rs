@@ -72,8 +72,11 @@ pub fn render(images: &Tensor, latents: &Tensor, m: &PreviewModels) -> Result<Rg
     let pad = 2u32;
     let label_h = text_height(1) + 6;
     let (tw, th) = (w as u32, h as u32);
-    let mut grid =
-        RgbImage::from_pixel(ncols as u32 * (tw + pad) + pad, label_h + k as u32 * (th + pad) + pad, Rgb([255, 255, 255]));
+    let mut grid = RgbImage::from_pixel(
+        ncols as u32 * (tw + pad) + pad,
+        label_h + k as u32 * (th + pad) + pad,
+        Rgb([255, 255, 255]),
+    );
     let labels: Vec<&str> = columns.iter().map(|c| c.0).chain(latent_cols.iter().map(|c| c.0)).collect();
     let fit = ((tw + 1) / 6).max(1) as usize;
     for (j, l) in labels.iter().enumerate() {
@@ -120,14 +123,19 @@ mod tests {
         let model = taesd::Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let images = Tensor::rand(0f32, 1f32, (2, 3, 16, 16), &dev).unwrap();
         let latents = Tensor::rand(-3f32, 3f32, (2, 4, 2, 2), &dev).unwrap();
-        let m = PreviewModels { encoder: model.encoder.as_ref(), decoder: model.decoder.as_ref(), reference: model.decoder.as_ref() };
+        let m = PreviewModels {
+            encoder: model.encoder.as_ref(),
+            decoder: model.decoder.as_ref(),
+            reference: model.decoder.as_ref(),
+        };
         let g = render(&images, &latents, &m).unwrap();
         let label_h = text_height(1) + 6;
         assert_eq!(g.dimensions(), (6 * 18 + 2, label_h + 2 * 18 + 2));
         // The first tile is the real image.
         let real = to_rgb(&images.get(0).unwrap()).unwrap();
         assert_eq!(g.get_pixel(2, label_h + 2), real.get_pixel(0, 0));
-        let only_real = render(&images, &latents, &PreviewModels { encoder: None, decoder: None, reference: None }).unwrap();
+        let only_real =
+            render(&images, &latents, &PreviewModels { encoder: None, decoder: None, reference: None }).unwrap();
         assert_eq!(only_real.width(), 2 * 18 + 2);
     }
 
@@ -135,8 +143,10 @@ mod tests {
     #[test]
     fn the_readme_describes_the_preview_columns() {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-        let line = readme.lines().find(|l| l.contains("previews/step-N.png")).expect("README describes previews/step-N.png");
-        let para: String = readme.split(line).nth(1).unwrap().lines().take(3).fold(line.to_string(), |a, l| a + " " + l.trim());
+        let line =
+            readme.lines().find(|l| l.contains("previews/step-N.png")).expect("README describes previews/step-N.png");
+        let para: String =
+            readme.split(line).nth(1).unwrap().lines().take(3).fold(line.to_string(), |a, l| a + " " + l.trim());
         assert!(para.contains(&format!("{} columns", COLUMNS.len())), "{para}");
         assert!(para.contains(&COLUMNS.join(" | ")), "README: {para}\ncode: {}", COLUMNS.join(" | "));
     }

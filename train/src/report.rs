@@ -147,8 +147,11 @@ fn nested_series(lines: &[Value], kind: &str, key: &str, skip: &[&str]) -> Vec<S
 
 /// One top-level number of `kind` lines as a series.
 fn scalar_series(lines: &[Value], kind: &str, key: &str, name: &str) -> Vec<Series> {
-    let points: Vec<(f64, f64)> =
-        lines.iter().filter(|l| l["type"] == kind).filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?))).collect();
+    let points: Vec<(f64, f64)> = lines
+        .iter()
+        .filter(|l| l["type"] == kind)
+        .filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?)))
+        .collect();
     if points.is_empty() {
         vec![]
     } else {
@@ -214,11 +217,11 @@ fn eval_table(out: &mut String, eval: &Value) {
         let _ = write!(out, "<th>{c}</th>");
     }
     out.push_str("</tr>");
-    let parsed: Vec<(String, Metrics)> =
-        models.iter().filter_map(|(k, v)| Some((k.clone(), serde_json::from_value::<Metrics>(v.clone()).ok()?))).collect();
-    let get = |m: &Metrics, c: &str| -> Option<f64> {
-        serde_json::to_value(m).ok()?.get(c)?.as_f64()
-    };
+    let parsed: Vec<(String, Metrics)> = models
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), serde_json::from_value::<Metrics>(v.clone()).ok()?)))
+        .collect();
+    let get = |m: &Metrics, c: &str| -> Option<f64> { serde_json::to_value(m).ok()?.get(c)?.as_f64() };
     for (name, m) in &parsed {
         let _ = write!(out, "<tr><td class=\"l\">{}</td><td>{}</td>", escape(name), m.images);
         for (c, prec) in EVAL_COLUMNS {
@@ -283,11 +286,13 @@ pub fn render(run_dir: &Path) -> Result<String> {
     let cfg = |path: &str| crate::config::get_path(&config, path).map(|v| v.to_string().trim_matches('"').to_string());
     let lines = metrics_lines(run_dir);
     let last = |kind: &str| lines.iter().rev().find(|l| l["type"] == kind);
-    let name = cfg("run.name").unwrap_or_else(|| run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let name = cfg("run.name")
+        .unwrap_or_else(|| run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     let total = cfg("run.steps").and_then(|s| s.parse::<u64>().ok());
     let latest_ckpt = crate::checkpoint::latest(run_dir).ok().flatten().map(|(s, _)| s);
     let step = lines.iter().filter_map(|l| l["step"].as_u64()).max().or(latest_ckpt).unwrap_or(0);
-    let generated = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let generated =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
 
     let mut o = String::new();
     let _ = write!(
@@ -312,7 +317,10 @@ pub fn render(run_dir: &Path) -> Result<String> {
             format!("<span class=\"ok\">finished</span> at step {t}")
         }
         (Some(e), Some(t)) if e["interrupted"] == true => {
-            format!("<span class=\"warn\">stopped</span> at step {} of {t} (continue with <code>train --resume</code>)", e["step"])
+            format!(
+                "<span class=\"warn\">stopped</span> at step {} of {t} (continue with <code>train --resume</code>)",
+                e["step"]
+            )
         }
         (_, Some(t)) => format!("<span class=\"warn\">running or stopped</span> at step {step} of {t}"),
         _ => format!("step {step}"),
@@ -333,7 +341,10 @@ pub fn render(run_dir: &Path) -> Result<String> {
                 start.map(|s| s["eval_rows"].to_string()).unwrap_or("-".into())
             ),
         ),
-        ("crop, batch", format!("{} px, {}", cfg("data.crop").unwrap_or("-".into()), cfg("data.batch_size").unwrap_or("-".into()))),
+        (
+            "crop, batch",
+            format!("{} px, {}", cfg("data.crop").unwrap_or("-".into()), cfg("data.batch_size").unwrap_or("-".into())),
+        ),
     ];
     if let Some(t) = train_last {
         rows.push(("images seen", t["images_seen"].to_string()));
@@ -358,14 +369,22 @@ pub fn render(run_dir: &Path) -> Result<String> {
         .filter(|s| crate::plot::NOT_PLOTTED.contains(&s.name.as_str()))
         .collect();
     chart_or_note(&mut o, "discriminator diagnostics", &diagnostics);
-    for (metric, title) in [("psnr", "held-out PSNR (dB)"), ("ssim", "held-out SSIM"), ("sharpness", "held-out sharpness ratio"), ("encoder_mae", "held-out encoder MAE")] {
+    for (metric, title) in [
+        ("psnr", "held-out PSNR (dB)"),
+        ("ssim", "held-out SSIM"),
+        ("sharpness", "held-out sharpness ratio"),
+        ("encoder_mae", "held-out encoder MAE"),
+    ] {
         chart_or_note(&mut o, title, &eval_series(&lines, metric));
     }
     o.push_str("</div></section>");
 
     // Eval table.
     o.push_str("<section id=\"eval\"><h2>Evaluation against the reference decoder</h2>");
-    let eval: Value = std::fs::read_to_string(run_dir.join("eval.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
+    let eval: Value = std::fs::read_to_string(run_dir.join("eval.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
     eval_table(&mut o, &eval);
     o.push_str("</section>");
 
@@ -387,10 +406,15 @@ pub fn render(run_dir: &Path) -> Result<String> {
 
     // Throughput and timings.
     o.push_str("<section id=\"throughput\"><h2>Throughput and timings</h2><div class=\"charts\">");
-    chart_or_note(&mut o, "images/s (wall clock, pauses included)", &scalar_series(&lines, "train", "images_per_s", "images/s"));
+    chart_or_note(
+        &mut o,
+        "images/s (wall clock, pauses included)",
+        &scalar_series(&lines, "train", "images_per_s", "images/s"),
+    );
     chart_or_note(&mut o, "share of the loop's time", &nested_series(&lines, "train", "time_fractions", &[]));
     o.push_str("</div>");
-    let ips: Vec<f64> = lines.iter().filter(|l| l["type"] == "train").filter_map(|l| l["images_per_s"].as_f64()).collect();
+    let ips: Vec<f64> =
+        lines.iter().filter(|l| l["type"] == "train").filter_map(|l| l["images_per_s"].as_f64()).collect();
     if !ips.is_empty() {
         let mut sorted = ips.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
@@ -418,7 +442,10 @@ pub fn render(run_dir: &Path) -> Result<String> {
         o.push_str("<table><tr><th class=\"l\">session</th><th>from step</th><th>to step</th><th>steps/s</th><th class=\"l\">device</th><th class=\"l\">precision</th><th class=\"l\">ended</th></tr>");
         for (i, s) in starts.iter().enumerate() {
             let from = s["step"].as_u64().unwrap_or(0);
-            let e = ends.iter().find(|e| e["step"].as_u64().unwrap_or(0) >= from && starts.get(i + 1).is_none_or(|n| e["step"].as_u64() <= n["step"].as_u64()));
+            let e = ends.iter().find(|e| {
+                e["step"].as_u64().unwrap_or(0) >= from
+                    && starts.get(i + 1).is_none_or(|n| e["step"].as_u64() <= n["step"].as_u64())
+            });
             let _ = write!(
                 o,
                 "<tr><td class=\"l\">{}</td><td>{from}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td></tr>",
@@ -440,9 +467,10 @@ pub fn render(run_dir: &Path) -> Result<String> {
 
     // Exports.
     o.push_str("<section id=\"exports\"><h2>Exports</h2>");
-    let info: Option<crate::models::ExportInfo> = std::fs::read_to_string(run_dir.join("export").join(crate::models::EXPORT_INFO))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
+    let info: Option<crate::models::ExportInfo> =
+        std::fs::read_to_string(run_dir.join("export").join(crate::models::EXPORT_INFO))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
     match info {
         Some(info) => {
             let _ = write!(o, "<p class=\"sub\">EMA weights of step {}.</p>", info.step);
@@ -509,7 +537,8 @@ mod tests {
     fn a_run_folder_gives_every_section() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("config.toml"), "[run]\nname = \"x<y\"\nsteps = 4\n[model]\nvariant = \"taef2\"\n").unwrap();
+        std::fs::write(d.join("config.toml"), "[run]\nname = \"x<y\"\nsteps = 4\n[model]\nvariant = \"taef2\"\n")
+            .unwrap();
         let lines = [
             r#"{"type":"start","step":0,"device":"cpu","precision":"f32","rows":10,"eval_rows":2}"#,
             r#"{"type":"eval","step":0,"model":"ema","images":2,"psnr":10.0}"#,
@@ -530,7 +559,11 @@ mod tests {
         std::fs::create_dir_all(d.join("export/onnx")).unwrap();
         std::fs::write(d.join("export/onnx/taef2_encoder.onnx"), b"abc").unwrap();
         let files = vec![d.join("export/onnx/taef2_encoder.onnx")];
-        std::fs::write(d.join("export/export.json"), serde_json::to_string(&crate::models::ExportInfo { step: 4, files }).unwrap()).unwrap();
+        std::fs::write(
+            d.join("export/export.json"),
+            serde_json::to_string(&crate::models::ExportInfo { step: 4, files }).unwrap(),
+        )
+        .unwrap();
 
         let p = write(d).unwrap();
         let html = std::fs::read_to_string(p).unwrap();
@@ -545,7 +578,11 @@ mod tests {
         let newest = base64(&std::fs::read(d.join("previews/step-00000004.png")).unwrap());
         assert!(html.contains(&newest), "the newest preview is embedded");
         assert!(html.matches("<svg").count() >= 5);
-        assert!(!html.contains("http://") || html.matches("http://").count() == html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(), "no links out");
+        assert!(
+            !html.contains("http://")
+                || html.matches("http://").count() == html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(),
+            "no links out"
+        );
         // An empty folder still gives a page.
         let empty = tempfile::tempdir().unwrap();
         let html = render(empty.path()).unwrap();

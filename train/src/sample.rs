@@ -42,7 +42,7 @@ pub struct Sample {
 /// Check a crop against the stored resolution and the latent grid.
 pub fn check_crop(crop: u32, resolution: u32, scale: u32) -> Result<()> {
     ensure!(
-        crop > 0 && crop % scale == 0,
+        crop > 0 && crop.is_multiple_of(scale),
         "crop {crop} is not a multiple of the variant's spatial scale {scale} (latent cells must line up)"
     );
     ensure!(crop <= resolution, "crop {crop} is larger than the shards' images ({resolution} px)");
@@ -176,7 +176,7 @@ pub(crate) mod tests {
             let s = make_sample(&row, &spec, &mut rng(0, tag::SAMPLE, &[0, i])).unwrap();
             assert_eq!(s.image.len(), 3 * 16 * 16);
             assert_eq!(s.latent.len(), 4 * 2 * 2);
-            assert!(s.x % 8 == 0 && s.y % 8 == 0 && s.x <= 16 && s.y <= 16);
+            assert!(s.x.is_multiple_of(8) && s.y.is_multiple_of(8) && s.x <= 16 && s.y <= 16);
             seen_flip[s.flipped as usize] = true;
             let (xc, yc) = (s.x / 8, s.y / 8);
             for ch in 0..4 {
@@ -229,9 +229,17 @@ pub(crate) mod tests {
     #[test]
     fn bad_crops_are_refused_with_the_reason() {
         let row = test_row("a", false);
-        let e = make_sample(&row, &SampleSpec { crop: 12, scale: 8, hflip: false, sample_posterior: false }, &mut rng(0, 0, &[]));
+        let e = make_sample(
+            &row,
+            &SampleSpec { crop: 12, scale: 8, hflip: false, sample_posterior: false },
+            &mut rng(0, 0, &[]),
+        );
         assert!(format!("{:#}", e.unwrap_err()).contains("multiple of the variant's spatial scale 8"));
-        let e = make_sample(&row, &SampleSpec { crop: 40, scale: 8, hflip: false, sample_posterior: false }, &mut rng(0, 0, &[]));
+        let e = make_sample(
+            &row,
+            &SampleSpec { crop: 40, scale: 8, hflip: false, sample_posterior: false },
+            &mut rng(0, 0, &[]),
+        );
         assert!(format!("{:#}", e.unwrap_err()).contains("larger than the shards' images (32 px)"));
     }
 }

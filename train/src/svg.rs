@@ -68,7 +68,12 @@ pub fn line_chart(title: &str, series: &[Series], width: u32, height: u32) -> St
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{t}" class="chart"><title>{t}</title><rect width="100%" height="100%" fill="white"/>"#,
         t = escape(title)
     );
-    let _ = write!(s, r#"<text x="{left}" y="18" font-size="14" font-weight="bold">{}{}</text>"#, escape(title), if log { " (log scale)" } else { "" });
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="18" font-size="14" font-weight="bold">{}{}</text>"#,
+        escape(title),
+        if log { " (log scale)" } else { "" }
+    );
     // y ticks
     let yticks: Vec<(f64, String)> = if log {
         let mut t: Vec<(f64, String)> = (y0.floor() as i64..=y1.ceil() as i64)
@@ -131,7 +136,12 @@ pub fn line_chart(title: &str, series: &[Series], width: u32, height: u32) -> St
             if run.len() == 1 {
                 let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"#, run[0].0, run[0].1, color(i));
             } else {
-                let _ = write!(s, r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="1.6"/>"#, p.join(" "), color(i));
+                let _ = write!(
+                    s,
+                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="1.6"/>"#,
+                    p.join(" "),
+                    color(i)
+                );
             }
         }
         let ly = top + 8.0 + i as f64 * 16.0;

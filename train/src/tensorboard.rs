@@ -66,7 +66,11 @@ fn hostname() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default();
     let h: String = h.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').collect();
-    if h.is_empty() { "localhost".into() } else { h }
+    if h.is_empty() {
+        "localhost".into()
+    } else {
+        h
+    }
 }
 
 /// Appends events to one event file, flushed after each.
@@ -296,7 +300,11 @@ pub(crate) mod tests {
         let t = tags("train", &json!({"lr": 0.1, "time_fractions": {"step": 0.5}, "grad_norms": {"encoder": 2}}));
         assert_eq!(
             t,
-            [("grad_norms/encoder".to_string(), 2.0), ("time_fractions/step".to_string(), 0.5), ("train/lr".to_string(), 0.1)]
+            [
+                ("grad_norms/encoder".to_string(), 2.0),
+                ("time_fractions/step".to_string(), 0.5),
+                ("train/lr".to_string(), 0.1)
+            ]
         );
         assert!(tags("start", &json!({"resumed": false, "device": "cpu"})).is_empty());
         assert_eq!(png_size(b"not a png"), None);

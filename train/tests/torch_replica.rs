@@ -29,10 +29,28 @@ fn torch_replica_holds_out_the_same_keys_and_follows_the_same_lr_schedule() {
     let configs = [
         RecipeConfig::default(),
         RecipeConfig { lr_warmup_steps: 4, ..Default::default() },
-        RecipeConfig { lr: 1e-3, lr_warmup_steps: 10, lr_schedule: LrSchedule::Cosine, lr_min_factor: 0.1, ..Default::default() },
-        RecipeConfig { lr: 1e-3, lr_warmup_steps: 10, lr_schedule: LrSchedule::Linear, lr_decay_steps: 20, ..Default::default() },
+        RecipeConfig {
+            lr: 1e-3,
+            lr_warmup_steps: 10,
+            lr_schedule: LrSchedule::Cosine,
+            lr_min_factor: 0.1,
+            ..Default::default()
+        },
+        RecipeConfig {
+            lr: 1e-3,
+            lr_warmup_steps: 10,
+            lr_schedule: LrSchedule::Linear,
+            lr_decay_steps: 20,
+            ..Default::default()
+        },
         // configs/scratch-taef2-25min.toml's schedule, as bench/gpu_torch_ab.sh runs it.
-        RecipeConfig { lr: 1e-3, lr_warmup_steps: 200, lr_schedule: LrSchedule::Cosine, lr_min_factor: 0.02, ..Default::default() },
+        RecipeConfig {
+            lr: 1e-3,
+            lr_warmup_steps: 200,
+            lr_schedule: LrSchedule::Cosine,
+            lr_min_factor: 0.02,
+            ..Default::default()
+        },
     ];
     let mut cases = Vec::new();
     let mut want_lr = Vec::new();

@@ -39,10 +39,7 @@ pub struct OnnxOptions {
 
 impl Default for OnnxOptions {
     fn default() -> Self {
-        OnnxOptions {
-            precision: Precision::F32,
-            variant: None,
-        }
+        OnnxOptions { precision: Precision::F32, variant: None }
     }
 }
 
@@ -82,21 +79,11 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.t
-            .get(name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| TaesdError::Other(format!("missing tensor {name}")))
+        self.t.get(name).map(|(_, t)| t).ok_or_else(|| TaesdError::Other(format!("missing tensor {name}")))
     }
 
     /// `Conv` named `name` with `{name}.weight` (and `{name}.bias`).
-    fn conv(
-        &mut self,
-        name: &str,
-        x: &str,
-        stride: usize,
-        pad: usize,
-        bias: bool,
-    ) -> Result<String> {
+    fn conv(&mut self, name: &str, x: &str, stride: usize, pad: usize, bias: bool) -> Result<String> {
         let wt = self.tensor(&format!("{name}.weight"))?.clone();
         let k = wt.dims()[2] as i64;
         let w = self.b.weight(&format!("{name}.weight"), &wt)?;
@@ -129,90 +116,40 @@ impl Ctx<'_> {
     fn group_norm(&mut self, name: &str, x: &str) -> Result<String> {
         let half = self.b.precision == Precision::F16;
         let x = if half {
-            self.b.op(
-                "Cast",
-                &format!("{name}.to_float"),
-                &[x],
-                &[("to", Attr::Int(ElemType::Float as i64))],
-            )
+            self.b.op("Cast", &format!("{name}.to_float"), &[x], &[("to", Attr::Int(ElemType::Float as i64))])
         } else {
             x.into()
         };
         let shape = self.b.op("Shape", &format!("{name}.shape"), &[&x], &[]);
-        let groups = self
-            .b
-            .constant_i64(&format!("{name}.groups"), &[0, POOL_GROUPS as i64, -1]);
-        let grouped = self.b.op(
-            "Reshape",
-            &format!("{name}.group"),
-            &[&x, &groups],
-            &[("allowzero", Attr::Int(0))],
-        );
+        let groups = self.b.constant_i64(&format!("{name}.groups"), &[0, POOL_GROUPS as i64, -1]);
+        let grouped = self.b.op("Reshape", &format!("{name}.group"), &[&x, &groups], &[("allowzero", Attr::Int(0))]);
         let g = POOL_GROUPS;
-        let ones = self.b.constant(
-            &format!("{name}.unit_scale"),
-            &[g],
-            &vec![1.0; g],
-            Precision::F32,
-        );
-        let zeros = self.b.constant(
-            &format!("{name}.unit_bias"),
-            &[g],
-            &vec![0.0; g],
-            Precision::F32,
-        );
+        let ones = self.b.constant(&format!("{name}.unit_scale"), &[g], &vec![1.0; g], Precision::F32);
+        let zeros = self.b.constant(&format!("{name}.unit_bias"), &[g], &vec![0.0; g], Precision::F32);
         let normed = self.b.op(
             "InstanceNormalization",
             &format!("{name}.norm"),
             &[&grouped, &ones, &zeros],
             &[("epsilon", Attr::Float(POOL_EPS as f32))],
         );
-        let back = self.b.op(
-            "Reshape",
-            &format!("{name}.ungroup"),
-            &[&normed, &shape],
-            &[("allowzero", Attr::Int(0))],
-        );
+        let back = self.b.op("Reshape", &format!("{name}.ungroup"), &[&normed, &shape], &[("allowzero", Attr::Int(0))]);
         let wt = self.tensor(&format!("{name}.weight"))?;
         let c = wt.dims()[0];
         let gamma = wt.reshape((c, 1, 1)).ctx(|| name.to_string())?;
-        let beta = self
-            .tensor(&format!("{name}.bias"))?
-            .reshape((c, 1, 1))
-            .ctx(|| name.to_string())?;
-        let gamma = self
-            .b
-            .weight_as(&format!("{name}.weight"), &gamma, Precision::F32)?;
-        let beta = self
-            .b
-            .weight_as(&format!("{name}.bias"), &beta, Precision::F32)?;
-        let scaled = self
-            .b
-            .op("Mul", &format!("{name}.scale"), &[&back, &gamma], &[]);
-        let shifted = self
-            .b
-            .op("Add", &format!("{name}.shift"), &[&scaled, &beta], &[]);
+        let beta = self.tensor(&format!("{name}.bias"))?.reshape((c, 1, 1)).ctx(|| name.to_string())?;
+        let gamma = self.b.weight_as(&format!("{name}.weight"), &gamma, Precision::F32)?;
+        let beta = self.b.weight_as(&format!("{name}.bias"), &beta, Precision::F32)?;
+        let scaled = self.b.op("Mul", &format!("{name}.scale"), &[&back, &gamma], &[]);
+        let shifted = self.b.op("Add", &format!("{name}.shift"), &[&scaled, &beta], &[]);
         Ok(if half {
-            self.b.op(
-                "Cast",
-                &format!("{name}.to_half"),
-                &[&shifted],
-                &[("to", Attr::Int(ElemType::Float16 as i64))],
-            )
+            self.b.op("Cast", &format!("{name}.to_half"), &[&shifted], &[("to", Attr::Int(ElemType::Float16 as i64))])
         } else {
             shifted
         })
     }
 
     /// taesd.py's `Block` at index `i` (with TAEF2's pool when `pool`).
-    fn block(
-        &mut self,
-        i: usize,
-        x: &str,
-        c_in: usize,
-        c_out: usize,
-        pool: bool,
-    ) -> Result<String> {
+    fn block(&mut self, i: usize, x: &str, c_in: usize, c_out: usize, pool: bool) -> Result<String> {
         let x = if pool {
             let h = self.conv(&format!("{i}.pool.0"), x, 1, 0, false)?;
             let h = self.group_norm(&format!("{i}.pool.1"), &h)?;
@@ -227,47 +164,31 @@ impl Ctx<'_> {
         let h = self.conv(&format!("{i}.conv.2"), &h, 1, 1, true)?;
         let h = self.relu(&format!("{i}.conv.3"), &h);
         let h = self.conv(&format!("{i}.conv.4"), &h, 1, 1, true)?;
-        let skip = if c_in != c_out {
-            self.conv(&format!("{i}.skip"), &x, 1, 0, false)?
-        } else {
-            x
-        };
+        let skip = if c_in != c_out { self.conv(&format!("{i}.skip"), &x, 1, 0, false)? } else { x };
         let sum = self.b.op("Add", &format!("{i}.add"), &[&h, &skip], &[]);
         Ok(self.relu(&format!("{i}.fuse"), &sum))
     }
 
     fn layer(&mut self, i: usize, l: &LayerSpec, x: &str) -> Result<String> {
         Ok(match *l {
-            LayerSpec::Conv { stride, bias, .. } => {
-                self.conv(&i.to_string(), x, stride, 1, bias)?
-            }
+            LayerSpec::Conv { stride, bias, .. } => self.conv(&i.to_string(), x, stride, 1, bias)?,
             LayerSpec::Block { c_in, c_out, pool } => self.block(i, x, c_in, c_out, pool)?,
             LayerSpec::Relu => self.relu(&i.to_string(), x),
             LayerSpec::Upsample => {
-                let scales = self.b.constant(
-                    &format!("{i}.scales"),
-                    &[4],
-                    &[1.0, 1.0, 2.0, 2.0],
-                    Precision::F32,
-                );
+                let scales = self.b.constant(&format!("{i}.scales"), &[4], &[1.0, 1.0, 2.0, 2.0], Precision::F32);
                 self.b.op(
                     "Resize",
                     &i.to_string(),
                     &[x, "", &scales],
                     &[
-                        (
-                            "coordinate_transformation_mode",
-                            Attr::Str("asymmetric".into()),
-                        ),
+                        ("coordinate_transformation_mode", Attr::Str("asymmetric".into())),
                         ("mode", Attr::Str("nearest".into())),
                         ("nearest_mode", Attr::Str("floor".into())),
                     ],
                 )
             }
             LayerSpec::Clamp => {
-                let three = self
-                    .b
-                    .constant(&format!("{i}.three"), &[], &[3.0], self.b.precision);
+                let three = self.b.constant(&format!("{i}.three"), &[], &[3.0], self.b.precision);
                 let d = self.b.op("Div", &format!("{i}.div"), &[x, &three], &[]);
                 let t = self.b.op("Tanh", &format!("{i}.tanh"), &[&d], &[]);
                 self.b.op("Mul", &format!("{i}.mul"), &[&t, &three], &[])
@@ -280,13 +201,7 @@ fn dims(names: [&str; 4], channels: usize) -> Vec<Dim> {
     names
         .iter()
         .enumerate()
-        .map(|(i, n)| {
-            if i == 1 {
-                Dim::Fixed(channels)
-            } else {
-                Dim::Named(n.to_string())
-            }
-        })
+        .map(|(i, n)| if i == 1 { Dim::Fixed(channels) } else { Dim::Named(n.to_string()) })
         .collect()
 }
 
@@ -298,35 +213,19 @@ pub fn part_onnx(
     tensors: &HashMap<String, Tensor>,
     opts: &OnnxOptions,
 ) -> Result<Vec<u8>> {
-    let t: PartTensors = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), (n.clone(), t.clone())))
-        .collect::<BTreeMap<_, _>>();
+    let t: PartTensors = tensors.iter().map(|(n, t)| (n.clone(), (n.clone(), t.clone()))).collect::<BTreeMap<_, _>>();
     check_part(cfg, part, &t, Path::new("(onnx export)"), Layout::TaesdPy)?;
     let p = opts.precision;
     let c = cfg.latent_channels;
     let (input, in_dims, output, out_dims) = match part {
-        Part::Encoder => (
-            ONNX_IMAGE,
-            dims(ONNX_IMAGE_DIMS, 3),
-            ONNX_LATENT,
-            dims(ONNX_LATENT_DIMS, c),
-        ),
-        Part::Decoder => (
-            ONNX_LATENT,
-            dims(ONNX_LATENT_DIMS, c),
-            ONNX_IMAGE,
-            dims(ONNX_IMAGE_DIMS, 3),
-        ),
+        Part::Encoder => (ONNX_IMAGE, dims(ONNX_IMAGE_DIMS, 3), ONNX_LATENT, dims(ONNX_LATENT_DIMS, c)),
+        Part::Decoder => (ONNX_LATENT, dims(ONNX_LATENT_DIMS, c), ONNX_IMAGE, dims(ONNX_IMAGE_DIMS, 3)),
     };
     let (in_range, out_range) = match part {
         Part::Encoder => (IMAGE_RANGE, LATENT_RANGE),
         Part::Decoder => (LATENT_RANGE, IMAGE_OUT_RANGE),
     };
-    let mut ctx = Ctx {
-        b: Builder::new(p),
-        t: &t,
-    };
+    let mut ctx = Ctx { b: Builder::new(p), t: &t };
     let mut x = input.to_string();
     for (i, l) in part.spec(cfg).iter().enumerate() {
         x = ctx.layer(i, l, &x)?;
@@ -334,21 +233,15 @@ pub fn part_onnx(
     ctx.b.op_into("Identity", "output", &[&x], output, &[]);
 
     let variant = opts.variant.or_else(|| cfg.unique_variant());
-    let vname = variant
-        .map(|v| v.name().to_string())
-        .unwrap_or_else(|| "custom".into());
+    let vname = variant.map(|v| v.name().to_string()).unwrap_or_else(|| "custom".into());
     let s = cfg.spatial_scale();
     let what = match part {
         Part::Encoder => format!("[0, 1] RGB image [batch, 3, H, W] -> TAESD latent [batch, {c}, H/{s}, W/{s}]"),
-        Part::Decoder => format!("TAESD latent [batch, {c}, h, w] -> [0, 1] RGB image [batch, 3, h*{s}, w*{s}], unclamped"),
+        Part::Decoder => {
+            format!("TAESD latent [batch, {c}, h, w] -> [0, 1] RGB image [batch, 3, h*{s}, w*{s}], unclamped")
+        }
     };
-    let doc = format!(
-        "TAESD {} {} ({}, {}): {what}",
-        vname,
-        part.prefix(),
-        cfg.describe(),
-        p.name()
-    );
+    let doc = format!("TAESD {} {} ({}, {}): {what}", vname, part.prefix(), cfg.describe(), p.name());
     let graph = Graph {
         name: format!("{vname}_{}", part.prefix()),
         doc: doc.clone(),
@@ -372,13 +265,7 @@ pub fn part_onnx(
         meta.push((keys::VAE_SCALE.to_string(), sc.scale.to_string()));
         meta.push((keys::VAE_SHIFT.to_string(), sc.shift.to_string()));
     }
-    Ok(proto::model(
-        &graph,
-        "taesd-rs",
-        env!("CARGO_PKG_VERSION"),
-        &doc,
-        &meta,
-    ))
+    Ok(proto::model(&graph, "taesd-rs", env!("CARGO_PKG_VERSION"), &doc, &meta))
 }
 
 /// The file name of one part's export: `<name>_<part>.onnx`, `<name>_<part>.fp16.onnx`.
@@ -412,26 +299,18 @@ pub fn save_onnx(
         .or_else(|| cfg.unique_variant())
         .map(|v| v.name().to_string())
         .unwrap_or_else(|| format!("taesd-c{}", cfg.latent_channels));
-    std::fs::create_dir_all(dir).map_err(|cause| TaesdError::Io {
-        path: dir.to_path_buf(),
-        cause,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|cause| TaesdError::Io { path: dir.to_path_buf(), cause })?;
     let mut written = Vec::new();
     for part in Part::BOTH {
         let prefix = format!("{}.", part.prefix());
-        let t: HashMap<String, Tensor> = tensors
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|l| (l.to_string(), t.clone())))
-            .collect();
+        let t: HashMap<String, Tensor> =
+            tensors.iter().filter_map(|(n, t)| n.strip_prefix(&prefix).map(|l| (l.to_string(), t.clone()))).collect();
         if t.is_empty() {
             continue;
         }
         let bytes = part_onnx(cfg, part, &t, opts)?;
         let path = dir.join(file_name(&name, part, opts.precision));
-        std::fs::write(&path, bytes).map_err(|cause| TaesdError::Io {
-            path: path.clone(),
-            cause,
-        })?;
+        std::fs::write(&path, bytes).map_err(|cause| TaesdError::Io { path: path.clone(), cause })?;
         written.push(path);
     }
     if written.is_empty() {
@@ -453,10 +332,7 @@ mod tests {
     fn op_types(model: &[u8]) -> Vec<String> {
         let m = read::fields(model).unwrap();
         let g = read::fields(read::bytes(&m, 7)[0]).unwrap();
-        read::bytes(&g, 1)
-            .iter()
-            .map(|n| read::strings(&read::fields(n).unwrap(), 4)[0].clone())
-            .collect()
+        read::bytes(&g, 1).iter().map(|n| read::strings(&read::fields(n).unwrap(), 4)[0].clone()).collect()
     }
 
     #[test]
@@ -465,13 +341,8 @@ mod tests {
         let vm = VarMap::new();
         crate::Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let all = crate::varmap_tensors(&vm);
-        let enc: HashMap<String, Tensor> = all
-            .iter()
-            .filter_map(|(n, t)| {
-                n.strip_prefix("encoder.")
-                    .map(|l| (l.to_string(), t.clone()))
-            })
-            .collect();
+        let enc: HashMap<String, Tensor> =
+            all.iter().filter_map(|(n, t)| n.strip_prefix("encoder.").map(|l| (l.to_string(), t.clone()))).collect();
         let bytes = part_onnx(&cfg, Part::Encoder, &enc, &OnnxOptions::default()).unwrap();
         let ops = op_types(&bytes);
         let count = |op: &str| ops.iter().filter(|o| *o == op).count();
@@ -481,35 +352,18 @@ mod tests {
         assert_eq!(count("Resize"), 0);
         assert_eq!(ops.last().unwrap(), "Identity");
         // The decoder: three upsamples and the clamp.
-        let dec: HashMap<String, Tensor> = all
-            .iter()
-            .filter_map(|(n, t)| {
-                n.strip_prefix("decoder.")
-                    .map(|l| (l.to_string(), t.clone()))
-            })
-            .collect();
-        let opts = OnnxOptions {
-            precision: Precision::F16,
-            variant: None,
-        };
+        let dec: HashMap<String, Tensor> =
+            all.iter().filter_map(|(n, t)| n.strip_prefix("decoder.").map(|l| (l.to_string(), t.clone()))).collect();
+        let opts = OnnxOptions { precision: Precision::F16, variant: None };
         let ops = op_types(&part_onnx(&cfg, Part::Decoder, &dec, &opts).unwrap());
         assert_eq!(ops.iter().filter(|o| *o == "Resize").count(), 3);
         assert_eq!(ops.iter().filter(|o| *o == "Tanh").count(), 1);
-        assert_eq!(
-            ops.iter().filter(|o| *o == "Cast").count(),
-            6,
-            "float32 GroupNorm in a float16 graph"
-        );
+        assert_eq!(ops.iter().filter(|o| *o == "Cast").count(), 6, "float32 GroupNorm in a float16 graph");
         // A missing tensor is named.
         let mut short = enc.clone();
         short.remove("11.pool.1.bias");
-        let e = part_onnx(&cfg, Part::Encoder, &short, &OnnxOptions::default())
-            .unwrap_err()
-            .to_string();
+        let e = part_onnx(&cfg, Part::Encoder, &short, &OnnxOptions::default()).unwrap_err().to_string();
         assert!(e.contains("11.pool.1.bias"), "{e}");
-        assert_eq!(
-            file_name("taef2", Part::Decoder, Precision::F16),
-            "taef2_decoder.fp16.onnx"
-        );
+        assert_eq!(file_name("taef2", Part::Decoder, Precision::F16), "taef2_decoder.fp16.onnx");
     }
 }

@@ -47,52 +47,27 @@ pub struct Builder {
 
 /// Raw little-endian bytes of a tensor in `dtype` (f32 or f16).
 fn raw(t: &Tensor, dtype: DType) -> candle_core::Result<Vec<u8>> {
-    let t = t
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(dtype)?
-        .flatten_all()?;
+    let t = t.to_device(&candle_core::Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
     Ok(match dtype {
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|x| x.to_bits().to_le_bytes())
-            .collect(),
-        _ => t
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        _ => t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
     })
 }
 
 impl Builder {
     pub fn new(precision: Precision) -> Self {
-        Builder {
-            precision,
-            nodes: Vec::new(),
-            initializers: Vec::new(),
-        }
+        Builder { precision, nodes: Vec::new(), initializers: Vec::new() }
     }
 
     /// Add node `name` of `op`; its single output is `name` too, and is returned.
     pub fn op(&mut self, op: &str, name: &str, inputs: &[&str], attrs: &[(&str, Attr)]) -> String {
-        self.nodes
-            .push(proto::node(op, name, inputs, &[name], attrs));
+        self.nodes.push(proto::node(op, name, inputs, &[name], attrs));
         name.to_string()
     }
 
     /// A node whose output is named `output` (the graph's outputs).
-    pub fn op_into(
-        &mut self,
-        op: &str,
-        name: &str,
-        inputs: &[&str],
-        output: &str,
-        attrs: &[(&str, Attr)],
-    ) {
-        self.nodes
-            .push(proto::node(op, name, inputs, &[output], attrs));
+    pub fn op_into(&mut self, op: &str, name: &str, inputs: &[&str], output: &str, attrs: &[(&str, Attr)]) {
+        self.nodes.push(proto::node(op, name, inputs, &[output], attrs));
     }
 
     /// A weight in the graph's float type, under `name`.
@@ -103,40 +78,24 @@ impl Builder {
     /// A weight in `precision`, whatever the graph's.
     pub fn weight_as(&mut self, name: &str, t: &Tensor, precision: Precision) -> Result<String> {
         let bytes = raw(t, precision.dtype()).ctx(|| name.to_string())?;
-        self.initializers
-            .push(proto::tensor(name, precision.elem(), t.dims(), &bytes));
+        self.initializers.push(proto::tensor(name, precision.elem(), t.dims(), &bytes));
         Ok(name.to_string())
     }
 
     /// A constant float tensor (values in f32) in `precision`.
-    pub fn constant(
-        &mut self,
-        name: &str,
-        dims: &[usize],
-        values: &[f32],
-        precision: Precision,
-    ) -> String {
+    pub fn constant(&mut self, name: &str, dims: &[usize], values: &[f32], precision: Precision) -> String {
         let bytes: Vec<u8> = match precision {
             Precision::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Precision::F16 => values
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
-                .collect(),
+            Precision::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         };
-        self.initializers
-            .push(proto::tensor(name, precision.elem(), dims, &bytes));
+        self.initializers.push(proto::tensor(name, precision.elem(), dims, &bytes));
         name.to_string()
     }
 
     /// A constant int64 tensor.
     pub fn constant_i64(&mut self, name: &str, values: &[i64]) -> String {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializers.push(proto::tensor(
-            name,
-            ElemType::Int64,
-            &[values.len()],
-            &bytes,
-        ));
+        self.initializers.push(proto::tensor(name, ElemType::Int64, &[values.len()], &bytes));
         name.to_string()
     }
 }

@@ -91,13 +91,7 @@ fn attribute(name: &str, a: &Attr) -> Message {
 }
 
 /// A `NodeProto` of the default domain.
-pub fn node(
-    op: &str,
-    name: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    attrs: &[(&str, Attr)],
-) -> Message {
+pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: &[(&str, Attr)]) -> Message {
     let mut n = Message::new();
     for i in inputs {
         n.string(1, i);
@@ -146,13 +140,7 @@ impl Graph {
 }
 
 /// A `ModelProto` of `graph`, opset [`OPSET`], with `metadata` as `metadata_props`.
-pub fn model(
-    graph: &Graph,
-    producer: &str,
-    version: &str,
-    doc: &str,
-    metadata: &[(String, String)],
-) -> Vec<u8> {
+pub fn model(graph: &Graph, producer: &str, version: &str, doc: &str, metadata: &[(String, String)]) -> Vec<u8> {
     let mut m = Message::new();
     m.varint(1, IR_VERSION);
     m.string(2, producer).string(3, version);
@@ -183,10 +171,7 @@ mod tests {
             "c",
             &["x", "w"],
             &["y"],
-            &[
-                ("strides", Attr::Ints(vec![2, 2])),
-                ("epsilon", Attr::Float(0.5)),
-            ],
+            &[("strides", Attr::Ints(vec![2, 2])), ("epsilon", Attr::Float(0.5))],
         );
         let f = read::fields(n.as_bytes()).unwrap();
         assert_eq!(read::strings(&f, 1), ["x", "w"]);
@@ -220,9 +205,6 @@ mod tests {
         let opset = read::fields(read::bytes(&f, 8)[0]).unwrap();
         assert_eq!(read::all(&opset, 2), [Value::Varint(17)]);
         let meta = read::fields(read::bytes(&f, 14)[0]).unwrap();
-        assert_eq!(
-            (read::strings(&meta, 1), read::strings(&meta, 2)),
-            (vec!["k".into()], vec!["v".into()])
-        );
+        assert_eq!((read::strings(&meta, 1), read::strings(&meta, 2)), (vec!["k".into()], vec!["v".into()]));
     }
 }

@@ -8,17 +8,17 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc;
 use candle_core::cuda::{CudaDevice, CudaStorage};
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::sys as c;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
+use super::kernels::{bn_backward_cl, bn_forward_cl};
 use super::{alloc, by_dtype, kernels, tensor, view, Cuda, Elem};
 use crate::conv::Act;
 use crate::format::Format;
-use super::kernels::{bn_backward_cl, bn_forward_cl};
 
 type DevId = candle_core::cuda_backend::DeviceId;
 
@@ -84,9 +84,7 @@ impl Desc {
         let [n, ch, h, w] = dims.map(|v| v as i32);
         check(
             // SAFETY: a descriptor this module created; plain integer arguments.
-            unsafe {
-                c::cudnnSetTensor4dDescriptor(d.0, c::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, dt, n, ch, h, w)
-            },
+            unsafe { c::cudnnSetTensor4dDescriptor(d.0, c::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, dt, n, ch, h, w) },
             "cudnnSetTensor4dDescriptor",
         )?;
         Ok(d)
@@ -281,9 +279,5 @@ fn backward_t<T: Elem>(
             "cudnnBatchNormalizationBackward",
         )?;
     }
-    Ok((
-        tensor(dx, &dev, dims.to_vec()),
-        tensor(dw, &dev, ch),
-        tensor(db, &dev, ch),
-    ))
+    Ok((tensor(dx, &dev, dims.to_vec()), tensor(dw, &dev, ch), tensor(db, &dev, ch)))
 }

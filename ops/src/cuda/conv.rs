@@ -16,18 +16,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc;
 use candle_core::cuda::{CudaDevice, CudaStorage};
-use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::sys::{
     cudnnConvolutionBwdDataAlgo_t as BwdDataAlgo, cudnnConvolutionBwdFilterAlgo_t as BwdFilterAlgo,
-    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
-    cudnnTensorFormat_t,
+    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
 };
 use cudarc::cudnn::{
-    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor,
-    TensorDescriptor,
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor,
 };
 use cudarc::driver::{CudaSlice, DevicePtr};
 
@@ -128,7 +126,18 @@ fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir
             deterministic: s.deterministic,
             workspace_limit: s.workspace_limit,
         };
-        let built = GraphConv::new(&h, dir, dtype, what.x, what.w, [n, co, ho, wo], what.p.format, what.p.stride, what.p.padding, allowed);
+        let built = GraphConv::new(
+            &h,
+            dir,
+            dtype,
+            what.x,
+            what.w,
+            [n, co, ho, wo],
+            what.p.format,
+            what.p.stride,
+            what.p.padding,
+            allowed,
+        );
         let built = match built {
             Ok(b) => b,
             Err(e) => {
@@ -142,7 +151,9 @@ fn run_graph<T: Elem>(dev: &CudaDevice, plan: &mut Plan<T>, what: &Key, dir: Dir
             None => None,
             Some(g) => {
                 let cands: Vec<(usize, bool)> = (0..g.len()).map(|i| (i, true)).collect();
-                let i = choose(dev, what, &s, Some(0), &cands, &|i| Some(g.workspace(i)), &mut |i, bytes| exec(&g, i, bytes))?;
+                let i = choose(dev, what, &s, Some(0), &cands, &|i| Some(g.workspace(i)), &mut |i, bytes| {
+                    exec(&g, i, bytes)
+                })?;
                 Some((g, i))
             }
         };
@@ -176,12 +187,7 @@ impl<T: Elem> Plan<T> {
         let p = key.p;
         let (s, pd) = (p.stride as i32, p.padding as i32);
         let mut conv = c
-            .create_conv2d::<f32>(
-                [pd, pd],
-                [s, s],
-                [1, 1],
-                cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-            )
+            .create_conv2d::<f32>([pd, pd], [s, s], [1, 1], cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
             .map_err(err)?;
         let math = match (key.dtype, key.settings.f32_math) {
             (DType::F32, F32Math::Exact) => cudnnMathType_t::CUDNN_FMA_MATH,
@@ -211,11 +217,7 @@ impl<T: Elem> Plan<T> {
 }
 
 /// Runs `f` with the plan for `key` (created on first use).
-fn with_plan<T: Elem, R>(
-    dev: &CudaDevice,
-    key: Key,
-    f: impl FnOnce(&mut Plan<T>) -> Result<R>,
-) -> Result<R> {
+fn with_plan<T: Elem, R>(dev: &CudaDevice, key: Key, f: impl FnOnce(&mut Plan<T>) -> Result<R>) -> Result<R> {
     // Taken out of the map while in use (no borrow is held across cuDNN calls).
     let mut plan: Box<dyn Any> = match PLANS.with(|p| p.borrow_mut().remove(&key)) {
         Some(p) => p,
@@ -340,11 +342,7 @@ fn choose<A: Copy + std::fmt::Debug>(
         }
     }
     if log_on() {
-        eprintln!(
-            "taesd-ops: {} timed: chose {best:?} (heuristic {heuristic:?}); {}",
-            describe(what),
-            seen.join(", ")
-        );
+        eprintln!("taesd-ops: {} timed: chose {best:?} (heuristic {heuristic:?}); {}", describe(what), seen.join(", "));
     }
     match best {
         Some((a, _)) => Ok(a),
@@ -361,7 +359,10 @@ fn log_on() -> bool {
 }
 
 fn describe(k: &Key) -> String {
-    format!("{:?} x{:?} w{:?} stride {} pad {} {:?} {:?}", k.dtype, k.x, k.w, k.p.stride, k.p.padding, k.p.format, k.settings.f32_math)
+    format!(
+        "{:?} x{:?} w{:?} stride {} pad {} {:?} {:?}",
+        k.dtype, k.x, k.w, k.p.stride, k.p.padding, k.p.format, k.settings.f32_math
+    )
 }
 
 /// Logical (N, C, H, W) of an activation in `f`.
@@ -377,14 +378,7 @@ fn oihw(f: Format, d: &[usize]) -> Result<[usize; 4]> {
 }
 
 fn key(dev: &CudaDevice, dtype: DType, x: [usize; 4], w: [usize; 4], p: ConvParams) -> Key {
-    Key {
-        dev: dev.id(),
-        dtype,
-        x,
-        w,
-        p,
-        settings: settings(),
-    }
+    Key { dev: dev.id(), dtype, x, w, p, settings: settings() }
 }
 
 /// `act(conv2d(x, w) + b)`: cuDNN forward, then one kernel for bias and activation.
@@ -420,12 +414,7 @@ fn forward_t<T: Elem>(
         if run_graph(&dev, plan, &what, Dir::Forward, [ptr(&dev, &xv), ptr(&dev, &wv), ptr(&dev, &y)])? {
             return Ok(());
         }
-        let op = ConvForward {
-            conv: &plan.conv,
-            x: &plan.x,
-            w: &plan.w,
-            y: &plan.y,
-        };
+        let op = ConvForward { conv: &plan.conv, x: &plan.x, w: &plan.w, y: &plan.y };
         let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
         let (algo, bytes) = match plan.fwd {
             Some(a) => a,
@@ -486,12 +475,7 @@ fn backward_data_t<T: Elem>(dz: &Tensor, w: &Tensor, x_dims: &[usize], p: ConvPa
         if run_graph(&dev, plan, &what, Dir::BackwardData, [ptr(&dev, &dx), ptr(&dev, &wv), ptr(&dev, &dzv)])? {
             return Ok(());
         }
-        let op = ConvBackwardData {
-            conv: &plan.conv,
-            dx: &plan.x,
-            w: &plan.w,
-            dy: &plan.y,
-        };
+        let op = ConvBackwardData { conv: &plan.conv, dx: &plan.x, w: &plan.w, dy: &plan.y };
         let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
         let (algo, bytes) = match plan.bwd_data {
             Some(a) => a,
@@ -546,12 +530,7 @@ fn backward_filter_t<T: Elem>(x: &Tensor, dz: &Tensor, w_dims: &[usize], p: Conv
         if run_graph(&dev, plan, &what, Dir::BackwardFilter, [ptr(&dev, &xv), ptr(&dev, &dw), ptr(&dev, &dzv)])? {
             return Ok(());
         }
-        let op = ConvBackwardFilter {
-            conv: &plan.conv,
-            x: &plan.x,
-            dw: &plan.w,
-            dy: &plan.y,
-        };
+        let op = ConvBackwardFilter { conv: &plan.conv, x: &plan.x, dw: &plan.w, dy: &plan.y };
         let one_zero = (T::from_f64(1.0), T::from_f64(0.0));
         let (algo, bytes) = match plan.bwd_filter {
             Some(a) => a,

@@ -50,7 +50,9 @@ impl Desc {
     /// Sets attribute `name` to `vals` (of cuDNN type `ty`, whose size must be `V`'s).
     fn set<V>(&self, name: A, ty: T, vals: &[V]) -> Result<()> {
         // SAFETY: `vals` holds `vals.len()` elements of the type `ty` names; cuDNN copies them.
-        let s = unsafe { sys::cudnnBackendSetAttribute(self.0, name, ty, vals.len() as i64, vals.as_ptr() as *const c_void) };
+        let s = unsafe {
+            sys::cudnnBackendSetAttribute(self.0, name, ty, vals.len() as i64, vals.as_ptr() as *const c_void)
+        };
         check(s, &format!("set {name:?}"))
     }
 
@@ -168,7 +170,11 @@ impl GraphConv {
     ) -> Result<Option<Self>> {
         let (xd, wd, yd) = (tensor(1, dtype, x, f)?, tensor(2, dtype, w, f)?, tensor(3, dtype, y, f)?);
         let conv = Desc::new(D::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
-        conv.set(A::CUDNN_ATTR_CONVOLUTION_COMP_TYPE, T::CUDNN_TYPE_DATA_TYPE, &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT])?;
+        conv.set(
+            A::CUDNN_ATTR_CONVOLUTION_COMP_TYPE,
+            T::CUDNN_TYPE_DATA_TYPE,
+            &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT],
+        )?;
         conv.set(
             A::CUDNN_ATTR_CONVOLUTION_CONV_MODE,
             T::CUDNN_TYPE_CONVOLUTION_MODE,
@@ -229,11 +235,20 @@ impl GraphConv {
         graph.finalize("operation graph")?;
         let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
         heur.set_desc(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&graph])?;
-        heur.set(A::CUDNN_ATTR_ENGINEHEUR_MODE, T::CUDNN_TYPE_HEUR_MODE, &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A])?;
+        heur.set(
+            A::CUDNN_ATTR_ENGINEHEUR_MODE,
+            T::CUDNN_TYPE_HEUR_MODE,
+            &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A],
+        )?;
         heur.finalize("engine heuristics")?;
-        let count = heur.get::<sys::cudnnBackendDescriptor_t>(A::CUDNN_ATTR_ENGINEHEUR_RESULTS, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &mut [])?;
+        let count = heur.get::<sys::cudnnBackendDescriptor_t>(
+            A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut [],
+        )?;
         // cuDNN fills engine-config descriptors made here.
-        let cfgs: Vec<Desc> = (0..count).map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR)).collect::<Result<_>>()?;
+        let cfgs: Vec<Desc> =
+            (0..count).map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR)).collect::<Result<_>>()?;
         let mut raw: Vec<sys::cudnnBackendDescriptor_t> = cfgs.iter().map(|d| d.0).collect();
         let got = heur.get(A::CUDNN_ATTR_ENGINEHEUR_RESULTS, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &mut raw)?;
         let mut plans = Vec::new();

@@ -1,8 +1,8 @@
 //! Launchers of our PTX kernels (src/kernels/ops.cu).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, CudaStorage};
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 
 use super::{alloc, by_dtype, cfg_1d, check_dtype, err, func, tensor, view, Cuda, Elem};
@@ -41,11 +41,7 @@ pub(crate) fn bias_act<T: Elem>(
         None => l.arg(&NULL),
     };
     l.arg(&c32).arg(&hw32).arg(&planes32).arg(&relu);
-    let cfg = LaunchConfig {
-        grid_dim: (gx, gy, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
     // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
@@ -131,23 +127,14 @@ fn bias_grad_finish<T: Elem>(dev: &CudaDevice, partial: &CudaSlice<f32>, n: usiz
     let stream = dev.cuda_stream();
     let mut l = stream.launch_builder(&f);
     l.arg(partial).arg(&mut db).arg(&n32).arg(&c32);
-    let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(128) as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (c.div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
     // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg) }.map_err(err)?;
     Ok(tensor(db, dev, c))
 }
 
-fn act_bias_bwd_cl_t<T: Elem>(
-    dy: &Tensor,
-    y: &Tensor,
-    act: Act,
-    bias: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+fn act_bias_bwd_cl_t<T: Elem>(dy: &Tensor, y: &Tensor, act: Act, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
     check_dtype(y, dy.dtype())?;
     let c = Format::Nhwc.nchw(dy.dims())?.1;
     let n = dy.elem_count();
@@ -184,12 +171,7 @@ fn act_bias_bwd_cl_t<T: Elem>(
     Ok((dz, db))
 }
 
-fn act_bias_bwd_t<T: Elem>(
-    dy: &Tensor,
-    y: &Tensor,
-    act: Act,
-    bias: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+fn act_bias_bwd_t<T: Elem>(dy: &Tensor, y: &Tensor, act: Act, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
     check_dtype(y, dy.dtype())?;
     let (n, c, h, w) = dy.dims4()?;
     let hw = h * w;
@@ -232,17 +214,11 @@ fn act_bias_bwd_t<T: Elem>(
     Ok((dz.unwrap_or_else(|| dy.clone()), partial))
 }
 
-pub(crate) fn add_relu(
-    a: (&CudaStorage, &Layout),
-    b: (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn add_relu(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     by_dtype!(a.0.dtype(), add_relu_t(a, b))
 }
 
-fn add_relu_t<T: Elem>(
-    a: (&CudaStorage, &Layout),
-    b: (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
+fn add_relu_t<T: Elem>(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
     let dev = &a.0.device;
     let (av, bv) = (view::<T>(a.0, a.1)?, view::<T>(b.0, b.1)?);
     let n = a.1.shape().elem_count();
@@ -316,19 +292,12 @@ fn upsample2x_t<T: Elem>(x: (&CudaStorage, &Layout), format: Format) -> Result<(
     // SAFETY: the arguments are the kernel's parameters (ops.cu), in order and type; every buffer
     // holds the elements the launch grid indexes (all sized from the same shapes above).
     unsafe { l.launch(cfg_1d(count)) }.map_err(err)?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        Shape::from(format.dims(n, c, 2 * h, 2 * w).to_vec()),
-    ))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(format.dims(n, c, 2 * h, 2 * w).to_vec())))
 }
 
 pub(crate) fn downsum2x(dy: &Tensor, format: Format) -> Result<Tensor> {
     // The NCHW kernel reads element pairs: the view must start at an even element.
-    let dy = if format == Format::Nchw && dy.layout().start_offset() % 2 != 0 {
-        dy.copy()?
-    } else {
-        dy.clone()
-    };
+    let dy = if format == Format::Nchw && dy.layout().start_offset() % 2 != 0 { dy.copy()? } else { dy.clone() };
     by_dtype!(dy.dtype(), downsum2x_t(&dy, format))
 }
 
@@ -369,12 +338,7 @@ pub(crate) fn adam(
     let vmc = vmax.map(Cuda::of).transpose()?;
     let sc = scale.map(Cuda::of).transpose()?;
     let dev = pc.device().clone();
-    let (pv, gv, mv, vv) = (
-        pc.view::<f32>()?,
-        gc.view::<f32>()?,
-        mc.view::<f32>()?,
-        vc.view::<f32>()?,
-    );
+    let (pv, gv, mv, vv) = (pc.view::<f32>()?, gc.view::<f32>()?, mc.view::<f32>()?, vc.view::<f32>()?);
     let vmv = vmc.as_ref().map(|c| c.view::<f32>()).transpose()?;
     let sv = sc.as_ref().map(|c| c.view::<f32>()).transpose()?;
     let mut po = alloc::<f32>(&dev, n)?;

@@ -8,10 +8,10 @@ pub(crate) mod conv;
 pub(crate) mod graph;
 pub(crate) mod kernels;
 
+use candle_core::cuda::cudarc;
 use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
-use candle_core::cuda::cudarc;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 
 /// The PTX of `src/kernels/ops.cu`, built by build.rs.
@@ -37,9 +37,7 @@ pub(crate) trait MaybeCudnn {}
 impl<T> MaybeCudnn for T {}
 
 /// The element types of our kernels.
-pub(crate) trait Elem:
-    CudaDType + DeviceRepr + ValidAsZeroBits + WithDType + MaybeCudnn + Unpin
-{
+pub(crate) trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType + MaybeCudnn + Unpin {
     /// The kernel name suffix.
     const SUFFIX: &'static str;
 }
@@ -129,9 +127,5 @@ pub(crate) fn check_dtype(t: &Tensor, dt: DType) -> Result<()> {
 pub(crate) fn cfg_1d(n: usize) -> cudarc::driver::LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 132 * 32) as u32;
-    cudarc::driver::LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }

@@ -42,8 +42,7 @@ impl HostProfile {
                 .collect();
             // Threads share the process name (rayon's workers too): name and id.
             let thread = format!("{}#{:x}", frames.thread_name, frames.thread_id);
-            *folded.entry(format!("{thread};{}", stack.join(";"))).or_default() +=
-                count as i64;
+            *folded.entry(format!("{thread};{}", stack.join(";"))).or_default() += count as i64;
         }
         let mut lines: Vec<_> = folded.into_iter().collect();
         lines.sort_by(|a, b| b.1.cmp(&a.1));

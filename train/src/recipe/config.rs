@@ -284,19 +284,13 @@ impl RecipeConfig {
         beta("betas", self.betas)?;
         nonneg("weight_decay", self.weight_decay)?;
         if !(0.0..=1.0).contains(&self.lr_min_factor) {
-            bail!(
-                "recipe: lr_min_factor must be in [0, 1], got {}",
-                self.lr_min_factor
-            );
+            bail!("recipe: lr_min_factor must be in [0, 1], got {}", self.lr_min_factor);
         }
         if let Some(c) = self.grad_clip {
             pos("grad_clip", c)?;
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!(
-                "recipe: ema_decay must be in [0, 1), got {}",
-                self.ema_decay
-            );
+            bail!("recipe: ema_decay must be in [0, 1), got {}", self.ema_decay);
         }
         nonneg("gan_weight", self.gan_weight)?;
         nonneg("lowres_mse_weight", self.lowres_mse_weight)?;
@@ -316,10 +310,7 @@ impl RecipeConfig {
             pos("disc_grad_clip", c)?;
         }
         if !(0.0..=1.0).contains(&self.replay_fraction) {
-            bail!(
-                "recipe: replay_fraction must be in [0, 1], got {}",
-                self.replay_fraction
-            );
+            bail!("recipe: replay_fraction must be in [0, 1], got {}", self.replay_fraction);
         }
         if self.train_decoder
             && self.gan_weight == 0.0
@@ -388,10 +379,9 @@ mod tests {
         let back: RecipeConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
         // Partial TOML: missing keys default, enum names are snake_case.
-        let t: RecipeConfig = toml::from_str(
-            "optimizer = \"adamw\"\nbetas = [0.9, 0.999]\ngrad_clip = 1.0\nencoder_loss = \"l1\"\n",
-        )
-        .unwrap();
+        let t: RecipeConfig =
+            toml::from_str("optimizer = \"adamw\"\nbetas = [0.9, 0.999]\ngrad_clip = 1.0\nencoder_loss = \"l1\"\n")
+                .unwrap();
         assert_eq!(t.optimizer, OptimizerKind::Adamw);
         assert_eq!(t.betas, (0.9, 0.999));
         assert_eq!(t.grad_clip, Some(1.0));
@@ -402,15 +392,8 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut c = RecipeConfig {
-            replay_fraction: 1.5,
-            ..Default::default()
-        };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("replay_fraction"));
+        let mut c = RecipeConfig { replay_fraction: 1.5, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("replay_fraction"));
         c.replay_fraction = 0.5;
         c.betas = (0.9, 1.0);
         assert!(c.validate().unwrap_err().to_string().contains("betas"));
@@ -422,10 +405,7 @@ mod tests {
 
     #[test]
     fn lr_warmup_is_linear() {
-        let c = RecipeConfig {
-            lr_warmup_steps: 4,
-            ..Default::default()
-        };
+        let c = RecipeConfig { lr_warmup_steps: 4, ..Default::default() };
         assert_eq!(c.lr_at(0, None), 3e-4 * 0.25);
         assert_eq!(c.lr_at(3, None), 3e-4);
         assert_eq!(c.lr_at(100, Some(200)), 3e-4);
@@ -466,11 +446,7 @@ mod tests {
 
     #[test]
     fn pixel_then_disc_warmup_then_gan() {
-        let c = RecipeConfig {
-            pixel_warmup_steps: 3,
-            disc_warmup_steps: 2,
-            ..Default::default()
-        };
+        let c = RecipeConfig { pixel_warmup_steps: 3, disc_warmup_steps: 2, ..Default::default() };
         let phases: Vec<(bool, bool)> = (0..7).map(|s| (c.pixel_phase(s), c.decoder_updates(s))).collect();
         assert_eq!(
             phases,

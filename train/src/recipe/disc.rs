@@ -91,18 +91,12 @@ impl DiscConfig {
     }
 
     pub fn param_count(&self) -> usize {
-        self.param_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
     /// Names of the BatchNorm running statistics (not trainable).
     pub fn stat_names(&self, block: usize) -> (String, String) {
-        (
-            format!("blocks.{block}.1.running_mean"),
-            format!("blocks.{block}.1.running_var"),
-        )
+        (format!("blocks.{block}.1.running_mean"), format!("blocks.{block}.1.running_var"))
     }
 }
 
@@ -136,24 +130,15 @@ impl BnStats {
         out
     }
 
-    pub fn from_map(
-        cfg: &DiscConfig,
-        t: &HashMap<String, Tensor>,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn from_map(cfg: &DiscConfig, t: &HashMap<String, Tensor>, device: &Device) -> Result<Self> {
         let mut mean = Vec::new();
         let mut var = Vec::new();
         for (i, &w) in cfg.widths.iter().enumerate() {
             let (m, v) = cfg.stat_names(i);
             for (name, dst) in [(m, &mut mean), (v, &mut var)] {
-                let x = t
-                    .get(&name)
-                    .with_context(|| format!("discriminator state lacks {name}"))?;
+                let x = t.get(&name).with_context(|| format!("discriminator state lacks {name}"))?;
                 if x.dims() != [w] {
-                    bail!(
-                        "discriminator {name} has shape {:?}, expected [{w}]",
-                        x.dims()
-                    );
+                    bail!("discriminator {name} has shape {:?}, expected [{w}]", x.dims());
                 }
                 dst.push(x.to_dtype(DType::F32)?.to_device(device)?);
             }
@@ -189,11 +174,7 @@ impl Discriminator {
             params.push(vb.get_with_hints(shape, &name, init)?);
         }
         let stats = BnStats::fresh(cfg, vb.device())?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            params,
-            stats,
-        })
+        Ok(Self { cfg: cfg.clone(), params, stats })
     }
 
     pub fn config(&self) -> &DiscConfig {
@@ -214,12 +195,7 @@ impl Discriminator {
 
     /// Forward with this discriminator's own parameters and statistics. `train`: batch
     /// statistics, and the updated running statistics are returned (not stored).
-    pub fn forward_t(
-        &self,
-        images: &Tensor,
-        latents: &Tensor,
-        train: bool,
-    ) -> Result<(Tensor, Option<BnStats>)> {
+    pub fn forward_t(&self, images: &Tensor, latents: &Tensor, train: bool) -> Result<(Tensor, Option<BnStats>)> {
         Self::forward_with(&self.cfg, &self.params, &self.stats, images, latents, train)
     }
 
@@ -257,11 +233,7 @@ impl Discriminator {
     ) -> Result<(Tensor, Option<BnStats>)> {
         let n_blocks = cfg.n_blocks();
         if params.len() != 4 * n_blocks {
-            bail!(
-                "discriminator: {} parameters, expected {}",
-                params.len(),
-                4 * n_blocks
-            );
+            bail!("discriminator: {} parameters, expected {}", params.len(), 4 * n_blocks);
         }
         let (b, c, h, w) = images.dims4()?;
         let (lb, lc, _, _) = latents.dims4()?;
@@ -280,13 +252,14 @@ impl Discriminator {
         }
         let (oh, ow) = (h / ds, w / ds);
         let dt = images.dtype();
-        let mut x = Tensor::cat(&[&f.from_nchw(&images.affine(2.0, -1.0)?)?, &context(latents, dt, h, w, f)?], f.channel_axis())?;
+        let mut x = Tensor::cat(
+            &[&f.from_nchw(&images.affine(2.0, -1.0)?)?, &context(latents, dt, h, w, f)?],
+            f.channel_axis(),
+        )?;
         crate::device::trace_mem(images.device(), format_args!("disc: input"));
         let mut outs = Vec::with_capacity(n_blocks);
-        let mut new_stats = train.then(|| BnStats {
-            mean: Vec::with_capacity(n_blocks),
-            var: Vec::with_capacity(n_blocks),
-        });
+        let mut new_stats =
+            train.then(|| BnStats { mean: Vec::with_capacity(n_blocks), var: Vec::with_capacity(n_blocks) });
         for i in 0..n_blocks {
             let (conv_w, bn_w, bn_b) = (&params[3 * i], &params[3 * i + 1], &params[3 * i + 2]);
             let proj = &params[3 * n_blocks + i];
@@ -310,9 +283,20 @@ impl Discriminator {
                     ns.var.push(v);
                     y
                 }
-                None => conv_batch_norm_eval(&x, conv_w, ConvParams::new(s, 1).with_format(f), bn_w, bn_b, &stats.mean[i], &stats.var[i], cfg.bn_eps, Act::Relu)?,
+                None => conv_batch_norm_eval(
+                    &x,
+                    conv_w,
+                    ConvParams::new(s, 1).with_format(f),
+                    bn_w,
+                    bn_b,
+                    &stats.mean[i],
+                    &stats.var[i],
+                    cfg.bn_eps,
+                    Act::Relu,
+                )?,
             };
-            let o = f.to_nchw(&taesd_ops::conv2d_act(&x, proj, None, ConvParams::new(1, 0).with_format(f), Act::None)?)?;
+            let o =
+                f.to_nchw(&taesd_ops::conv2d_act(&x, proj, None, ConvParams::new(1, 0).with_format(f), Act::None)?)?;
             let (_, _, hi, wi) = o.dims4()?;
             let o = if (hi, wi) != (oh, ow) {
                 if hi % oh != 0 || wi % ow != 0 {
@@ -423,8 +407,7 @@ fn running_update(
     momentum: f64,
 ) -> Result<(Tensor, Tensor)> {
     let new_mean = (running_mean.affine(1.0 - momentum, 0.0)? + mean.detach().affine(momentum, 0.0)?)?;
-    let new_var = (running_var.affine(1.0 - momentum, 0.0)?
-        + var.detach().affine(momentum * n / (n - 1.0), 0.0)?)?;
+    let new_var = (running_var.affine(1.0 - momentum, 0.0)? + var.detach().affine(momentum * n / (n - 1.0), 0.0)?)?;
     Ok((new_mean, new_var))
 }
 
@@ -477,10 +460,7 @@ mod tests {
         let dev = Device::Cpu;
         let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let n: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
-        assert_eq!(
-            n, by_hand,
-            "the VarMap holds exactly the trainable parameters"
-        );
+        assert_eq!(n, by_hand, "the VarMap holds exactly the trainable parameters");
         let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 48), &dev).unwrap();
         let z = Tensor::randn(0f32, 1f32, (2, 4, 4, 6), &dev).unwrap();
         let (y, st) = d.forward_t(&x, &z, true).unwrap();
@@ -491,9 +471,7 @@ mod tests {
         let (y, st) = d.forward_t(&x, &z, false).unwrap();
         assert_eq!(y.dims(), [2, 6, 4, 6]);
         assert!(st.is_none());
-        assert!(d
-            .forward_t(&x.narrow(2, 0, 28).unwrap(), &z, false)
-            .is_err());
+        assert!(d.forward_t(&x.narrow(2, 0, 28).unwrap(), &z, false).is_err());
     }
 
     /// The BatchNorm here against candle-nn's (PyTorch semantics) in both modes, including the
@@ -504,7 +482,8 @@ mod tests {
         let mean = x.mean_keepdim((0, 2, 3)).unwrap();
         let xc = x.broadcast_sub(&mean).unwrap();
         let var = xc.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
-        let scale = (var.affine(1.0, eps).unwrap().sqrt().unwrap().recip().unwrap() * w.reshape((1, c, 1, 1)).unwrap()).unwrap();
+        let scale = (var.affine(1.0, eps).unwrap().sqrt().unwrap().recip().unwrap() * w.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
         xc.broadcast_mul(&scale).unwrap().broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap().relu().unwrap()
     }
 
@@ -519,7 +498,8 @@ mod tests {
         let b0 = Tensor::new(&[0.0f64, 0.1, -0.2, 0.3], &dev).unwrap();
         let r = Tensor::randn(0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
         let run = |ours: bool| {
-            let (x, w, b) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap(), Var::from_tensor(&b0).unwrap());
+            let (x, w, b) =
+                (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap(), Var::from_tensor(&b0).unwrap());
             let y = if ours {
                 let ones = Tensor::ones(4, DType::F64, &dev).unwrap();
                 let zeros = Tensor::zeros(4, DType::F64, &dev).unwrap();
@@ -533,7 +513,9 @@ mod tests {
         };
         let (yo, go) = run(true);
         let (yp, gp) = run(false);
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        };
         assert!(diff(&yo, &yp) < 1e-12, "y {}", diff(&yo, &yp));
         for (name, (a, b)) in ["dx", "dw", "db"].iter().zip(go.iter().zip(&gp)) {
             assert!(diff(a, b) < 1e-10, "{name}: {}", diff(a, b));
@@ -586,10 +568,7 @@ mod tests {
     #[test]
     fn batch_norm_matches_candle_nn() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1f32, (3, 5, 4, 4), &dev)
-            .unwrap()
-            .affine(2.0, 0.7)
-            .unwrap();
+        let x = Tensor::randn(0f32, 1f32, (3, 5, 4, 4), &dev).unwrap().affine(2.0, 0.7).unwrap();
         let w = Tensor::new(&[1.0f32, 0.5, -1.0, 2.0, 0.3], &dev).unwrap();
         let b = Tensor::new(&[0.0f32, 0.1, -0.2, 0.3, 1.0], &dev).unwrap();
         let rm = Tensor::new(&[0.1f32, -0.1, 0.0, 0.2, 0.5], &dev).unwrap();
@@ -605,16 +584,7 @@ mod tests {
         )
         .unwrap();
         let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
         };
         // Inference mode: convolution + BatchNorm folded into one convolution, against the
         // convolution then candle_nn's BatchNorm; values and the input gradient, stride 1 and 2.
@@ -623,14 +593,16 @@ mod tests {
             let xv = candle_core::Var::from_tensor(&x).unwrap();
             let r = Tensor::randn(0f32, 1f32, (3, 5, 4 / stride, 4 / stride), &dev).unwrap();
             let want_eval = reference.forward_t(&xv.conv2d(&cw, 1, stride, 1, 1).unwrap(), false).unwrap();
-            let got_eval = conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();
+            let got_eval =
+                conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();
             assert_eq!(got_eval.dims(), want_eval.dims());
             assert!(max_diff(&want_eval, &got_eval) < 1e-5, "k{k} s{stride}: {}", max_diff(&want_eval, &got_eval));
             let grad = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap().get(&xv).unwrap().clone();
             let (gw, gg) = (grad(&want_eval), grad(&got_eval));
             assert!(max_diff(&gw, &gg) < 1e-5, "dx k{k} s{stride}: {}", max_diff(&gw, &gg));
             // With the ReLU: the reference's ReLU on the same values.
-            let got_relu = conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::Relu).unwrap();
+            let got_relu =
+                conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::Relu).unwrap();
             assert!(max_diff(&want_eval.relu().unwrap(), &got_relu) < 1e-5);
         }
         let want = reference.forward_t(&x, true).unwrap();

@@ -35,10 +35,7 @@ fn views(flat: &Tensor, shapes: &[(String, Vec<usize>)]) -> Result<Vec<(String, 
 /// The tensors flattened and concatenated, in f32: a new buffer (candle's `cat` of one
 /// contiguous tensor is that tensor itself, which would alias a variable).
 fn flatten(ts: &[Tensor]) -> Result<Tensor> {
-    let parts = ts
-        .iter()
-        .map(|t| t.to_dtype(DType::F32)?.flatten_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let parts = ts.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
     let flat = Tensor::cat(&parts, 0)?;
     Ok(if parts.len() == 1 { flat.copy()? } else { flat })
 }
@@ -48,13 +45,7 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64, warmup: bool) -> Result<Self> {
         let flat = flatten(&vars.iter().map(|(_, v)| v.as_detached_tensor()).collect::<Vec<_>>())?;
         let shapes: Vec<(String, Vec<usize>)> = vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
-        Ok(Self {
-            decay,
-            warmup,
-            tensors: views(&flat, &shapes)?,
-            flat,
-            updates: 0,
-        })
+        Ok(Self { decay, warmup, tensors: views(&flat, &shapes)?, flat, updates: 0 })
     }
 
     fn shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -83,11 +74,7 @@ impl Ema {
     /// Fold in the variables' current values (same list and order as at construction).
     pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
         if vars.len() != self.tensors.len() {
-            bail!(
-                "EMA: {} variables for {} tracked",
-                vars.len(),
-                self.tensors.len()
-            );
+            bail!("EMA: {} variables for {} tracked", vars.len(), self.tensors.len());
         }
         for ((name, e), (vname, v)) in self.tensors.iter().zip(vars) {
             if name != vname || e.dims() != v.dims() {
@@ -124,15 +111,9 @@ impl Ema {
     pub fn load(&mut self, t: &HashMap<String, Tensor>, updates: u64) -> Result<()> {
         let mut parts = Vec::with_capacity(self.tensors.len());
         for (name, cur) in &self.tensors {
-            let x = t
-                .get(name)
-                .with_context(|| format!("EMA state lacks {name}"))?;
+            let x = t.get(name).with_context(|| format!("EMA state lacks {name}"))?;
             if x.dims() != cur.dims() {
-                bail!(
-                    "EMA state {name} has shape {:?}, expected {:?}",
-                    x.dims(),
-                    cur.dims()
-                );
+                bail!("EMA state {name} has shape {:?}, expected {:?}", x.dims(), cur.dims());
             }
             parts.push(x.to_device(cur.device())?);
         }
@@ -155,23 +136,16 @@ mod tests {
         let vars = vec![("w".to_string(), w.clone())];
         let mut ema = Ema::new(&vars, 0.9, false).unwrap();
         // The EMA is a copy, not an alias of the variable.
-        w.set(&Tensor::new(&[3.0f32, 1.0], &Device::Cpu).unwrap())
-            .unwrap();
+        w.set(&Tensor::new(&[3.0f32, 1.0], &Device::Cpu).unwrap()).unwrap();
         assert_eq!(ema.tensors()[0].1.to_vec1::<f32>().unwrap(), [1.0, -1.0]);
         ema.update(&vars).unwrap();
         // 0.9 * [1, -1] + 0.1 * [3, 1] = [1.2, -0.8]
         let e = ema.tensors()[0].1.to_vec1::<f32>().unwrap();
-        assert!(
-            (e[0] - 1.2).abs() < 1e-6 && (e[1] + 0.8).abs() < 1e-6,
-            "{e:?}"
-        );
+        assert!((e[0] - 1.2).abs() < 1e-6 && (e[1] + 0.8).abs() < 1e-6, "{e:?}");
         ema.update(&vars).unwrap();
         // 0.9 * [1.2, -0.8] + 0.1 * [3, 1] = [1.38, -0.62]
         let e = ema.tensors()[0].1.to_vec1::<f32>().unwrap();
-        assert!(
-            (e[0] - 1.38).abs() < 1e-6 && (e[1] + 0.62).abs() < 1e-6,
-            "{e:?}"
-        );
+        assert!((e[0] - 1.38).abs() < 1e-6 && (e[1] + 0.62).abs() < 1e-6, "{e:?}");
         assert_eq!(ema.updates(), 2);
     }
 
@@ -191,7 +165,10 @@ mod tests {
         for ((n1, t1), (n2, t2)) in e1.tensors().iter().zip(e2.tensors()) {
             assert_eq!(n1, n2);
             assert_eq!(t1.dims(), t2.dims());
-            assert_eq!(t1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), t2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                t1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                t2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
         assert_eq!(e1.tensors()[0].1.dims(), [2, 2]);
         assert!(e2.update_flat(&flat.narrow(0, 0, 6).unwrap()).is_err());
@@ -205,8 +182,7 @@ mod tests {
         let vars = vec![("w".to_string(), w.clone())];
         let mut ema = Ema::new(&vars, 0.999, true).unwrap();
         assert!((ema.current_decay() - 0.1).abs() < 1e-12);
-        w.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap())
-            .unwrap();
+        w.set(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
         ema.update(&vars).unwrap();
         // d = 1/10: 0.1 * 0 + 0.9 * 1
         assert!((ema.tensors()[0].1.to_vec1::<f32>().unwrap()[0] - 0.9).abs() < 1e-6);

@@ -124,10 +124,7 @@ pub(super) struct Gan {
 
 impl Gan {
     pub(super) fn params(&self) -> Vec<Tensor> {
-        self.vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().clone())
-            .collect()
+        self.vars.iter().map(|(_, v)| v.as_tensor().clone()).collect()
     }
 }
 
@@ -216,10 +213,7 @@ impl Recipe {
 
     /// Entries in the replay buffer and the bytes they take.
     pub fn replay_usage(&self) -> (usize, u64) {
-        self.gan
-            .as_ref()
-            .map(|g| (g.replay.len(), g.replay.bytes()))
-            .unwrap_or((0, 0))
+        self.gan.as_ref().map(|g| (g.replay.len(), g.replay.bytes())).unwrap_or((0, 0))
     }
 
     /// Trainable parameters of the discriminator (0 without one).
@@ -290,23 +284,9 @@ impl Recipe {
 
     /// Export the EMA weights (see [`Recipe::ema_tensors`]) with `taesd::save_tensors` in
     /// `layout` to `dest`; returns the files written.
-    pub fn export(
-        &self,
-        layout: Layout,
-        dest: &Path,
-        variant: Option<Variant>,
-    ) -> Result<Vec<PathBuf>> {
+    pub fn export(&self, layout: Layout, dest: &Path, variant: Option<Variant>) -> Result<Vec<PathBuf>> {
         let t = self.ema_tensors()?;
-        let opts = taesd::SaveOptions {
-            variant,
-            ..Default::default()
-        };
-        Ok(taesd::save_tensors(
-            &t,
-            &self.model_cfg,
-            layout,
-            dest,
-            &opts,
-        )?)
+        let opts = taesd::SaveOptions { variant, ..Default::default() };
+        Ok(taesd::save_tensors(&t, &self.model_cfg, layout, dest, &opts)?)
     }
 }

@@ -53,37 +53,28 @@ fn torch_default_init(
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<()> {
-    let rank4: HashMap<&str, &Vec<usize>> = shapes
-        .iter()
-        .filter(|(_, s)| s.len() == 4)
-        .map(|(n, s)| (n.as_str(), s))
-        .collect();
+    let rank4: HashMap<&str, &Vec<usize>> =
+        shapes.iter().filter(|(_, s)| s.len() == 4).map(|(n, s)| (n.as_str(), s)).collect();
     let data = vm.data().lock().expect("VarMap lock");
     for (name, shape) in shapes {
-        let var = data
-            .get(name)
-            .with_context(|| format!("initialising: no variable {name}"))?;
+        let var = data.get(name).with_context(|| format!("initialising: no variable {name}"))?;
         let n: usize = shape.iter().product();
         let conv_shape = if shape.len() == 4 {
             Some(shape)
         } else {
-            name.strip_suffix(".bias")
-                .and_then(|p| rank4.get(format!("{p}.weight").as_str()).copied())
+            name.strip_suffix(".bias").and_then(|p| rank4.get(format!("{p}.weight").as_str()).copied())
         };
         let values: Vec<f32> = match conv_shape {
             Some(w) => {
                 let fan_in: usize = w[1..].iter().product();
                 let bound = 1.0 / (fan_in as f32).sqrt();
-                (0..n)
-                    .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
-                    .collect()
+                (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound).collect()
             }
             None if name.ends_with(".weight") => vec![1.0; n],
             None => vec![0.0; n],
         };
         let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?.to_device(device)?;
-        var.set(&t)
-            .with_context(|| format!("initialising {name}"))?;
+        var.set(&t).with_context(|| format!("initialising {name}"))?;
     }
     Ok(())
 }
@@ -106,14 +97,8 @@ fn part_varmap(
 ) -> Result<Option<(VarMap, bool)>> {
     let prefix = format!("{}.", part.prefix());
     if let Some(path) = init {
-        let (all, info) =
-            taesd::load_varmap(path, None, DType::F32, device).with_context(|| {
-                format!(
-                    "loading the initial {} from {}",
-                    part.prefix(),
-                    path.display()
-                )
-            })?;
+        let (all, info) = taesd::load_varmap(path, None, DType::F32, device)
+            .with_context(|| format!("loading the initial {} from {}", part.prefix(), path.display()))?;
         if info.config != *model_cfg {
             bail!(
                 "{}: the checkpoint is {}, the run trains {}",
@@ -123,11 +108,7 @@ fn part_varmap(
             );
         }
         if info.file(part).is_none() {
-            bail!(
-                "{}: the checkpoint has no {}",
-                path.display(),
-                part.prefix()
-            );
+            bail!("{}: the checkpoint has no {}", path.display(), part.prefix());
         }
         let vm = VarMap::new();
         {
@@ -146,10 +127,7 @@ fn part_varmap(
 }
 
 fn full_shapes(model_cfg: &TaesdConfig, part: Part) -> Vec<(String, Vec<usize>)> {
-    taesd::param_shapes(model_cfg, part)
-        .into_iter()
-        .map(|(n, s)| (format!("{}.{n}", part.prefix()), s))
-        .collect()
+    taesd::param_shapes(model_cfg, part).into_iter().map(|(n, s)| (format!("{}.{n}", part.prefix()), s)).collect()
 }
 
 fn build_trained(cfg: &RecipeConfig, vars: &[(String, Var)]) -> Result<Trained> {
@@ -163,90 +141,38 @@ impl Recipe {
     /// Build the models (from `init`, or from scratch with the decoder's output bias at 0.5),
     /// optimisers, EMA, discriminator and replay buffer on `device`; `seed` fixes every random
     /// choice.
-    pub fn new(
-        cfg: &RecipeConfig,
-        model: TaesdConfig,
-        init: &ModelInit,
-        device: &Device,
-        seed: u64,
-    ) -> Result<Recipe> {
+    pub fn new(cfg: &RecipeConfig, model: TaesdConfig, init: &ModelInit, device: &Device, seed: u64) -> Result<Recipe> {
         cfg.validate()?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(seed);
         init_rng.set_stream(1);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(0);
 
-        let encoder = match part_varmap(
-            Part::Encoder,
-            &model,
-            init.encoder.as_deref(),
-            cfg.train_encoder,
-            device,
-        )? {
+        let encoder = match part_varmap(Part::Encoder, &model, init.encoder.as_deref(), cfg.train_encoder, device)? {
             None => None,
             Some((vm, fresh)) => {
-                let m = Encoder::new(
-                    &model,
-                    VarBuilder::from_varmap(&vm, DType::F32, device).pp("encoder"),
-                )
-                .context("building the encoder")?;
+                let m = Encoder::new(&model, VarBuilder::from_varmap(&vm, DType::F32, device).pp("encoder"))
+                    .context("building the encoder")?;
                 if fresh {
-                    torch_default_init(
-                        &vm,
-                        &full_shapes(&model, Part::Encoder),
-                        &mut init_rng,
-                        device,
-                    )?;
+                    torch_default_init(&vm, &full_shapes(&model, Part::Encoder), &mut init_rng, device)?;
                 }
                 let vars = sorted_vars(&vm);
-                let trained = if cfg.train_encoder {
-                    Some(build_trained(cfg, &vars)?)
-                } else {
-                    None
-                };
-                Some(PartState_ {
-                    vars,
-                    model: m,
-                    trained,
-                    _vm: vm,
-                })
+                let trained = if cfg.train_encoder { Some(build_trained(cfg, &vars)?) } else { None };
+                Some(PartState_ { vars, model: m, trained, _vm: vm })
             }
         };
-        let decoder = match part_varmap(
-            Part::Decoder,
-            &model,
-            init.decoder.as_deref(),
-            cfg.train_decoder,
-            device,
-        )? {
+        let decoder = match part_varmap(Part::Decoder, &model, init.decoder.as_deref(), cfg.train_decoder, device)? {
             None => None,
             Some((vm, fresh)) => {
-                let m = Decoder::new(
-                    &model,
-                    VarBuilder::from_varmap(&vm, DType::F32, device).pp("decoder"),
-                )
-                .context("building the decoder")?;
+                let m = Decoder::new(&model, VarBuilder::from_varmap(&vm, DType::F32, device).pp("decoder"))
+                    .context("building the decoder")?;
                 if fresh {
-                    torch_default_init(
-                        &vm,
-                        &full_shapes(&model, Part::Decoder),
-                        &mut init_rng,
-                        device,
-                    )?;
+                    torch_default_init(&vm, &full_shapes(&model, Part::Decoder), &mut init_rng, device)?;
                     taesd::set_decoder_output_bias(&vm, model, 0.5)?;
                 }
                 let vars = sorted_vars(&vm);
-                let trained = if cfg.train_decoder {
-                    Some(build_trained(cfg, &vars)?)
-                } else {
-                    None
-                };
-                Some(PartState_ {
-                    vars,
-                    model: m,
-                    trained,
-                    _vm: vm,
-                })
+                let trained = if cfg.train_decoder { Some(build_trained(cfg, &vars)?) } else { None };
+                Some(PartState_ { vars, model: m, trained, _vm: vm })
             }
         };
 

@@ -69,16 +69,12 @@ impl FreqBasis {
         if nh == 0 || nw == 0 {
             bail!("frequency term: image {h}x{w} is smaller than one {p}x{p} patch");
         }
-        let x = if nh * p != h || nw * p != w {
-            x.narrow(2, 0, nh * p)?.narrow(3, 0, nw * p)?
-        } else {
-            x.clone()
-        };
-        let patches = x
-            .reshape(vec![b, c, nh, p, nw, p])?
-            .permute(vec![0, 1, 2, 4, 3, 5])?
-            .contiguous()?
-            .reshape((b * c * nh * nw, p, p))?;
+        let x = if nh * p != h || nw * p != w { x.narrow(2, 0, nh * p)?.narrow(3, 0, nw * p)? } else { x.clone() };
+        let patches = x.reshape(vec![b, c, nh, p, nw, p])?.permute(vec![0, 1, 2, 4, 3, 5])?.contiguous()?.reshape((
+            b * c * nh * nw,
+            p,
+            p,
+        ))?;
         let cos = self.cos.to_dtype(x.dtype())?;
         let sin = self.sin.to_dtype(x.dtype())?;
         let n = b * c * nh * nw;
@@ -103,10 +99,7 @@ impl FreqBasis {
     /// energy per spatial frequency (texture, sharpness) while ignoring its phase (exact
     /// placement) within each patch.
     pub fn amplitude_l1(&self, decoded: &Tensor, real: &Tensor) -> Result<Tensor> {
-        l1(
-            &self.amplitudes(decoded)?,
-            &self.amplitudes(&real.detach())?,
-        )
+        l1(&self.amplitudes(decoded)?, &self.amplitudes(&real.detach())?)
     }
 }
 
@@ -135,10 +128,7 @@ pub fn correction_grad(
     let per_sample = (reference - scores)?.sqr()?.mean_keepdim((1, 2, 3))?;
     let grads = per_sample.sum_all()?.backward()?;
     crate::device::trace_mem(dev, format_args!("correction: backward"));
-    let g = grads
-        .get(corr.as_tensor())
-        .context("the correction has no gradient")?
-        .detach();
+    let g = grads.get(corr.as_tensor()).context("the correction has no gradient")?.detach();
     Ok(g)
 }
 
@@ -176,35 +166,19 @@ mod tests {
         let lat = Tensor::randn(0f64, 1f64, (b, 4, h / 8, w / 8), &dev).unwrap();
         // Non-trivial running statistics: a few training-mode batches.
         let mut stats = BnStats::fresh(&cfg, &dev).unwrap();
-        stats.mean = stats
-            .mean
-            .iter()
-            .map(|t| t.to_dtype(DType::F64).unwrap())
-            .collect();
-        stats.var = stats
-            .var
-            .iter()
-            .map(|t| t.to_dtype(DType::F64).unwrap())
-            .collect();
+        stats.mean = stats.mean.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+        stats.var = stats.var.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
         for _ in 0..3 {
-            let (_, s) =
-                Discriminator::forward_with(&cfg, &params, &stats, &real, &lat, true).unwrap();
+            let (_, s) = Discriminator::forward_with(&cfg, &params, &stats, &real, &lat, true).unwrap();
             stats = s.unwrap();
         }
         let g = correction_grad(&cfg, &params, &stats, &real, &fake, &lat).unwrap();
         assert_eq!(g.dims(), fake.dims());
         let loss = |c: &Tensor| -> f64 {
-            let (r, _) =
-                Discriminator::forward_with(&cfg, &params, &stats, &real, &lat, false).unwrap();
+            let (r, _) = Discriminator::forward_with(&cfg, &params, &stats, &real, &lat, false).unwrap();
             let x = (&fake + c).unwrap();
-            let (s, _) =
-                Discriminator::forward_with(&cfg, &params, &stats, &x, &lat, false).unwrap();
-            let per = (r - s)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_keepdim((1, 2, 3))
-                .unwrap();
+            let (s, _) = Discriminator::forward_with(&cfg, &params, &stats, &x, &lat, false).unwrap();
+            let per = (r - s).unwrap().sqr().unwrap().mean_keepdim((1, 2, 3)).unwrap();
             scalar(&per.sum_all().unwrap())
         };
         // Small steps: the loss is piecewise smooth (ReLU kinks).
@@ -220,38 +194,20 @@ mod tests {
             dirs.push(Tensor::from_vec(v, fake.shape(), &dev).unwrap());
         }
         for u in dirs {
-            let fd = (loss(&u.affine(eps, 0.0).unwrap()) - loss(&u.affine(-eps, 0.0).unwrap()))
-                / (2.0 * eps);
+            let fd = (loss(&u.affine(eps, 0.0).unwrap()) - loss(&u.affine(-eps, 0.0).unwrap())) / (2.0 * eps);
             let an = scalar(&(&g * &u).unwrap().sum_all().unwrap());
             let tol = 1e-6 + 1e-4 * an.abs().max(fd.abs());
-            assert!(
-                (fd - an).abs() <= tol,
-                "finite difference {fd} vs gradient {an}"
-            );
+            assert!((fd - an).abs() <= tol, "finite difference {fd} vs gradient {an}");
         }
         // Normalised: -g / (std(g) + 1e-5), std over the whole batch (population).
         let (corr, std) = normalize_correction(&g).unwrap();
         let std = scalar(&std);
         let gm = scalar(&g.mean_all().unwrap());
-        let want_std = scalar(
-            &g.broadcast_sub(&g.mean_all().unwrap())
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap(),
-        )
-        .sqrt();
+        let want_std =
+            scalar(&g.broadcast_sub(&g.mean_all().unwrap()).unwrap().sqr().unwrap().mean_all().unwrap()).sqrt();
         assert!((std - want_std).abs() <= 1e-6 * want_std && gm.is_finite());
         let want = g.affine(-1.0 / (want_std + 1e-5), 0.0).unwrap();
-        let err = scalar(
-            &(corr.to_dtype(DType::F64).unwrap() - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap(),
-        );
+        let err = scalar(&(corr.to_dtype(DType::F64).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap());
         assert!(err < 1e-5, "normalised correction off by {err}");
     }
 
@@ -259,24 +215,13 @@ mod tests {
     fn lowres_mse_compares_block_means() {
         let dev = Device::Cpu;
         // A checkerboard and flat grey have equal 2x2 means: zero low-res error.
-        let cb: Vec<f32> = (0..16)
-            .map(|i| if (i / 4 + i % 4) % 2 == 0 { 1.0 } else { 0.0 })
-            .collect();
+        let cb: Vec<f32> = (0..16).map(|i| if (i / 4 + i % 4) % 2 == 0 { 1.0 } else { 0.0 }).collect();
         let cb = Tensor::from_vec(cb, (1, 1, 4, 4), &dev).unwrap();
         let grey = Tensor::full(0.5f32, (1, 1, 4, 4), &dev).unwrap();
-        assert_eq!(
-            lowres_mse(&cb, &grey, 2)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(lowres_mse(&cb, &grey, 2).unwrap().to_scalar::<f32>().unwrap(), 0.0);
         assert_eq!(mse(&cb, &grey).unwrap().to_scalar::<f32>().unwrap(), 0.25);
         let brighter = (&grey + 0.1).unwrap();
-        let v = lowres_mse(&brighter, &grey, 2)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let v = lowres_mse(&brighter, &grey, 2).unwrap().to_scalar::<f32>().unwrap();
         assert!((v - 0.01).abs() < 1e-6);
     }
 
@@ -286,13 +231,7 @@ mod tests {
         let basis = FreqBasis::new(4, &dev).unwrap();
         // Constant patch of 1: only DC, amplitude p * 1 (orthonormal: sum / sqrt(p^2)) = 4.
         let one = Tensor::ones((1, 1, 4, 4), DType::F32, &dev).unwrap();
-        let a = basis
-            .amplitudes(&one)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let a = basis.amplitudes(&one).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!((a[0] - 4.0).abs() < 1e-4);
         assert!(a[1..].iter().all(|x| x.abs() < 1e-3));
         // A horizontal cosine of frequency 1 and a shifted copy: same amplitudes, energy split
@@ -306,47 +245,19 @@ mod tests {
                 .collect();
             Tensor::from_vec(v, (1, 1, 4, 4), &dev).unwrap()
         };
-        let a0 = basis
-            .amplitudes(&wave(0))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let a1 = basis
-            .amplitudes(&wave(1))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert!(
-            (a0[1] - 2.0).abs() < 1e-3 && (a0[3] - 2.0).abs() < 1e-3,
-            "{a0:?}"
-        );
+        let a0 = basis.amplitudes(&wave(0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a1 = basis.amplitudes(&wave(1)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((a0[1] - 2.0).abs() < 1e-3 && (a0[3] - 2.0).abs() < 1e-3, "{a0:?}");
         for (x, y) in a0.iter().zip(&a1) {
-            assert!(
-                (x - y).abs() < 1e-3,
-                "shift changed amplitudes: {a0:?} {a1:?}"
-            );
+            assert!((x - y).abs() < 1e-3, "shift changed amplitudes: {a0:?} {a1:?}");
         }
-        let l = basis
-            .amplitude_l1(&wave(0), &wave(1))
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let l = basis.amplitude_l1(&wave(0), &wave(1)).unwrap().to_scalar::<f32>().unwrap();
         assert!(l < 1e-3);
         // A random patch against the DFT summed directly: |sum_{y,x} P e^{-2 pi i (ky y + kx x) / p}| / p.
         let p = 8usize;
         let b8 = FreqBasis::new(p, &dev).unwrap();
         let r = Tensor::rand(0f32, 1f32, (1, 1, p, p), &dev).unwrap();
-        let got = b8
-            .amplitudes(&r)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = b8.amplitudes(&r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let pv = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for ky in 0..p {
             for kx in 0..p {
@@ -368,19 +279,11 @@ mod tests {
         let grad_sum = |v: &Var| {
             let loss = basis.amplitude_l1(v.as_tensor(), &target).unwrap();
             let g = loss.backward().unwrap();
-            g.get(v.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
         };
         let zero = Var::zeros((1, 1, 8, 8), DType::F32, &dev).unwrap();
         assert!(grad_sum(&zero).is_finite());
-        let some =
-            Var::from_tensor(&Tensor::rand(0f32, 1f32, (1, 1, 8, 8), &dev).unwrap()).unwrap();
+        let some = Var::from_tensor(&Tensor::rand(0f32, 1f32, (1, 1, 8, 8), &dev).unwrap()).unwrap();
         let g = grad_sum(&some);
         assert!(g.is_finite() && g > 0.0);
     }

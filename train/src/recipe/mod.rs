@@ -51,5 +51,5 @@ mod tests;
 pub use config::{EncoderLoss, LrSchedule, OptimizerKind, RecipeConfig, ReplayDtype};
 pub use disc::{BnStats, DiscConfig, Discriminator};
 pub use engine::{Batch, ModelInit, Recipe, StepReport};
-pub use profile::Profile;
 pub use precision::Precision;
+pub use profile::Profile;

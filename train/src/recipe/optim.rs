@@ -135,10 +135,7 @@ impl Adam {
         };
         for (name, var) in &vars {
             if var.dtype() != DType::F32 {
-                bail!(
-                    "optimiser: {name} is {:?}, only f32 weights are trained",
-                    var.dtype()
-                );
+                bail!("optimiser: {name} is {:?}, only f32 weights are trained", var.dtype());
             }
             if !var.device().same_device(&device) {
                 bail!("optimiser: {name} is on another device than the other variables");
@@ -148,22 +145,8 @@ impl Adam {
         }
         let m = Tensor::zeros(total, DType::F32, &device)?;
         let v = m.zeros_like()?;
-        let vmax = if cfg.amsgrad {
-            Some(m.zeros_like()?)
-        } else {
-            None
-        };
-        Ok(Self {
-            cfg,
-            vars,
-            spans,
-            m,
-            v,
-            vmax,
-            t: 0,
-            fused: None,
-            flat_p: None,
-        })
+        let vmax = if cfg.amsgrad { Some(m.zeros_like()?) } else { None };
+        Ok(Self { cfg, vars, spans, m, v, vmax, t: 0, fused: None, flat_p: None })
     }
 
     /// Force the fused update on or off (`None`: fused on CUDA when taesd-ops has its kernels).
@@ -206,7 +189,11 @@ impl Adam {
 
     /// The flat gradients of this optimiser's variables: candle's `grads` plus those the ops
     /// collected off the graph (`taesd_ops::WeightGrads`), summed where a variable has both.
-    pub fn flat_gradients_with(&self, grads: &GradStore, collected: Option<&taesd_ops::WeightGrads>) -> Result<FlatGrads> {
+    pub fn flat_gradients_with(
+        &self,
+        grads: &GradStore,
+        collected: Option<&taesd_ops::WeightGrads>,
+    ) -> Result<FlatGrads> {
         let list = self
             .vars
             .iter()
@@ -224,11 +211,7 @@ impl Adam {
     /// Flatten per-variable gradients (aligned with [`Adam::vars`]; `None`: no gradient).
     pub fn flatten(&self, grads: &[Option<Tensor>]) -> Result<FlatGrads> {
         if grads.len() != self.vars.len() {
-            bail!(
-                "optimiser: {} gradients for {} variables",
-                grads.len(),
-                self.vars.len()
-            );
+            bail!("optimiser: {} gradients for {} variables", grads.len(), self.vars.len());
         }
         let mut parts = Vec::with_capacity(grads.len());
         let mut missing = Vec::with_capacity(grads.len());
@@ -247,10 +230,7 @@ impl Adam {
                 }
             }
         }
-        Ok(FlatGrads {
-            flat: Tensor::cat(&parts, 0)?,
-            missing,
-        })
+        Ok(FlatGrads { flat: Tensor::cat(&parts, 0)?, missing })
     }
 
     /// The current parameters as one flat buffer, in the variables' order (not to be
@@ -282,13 +262,7 @@ impl Adam {
             .spans
             .iter()
             .zip(missing)
-            .map(|(&(o, n), &miss)| {
-                if miss {
-                    old.narrow(0, o, n)
-                } else {
-                    new.narrow(0, o, n)
-                }
-            })
+            .map(|(&(o, n), &miss)| if miss { old.narrow(0, o, n) } else { new.narrow(0, o, n) })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
     }
@@ -296,12 +270,7 @@ impl Adam {
     /// The new parameters and moments for the gradients `g`, learning rate `lr`, and an
     /// optional scalar gradient multiplier `grad_scale` (a 0-dim tensor, e.g. from gradient
     /// clipping). Nothing is modified.
-    pub fn propose_flat(
-        &self,
-        g: &FlatGrads,
-        lr: f64,
-        grad_scale: Option<&Tensor>,
-    ) -> Result<Proposal> {
+    pub fn propose_flat(&self, g: &FlatGrads, lr: f64, grad_scale: Option<&Tensor>) -> Result<Proposal> {
         let c = &self.cfg;
         let t = self.t + 1;
         let bc1 = 1.0 - c.beta1.powi(t as i32);
@@ -360,19 +329,12 @@ impl Adam {
             (Some(new), Some(old)) => Some(self.keep_missing(new, old, &g.missing)?),
             _ => None,
         };
-        let params = (0..self.vars.len())
-            .map(|i| self.unflat(&p, i))
-            .collect::<Result<Vec<_>>>()?;
+        let params = (0..self.vars.len()).map(|i| self.unflat(&p, i)).collect::<Result<Vec<_>>>()?;
         Ok(Proposal { params, flat: p, m, v, vmax })
     }
 
     /// [`Adam::propose_flat`] from per-variable gradients (aligned with [`Adam::vars`]).
-    pub fn propose(
-        &self,
-        grads: &[Option<Tensor>],
-        lr: f64,
-        grad_scale: Option<&Tensor>,
-    ) -> Result<Proposal> {
+    pub fn propose(&self, grads: &[Option<Tensor>], lr: f64, grad_scale: Option<&Tensor>) -> Result<Proposal> {
         let g = self.flatten(grads)?;
         self.propose_flat(&g, lr, grad_scale)
     }
@@ -425,15 +387,9 @@ impl Adam {
             let mut parts = Vec::with_capacity(self.vars.len());
             for (name, var) in &self.vars {
                 let key = format!("{kind}.{name}");
-                let x = t
-                    .get(&key)
-                    .with_context(|| format!("optimiser state lacks {key}"))?;
+                let x = t.get(&key).with_context(|| format!("optimiser state lacks {key}"))?;
                 if x.dims() != var.dims() {
-                    bail!(
-                        "optimiser state {key} has shape {:?}, the variable {:?}",
-                        x.dims(),
-                        var.dims()
-                    );
+                    bail!("optimiser state {key} has shape {:?}, the variable {:?}", x.dims(), var.dims());
                 }
                 parts.push(x.to_dtype(DType::F32)?.flatten_all()?);
             }
@@ -441,11 +397,7 @@ impl Adam {
         };
         let m = flat(EXP_AVG)?;
         let v = flat(EXP_AVG_SQ)?;
-        let vmax = if self.cfg.amsgrad {
-            Some(flat(MAX_EXP_AVG_SQ)?)
-        } else {
-            None
-        };
+        let vmax = if self.cfg.amsgrad { Some(flat(MAX_EXP_AVG_SQ)?) } else { None };
         self.m = m;
         self.v = v;
         self.vmax = vmax;
@@ -457,10 +409,7 @@ impl Adam {
 /// `clip_grad_norm_`'s multiplier `min(1, max_norm / (norm + 1e-6))` as a 0-dim tensor.
 pub fn clip_scale(norm_sq: &Tensor, max_norm: f64) -> Result<Tensor> {
     let norm = norm_sq.sqrt()?;
-    Ok((norm + 1e-6)?
-        .recip()?
-        .affine(max_norm, 0.0)?
-        .clamp(0f32, 1f32)?)
+    Ok((norm + 1e-6)?.recip()?.affine(max_norm, 0.0)?.clamp(0f32, 1f32)?)
 }
 
 #[cfg(test)]
@@ -479,10 +428,7 @@ mod tests {
     fn close(got: &[f32], want: &[f64], what: &str) {
         for (g, w) in got.iter().zip(want) {
             let tol = 1e-6 * w.abs().max(1.0);
-            assert!(
-                (*g as f64 - w).abs() <= tol,
-                "{what}: got {got:?}, want {want:?}"
-            );
+            assert!((*g as f64 - w).abs() <= tol, "{what}: got {got:?}, want {want:?}");
         }
     }
 
@@ -504,8 +450,11 @@ mod tests {
     fn flat_params_follow_commits_and_external_writes() {
         let a = var(&[1.0, 2.0]);
         let b = var(&[-1.0]);
-        let mut opt = Adam::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], AdamConfig::amsgrad(0.1, (0.9, 0.99))).unwrap();
-        let gathered = |a: &Var, b: &Var| Tensor::cat(&[a.as_tensor(), b.as_tensor()], 0).unwrap().to_vec1::<f32>().unwrap();
+        let mut opt =
+            Adam::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], AdamConfig::amsgrad(0.1, (0.9, 0.99)))
+                .unwrap();
+        let gathered =
+            |a: &Var, b: &Var| Tensor::cat(&[a.as_tensor(), b.as_tensor()], 0).unwrap().to_vec1::<f32>().unwrap();
         let p = opt.propose(&[Some(t(&[0.5, -0.5])), Some(t(&[1.0]))], 0.1, None).unwrap();
         opt.commit(p).unwrap();
         assert!(opt.flat_p.is_some());
@@ -513,17 +462,16 @@ mod tests {
         assert_ne!(gathered(&a, &b), vec![1.0, 2.0, -1.0]);
         a.set(&t(&[7.0, 8.0])).unwrap();
         opt.params_changed();
-        assert_eq!(opt.flat_params().unwrap().to_vec1::<f32>().unwrap(), vec![7.0, 8.0, b.as_tensor().to_vec1::<f32>().unwrap()[0]]);
+        assert_eq!(
+            opt.flat_params().unwrap().to_vec1::<f32>().unwrap(),
+            vec![7.0, 8.0, b.as_tensor().to_vec1::<f32>().unwrap()[0]]
+        );
     }
 
     #[test]
     fn amsgrad_matches_pytorch_update_rule() {
         let p = var(&[1.0, -2.0, 0.5]);
-        let mut opt = Adam::new(
-            vec![("p".into(), p.clone())],
-            AdamConfig::amsgrad(0.1, (0.9, 0.9)),
-        )
-        .unwrap();
+        let mut opt = Adam::new(vec![("p".into(), p.clone())], AdamConfig::amsgrad(0.1, (0.9, 0.9))).unwrap();
         let grads = [[0.5f32, -1.0, 0.1], [-0.3, 2.0, 0.1], [0.2, -0.1, -0.4]];
         let want = [
             [0.9000000020, -1.9000000010, 0.4000000100],
@@ -538,21 +486,9 @@ mod tests {
         assert_eq!(opt.step_count(), 3);
         // The max is kept where the second moment fell (element 1 at step 3).
         let st = opt.state_tensors().unwrap();
-        close(
-            &st["max_exp_avg_sq.p"].to_vec1::<f32>().unwrap(),
-            &[0.03235, 0.49, 0.01771],
-            "max_exp_avg_sq",
-        );
-        close(
-            &st["exp_avg_sq.p"].to_vec1::<f32>().unwrap(),
-            &[0.03235, 0.442, 0.01771],
-            "exp_avg_sq",
-        );
-        close(
-            &st["exp_avg.p"].to_vec1::<f32>().unwrap(),
-            &[0.0335, 0.089, -0.0229],
-            "exp_avg",
-        );
+        close(&st["max_exp_avg_sq.p"].to_vec1::<f32>().unwrap(), &[0.03235, 0.49, 0.01771], "max_exp_avg_sq");
+        close(&st["exp_avg_sq.p"].to_vec1::<f32>().unwrap(), &[0.03235, 0.442, 0.01771], "exp_avg_sq");
+        close(&st["exp_avg.p"].to_vec1::<f32>().unwrap(), &[0.0335, 0.089, -0.0229], "exp_avg");
     }
 
     /// AdamW (no amsgrad), lr 0.1, betas (0.9, 0.99), eps 1e-8, weight decay 0.1, same p0 and
@@ -575,10 +511,7 @@ mod tests {
             opt.commit(pr).unwrap();
             close(&p.as_tensor().to_vec1::<f32>().unwrap(), w, "adamw");
         }
-        assert!(!opt
-            .state_tensors()
-            .unwrap()
-            .contains_key("max_exp_avg_sq.p"));
+        assert!(!opt.state_tensors().unwrap().contains_key("max_exp_avg_sq.p"));
     }
 
     /// Adam with L2 weight decay 0.5 (added to the gradient), one step from p0 = [2]:
@@ -591,53 +524,30 @@ mod tests {
         let mut opt = Adam::new(vec![("p".into(), p.clone())], cfg).unwrap();
         let pr = opt.propose(&[Some(t(&[1.0]))], 0.1, None).unwrap();
         opt.commit(pr).unwrap();
-        close(
-            &p.as_tensor().to_vec1::<f32>().unwrap(),
-            &[1.9000000005],
-            "adam l2",
-        );
-        close(
-            &opt.state_tensors().unwrap()["exp_avg.p"]
-                .to_vec1::<f32>()
-                .unwrap(),
-            &[0.2],
-            "adam l2 exp_avg",
-        );
+        close(&p.as_tensor().to_vec1::<f32>().unwrap(), &[1.9000000005], "adam l2");
+        close(&opt.state_tensors().unwrap()["exp_avg.p"].to_vec1::<f32>().unwrap(), &[0.2], "adam l2 exp_avg");
     }
 
     #[test]
     fn dropped_proposal_changes_nothing_and_state_round_trips() {
         let p = var(&[1.0, 2.0]);
-        let mut opt = Adam::new(
-            vec![("p".into(), p.clone())],
-            AdamConfig::amsgrad(0.1, (0.9, 0.9)),
-        )
-        .unwrap();
+        let mut opt = Adam::new(vec![("p".into(), p.clone())], AdamConfig::amsgrad(0.1, (0.9, 0.9))).unwrap();
         let pr = opt.propose(&[Some(t(&[1.0, 1.0]))], 0.1, None).unwrap();
         opt.commit(pr).unwrap();
         let before = p.as_tensor().to_vec1::<f32>().unwrap();
         let state = opt.state_tensors().unwrap();
-        let _dropped = opt
-            .propose(&[Some(t(&[f32::NAN, 1.0]))], 0.1, None)
-            .unwrap();
+        let _dropped = opt.propose(&[Some(t(&[f32::NAN, 1.0]))], 0.1, None).unwrap();
         assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), before);
         assert_eq!(opt.step_count(), 1);
         // A second optimiser loaded from the state continues identically.
         let p2 = var(&before);
-        let mut opt2 = Adam::new(
-            vec![("p".into(), p2.clone())],
-            AdamConfig::amsgrad(0.1, (0.9, 0.9)),
-        )
-        .unwrap();
+        let mut opt2 = Adam::new(vec![("p".into(), p2.clone())], AdamConfig::amsgrad(0.1, (0.9, 0.9))).unwrap();
         opt2.load_state_tensors(&state, 1).unwrap();
         for o in [&mut opt, &mut opt2] {
             let pr = o.propose(&[Some(t(&[0.3, -0.7]))], 0.1, None).unwrap();
             o.commit(pr).unwrap();
         }
-        assert_eq!(
-            p.as_tensor().to_vec1::<f32>().unwrap(),
-            p2.as_tensor().to_vec1::<f32>().unwrap()
-        );
+        assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), p2.as_tensor().to_vec1::<f32>().unwrap());
     }
 
     /// Several variables in one flat buffer update exactly as each alone; a variable without a
@@ -649,39 +559,23 @@ mod tests {
         let b = var(&[-1.0, 0.5]);
         let c = var(&[7.0]);
         let cfg = AdamConfig::amsgrad(0.05, (0.9, 0.9));
-        let mut joint = Adam::new(
-            vec![
-                ("a".into(), a.clone()),
-                ("b".into(), b.clone()),
-                ("c".into(), c.clone()),
-            ],
-            cfg,
-        )
-        .unwrap();
+        let mut joint =
+            Adam::new(vec![("a".into(), a.clone()), ("b".into(), b.clone()), ("c".into(), c.clone())], cfg).unwrap();
         let a1 = Var::from_slice(&[1.0f32, 2.0, 3.0, 4.0], (2, 2), &dev).unwrap();
         let b1 = var(&[-1.0, 0.5]);
         let mut oa = Adam::new(vec![("a".into(), a1.clone())], cfg).unwrap();
         let mut ob = Adam::new(vec![("b".into(), b1.clone())], cfg).unwrap();
         for k in 0..3 {
-            let ga =
-                Tensor::from_slice(&[0.1f32 * k as f32, -0.2, 0.3, 0.05], (2, 2), &dev).unwrap();
+            let ga = Tensor::from_slice(&[0.1f32 * k as f32, -0.2, 0.3, 0.05], (2, 2), &dev).unwrap();
             let gb = t(&[0.7, -0.1 * k as f32]);
-            let pr = joint
-                .propose(&[Some(ga.clone()), Some(gb.clone()), None], 0.05, None)
-                .unwrap();
+            let pr = joint.propose(&[Some(ga.clone()), Some(gb.clone()), None], 0.05, None).unwrap();
             joint.commit(pr).unwrap();
             let pr = oa.propose(&[Some(ga)], 0.05, None).unwrap();
             oa.commit(pr).unwrap();
             let pr = ob.propose(&[Some(gb)], 0.05, None).unwrap();
             ob.commit(pr).unwrap();
         }
-        let flat = |v: &Var| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let flat = |v: &Var| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(flat(&a), flat(&a1));
         assert_eq!(flat(&b), flat(&b1));
         assert_eq!(flat(&c), [7.0]);
@@ -690,9 +584,7 @@ mod tests {
         assert_eq!(st["max_exp_avg_sq.c"].to_vec1::<f32>().unwrap(), [0.0]);
         assert_eq!(
             st["exp_avg_sq.b"].to_vec1::<f32>().unwrap(),
-            ob.state_tensors().unwrap()["exp_avg_sq.b"]
-                .to_vec1::<f32>()
-                .unwrap()
+            ob.state_tensors().unwrap()["exp_avg_sq.b"].to_vec1::<f32>().unwrap()
         );
     }
 
@@ -700,11 +592,7 @@ mod tests {
     fn clipping_scale_matches_clip_grad_norm() {
         let p = var(&[0.0, 0.0]);
         let opt = Adam::new(vec![("p".into(), p)], AdamConfig::amsgrad(0.1, (0.9, 0.9))).unwrap();
-        let n = opt
-            .flatten(&[Some(t(&[3.0, 4.0]))])
-            .unwrap()
-            .norm_sq()
-            .unwrap();
+        let n = opt.flatten(&[Some(t(&[3.0, 4.0]))]).unwrap().norm_sq().unwrap();
         assert_eq!(n.to_scalar::<f32>().unwrap(), 25.0);
         let s = clip_scale(&n, 1.0).unwrap().to_scalar::<f32>().unwrap();
         assert!((s - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);

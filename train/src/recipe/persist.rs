@@ -14,9 +14,7 @@ use super::replay::ReplayBuffer;
 use super::state::{self, DiscState, PartState, RngState, StateFile};
 
 pub(super) fn copy_vars(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
-    vars.iter()
-        .map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().copy()?)))
-        .collect()
+    vars.iter().map(|(n, v)| Ok((n.clone(), v.as_detached_tensor().copy()?))).collect()
 }
 
 /// Set every variable from `t` (all must be present with the right shape).
@@ -24,32 +22,19 @@ fn set_vars(vars: &[(String, Var)], t: &HashMap<String, Tensor>, what: &str) -> 
     for (n, v) in vars {
         let x = t.get(n).with_context(|| format!("{what} lacks {n}"))?;
         if x.dims() != v.dims() {
-            bail!(
-                "{what}: {n} has shape {:?}, expected {:?}",
-                x.dims(),
-                v.dims()
-            );
+            bail!("{what}: {n} has shape {:?}, expected {:?}", x.dims(), v.dims());
         }
-        v.set(&x.to_dtype(DType::F32)?.to_device(v.device())?)
-            .with_context(|| format!("{what}: setting {n}"))?;
+        v.set(&x.to_dtype(DType::F32)?.to_device(v.device())?).with_context(|| format!("{what}: setting {n}"))?;
     }
     Ok(())
 }
 
-fn check_all_present(
-    vars: &[(String, Var)],
-    t: &HashMap<String, Tensor>,
-    what: &str,
-) -> Result<()> {
+fn check_all_present(vars: &[(String, Var)], t: &HashMap<String, Tensor>, what: &str) -> Result<()> {
     for (n, v) in vars {
         match t.get(n) {
             None => bail!("{what} lacks {n}"),
             Some(x) if x.dims() != v.dims() => {
-                bail!(
-                    "{what}: {n} has shape {:?}, expected {:?}",
-                    x.dims(),
-                    v.dims()
-                )
+                bail!("{what}: {n} has shape {:?}, expected {:?}", x.dims(), v.dims())
             }
             _ => {}
         }
@@ -66,57 +51,29 @@ impl Recipe {
         }
         let mut part_states = [None, None];
         for (i, (name, p)) in [
-            (
-                "encoder",
-                self.encoder.as_ref().map(|p| (&p.vars, &p.trained)),
-            ),
-            (
-                "decoder",
-                self.decoder.as_ref().map(|p| (&p.vars, &p.trained)),
-            ),
+            ("encoder", self.encoder.as_ref().map(|p| (&p.vars, &p.trained))),
+            ("decoder", self.decoder.as_ref().map(|p| (&p.vars, &p.trained))),
         ]
         .into_iter()
         .enumerate()
         {
             let Some((vars, trained)) = p else { continue };
-            let raw: HashMap<String, Tensor> = vars
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-                .collect();
+            let raw: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
             state::write_tensors(dir, &format!("{name}.safetensors"), &raw)?;
             part_states[i] = Some(match trained {
                 Some(tr) => {
-                    state::write_tensors(
-                        dir,
-                        &format!("ema_{name}.safetensors"),
-                        &tr.ema.tensor_map(),
-                    )?;
-                    state::write_tensors(
-                        dir,
-                        &format!("optim_{name}.safetensors"),
-                        &tr.opt.state_tensors()?,
-                    )?;
-                    PartState {
-                        trained: true,
-                        optimizer_steps: tr.opt.step_count(),
-                        ema_updates: tr.ema.updates(),
-                    }
+                    state::write_tensors(dir, &format!("ema_{name}.safetensors"), &tr.ema.tensor_map())?;
+                    state::write_tensors(dir, &format!("optim_{name}.safetensors"), &tr.opt.state_tensors()?)?;
+                    PartState { trained: true, optimizer_steps: tr.opt.step_count(), ema_updates: tr.ema.updates() }
                 }
-                None => PartState {
-                    trained: false,
-                    optimizer_steps: 0,
-                    ema_updates: 0,
-                },
+                None => PartState { trained: false, optimizer_steps: 0, ema_updates: 0 },
             });
         }
         let disc = match &self.gan {
             None => None,
             Some(g) => {
-                let mut t: HashMap<String, Tensor> = g
-                    .vars
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-                    .collect();
+                let mut t: HashMap<String, Tensor> =
+                    g.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
                 t.extend(g.stats.to_map(&g.cfg));
                 state::write_tensors(dir, "disc.safetensors", &t)?;
                 state::write_tensors(dir, "optim_disc.safetensors", &g.opt.state_tensors()?)?;
@@ -126,10 +83,7 @@ impl Recipe {
                 } else {
                     0
                 };
-                Some(DiscState {
-                    optimizer_steps: g.opt.step_count(),
-                    replay_len,
-                })
+                Some(DiscState { optimizer_steps: g.opt.step_count(), replay_len })
             }
         };
         let [encoder, decoder] = part_states;
@@ -165,43 +119,16 @@ impl Recipe {
         }
         let structural = |what: &str, saved: String, now: String| -> Result<()> {
             if saved != now {
-                bail!(
-                    "{}: saved with {what} = {saved}, this run has {now}",
-                    dir.display()
-                );
+                bail!("{}: saved with {what} = {saved}, this run has {now}", dir.display());
             }
             Ok(())
         };
-        structural(
-            "train_encoder",
-            st.recipe.train_encoder.to_string(),
-            self.cfg.train_encoder.to_string(),
-        )?;
-        structural(
-            "train_decoder",
-            st.recipe.train_decoder.to_string(),
-            self.cfg.train_decoder.to_string(),
-        )?;
-        structural(
-            "amsgrad",
-            st.recipe.optimizer.amsgrad().to_string(),
-            self.cfg.optimizer.amsgrad().to_string(),
-        )?;
-        structural(
-            "a discriminator",
-            st.disc.is_some().to_string(),
-            self.gan.is_some().to_string(),
-        )?;
-        structural(
-            "an encoder",
-            st.encoder.is_some().to_string(),
-            self.encoder.is_some().to_string(),
-        )?;
-        structural(
-            "a decoder",
-            st.decoder.is_some().to_string(),
-            self.decoder.is_some().to_string(),
-        )?;
+        structural("train_encoder", st.recipe.train_encoder.to_string(), self.cfg.train_encoder.to_string())?;
+        structural("train_decoder", st.recipe.train_decoder.to_string(), self.cfg.train_decoder.to_string())?;
+        structural("amsgrad", st.recipe.optimizer.amsgrad().to_string(), self.cfg.optimizer.amsgrad().to_string())?;
+        structural("a discriminator", st.disc.is_some().to_string(), self.gan.is_some().to_string())?;
+        structural("an encoder", st.encoder.is_some().to_string(), self.encoder.is_some().to_string())?;
+        structural("a decoder", st.decoder.is_some().to_string(), self.decoder.is_some().to_string())?;
         if st.recipe != self.cfg {
             let a = serde_json::to_value(&st.recipe)?;
             let b = serde_json::to_value(&self.cfg)?;
@@ -212,10 +139,7 @@ impl Recipe {
                 .filter(|(k, v)| b.get(k.as_str()) != Some(v))
                 .map(|(k, v)| format!("{k}: {v} -> {}", b[k.as_str()]))
                 .collect();
-            tracing::warn!(
-                "resuming with changed hyperparameters: {}",
-                changed.join(", ")
-            );
+            tracing::warn!("resuming with changed hyperparameters: {}", changed.join(", "));
         }
 
         // Read and check everything.
@@ -251,19 +175,12 @@ impl Recipe {
             check_all_present(vars, &raw, &format!("{name}.safetensors"))?;
             let tr = if trained == Some(true) {
                 if !saved.trained {
-                    bail!(
-                        "{}: the {name} was not trained in the saved run",
-                        dir.display()
-                    );
+                    bail!("{}: the {name} was not trained in the saved run", dir.display());
                 }
                 let ema = state::read_tensors(dir, &format!("ema_{name}.safetensors"))?;
                 check_all_present(vars, &ema, &format!("ema_{name}.safetensors"))?;
                 let opt = state::read_tensors(dir, &format!("optim_{name}.safetensors"))?;
-                Some(TrainedLoad {
-                    ema,
-                    opt,
-                    saved: saved.clone(),
-                })
+                Some(TrainedLoad { ema, opt, saved: saved.clone() })
             } else {
                 None
             };
@@ -295,15 +212,7 @@ impl Recipe {
             let (Some((vars, trained)), Some(l)) = (p, l) else {
                 continue;
             };
-            if let (
-                Some(tr),
-                Some(TrainedLoad {
-                    ema,
-                    opt,
-                    saved: ps,
-                }),
-            ) = (trained.as_mut(), &l.trained)
-            {
+            if let (Some(tr), Some(TrainedLoad { ema, opt, saved: ps })) = (trained.as_mut(), &l.trained) {
                 tr.opt.set_config(enc_adam_cfg)?;
                 tr.opt.load_state_tensors(opt, ps.optimizer_steps)?;
                 tr.ema.set_decay(self.cfg.ema_decay, self.cfg.ema_warmup);

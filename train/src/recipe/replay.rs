@@ -63,12 +63,7 @@ pub struct ReplayPlan {
 
 impl ReplayBuffer {
     pub fn new(capacity: usize, dtype: ReplayDtype) -> Self {
-        Self {
-            capacity,
-            dtype,
-            images: Vec::new(),
-            latents: Vec::new(),
-        }
+        Self { capacity, dtype, images: Vec::new(), latents: Vec::new() }
     }
 
     pub fn capacity(&self) -> usize {
@@ -88,32 +83,19 @@ impl ReplayBuffer {
     }
 
     /// Bytes the buffer takes when full of `[3, h, w]` images and `[c, h/s, w/s]` latents.
-    pub fn bytes_at(
-        capacity: usize,
-        dtype: ReplayDtype,
-        h: usize,
-        w: usize,
-        c: usize,
-        s: usize,
-    ) -> u64 {
+    pub fn bytes_at(capacity: usize, dtype: ReplayDtype, h: usize, w: usize, c: usize, s: usize) -> u64 {
         let per = 3 * h * w + c * h.div_ceil(s) * w.div_ceil(s);
         capacity as u64 * per as u64 * dtype.bytes() as u64
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> u64 {
-        self.images
-            .iter()
-            .chain(&self.latents)
-            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum()
+        self.images.iter().chain(&self.latents).map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
     }
 
     fn shapes_match(&self, images: &Tensor, latents: &Tensor) -> bool {
         match (self.images.first(), self.latents.first()) {
-            (Some(i), Some(l)) => {
-                i.dims() == &images.dims()[1..] && l.dims() == &latents.dims()[1..]
-            }
+            (Some(i), Some(l)) => i.dims() == &images.dims()[1..] && l.dims() == &latents.dims()[1..],
             _ => true,
         }
     }
@@ -159,21 +141,12 @@ impl ReplayBuffer {
                 });
             }
         }
-        Ok(ReplayPlan {
-            reset,
-            writes,
-            samples,
-        })
+        Ok(ReplayPlan { reset, writes, samples })
     }
 
     /// The drawn samples as f32 `[n, 3, H, W]` images and `[n, C, h, w]` latents on the batch's
     /// device (`None` when the plan draws nothing).
-    pub fn gather(
-        &self,
-        plan: &ReplayPlan,
-        images: &Tensor,
-        latents: &Tensor,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn gather(&self, plan: &ReplayPlan, images: &Tensor, latents: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
         if plan.samples.is_empty() {
             return Ok(None);
         }
@@ -209,10 +182,7 @@ impl ReplayBuffer {
                 self.images[slot] = im;
                 self.latents[slot] = la;
             } else {
-                bail!(
-                    "replay: write to slot {slot} of a buffer of {}",
-                    self.images.len()
-                );
+                bail!("replay: write to slot {slot} of a buffer of {}", self.images.len());
             }
         }
         Ok(())
@@ -233,8 +203,7 @@ impl ReplayBuffer {
             let im = Tensor::stack(&self.images[start..end], 0)?.to_device(&Device::Cpu)?;
             let la = Tensor::stack(&self.latents[start..end], 0)?.to_device(&Device::Cpu)?;
             let map = HashMap::from([("images".to_string(), im), ("latents".to_string(), la)]);
-            candle_core::safetensors::save(&map, &path)
-                .with_context(|| format!("writing {}", path.display()))?;
+            candle_core::safetensors::save(&map, &path).with_context(|| format!("writing {}", path.display()))?;
             files.push(path);
         }
         Ok(files)
@@ -250,12 +219,8 @@ impl ReplayBuffer {
             let path = dir.join(format!("replay_{c:05}.safetensors"));
             let map = candle_core::safetensors::load(&path, &Device::Cpu)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let im = map
-                .get("images")
-                .with_context(|| format!("{}: no `images`", path.display()))?;
-            let la = map
-                .get("latents")
-                .with_context(|| format!("{}: no `latents`", path.display()))?;
+            let im = map.get("images").with_context(|| format!("{}: no `images`", path.display()))?;
+            let la = map.get("latents").with_context(|| format!("{}: no `latents`", path.display()))?;
             let n = im.dim(0)?;
             if la.dim(0)? != n {
                 bail!("{}: {n} images but {} latents", path.display(), la.dim(0)?);
@@ -272,11 +237,7 @@ impl ReplayBuffer {
             }
         }
         if images.len() != len.min(self.capacity) {
-            bail!(
-                "replay buffer in {}: found {} entries, the state says {len}",
-                dir.display(),
-                images.len()
-            );
+            bail!("replay buffer in {}: found {} entries, the state says {len}", dir.display(), images.len());
         }
         self.images = images;
         self.latents = latents;
@@ -303,30 +264,16 @@ mod tests {
 
     fn batch(base: f32, b: usize) -> (Tensor, Tensor) {
         let dev = Device::Cpu;
-        let im: Vec<f32> = (0..b * 3 * 8 * 8)
-            .map(|i| base + (i / (3 * 64)) as f32)
-            .collect();
+        let im: Vec<f32> = (0..b * 3 * 8 * 8).map(|i| base + (i / (3 * 64)) as f32).collect();
         let la: Vec<f32> = (0..b * 2).map(|i| base + (i / 2) as f32).collect();
-        (
-            Tensor::from_vec(im, (b, 3, 8, 8), &dev).unwrap(),
-            Tensor::from_vec(la, (b, 2, 1, 1), &dev).unwrap(),
-        )
+        (Tensor::from_vec(im, (b, 3, 8, 8), &dev).unwrap(), Tensor::from_vec(la, (b, 2, 1, 1), &dev).unwrap())
     }
 
     fn first_values(buf: &ReplayBuffer) -> Vec<f32> {
         buf.entries()
             .0
             .iter()
-            .map(|t| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .get(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
+            .map(|t| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().get(0).unwrap().to_scalar::<f32>().unwrap())
             .collect()
     }
 
@@ -382,12 +329,7 @@ mod tests {
                     Source::Fresh(b) => plan.writes.iter().rev().find(|w| w.1 == b).unwrap().0,
                 };
                 let want = buf.entries().0[slot].to_dtype(DType::F32).unwrap();
-                let diff = (gi.get(j).unwrap() - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap();
+                let diff = (gi.get(j).unwrap() - want).unwrap().abs().unwrap().sum_all().unwrap();
                 assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
             }
         }

@@ -35,19 +35,13 @@ pub struct RngState {
 
 impl RngState {
     pub fn of(rng: &ChaCha8Rng) -> Self {
-        Self {
-            seed: hex::encode(rng.get_seed()),
-            stream: rng.get_stream(),
-            word_pos: rng.get_word_pos().to_string(),
-        }
+        Self { seed: hex::encode(rng.get_seed()), stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
     }
 
     pub fn restore(&self) -> Result<ChaCha8Rng> {
         use rand::SeedableRng;
         let bytes = hex::decode(&self.seed).context("RNG seed is not hex")?;
-        let seed: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("RNG seed is not 32 bytes"))?;
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| anyhow::anyhow!("RNG seed is not 32 bytes"))?;
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(self.stream);
         rng.set_word_pos(self.word_pos.parse::<u128>().context("RNG word_pos")?);
@@ -92,8 +86,7 @@ impl StateFile {
         let path = dir.join(STATE_JSON);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {} (not a saved recipe state?)", path.display()))?;
-        let s: StateFile =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let s: StateFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if s.format != FORMAT || s.version != VERSION {
             bail!(
                 "{}: format {:?} version {}, this build reads {FORMAT:?} version {VERSION}",
@@ -121,8 +114,7 @@ pub fn write_tensors(dir: &Path, name: &str, t: &HashMap<String, Tensor>) -> Res
 /// Read `dir/name` onto the CPU.
 pub fn read_tensors(dir: &Path, name: &str) -> Result<HashMap<String, Tensor>> {
     let path = dir.join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| format!("reading {}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))
 }
 
 #[cfg(test)]
@@ -140,10 +132,7 @@ mod tests {
         }
         let st = RngState::of(&rng);
         let json = serde_json::to_string(&st).unwrap();
-        let mut back = serde_json::from_str::<RngState>(&json)
-            .unwrap()
-            .restore()
-            .unwrap();
+        let mut back = serde_json::from_str::<RngState>(&json).unwrap().restore().unwrap();
         for _ in 0..100 {
             assert_eq!(rng.random::<u64>(), back.random::<u64>());
         }

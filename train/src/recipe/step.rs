@@ -53,9 +53,7 @@ impl Readback {
             .iter()
             .map(|(_, _, t)| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()))
             .collect::<candle_core::Result<_>>()?;
-        let all = Tensor::cat(&flat, 0)?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
+        let all = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
         let mut out = Vec::with_capacity(flat.len());
         let mut k = 0;
         for t in &flat {
@@ -119,13 +117,8 @@ fn propose(
     Ok(p)
 }
 
-/// 1. The encoder: its distillation loss against the teacher latents, gradients, proposal.
-fn encoder_phase(
-    ctx: &StepCtx,
-    model: &taesd::Encoder,
-    tr: &Trained,
-    rb: &mut Readback,
-) -> Result<Proposal> {
+/// Phase 1, the encoder: its distillation loss against the teacher latents, gradients, proposal.
+fn encoder_phase(ctx: &StepCtx, model: &taesd::Encoder, tr: &Trained, rb: &mut Readback) -> Result<Proposal> {
     // The ops hand the weights' gradients to `wg`, off candle's graph
     // (taesd_ops::WeightGrads; active during the forward, where the ops capture it).
     let wg = taesd_ops::WeightGrads::new();
@@ -155,7 +148,7 @@ fn encoder_phase(
     Ok(p)
 }
 
-/// 2a. The discriminator: the fakes (virtually) join the replay buffer, the disc batch is
+/// Phase 2a, the discriminator: the fakes (virtually) join the replay buffer, the disc batch is
 /// `B - floor(B * replay_fraction)` current fakes then replayed ones, each position shows its
 /// fake or the real image by a coin flip (the latent travels with its image); training-mode
 /// forward, `MSE(scores, +1 fake / -1 real)`, proposed AdamW update and BatchNorm statistics.
@@ -169,11 +162,8 @@ fn disc_phase(
 ) -> Result<(DiscProposal, Vec<f32>)> {
     let (images, latents, pc) = (ctx.images, ctx.latents, ctx.precision);
     let b = images.dim(0)?;
-    let n_replay = if gan.replay.capacity() > 0 {
-        ((b as f64 * ctx.cfg.replay_fraction).floor() as usize).min(b)
-    } else {
-        0
-    };
+    let n_replay =
+        if gan.replay.capacity() > 0 { ((b as f64 * ctx.cfg.replay_fraction).floor() as usize).min(b) } else { 0 };
     let n_fresh = b - n_replay;
     let plan = gan.replay.plan(fake_d, latents, n_replay, rng)?;
     let (fake_in, ctx_in) = match gan.replay.gather(&plan, fake_d, latents)? {
@@ -184,9 +174,7 @@ fn disc_phase(
             Tensor::cat(&[&latents.narrow(0, 0, n_fresh)?, &rl], 0)?,
         ),
     };
-    let coins: Vec<f32> = (0..b)
-        .map(|_| if rng.random_bool(0.5) { 1.0 } else { 0.0 })
-        .collect();
+    let coins: Vec<f32> = (0..b).map(|_| if rng.random_bool(0.5) { 1.0 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(coins.clone(), (b, 1, 1, 1), images.device())?;
     let not_mask = mask.affine(-1.0, 1.0)?;
     // Exact selection (x * 1 + y * 0), as the reference.
@@ -194,20 +182,11 @@ fn disc_phase(
     let cond = (mask.broadcast_mul(&ctx_in)? + not_mask.broadcast_mul(latents)?)?;
     let disc_wg = taesd_ops::WeightGrads::new();
     let disc_active = disc_wg.activate();
-    let (scores, new_stats) = Discriminator::forward_with(
-        &gan.cfg,
-        &gan.params(),
-        &gan.stats,
-        &pc.compute(&x)?,
-        &pc.compute(&cond)?,
-        true,
-    )?;
+    let (scores, new_stats) =
+        Discriminator::forward_with(&gan.cfg, &gan.params(), &gan.stats, &pc.compute(&x)?, &pc.compute(&cond)?, true)?;
     drop(disc_active);
     let new_stats = new_stats.context("training-mode forward gave no statistics")?;
-    let targets = mask
-        .affine(2.0, -1.0)?
-        .broadcast_as(scores.shape())?
-        .contiguous()?;
+    let targets = mask.affine(2.0, -1.0)?.broadcast_as(scores.shape())?.contiguous()?;
     let disc_loss = losses::mse(&scores, &targets)?;
     let grads = disc_loss.backward()?;
     let g = gan.opt.flat_gradients_with(&grads, Some(&disc_wg))?;
@@ -221,12 +200,7 @@ fn disc_phase(
     drop((disc_loss, scores, targets, x, cond, fake_in, ctx_in, mask, not_mask));
     rb.push(Kind::Loss, "disc", disc_loss_value);
     let stat_sum = Tensor::stack(
-        &new_stats
-            .mean
-            .iter()
-            .chain(&new_stats.var)
-            .map(|t| t.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?,
+        &new_stats.mean.iter().chain(&new_stats.var).map(|t| t.sum_all()).collect::<candle_core::Result<Vec<_>>>()?,
         0,
     )?
     .sum_all()?;
@@ -236,7 +210,7 @@ fn disc_phase(
     Ok((p, coins))
 }
 
-/// 2b. The correction, with the *updated* discriminator in inference mode: the gradient of
+/// Phase 2b, the correction, with the *updated* discriminator in inference mode: the gradient of
 /// `sum_i MSE(D(real_i), D(fake_i + c_i))` at `c = 0`, negated and divided by its std. Returns
 /// the decoder's GAN target `fake + correction` (detached).
 fn correction_phase(
@@ -260,7 +234,7 @@ fn correction_phase(
     Ok((fake_d + corr)?)
 }
 
-/// 2c. The decoder: the weighted sum of its loss terms, gradients and proposal (none during
+/// Phase 2c, the decoder: the weighted sum of its loss terms, gradients and proposal (none during
 /// the discriminator's warm-up).
 fn decoder_phase(
     ctx: &StepCtx,
@@ -291,7 +265,7 @@ fn decoder_phase(
     Ok(Some(propose(&tr.opt, &g, ctx.lr, ctx.cfg.grad_clip, ("decoder", "decoder"), rb)?))
 }
 
-/// 3. The guard: every loss, gradient norm and the new BatchNorm statistics read back in one
+/// Phase 3, the guard: every loss, gradient norm and the new BatchNorm statistics read back in one
 /// transfer; the report, with `skipped` set when any is NaN/inf.
 fn guard(rb: &Readback, coins: &[f32], mut report: StepReport) -> Result<StepReport> {
     let vals = rb.fetch()?;
@@ -314,14 +288,8 @@ fn guard(rb: &Readback, coins: &[f32], mut report: StepReport) -> Result<StepRep
             }
             Kind::Check => {}
             Kind::DiscScores => {
-                let hits = v
-                    .iter()
-                    .zip(coins)
-                    .filter(|(s, c)| (**s > 0.0) == (**c > 0.5))
-                    .count();
-                report
-                    .losses
-                    .insert("disc_acc".into(), hits as f64 / coins.len().max(1) as f64);
+                let hits = v.iter().zip(coins).filter(|(s, c)| (**s > 0.0) == (**c > 0.5)).count();
+                report.losses.insert("disc_acc".into(), hits as f64 / coins.len().max(1) as f64);
             }
         }
     }
@@ -334,25 +302,12 @@ fn guard(rb: &Readback, coins: &[f32], mut report: StepReport) -> Result<StepRep
 impl Recipe {
     fn check_batch(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
         let images = batch.images.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let latents = batch
-            .latents
-            .to_device(&self.device)?
-            .to_dtype(DType::F32)?;
-        let (b, c, h, w) = images
-            .dims4()
-            .context("batch images must be [B, 3, H, W]")?;
-        let (lb, lc, lh, lw) = latents
-            .dims4()
-            .context("batch latents must be [B, C, h, w]")?;
+        let latents = batch.latents.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let (b, c, h, w) = images.dims4().context("batch images must be [B, 3, H, W]")?;
+        let (lb, lc, lh, lw) = latents.dims4().context("batch latents must be [B, C, h, w]")?;
         let s = self.model_cfg.spatial_scale();
         let m = s.max(8);
-        if b == 0
-            || c != 3
-            || lb != b
-            || lc != self.model_cfg.latent_channels
-            || lh * s != h
-            || lw * s != w
-        {
+        if b == 0 || c != 3 || lb != b || lc != self.model_cfg.latent_channels || lh * s != h || lw * s != w {
             bail!(
                 "batch: images {:?} and latents {:?} do not fit {} (expect [B, 3, H, W] and [B, {}, H/{s}, W/{s}])",
                 images.dims(),
@@ -466,7 +421,7 @@ impl Recipe {
         Ok(report)
     }
 
-    /// 4. Write what the step proposed: weights and moments, the replay buffer's new fakes,
+    /// Phase 4: write what the step proposed: weights and moments, the replay buffer's new fakes,
     /// BatchNorm statistics, the EMAs.
     fn commit(&mut self, props: Proposals, latents: &Tensor) -> Result<()> {
         if let (Some(p), Some(enc)) = (props.encoder, self.encoder.as_mut()) {

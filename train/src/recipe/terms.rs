@@ -34,7 +34,11 @@ pub struct DecoderTerm {
 /// The terms, in the order they are summed.
 pub const TERMS: &[DecoderTerm] = &[
     // seraena's: pull the decoder's output towards `fake + correction`.
-    DecoderTerm { name: "gan", weight: |c| c.gan_weight, value: |i| Ok(i.target.map(|t| losses::mse(i.fake, t)).transpose()?) },
+    DecoderTerm {
+        name: "gan",
+        weight: |c| c.gan_weight,
+        value: |i| i.target.map(|t| losses::mse(i.fake, t)).transpose(),
+    },
     // The faint colour term: MSE of `lowres_factor`-pooled images.
     DecoderTerm {
         name: "lowres_mse",
@@ -42,14 +46,26 @@ pub const TERMS: &[DecoderTerm] = &[
         value: |i| Ok(Some(losses::lowres_mse(i.fake, i.real, i.cfg.lowres_factor)?)),
     },
     // Full-resolution MSE (blurs on its own).
-    DecoderTerm { name: "fullres_mse", weight: |c| c.fullres_mse_weight, value: |i| Ok(Some(losses::mse(i.fake, i.real)?)) },
+    DecoderTerm {
+        name: "fullres_mse",
+        weight: |c| c.fullres_mse_weight,
+        value: |i| Ok(Some(losses::mse(i.fake, i.real)?)),
+    },
     // L1 between DFT amplitudes of patches.
-    DecoderTerm { name: "freq", weight: |c| c.freq_weight, value: |i| Ok(i.freq.map(|fb| fb.amplitude_l1(i.fake, i.real)).transpose()?) },
+    DecoderTerm {
+        name: "freq",
+        weight: |c| c.freq_weight,
+        value: |i| i.freq.map(|fb| fb.amplitude_l1(i.fake, i.real)).transpose(),
+    },
 ];
 
 /// This step's `(name, weight, value)` terms: in the pixel warm-up the full-resolution MSE alone
 /// (weight 1), else every term of [`TERMS`] with a weight and a value.
-pub fn decoder_terms(cfg: &RecipeConfig, input: &TermInput, pixel_phase: bool) -> Result<Vec<(&'static str, f64, Tensor)>> {
+pub fn decoder_terms(
+    cfg: &RecipeConfig,
+    input: &TermInput,
+    pixel_phase: bool,
+) -> Result<Vec<(&'static str, f64, Tensor)>> {
     if pixel_phase {
         return Ok(vec![("fullres_mse", 1.0, losses::mse(input.fake, input.real)?)]);
     }

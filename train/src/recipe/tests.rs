@@ -30,9 +30,7 @@ fn taesd_cfg() -> taesd::TaesdConfig {
 fn batch(i: u64) -> Batch {
     let mut rng = ChaCha8Rng::seed_from_u64(1000 + i);
     let im: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.random::<f32>()).collect();
-    let la: Vec<f32> = (0..2 * 4 * 4 * 4)
-        .map(|_| rng.sample::<f32, _>(StandardNormal))
-        .collect();
+    let la: Vec<f32> = (0..2 * 4 * 4 * 4).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
     Batch {
         images: Tensor::from_vec(im, (2, 3, 32, 32), &Device::Cpu).unwrap(),
         latents: Tensor::from_vec(la, (2, 4, 4, 4), &Device::Cpu).unwrap(),
@@ -57,14 +55,9 @@ fn read_state(dir: &Path) -> (BTreeMap<String, Vec<u8>>, serde_json::Value) {
         let t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
         for (n, t) in t {
             let bytes: Vec<u8> = match t.dtype() {
-                DType::F32 => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
+                DType::F32 => {
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+                }
                 DType::F16 => t
                     .flatten_all()
                     .unwrap()
@@ -88,11 +81,7 @@ fn assert_same_state(
     b: &(BTreeMap<String, Vec<u8>>, serde_json::Value),
     what: &str,
 ) {
-    assert_eq!(
-        a.0.keys().collect::<Vec<_>>(),
-        b.0.keys().collect::<Vec<_>>(),
-        "{what}: tensor names"
-    );
+    assert_eq!(a.0.keys().collect::<Vec<_>>(), b.0.keys().collect::<Vec<_>>(), "{what}: tensor names");
     for (k, v) in &a.0 {
         assert!(v == &b.0[k], "{what}: {k} differs");
     }
@@ -106,14 +95,7 @@ fn assert_same_state(
 
 #[test]
 fn steps_report_and_models_are_snapshots() {
-    let mut r = Recipe::new(
-        &tiny_cfg(),
-        taesd_cfg(),
-        &ModelInit::default(),
-        &Device::Cpu,
-        5,
-    )
-    .unwrap();
+    let mut r = Recipe::new(&tiny_cfg(), taesd_cfg(), &ModelInit::default(), &Device::Cpu, 5).unwrap();
     assert_eq!(r.disc_param_count(), 7_481_088);
     // From scratch: the decoder's output bias starts at 0.5.
     let dec0 = r.ema_decoder().unwrap().unwrap();
@@ -132,22 +114,13 @@ fn steps_report_and_models_are_snapshots() {
         "correction_std",
         "decoder_mse",
     ] {
-        assert!(
-            rep.losses.get(k).is_some_and(|v| v.is_finite()),
-            "missing {k}: {rep:?}"
-        );
+        assert!(rep.losses.get(k).is_some_and(|v| v.is_finite()), "missing {k}: {rep:?}");
     }
     // The GAN term is the mean square of the correction -g / (std(g) + 1e-5): at most ~1, and
     // well below while the raw gradient's std is under the 1e-5 floor (a fresh discriminator).
     let s = rep.losses["correction_std"];
-    assert!(
-        rep.losses["gan"] > 0.0 && rep.losses["gan"] <= 1.0 + 1e-3,
-        "{rep:?}"
-    );
-    assert!(
-        rep.losses["gan"] >= 0.9 * (s / (s + 1e-5)).powi(2),
-        "{rep:?}"
-    );
+    assert!(rep.losses["gan"] > 0.0 && rep.losses["gan"] <= 1.0 + 1e-3, "{rep:?}");
+    assert!(rep.losses["gan"] >= 0.9 * (s / (s + 1e-5)).powi(2), "{rep:?}");
     for k in ["encoder", "decoder", "disc"] {
         assert!(rep.grad_norms[k] > 0.0);
     }
@@ -160,39 +133,18 @@ fn steps_report_and_models_are_snapshots() {
     r.step(&batch(1)).unwrap();
     let after = dec0.forward(&z).unwrap();
     let raw2 = r.decoder().unwrap().unwrap().forward(&z).unwrap();
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff(&before, &after), 0.0);
     assert!(diff(&raw1, &raw2) > 0.0);
     let mean0 = before.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(
-        (mean0 - 0.5).abs() < 0.2,
-        "fresh decoder output mean {mean0}"
-    );
+    assert!((mean0 - 0.5).abs() < 0.2, "fresh decoder output mean {mean0}");
     // Export the EMA weights and load them back with the model crate.
     let dir = tempfile::tempdir().unwrap();
-    let files = r
-        .export(
-            taesd::Layout::TaesdPy,
-            &dir.path().join("taesd"),
-            Some(taesd::Variant::Taesd),
-        )
-        .unwrap();
+    let files = r.export(taesd::Layout::TaesdPy, &dir.path().join("taesd"), Some(taesd::Variant::Taesd)).unwrap();
     assert_eq!(files.len(), 2);
     let back = taesd::Taesd::load_files(&files, None, DType::F32, &Device::Cpu).unwrap();
     let ema = r.ema_decoder().unwrap().unwrap();
-    assert_eq!(
-        diff(&back.decode(&z).unwrap(), &ema.forward(&z).unwrap()),
-        0.0
-    );
+    assert_eq!(diff(&back.decode(&z).unwrap(), &ema.forward(&z).unwrap()), 0.0);
     // Batches that do not fit are errors, not skips.
     let bad = Batch {
         images: Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap(),
@@ -203,14 +155,7 @@ fn steps_report_and_models_are_snapshots() {
 
 #[test]
 fn nan_batch_is_skipped_and_writes_nothing() {
-    let mut r = Recipe::new(
-        &tiny_cfg(),
-        taesd_cfg(),
-        &ModelInit::default(),
-        &Device::Cpu,
-        11,
-    )
-    .unwrap();
+    let mut r = Recipe::new(&tiny_cfg(), taesd_cfg(), &ModelInit::default(), &Device::Cpu, 11).unwrap();
     for i in 0..2 {
         r.step(&batch(i)).unwrap();
     }
@@ -219,10 +164,7 @@ fn nan_batch_is_skipped_and_writes_nothing() {
     let b = batch(3);
     let mut im = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     im[1234] = f32::NAN;
-    let nan = Batch {
-        images: Tensor::from_vec(im, (2, 3, 32, 32), &Device::Cpu).unwrap(),
-        latents: b.latents.clone(),
-    };
+    let nan = Batch { images: Tensor::from_vec(im, (2, 3, 32, 32), &Device::Cpu).unwrap(), latents: b.latents.clone() };
     let rep = r.step(&nan).unwrap();
     let why = rep.skipped.clone().expect("the NaN step must be skipped");
     assert!(why.contains("NaN"), "{why}");
@@ -239,20 +181,13 @@ fn nan_batch_is_skipped_and_writes_nothing() {
     let mut la = b.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     la[7] = f32::NAN;
     let rep = r
-        .step(&Batch {
-            images: b.images.clone(),
-            latents: Tensor::from_vec(la, (2, 4, 4, 4), &Device::Cpu).unwrap(),
-        })
+        .step(&Batch { images: b.images.clone(), latents: Tensor::from_vec(la, (2, 4, 4, 4), &Device::Cpu).unwrap() })
         .unwrap();
     assert!(rep.skipped.is_some());
     let mut want_json = before.1.clone();
     want_json["step"] = 4.into();
     want_json["skipped_steps"] = 2.into();
-    assert_same_state(
-        &(before.0.clone(), want_json),
-        &snapshot(&r),
-        "after two bad steps",
-    );
+    assert_same_state(&(before.0.clone(), want_json), &snapshot(&r), "after two bad steps");
     // Training goes on normally.
     assert!(r.step(&batch(3)).unwrap().skipped.is_none());
 }
@@ -274,8 +209,7 @@ fn resume_is_bit_exact() {
     // Interrupted: m steps, save, drop.
     let dir = tempfile::tempdir().unwrap();
     {
-        let mut s =
-            Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 21).unwrap();
+        let mut s = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 21).unwrap();
         for i in 0..m {
             s.step(&batch(i)).unwrap();
         }
@@ -297,12 +231,7 @@ fn resume_is_bit_exact() {
 
 #[test]
 fn pixel_warmup_trains_the_discriminator_without_corrections_and_the_lr_follows_the_schedule() {
-    let cfg = RecipeConfig {
-        pixel_warmup_steps: 2,
-        lr_warmup_steps: 1,
-        lr_schedule: LrSchedule::Linear,
-        ..tiny_cfg()
-    };
+    let cfg = RecipeConfig { pixel_warmup_steps: 2, lr_warmup_steps: 1, lr_schedule: LrSchedule::Linear, ..tiny_cfg() };
     let mut r = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 3).unwrap();
     r.set_schedule_end(Some(5));
     for i in 0..4u64 {
@@ -314,7 +243,11 @@ fn pixel_warmup_trains_the_discriminator_without_corrections_and_the_lr_follows_
         assert!(rep.grad_norms.contains_key("decoder"), "step {i}");
         if i < 2 {
             // Pixel warm-up: the full-resolution MSE alone, no correction computed.
-            assert!(has("fullres_mse") && !has("gan") && !has("correction_std") && !has("lowres_mse"), "{:?}", rep.losses);
+            assert!(
+                has("fullres_mse") && !has("gan") && !has("correction_std") && !has("lowres_mse"),
+                "{:?}",
+                rep.losses
+            );
             assert_eq!(rep.losses["decoder"], rep.losses["fullres_mse"]);
         } else {
             assert!(has("gan") && has("correction_std") && has("lowres_mse"), "{:?}", rep.losses);
@@ -349,7 +282,11 @@ fn checkpoints_may_leave_the_replay_buffer_out() {
     r.set_save_replay(true);
     let dir2 = tempfile::tempdir().unwrap();
     r.save_state(dir2.path()).unwrap();
-    assert!(std::fs::read_dir(dir2.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("replay")));
+    assert!(std::fs::read_dir(dir2.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("replay")));
 }
 
 #[test]
@@ -359,37 +296,14 @@ fn load_state_rejects_another_structure() {
     a.step(&batch(0)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     a.save_state(dir.path()).unwrap();
-    let enc_only = RecipeConfig {
-        train_decoder: false,
-        ..cfg.clone()
-    };
-    let mut b = Recipe::new(
-        &enc_only,
-        taesd_cfg(),
-        &ModelInit::default(),
-        &Device::Cpu,
-        1,
-    )
-    .unwrap();
+    let enc_only = RecipeConfig { train_decoder: false, ..cfg.clone() };
+    let mut b = Recipe::new(&enc_only, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 1).unwrap();
     assert!(b.load_state(dir.path()).is_err());
-    let mut c = Recipe::new(
-        &cfg,
-        taesd::TaesdConfig::custom(8),
-        &ModelInit::default(),
-        &Device::Cpu,
-        1,
-    )
-    .unwrap();
+    let mut c = Recipe::new(&cfg, taesd::TaesdConfig::custom(8), &ModelInit::default(), &Device::Cpu, 1).unwrap();
     assert!(c.load_state(dir.path()).is_err());
     // Changed learning rate: allowed.
-    let mut d = Recipe::new(
-        &RecipeConfig { lr: 1e-4, ..cfg },
-        taesd_cfg(),
-        &ModelInit::default(),
-        &Device::Cpu,
-        1,
-    )
-    .unwrap();
+    let mut d =
+        Recipe::new(&RecipeConfig { lr: 1e-4, ..cfg }, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 1).unwrap();
     d.load_state(dir.path()).unwrap();
     assert_eq!(d.step(&batch(1)).unwrap().lr, 1e-4);
 }
@@ -405,9 +319,7 @@ fn real_batch() -> Option<(Batch, taesd::Taesd)> {
         eprintln!("skipping: {REFERENCE} not present");
         return None;
     }
-    let img = image::open(dir.join("parity_source.jpg"))
-        .unwrap()
-        .to_rgb8();
+    let img = image::open(dir.join("parity_source.jpg")).unwrap().to_rgb8();
     let (w, h) = img.dimensions();
     let mut data = Vec::new();
     for (x0, y0) in [(w / 3, h / 3), (w / 2, h / 2)] {
@@ -417,8 +329,7 @@ fn real_batch() -> Option<(Batch, taesd::Taesd)> {
             for x in 0..CROP {
                 let p = img.get_pixel(x0 + x, y0 + y);
                 for c in 0..3 {
-                    chw[c * n + (y * CROP + x) as usize] =
-                        taesd_schemas::conventions::u8_to_unit(p[c]);
+                    chw[c * n + (y * CROP + x) as usize] = taesd_schemas::conventions::u8_to_unit(p[c]);
                 }
             }
         }
@@ -426,8 +337,7 @@ fn real_batch() -> Option<(Batch, taesd::Taesd)> {
     }
     let c = CROP as usize;
     let images = Tensor::from_vec(data, (2, 3, c, c), &Device::Cpu).unwrap();
-    let teacher =
-        taesd::Taesd::load(dir, Some(taesd::Variant::Taef2), DType::F32, &Device::Cpu).unwrap();
+    let teacher = taesd::Taesd::load(dir, Some(taesd::Variant::Taef2), DType::F32, &Device::Cpu).unwrap();
     let latents = teacher.encode(&images).unwrap();
     Some((Batch { images, latents }, teacher))
 }
@@ -435,18 +345,8 @@ fn real_batch() -> Option<(Batch, taesd::Taesd)> {
 #[test]
 fn losses_fall_on_a_fixed_real_batch() {
     let Some((b, _)) = real_batch() else { return };
-    let cfg = RecipeConfig {
-        replay_capacity: 16,
-        ..Default::default()
-    };
-    let mut r = Recipe::new(
-        &cfg,
-        taesd::Variant::Taef2.config(),
-        &ModelInit::default(),
-        &Device::Cpu,
-        3,
-    )
-    .unwrap();
+    let cfg = RecipeConfig { replay_capacity: 16, ..Default::default() };
+    let mut r = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &ModelInit::default(), &Device::Cpu, 3).unwrap();
     let mut enc = Vec::new();
     let mut low = Vec::new();
     let mut dmse = Vec::new();
@@ -460,19 +360,9 @@ fn losses_fall_on_a_fixed_real_batch() {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     eprintln!("encoder {:.4} -> {:.4}", mean(&enc[..3]), mean(&enc[15..]));
     eprintln!("lowres  {:.5} -> {:.5}", mean(&low[..3]), mean(&low[15..]));
-    eprintln!(
-        "dec mse {:.5} -> {:.5}",
-        mean(&dmse[..3]),
-        mean(&dmse[15..])
-    );
-    assert!(
-        mean(&enc[15..]) < 0.5 * mean(&enc[..3]),
-        "encoder loss {enc:?}"
-    );
-    assert!(
-        mean(&low[15..]) < 0.7 * mean(&low[..3]),
-        "low-res MSE {low:?}"
-    );
+    eprintln!("dec mse {:.5} -> {:.5}", mean(&dmse[..3]), mean(&dmse[15..]));
+    assert!(mean(&enc[15..]) < 0.5 * mean(&enc[..3]), "encoder loss {enc:?}");
+    assert!(mean(&low[15..]) < 0.7 * mean(&low[..3]), "low-res MSE {low:?}");
     assert!(mean(&dmse[15..]) < mean(&dmse[..3]), "decoder MSE {dmse:?}");
 }
 
@@ -481,58 +371,27 @@ fn fine_tuning_starts_from_the_released_decoder() {
     let Some((b, teacher)) = real_batch() else {
         return;
     };
-    let cfg = RecipeConfig {
-        train_encoder: false,
-        replay_capacity: 4,
-        ..Default::default()
-    };
-    let init = ModelInit {
-        encoder: None,
-        decoder: Some(REFERENCE.into()),
-    };
+    let cfg = RecipeConfig { train_encoder: false, replay_capacity: 4, ..Default::default() };
+    let init = ModelInit { encoder: None, decoder: Some(REFERENCE.into()) };
     let mut r = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &init, &Device::Cpu, 0).unwrap();
     assert!(r.encoder().unwrap().is_none() && r.ema_encoder().unwrap().is_none());
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     let want = teacher.decode(&b.latents).unwrap();
-    let got = r
-        .ema_decoder()
-        .unwrap()
-        .unwrap()
-        .forward(&b.latents)
-        .unwrap();
-    assert_eq!(
-        diff(&want, &got),
-        0.0,
-        "the initial decoder is the released one (bias not reset)"
-    );
+    let got = r.ema_decoder().unwrap().unwrap().forward(&b.latents).unwrap();
+    assert_eq!(diff(&want, &got), 0.0, "the initial decoder is the released one (bias not reset)");
     let rep = r.step(&b).unwrap();
     assert!(!rep.losses.contains_key("encoder"));
     // A pretrained decoder starts close to the image.
     assert!(rep.losses["decoder_mse"] < 0.02, "{rep:?}");
     // The encoder of a decoder-only run can still come from a checkpoint (frozen).
-    let init = ModelInit {
-        encoder: Some(REFERENCE.into()),
-        decoder: Some(REFERENCE.into()),
-    };
+    let init = ModelInit { encoder: Some(REFERENCE.into()), decoder: Some(REFERENCE.into()) };
     let r2 = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &init, &Device::Cpu, 0).unwrap();
     let e = r2.ema_encoder().unwrap().unwrap();
     assert_eq!(diff(&e.forward(&b.images).unwrap(), &b.latents), 0.0);
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Throughput and the state machinery on a GPU (`--ignored`; skips without CUDA). Settings from
@@ -548,37 +407,25 @@ fn gpu_step_timing_and_state() {
             return;
         }
     };
-    let variant =
-        taesd::Variant::parse(&env_or("RECIPE_BENCH_VARIANT", "taef2".to_string())).unwrap();
+    let variant = taesd::Variant::parse(&env_or("RECIPE_BENCH_VARIANT", "taef2".to_string())).unwrap();
     let size: usize = env_or("RECIPE_BENCH_SIZE", 256);
     let bsz: usize = env_or("RECIPE_BENCH_BATCH", 8);
     let steps: usize = env_or("RECIPE_BENCH_STEPS", 10);
     let mcfg = variant.config();
-    let cfg = RecipeConfig {
-        replay_capacity: env_or("RECIPE_BENCH_REPLAY", 256),
-        ..Default::default()
-    };
+    let cfg = RecipeConfig { replay_capacity: env_or("RECIPE_BENCH_REPLAY", 256), ..Default::default() };
     let t = Instant::now();
     let mut r = Recipe::new(&cfg, mcfg, &ModelInit::default(), &dev, 0).unwrap();
     dev.synchronize().unwrap();
-    eprintln!(
-        "{variant} {size}x{size} batch {bsz}: built in {:?}",
-        t.elapsed()
-    );
+    eprintln!("{variant} {size}x{size} batch {bsz}: built in {:?}", t.elapsed());
     let s = mcfg.spatial_scale();
     let mk = |seed: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let im: Vec<f32> = (0..bsz * 3 * size * size)
-            .map(|_| rng.random::<f32>())
-            .collect();
+        let im: Vec<f32> = (0..bsz * 3 * size * size).map(|_| rng.random::<f32>()).collect();
         let n = bsz * mcfg.latent_channels * (size / s) * (size / s);
-        let la: Vec<f32> = (0..n)
-            .map(|_| rng.sample::<f32, _>(StandardNormal))
-            .collect();
+        let la: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
         Batch {
             images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(),
-            latents: Tensor::from_vec(la, (bsz, mcfg.latent_channels, size / s, size / s), &dev)
-                .unwrap(),
+            latents: Tensor::from_vec(la, (bsz, mcfg.latent_channels, size / s, size / s), &dev).unwrap(),
         }
     };
     let batches: Vec<Batch> = (0..4).map(mk).collect();
@@ -594,26 +441,12 @@ fn gpu_step_timing_and_state() {
     }
     dev.synchronize().unwrap();
     let per = t.elapsed() / steps as u32;
-    eprintln!(
-        "step: {per:?} ({:.1} images/s); last report {:?}",
-        bsz as f64 / per.as_secs_f64(),
-        last.unwrap()
-    );
+    eprintln!("step: {per:?} ({:.1} images/s); last report {:?}", bsz as f64 / per.as_secs_f64(), last.unwrap());
     let (n, bytes) = r.replay_usage();
-    eprintln!(
-        "replay: {n} entries, {:.1} MiB",
-        bytes as f64 / (1 << 20) as f64
-    );
+    eprintln!("replay: {n} entries, {:.1} MiB", bytes as f64 / (1 << 20) as f64);
 
     // NaN guard on the device.
-    let mut im = batches[0]
-        .images
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let mut im = batches[0].images.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     im[17] = f32::NAN;
     let nan = Batch {
         images: Tensor::from_vec(im, (bsz, 3, size, size), &dev).unwrap(),
@@ -654,11 +487,7 @@ fn gpu_step_timing_and_state() {
         decm.forward(&b.latents).unwrap();
     });
     let vm = candle_nn::VarMap::new();
-    let tr = taesd::Taesd::new(
-        &mcfg,
-        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
-    )
-    .unwrap();
+    let tr = taesd::Taesd::new(&mcfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     time("encoder forward+backward", &|| {
         let y = tr.encode(&b.images).unwrap();
         losses::mse(&y, &b.latents).unwrap().backward().unwrap();
@@ -669,29 +498,20 @@ fn gpu_step_timing_and_state() {
     });
     let dcfg = DiscConfig::seraena(mcfg.latent_channels);
     let dvm = candle_nn::VarMap::new();
-    let d = Discriminator::new(
-        &dcfg,
-        candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev),
-    )
-    .unwrap();
+    let d = Discriminator::new(&dcfg, candle_nn::VarBuilder::from_varmap(&dvm, DType::F32, &dev)).unwrap();
     time("disc forward+backward (train)", &|| {
         let (y, _) = d.forward_t(&b.images, &b.latents, true).unwrap();
         y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
     });
     let params: Vec<Tensor> = d.params().iter().map(|p| p.detach()).collect();
     time("correction", &|| {
-        losses::correction_grad(&dcfg, &params, d.stats(), &b.images, &b.images, &b.latents)
-            .unwrap();
+        losses::correction_grad(&dcfg, &params, d.stats(), &b.images, &b.images, &b.latents).unwrap();
     });
 }
 
 /// `t` (f32) as a NumPy `.npy` file.
 fn write_npy(path: &Path, t: &Tensor) {
-    let t = t
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
+    let t = t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
     let shape: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
     let shape = match shape.len() {
         0 => "()".to_string(),
@@ -727,85 +547,40 @@ fn export_pytorch_parity_case() {
     let c = 4;
     let (b, h) = (4, 32);
     // seraena's structure at 1/8 of its widths (keeps the files small).
-    let dcfg = DiscConfig {
-        widths: vec![8, 16, 32, 64, 64, 64],
-        ..DiscConfig::seraena(c)
-    };
+    let dcfg = DiscConfig { widths: vec![8, 16, 32, 64, 64, 64], ..DiscConfig::seraena(c) };
     let vm = candle_nn::VarMap::new();
-    let d = Discriminator::new(
-        &dcfg,
-        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
-    )
-    .unwrap();
-    std::fs::write(
-        out.join("widths.json"),
-        serde_json::to_string(&dcfg.widths).unwrap(),
-    )
-    .unwrap();
+    let d = Discriminator::new(&dcfg, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    std::fs::write(out.join("widths.json"), serde_json::to_string(&dcfg.widths).unwrap()).unwrap();
     let vars: Vec<(String, candle_core::Var)> = {
         let data = vm.data().lock().unwrap();
-        dcfg.param_names()
-            .into_iter()
-            .map(|n| (n.clone(), data[&n].clone()))
-            .collect()
+        dcfg.param_names().into_iter().map(|n| (n.clone(), data[&n].clone())).collect()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(77);
     let mut rand_t = |shape: &[usize], normal: bool| {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                if normal {
-                    rng.sample::<f32, _>(StandardNormal)
-                } else {
-                    rng.random::<f32>()
-                }
-            })
-            .collect();
+        let v: Vec<f32> =
+            (0..n).map(|_| if normal { rng.sample::<f32, _>(StandardNormal) } else { rng.random::<f32>() }).collect();
         Tensor::from_vec(v, shape, &dev).unwrap()
     };
     let real = rand_t(&[b, 3, h, h], false);
     let fake = rand_t(&[b, 3, h, h], false);
     let lat = rand_t(&[b, c, h / 8, h / 8], true);
-    let mask = Tensor::new(&[1f32, 0., 1., 0.], &dev)
-        .unwrap()
-        .reshape((b, 1, 1, 1))
-        .unwrap();
-    let x = (mask.broadcast_mul(&fake).unwrap()
-        + mask
-            .affine(-1.0, 1.0)
-            .unwrap()
-            .broadcast_mul(&real)
-            .unwrap())
-    .unwrap();
+    let mask = Tensor::new(&[1f32, 0., 1., 0.], &dev).unwrap().reshape((b, 1, 1, 1)).unwrap();
+    let x =
+        (mask.broadcast_mul(&fake).unwrap() + mask.affine(-1.0, 1.0).unwrap().broadcast_mul(&real).unwrap()).unwrap();
     let mut names = Vec::new();
     for (n, v) in &vars {
         write_npy(&out.join(format!("init.{n}.npy")), v.as_tensor());
         names.push(n.clone());
     }
-    std::fs::write(
-        out.join("names.json"),
-        serde_json::to_string(&names).unwrap(),
-    )
-    .unwrap();
-    for (n, t) in [
-        ("real", &real),
-        ("fake", &fake),
-        ("latents", &lat),
-        ("mask", &mask),
-    ] {
+    std::fs::write(out.join("names.json"), serde_json::to_string(&names).unwrap()).unwrap();
+    for (n, t) in [("real", &real), ("fake", &fake), ("latents", &lat), ("mask", &mask)] {
         write_npy(&out.join(format!("{n}.npy")), t);
     }
     let params: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-    let (scores, stats) =
-        Discriminator::forward_with(&dcfg, &params, d.stats(), &x, &lat, true).unwrap();
+    let (scores, stats) = Discriminator::forward_with(&dcfg, &params, d.stats(), &x, &lat, true).unwrap();
     let stats = stats.unwrap();
-    let targets = mask
-        .affine(2.0, -1.0)
-        .unwrap()
-        .broadcast_as(scores.shape())
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let targets = mask.affine(2.0, -1.0).unwrap().broadcast_as(scores.shape()).unwrap().contiguous().unwrap();
     let loss = losses::mse(&scores, &targets).unwrap();
     let grads = loss.backward().unwrap();
     write_npy(&out.join("scores.npy"), &scores);
@@ -814,10 +589,7 @@ fn export_pytorch_parity_case() {
     let g = opt.flat_gradients(&grads).unwrap();
     let prop = opt.propose_flat(&g, 3e-4, None).unwrap();
     for (i, (n, v)) in vars.iter().enumerate() {
-        write_npy(
-            &out.join(format!("grad.{n}.npy")),
-            grads.get(v.as_tensor()).unwrap(),
-        );
+        write_npy(&out.join(format!("grad.{n}.npy")), grads.get(v.as_tensor()).unwrap());
         write_npy(&out.join(format!("step1.{n}.npy")), &prop.params[i]);
     }
     for (n, t) in stats.to_map(&dcfg) {
@@ -830,15 +602,10 @@ fn export_pytorch_parity_case() {
     // AMSGrad, lr 1e-2, betas (0.9, 0.9), five steps.
     let p = candle_core::Var::from_tensor(&rand_t(&[64], true)).unwrap();
     write_npy(&out.join("ams.p0.npy"), p.as_tensor());
-    let mut ams = optim::Adam::new(
-        vec![("p".into(), p.clone())],
-        optim::AdamConfig::amsgrad(1e-2, (0.9, 0.9)),
-    )
-    .unwrap();
+    let mut ams =
+        optim::Adam::new(vec![("p".into(), p.clone())], optim::AdamConfig::amsgrad(1e-2, (0.9, 0.9))).unwrap();
     for k in 0..5 {
-        let g = rand_t(&[64], true)
-            .affine(if k == 3 { 0.1 } else { 1.0 }, 0.0)
-            .unwrap();
+        let g = rand_t(&[64], true).affine(if k == 3 { 0.1 } else { 1.0 }, 0.0).unwrap();
         write_npy(&out.join(format!("ams.g{k}.npy")), &g);
         let pr = ams.propose(&[Some(g)], 1e-2, None).unwrap();
         ams.commit(pr).unwrap();
@@ -898,7 +665,8 @@ fn bf16_step_tracks_the_f32_step_and_keeps_f32_state() {
     assert_eq!(sf.0.keys().collect::<Vec<_>>(), sb.0.keys().collect::<Vec<_>>());
     // Every tensor keeps its dtype and size (read_state accepts only f32 and f16); the two runs'
     // weight updates (after - before, per part) point the same way.
-    let f32s = |v: &[u8]| -> Vec<f64> { v.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect() };
+    let f32s =
+        |v: &[u8]| -> Vec<f64> { v.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect() };
     for part in ["encoder", "decoder"] {
         let (mut dot, mut nf, mut nb) = (0f64, 0f64, 0f64);
         for (k, a) in &sf.0 {

@@ -26,8 +26,8 @@ mod session;
 
 pub use resolve::{resolve, Resolved};
 
-use crate::loader::Loader;
 use crate::eval::Metrics;
+use crate::loader::Loader;
 use crate::metrics::Interval;
 use crate::recipe::Batch;
 use anyhow::{bail, Context, Result};
@@ -112,14 +112,25 @@ impl Loop {
         let loader = s.start_loader(&stage)?;
         s.stage_started(&stage, false)?;
         let (t0, first_step) = (Instant::now(), s.ts.step);
-        Ok(Loop { stage, loader, interval: Interval::default(), t0, first_step, interrupted: false, time_limit_reached: false, data_error: false, skips_in_a_row: 0 })
+        Ok(Loop {
+            stage,
+            loader,
+            interval: Interval::default(),
+            t0,
+            first_step,
+            interrupted: false,
+            time_limit_reached: false,
+            data_error: false,
+            skips_in_a_row: 0,
+        })
     }
 
     /// Steps until the run's end, Ctrl-C or the time limit.
     fn run(&mut self, s: &mut Session) -> Result<()> {
         let every = |n: u64, k: u64| n > 0 && k.is_multiple_of(n);
         let run = &s.cfg().run;
-        let (total, log, ckpt, preview, eval) = (run.steps, run.log_every, run.checkpoint_every, run.preview_every, run.eval_every);
+        let (total, log, ckpt, preview, eval) =
+            (run.steps, run.log_every, run.checkpoint_every, run.preview_every, run.eval_every);
         while s.ts.step < total {
             self.time_limit_reached = s.opts.time_limit.is_some_and(|l| self.t0.elapsed() >= l);
             if s.opts.stop.load(Ordering::SeqCst) || self.time_limit_reached {
@@ -167,7 +178,8 @@ impl Loop {
         let loaded = tw.elapsed().as_secs_f64();
         let (images, latents) = hb.to_tensors(&s.device)?;
         let uploaded = tw.elapsed().as_secs_f64();
-        let report = s.recipe.step(&Batch { images, latents }).with_context(|| format!("training step {}", s.ts.step + 1))?;
+        let report =
+            s.recipe.step(&Batch { images, latents }).with_context(|| format!("training step {}", s.ts.step + 1))?;
         let stepped = tw.elapsed().as_secs_f64();
         self.interval.time("loader_wait", loaded);
         self.interval.time("upload", uploaded - loaded);

@@ -76,7 +76,8 @@ pub(super) fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path, step: u64) -
             Layout::TaesdPy | Layout::Diffusers => tmp.clone(),
             Layout::ComfyUi | Layout::Combined => tmp.join(format!("{name}.safetensors")),
         };
-        let mut written = recipe.export(layout, &dest, r.variant).with_context(|| format!("exporting the {layout} layout"))?;
+        let mut written =
+            recipe.export(layout, &dest, r.variant).with_context(|| format!("exporting the {layout} layout"))?;
         if layout == Layout::TaesdPy {
             // The same pair as .pth: what taesd.py and ComfyUI's vae_approx folder load.
             written.extend(crate::export::pth_files(&recipe.ema_tensors()?, r.model, r.variant, &tmp)?);
@@ -84,11 +85,11 @@ pub(super) fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path, step: u64) -
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
         }
-        std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
         files.extend(written.iter().map(|p| final_dir.join(p.strip_prefix(&tmp).unwrap_or(p))));
     }
     let info = crate::models::ExportInfo { step, files: files.clone() };
     write_atomic(&run_dir.join("export").join(crate::models::EXPORT_INFO), &serde_json::to_string_pretty(&info)?)?;
     Ok((files, notes))
 }
-

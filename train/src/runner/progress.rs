@@ -5,8 +5,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
 pub(super) fn progress_bar(steps: u64, start: u64, quiet: bool) -> ProgressBar {
-    let target =
-        if quiet || !std::io::stderr().is_terminal() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let target = if quiet || !std::io::stderr().is_terminal() {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
     let pb = ProgressBar::with_draw_target(Some(steps), target);
     pb.set_style(progress_style());
     pb.set_position(start);
@@ -16,14 +19,17 @@ pub(super) fn progress_bar(steps: u64, start: u64, quiet: bool) -> ProgressBar {
 /// The progress line: the losses (the message) are cut to what the terminal's width leaves, so
 /// that the line never wraps (a wrapped line is redrawn as a new line at every tick).
 pub(super) fn progress_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} steps ({per_sec}, eta {eta}) {wide_msg}")
-        .expect("template")
-        .progress_chars("=> ")
+    ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} steps ({per_sec}, eta {eta}) {wide_msg}",
+    )
+    .expect("template")
+    .progress_chars("=> ")
 }
 
 pub(super) fn describe_stage(s: &StageAt, default_crop: u32, stages: usize) -> String {
     let until = if s.until == u64::MAX { "the end".to_string() } else { format!("step {}", s.until) };
-    let which = if s.stage < stages { format!("data stage {}/{stages}", s.stage + 1) } else { "the last data stage".into() };
+    let which =
+        if s.stage < stages { format!("data stage {}/{stages}", s.stage + 1) } else { "the last data stage".into() };
     format!("{which}: crop {}, batch {} until {until}", s.crop.unwrap_or(default_crop), s.batch_size)
 }
 
@@ -78,10 +84,11 @@ mod tests {
 
     #[test]
     fn the_progress_line_fits_the_terminal() {
-        let losses: Vec<(String, f64)> = ["encoder", "disc", "correction_std", "disc_acc", "gan", "lowres_mse", "decoder", "decoder_mse"]
-            .iter()
-            .map(|k| (k.to_string(), 0.123456))
-            .collect();
+        let losses: Vec<(String, f64)> =
+            ["encoder", "disc", "correction_std", "disc_acc", "gan", "lowres_mse", "decoder", "decoder_mse"]
+                .iter()
+                .map(|k| (k.to_string(), 0.123456))
+                .collect();
         for width in [100u16, 120] {
             let lines = Arc::new(Mutex::new(Vec::new()));
             let screen = Screen { width, lines: lines.clone() };

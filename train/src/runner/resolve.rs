@@ -22,7 +22,8 @@ pub struct Resolved {
 /// Fill what the configuration leaves to the shards (variant, crop) and check it all fits.
 pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
     let mut config = config.clone();
-    let shards = config.data.shards.clone().ok_or_else(|| anyhow!("no shards: pass --shards DIR or set data.shards"))?;
+    let shards =
+        config.data.shards.clone().ok_or_else(|| anyhow!("no shards: pass --shards DIR or set data.shards"))?;
     let mut set = ShardSet::open(&shards)?;
     set.skip_bad_rows = config.data.skip_bad_rows;
     let set = Arc::new(set);
@@ -31,7 +32,10 @@ pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
         Some(v) => Some(v),
         None => match set.variant_name() {
             Some(n) => Some(Variant::parse(n).ok_or_else(|| {
-                anyhow!("{}: the shards name the TAESD variant `{n}`, which this build does not know; set model.variant", shards.display())
+                anyhow!(
+                    "{}: the shards name the TAESD variant `{n}`, which this build does not know; set model.variant",
+                    shards.display()
+                )
             })?),
             None => None,
         },
@@ -59,7 +63,9 @@ pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
             check_crop(c, set.resolution, scale).with_context(|| format!("data.stages[{i}].crop"))?;
         }
     }
-    for (k, p) in [("model.init_encoder", &config.model.init_encoder), ("model.init_decoder", &config.model.init_decoder)] {
+    for (k, p) in
+        [("model.init_encoder", &config.model.init_encoder), ("model.init_decoder", &config.model.init_decoder)]
+    {
         if let Some(p) = p {
             ensure!(p.exists(), "{k} = {} does not exist", p.display());
         }
@@ -97,4 +103,3 @@ pub(super) fn check_resume_config(run_dir: &Path, now: &TrainConfig) -> Result<V
     }
     Ok(allowed)
 }
-

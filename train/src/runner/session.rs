@@ -76,7 +76,8 @@ impl<'a> Session<'a> {
         let cfg = &r.config;
         let device = crate::device::open_spec(cfg.run.device)?;
         let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
-        let mut recipe = Recipe::new(&cfg.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
+        let mut recipe =
+            Recipe::new(&cfg.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
         recipe.set_precision(cfg.run.precision);
         recipe.set_schedule_end(Some(cfg.run.steps));
         recipe.set_save_replay(cfg.run.checkpoint_replay);
@@ -97,7 +98,22 @@ impl<'a> Session<'a> {
         let data = EvalData::load(&r, &device)?;
         let pb = progress_bar(cfg.run.steps, ts.step, opts.quiet);
         let last_ckpt = resume_from.as_ref().map(|(s, _)| *s);
-        Ok(Session { plan, opts, r, dir, device, recipe, ts, log, resume_from, resume_changes, data, pb, last_ckpt, last_eval: vec![] })
+        Ok(Session {
+            plan,
+            opts,
+            r,
+            dir,
+            device,
+            recipe,
+            ts,
+            log,
+            resume_from,
+            resume_changes,
+            data,
+            pb,
+            last_ckpt,
+            last_eval: vec![],
+        })
     }
 
     pub fn cfg(&self) -> &TrainConfig {
@@ -132,7 +148,10 @@ impl<'a> Session<'a> {
         for change in &self.resume_changes {
             self.say(format!("resumed with a changed setting: {change}"));
             if change.starts_with("run.steps:") && cfg.recipe.lr_schedule != crate::recipe::LrSchedule::Constant {
-                self.say(format!("note: the learning rate ({:?} schedule) now decays towards step {}", cfg.recipe.lr_schedule, cfg.run.steps));
+                self.say(format!(
+                    "note: the learning rate ({:?} schedule) now decays towards step {}",
+                    cfg.recipe.lr_schedule, cfg.run.steps
+                ));
             }
         }
         if cfg.recipe.train_encoder && r.crop < r.set.resolution && cfg.recipe.encoder_margin == 0 {
@@ -160,7 +179,15 @@ impl<'a> Session<'a> {
         }
         let d = &self.data;
         let batch = self.r.config.data.eval_batch_size;
-        let res = run_eval(&self.recipe, &d.set, d.reference.as_ref(), d.cycle_encoder.as_ref(), batch, &self.device, with_reference)?;
+        let res = run_eval(
+            &self.recipe,
+            &d.set,
+            d.reference.as_ref(),
+            d.cycle_encoder.as_ref(),
+            batch,
+            &self.device,
+            with_reference,
+        )?;
         for (name, m) in &res {
             let mut v = serde_json::to_value(m)?;
             v["model"] = json!(name);
@@ -168,7 +195,8 @@ impl<'a> Session<'a> {
         }
         let models: serde_json::Map<String, serde_json::Value> =
             res.iter().map(|(n, m)| (n.clone(), serde_json::to_value(m).expect("json"))).collect();
-        let text = serde_json::to_string_pretty(&json!({"step": self.ts.step, "images": d.set.len(), "models": models}))?;
+        let text =
+            serde_json::to_string_pretty(&json!({"step": self.ts.step, "images": d.set.len(), "models": models}))?;
         write_atomic(&self.dir.join("eval.json"), &text)?;
         self.last_eval = res;
         Ok(())
@@ -186,12 +214,18 @@ impl<'a> Session<'a> {
 
     pub fn loss_curve(&self) -> Result<()> {
         let run = &self.r.config.run;
-        crate::plot::write_loss_curve(&self.dir.join(METRICS_FILE), &self.dir.join("loss.png"), run.plot_width, run.plot_height)
+        crate::plot::write_loss_curve(
+            &self.dir.join(METRICS_FILE),
+            &self.dir.join("loss.png"),
+            run.plot_width,
+            run.plot_height,
+        )
     }
 
     /// A checkpoint of this step.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
-        let p = checkpoint::save(&self.dir, &self.ts, self.r.config.run.keep_checkpoints, |d| self.recipe.save_state(d))?;
+        let p =
+            checkpoint::save(&self.dir, &self.ts, self.r.config.run.keep_checkpoints, |d| self.recipe.save_state(d))?;
         self.log.write("checkpoint", self.ts.step, json!({"path": p}))?;
         self.last_ckpt = Some(self.ts.step);
         Ok(p)
@@ -226,7 +260,11 @@ impl<'a> Session<'a> {
         let line = describe_stage(stage, self.r.crop, n);
         if switched {
             let crop = stage.crop.unwrap_or(self.r.crop);
-            self.log.write("stage", self.ts.step, json!({"stage": stage.stage, "crop": crop, "batch_size": stage.batch_size}))?;
+            self.log.write(
+                "stage",
+                self.ts.step,
+                json!({"stage": stage.stage, "crop": crop, "batch_size": stage.batch_size}),
+            )?;
             self.say(format!("step {}: {line}", self.ts.step));
         } else {
             self.say(line);
@@ -271,7 +309,7 @@ impl<'a> Session<'a> {
         let run = self.r.config.run.clone();
         let mut exported = Vec::new();
         if !interrupted {
-            if self.ts.step % run.preview_every.max(1) != 0 || run.preview_every == 0 {
+            if !self.ts.step.is_multiple_of(run.preview_every.max(1)) || run.preview_every == 0 {
                 self.preview()?;
             }
             self.eval(true)?;
@@ -285,7 +323,11 @@ impl<'a> Session<'a> {
             self.loss_curve()?;
         }
         let ts = &self.ts;
-        self.log.write("end", ts.step, json!({"interrupted": interrupted, "steps_per_s": steps_per_s, "skipped_total": ts.skipped_steps}))?;
+        self.log.write(
+            "end",
+            ts.step,
+            json!({"interrupted": interrupted, "steps_per_s": steps_per_s, "skipped_total": ts.skipped_steps}),
+        )?;
         if let Err(e) = crate::report::write(&self.dir) {
             self.say(format!("note: {} not written: {e:#}", crate::report::REPORT_FILE));
         }
@@ -343,15 +385,26 @@ impl EvalData {
         } else {
             EvalSet { rows: set.rows.iter().take(d.preview_images).cloned().collect() }
         };
-        let preview =
-            if preview_rows.is_empty() || d.preview_images == 0 { None } else { Some(preview_rows.batch(0..preview_rows.len(), device)?) };
+        let preview = if preview_rows.is_empty() || d.preview_images == 0 {
+            None
+        } else {
+            Some(preview_rows.batch(0..preview_rows.len(), device)?)
+        };
         let m = &r.config.model;
         let reference = match &m.reference_decoder {
-            Some(p) => Some(crate::models::load(p, r.variant, device)?.decoder.ok_or_else(|| anyhow!("{} has no decoder", p.display()))?),
+            Some(p) => Some(
+                crate::models::load(p, r.variant, device)?
+                    .decoder
+                    .ok_or_else(|| anyhow!("{} has no decoder", p.display()))?,
+            ),
             None => None,
         };
         let cycle_encoder = match &m.cycle_encoder {
-            Some(p) => Some(crate::models::load(p, r.variant, device)?.encoder.ok_or_else(|| anyhow!("{} has no encoder", p.display()))?),
+            Some(p) => Some(
+                crate::models::load(p, r.variant, device)?
+                    .encoder
+                    .ok_or_else(|| anyhow!("{} has no encoder", p.display()))?,
+            ),
             None => None,
         };
         Ok(EvalData { set, preview, reference, cycle_encoder })
@@ -386,9 +439,9 @@ fn fail_after_checkpoint(
     match saved {
         Ok(note) => anyhow!("{e:#}\n{note}; {resume}"),
         Err(s) => {
-            let last = last_ckpt.map_or("no checkpoint yet".to_string(), |k| format!("the last checkpoint is at step {k}"));
+            let last =
+                last_ckpt.map_or("no checkpoint yet".to_string(), |k| format!("the last checkpoint is at step {k}"));
             anyhow!("{e:#}\ncould not save a checkpoint ({s:#}); {last}; {resume}")
         }
     }
 }
-
