@@ -19,7 +19,8 @@
 //!   blur — but a colour drift of 0.1-0.2 pulls back with 10-20%, and early on (weak
 //!   discriminator, small corrections) it is what teaches a fresh decoder its colours. It is
 //!   blind to everything inside a block, so it cannot fight the GAN term on texture.
-//! * `fullres_mse_weight`, `freq_weight` 0: off in the recipe (full-resolution MSE blurs).
+//! * `fullres_mse_weight`, `freq_weight`, `detail_weight` 0: off in the recipe (full-resolution MSE
+//!   blurs; the detail term is for fine-tuning a released decoder).
 //! * EMA decay 0.999 (an average over the last ~1000 steps) with warm-up, for previews/export.
 //! * Replay buffer: seraena's 16384 entries, half of each discriminator batch replayed, stored as
 //!   f16 (6 GiB at 256x256, see [`super::replay`]).
@@ -170,6 +171,12 @@ pub struct RecipeConfig {
     pub freq_weight: f64,
     /// Patch size of the frequency-amplitude term (8).
     pub freq_patch: usize,
+    /// Weight of the detail term (0: off): `MSE(highpass(decoded), highpass(initial))`, where
+    /// `highpass(x) = x - upsample(avg_pool(x, lowres_factor))` and `initial` is the output of the
+    /// decoder the run started from (`model.init_decoder`, kept frozen) on the same latents. For
+    /// fine-tuning: the low-resolution term moves the colours, this keeps the released decoder's
+    /// edges and texture (without it every fine-tune measured lost sharpness within 250 steps).
+    pub detail_weight: f64,
 
     /// Discriminator learning rate (3e-4).
     pub disc_lr: f64,
@@ -233,6 +240,7 @@ impl Default for RecipeConfig {
             fullres_mse_weight: 0.0,
             freq_weight: 0.0,
             freq_patch: 8,
+            detail_weight: 0.0,
             disc_lr: 3e-4,
             disc_betas: (0.9, 0.99),
             disc_eps: 1e-8,
@@ -296,6 +304,7 @@ impl RecipeConfig {
         nonneg("lowres_mse_weight", self.lowres_mse_weight)?;
         nonneg("fullres_mse_weight", self.fullres_mse_weight)?;
         nonneg("freq_weight", self.freq_weight)?;
+        nonneg("detail_weight", self.detail_weight)?;
         if self.lowres_factor == 0 {
             bail!("recipe: lowres_factor must be >= 1");
         }
@@ -317,6 +326,7 @@ impl RecipeConfig {
             && self.lowres_mse_weight == 0.0
             && self.fullres_mse_weight == 0.0
             && self.freq_weight == 0.0
+            && self.detail_weight == 0.0
         {
             bail!("recipe: train_decoder is set but every decoder loss weight is 0");
         }
@@ -356,9 +366,9 @@ impl RecipeConfig {
     }
 
     /// Whether the decoder is updated at (0-based) `step`: in the pixel warm-up, and after the
-    /// discriminator's warm-up that follows it.
+    /// discriminator's warm-up that follows it (none without a discriminator).
     pub fn decoder_updates(&self, step: u64) -> bool {
-        self.pixel_phase(step) || step >= self.pixel_warmup_steps + self.disc_warmup_steps
+        self.pixel_phase(step) || !self.uses_disc() || step >= self.pixel_warmup_steps + self.disc_warmup_steps
     }
 }
 
@@ -454,5 +464,8 @@ mod tests {
         );
         let plain = RecipeConfig::default();
         assert!(!plain.pixel_phase(0) && plain.decoder_updates(0));
+        // Without a discriminator there is nothing to warm up: the decoder learns from step 0.
+        let no_disc = RecipeConfig { gan_weight: 0.0, disc_warmup_steps: 500, ..Default::default() };
+        assert!(no_disc.decoder_updates(0));
     }
 }

@@ -16,7 +16,7 @@
 //!      `target = fake + correction` (detached).
 //!    * Loss: the weighted terms of [`super::terms::TERMS`], `gan_weight * MSE(fake, target) +
 //!      lowres_mse_weight * MSE(pool8(fake), pool8(real)) (+ fullres MSE, + frequency-amplitude
-//!      L1)` -> gradients -> proposed Adam update
+//!      L1, + the detail term against the initial decoder)` -> gradients -> proposed Adam update
 //!      (skipped during `disc_warmup_steps`). In the pixel warm-up (`pixel_warmup_steps`) the
 //!      loss is `MSE(fake, real)` alone and no correction is computed; the discriminator still
 //!      trains.
@@ -80,7 +80,7 @@ pub struct ModelInit {
 pub struct StepReport {
     /// The step number after this step (1 for the first).
     pub step: u64,
-    /// `encoder`, `decoder` (weighted total), `gan`, `lowres_mse`, `fullres_mse`, `freq`,
+    /// `encoder`, `decoder` (weighted total), `gan`, `lowres_mse`, `fullres_mse`, `freq`, `detail`,
     /// `disc`, `disc_acc` (fraction of disc-batch samples whose mean score has the target's
     /// sign), `correction_std` (std of the raw correction gradient), `decoder_mse` (full-res
     /// MSE to the real image, a metric): those that apply.
@@ -138,6 +138,8 @@ pub struct Recipe {
     pub(super) decoder: Option<PartState_<Decoder>>,
     pub(super) gan: Option<Gan>,
     pub(super) freq: Option<FreqBasis>,
+    /// The decoder the run started from, frozen, where the detail term is on.
+    pub(super) initial_decoder: Option<Decoder>,
     pub(super) rng: ChaCha8Rng,
     pub(super) step: u64,
     pub(super) skipped: u64,

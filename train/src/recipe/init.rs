@@ -207,6 +207,19 @@ impl Recipe {
         } else {
             None
         };
+        // The detail term's reference: a second, frozen copy of the initial decoder (loaded again,
+        // so the trained one's updates never reach it).
+        let initial_decoder = if cfg.train_decoder && cfg.detail_weight > 0.0 {
+            let Some(path) = init.decoder.as_deref() else {
+                bail!("recipe.detail_weight keeps the detail of the decoder the run starts from: set model.init_decoder");
+            };
+            let (vm, _) = part_varmap(Part::Decoder, &model, Some(path), false, device)?.context("no initial decoder")?;
+            let m = Decoder::new(&model, VarBuilder::from_varmap(&vm, DType::F32, device).pp("decoder"))
+                .context("building the initial decoder (detail term)")?;
+            Some(m)
+        } else {
+            None
+        };
         Ok(Recipe {
             cfg: cfg.clone(),
             model_cfg: model,
@@ -216,6 +229,7 @@ impl Recipe {
             decoder,
             gan,
             freq,
+            initial_decoder,
             rng,
             step: 0,
             skipped: 0,

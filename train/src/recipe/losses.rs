@@ -25,6 +25,25 @@ pub fn lowres_mse(decoded: &Tensor, real: &Tensor, factor: usize) -> Result<Tens
     mse(&decoded.avg_pool2d(factor)?, &real.avg_pool2d(factor)?)
 }
 
+/// The part of `x` `[B, C, H, W]` that `f`-pooling removes: `x - upsample(avg_pool(x, f))`
+/// (nearest upsampling), over the top-left `H/f*f x W/f*f` pixels: edges, texture, noise.
+pub fn highpass(x: &Tensor, factor: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (h, w) = (h / factor * factor, w / factor * factor);
+    if h == 0 || w == 0 {
+        bail!("highpass: a {}x{} image is smaller than the pooling factor {factor}", x.dim(2)?, x.dim(3)?);
+    }
+    let x = x.narrow(2, 0, h)?.narrow(3, 0, w)?;
+    Ok((&x - x.avg_pool2d(factor)?.upsample_nearest2d(h, w)?)?)
+}
+
+/// `MSE(highpass(decoded), highpass(anchor))`: the detail term. `anchor` is the initial
+/// decoder's output on the same latents (detached), so a fine-tune keeps that decoder's detail
+/// while the low-resolution term (the other band) moves its colours towards the images.
+pub fn detail_mse(decoded: &Tensor, anchor: &Tensor, factor: usize) -> Result<Tensor> {
+    mse(&highpass(decoded, factor)?, &highpass(&anchor.detach(), factor)?)
+}
+
 /// The orthonormal 2-D DFT of `p x p` patches as real matmuls: with
 /// `C[k, n] = cos(2 pi k n / p) / sqrt(p)` and `S[k, n] = sin(2 pi k n / p) / sqrt(p)`, the
 /// transform of a patch `P` is `F P F` with `F = C - iS` (symmetric), i.e.
@@ -223,6 +242,31 @@ mod tests {
         let brighter = (&grey + 0.1).unwrap();
         let v = lowres_mse(&brighter, &grey, 2).unwrap().to_scalar::<f32>().unwrap();
         assert!((v - 0.01).abs() < 1e-6);
+    }
+
+    #[test]
+    fn highpass_is_what_pooling_removes() {
+        let dev = Device::Cpu;
+        let cb: Vec<f32> = (0..16).map(|i| if (i / 4 + i % 4) % 2 == 0 { 1.0 } else { 0.0 }).collect();
+        let cb = Tensor::from_vec(cb, (1, 1, 4, 4), &dev).unwrap();
+        // A checkerboard is all detail (its 2x2 means are 0.5), a flat image has none.
+        let hp = highpass(&cb, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(hp.iter().all(|v| (v.abs() - 0.5).abs() < 1e-6), "{hp:?}");
+        let flat = Tensor::full(0.3f32, (1, 1, 4, 4), &dev).unwrap();
+        assert_eq!(highpass(&flat, 2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // highpass + upsample(pool) = the image: the two bands split it exactly.
+        let x = Tensor::rand(0f32, 1., (2, 3, 8, 8), &dev).unwrap();
+        let low = x.avg_pool2d(4).unwrap().upsample_nearest2d(8, 8).unwrap();
+        let back = (highpass(&x, 4).unwrap() + low).unwrap();
+        assert!(mse(&back, &x).unwrap().to_scalar::<f32>().unwrap() < 1e-12);
+        // Colour shifts are invisible to the detail term, a lost texture is not.
+        let brighter = (&cb + 0.2).unwrap();
+        assert!(detail_mse(&brighter, &cb, 2).unwrap().to_scalar::<f32>().unwrap() < 1e-12);
+        let d = detail_mse(&flat, &cb, 2).unwrap().to_scalar::<f32>().unwrap();
+        assert!((d - 0.25).abs() < 1e-6, "{d}");
+        // Rows and columns past a multiple of the factor are left out; too small an image is an error.
+        assert_eq!(highpass(&Tensor::zeros((1, 1, 5, 6), DType::F32, &dev).unwrap(), 4).unwrap().dims(), [1, 1, 4, 4]);
+        assert!(highpass(&Tensor::zeros((1, 1, 3, 8), DType::F32, &dev).unwrap(), 4).is_err());
     }
 
     #[test]

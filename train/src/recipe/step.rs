@@ -387,12 +387,17 @@ impl Recipe {
                 props.disc = Some(disc);
             }
             mark(prof, &self.device, "correction (2 disc fwd + input grad)")?;
+            let initial = match &self.initial_decoder {
+                Some(m) if !ctx.pixel_phase => Some(to_f32(&m.forward_in(&latents, ctx.precision.dtype())?)?.detach()),
+                _ => None,
+            };
             let input = TermInput {
                 cfg: &self.cfg,
                 fake: &fake,
                 real: &images,
                 target: target.as_ref(),
                 freq: self.freq.as_ref(),
+                initial: initial.as_ref(),
             };
             props.decoder = decoder_phase(&ctx, tr, &input, &wg, &mut rb)?;
         }

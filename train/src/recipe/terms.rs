@@ -19,6 +19,9 @@ pub struct TermInput<'a> {
     pub target: Option<&'a Tensor>,
     /// The DFT basis of the frequency term, where its weight is not 0.
     pub freq: Option<&'a FreqBasis>,
+    /// The initial (frozen) decoder's output for the same latents, where the detail term's
+    /// weight is not 0.
+    pub initial: Option<&'a Tensor>,
 }
 
 /// One term of the decoder's loss.
@@ -57,6 +60,12 @@ pub const TERMS: &[DecoderTerm] = &[
         weight: |c| c.freq_weight,
         value: |i| i.freq.map(|fb| fb.amplitude_l1(i.fake, i.real)).transpose(),
     },
+    // The initial decoder's detail (what lowres_factor-pooling removes), for fine-tuning.
+    DecoderTerm {
+        name: "detail",
+        weight: |c| c.detail_weight,
+        value: |i| i.initial.map(|a| losses::detail_mse(i.fake, a, i.cfg.lowres_factor)).transpose(),
+    },
 ];
 
 /// This step's `(name, weight, value)` terms: in the pixel warm-up the full-resolution MSE alone
@@ -94,7 +103,7 @@ mod tests {
         let target = (fake.clone() + 1.0).unwrap();
         let cfg = RecipeConfig { fullres_mse_weight: 0.5, ..Default::default() };
         let names = |ts: &[(&str, f64, Tensor)]| ts.iter().map(|(n, w, _)| (n.to_string(), *w)).collect::<Vec<_>>();
-        let with_gan = TermInput { cfg: &cfg, fake: &fake, real: &real, target: Some(&target), freq: None };
+        let with_gan = TermInput { cfg: &cfg, fake: &fake, real: &real, target: Some(&target), freq: None, initial: None };
         let t = decoder_terms(&cfg, &with_gan, false).unwrap();
         assert_eq!(names(&t), [("gan".into(), 1.0), ("lowres_mse".into(), 1.0), ("fullres_mse".into(), 0.5)]);
         let v = |i: usize| t[i].2.to_scalar::<f32>().unwrap();
@@ -105,6 +114,14 @@ mod tests {
         assert_eq!(names(&decoder_terms(&cfg0, &no_gan, false).unwrap()), [("fullres_mse".into(), 0.5)]);
         // The pixel warm-up: the full-resolution MSE alone, at weight 1.
         assert_eq!(names(&decoder_terms(&cfg, &no_gan, true).unwrap()), [("fullres_mse".into(), 1.0)]);
+        // The detail term needs the initial decoder's output: left out without it.
+        let cfg_d = RecipeConfig { detail_weight: 2.0, ..cfg0.clone() };
+        assert_eq!(names(&decoder_terms(&cfg_d, &no_gan, false).unwrap()), [("fullres_mse".into(), 0.5)]);
+        let with_initial = TermInput { initial: Some(&real), ..no_gan };
+        let t = decoder_terms(&cfg_d, &with_initial, false).unwrap();
+        assert_eq!(names(&t), [("fullres_mse".into(), 0.5), ("detail".into(), 2.0)]);
+        // fake and real differ by a constant: no detail difference.
+        assert!(t[1].2.to_scalar::<f32>().unwrap().abs() < 1e-9);
         // Every term has a distinct name and a weight field.
         let mut n: Vec<_> = TERMS.iter().map(|t| t.name).collect();
         n.dedup();

@@ -390,6 +390,34 @@ fn fine_tuning_starts_from_the_released_decoder() {
     assert_eq!(diff(&e.forward(&b.images).unwrap(), &b.latents), 0.0);
 }
 
+#[test]
+fn detail_term_holds_the_initial_decoders_detail() {
+    let Some((b, teacher)) = real_batch() else {
+        return;
+    };
+    // No discriminator (so no warm-up: the decoder learns from step 1), a large lr to move it.
+    let cfg = RecipeConfig { train_encoder: false, gan_weight: 0.0, detail_weight: 1.0, lr: 1e-3, ..Default::default() };
+    let no_init = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &ModelInit::default(), &Device::Cpu, 0);
+    let err = format!("{:#}", no_init.err().expect("the detail term without an initial decoder"));
+    assert!(err.contains("model.init_decoder"), "{err}");
+    let init = ModelInit { encoder: None, decoder: Some(REFERENCE.into()) };
+    let mut r = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &init, &Device::Cpu, 0).unwrap();
+    // Step 1: the trained decoder is still the initial one.
+    let rep = r.step(&b).unwrap();
+    assert_eq!(rep.losses["detail"], 0.0, "{rep:?}");
+    for _ in 0..2 {
+        r.step(&b).unwrap();
+    }
+    let rep = r.step(&b).unwrap();
+    assert!(rep.losses["detail"] > 0.0, "{rep:?}");
+    // The reference stays the released decoder while the trained one moves.
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let want = teacher.decode(&b.latents).unwrap();
+    let initial = r.initial_decoder.as_ref().unwrap().forward(&b.latents).unwrap();
+    assert_eq!(diff(&want, &initial), 0.0);
+    assert!(diff(&want, &r.decoder().unwrap().unwrap().forward(&b.latents).unwrap()) > 0.0);
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
