@@ -48,29 +48,34 @@ pub fn pool_subset(n: usize) -> tempfile::TempDir {
     dir
 }
 
-/// Path of workspace binary `name` (package of the same name), built once per test process with
-/// the cargo and profile that run the tests.
+/// Path of workspace binary `name` (package of the same name). The first call in a test process
+/// builds every binary of the workspace with the cargo and profile that run the tests: with
+/// `--workspace`, as `cargo test --workspace` does, so the dependencies resolve to the same features
+/// and nothing is recompiled (`-p precompute` alone resolved serde, half, regex, ... with fewer
+/// features and rebuilt most of the dependency tree in the middle of the tests).
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static BUILT: Mutex<bool> = Mutex::new(false);
     // target/<profile>/deps/<test exe> -> target/<profile>
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
+    if !*built {
         let profile = profile_dir.file_name().unwrap().to_str().unwrap().to_string();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo()).args(["build", "-q", "-p", name, "--bin", name]);
+        cmd.current_dir(repo()).args(["build", "-q", "--workspace", "--bins"]);
         if profile == "release" {
             cmd.arg("--release");
         } else if profile != "debug" {
             cmd.args(["--profile", &profile]);
         }
         let st = cmd.status().expect("run cargo build");
-        assert!(st.success(), "building the {name} binary failed");
-        built.push(name.to_string());
+        assert!(st.success(), "building the workspace's binaries failed");
+        *built = true;
     }
-    profile_dir.join(name)
+    let path = profile_dir.join(name);
+    assert!(path.is_file(), "no binary {} after building the workspace's binaries", path.display());
+    path
 }
 
 /// Run a binary, returning its output; panics with stdout+stderr when `expect_ok` disagrees.
