@@ -223,6 +223,8 @@ impl Recipe {
             profile: None,
             schedule_end: None,
             save_replay: true,
+            comm: None,
+            rank: 0,
         })
     }
 }
