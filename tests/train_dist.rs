@@ -143,11 +143,9 @@ fn n_rank_runs_equal_one_process_with_the_global_batch() {
     // With the GAN (replay, BatchNorm): the encoder as one process; the decoder its own way.
     train(&args(&d("one-gan"), 2, 4, &["--set", "recipe.replay_capacity=8"]), true);
     train(&gpus(2, args(&d("two-gan"), 2, 2, &["--set", "recipe.replay_capacity=8"])), true);
-    let (diff, _) =
-        max_diff(&floats(&ckpt(&d("one-gan"), 2, "encoder")), &floats(&ckpt(&d("two-gan"), 2, "encoder")));
+    let (diff, _) = max_diff(&floats(&ckpt(&d("one-gan"), 2, "encoder")), &floats(&ckpt(&d("two-gan"), 2, "encoder")));
     assert!(diff <= 1e-3, "encoder with the GAN on: {diff}");
-    let (diff, _) =
-        max_diff(&floats(&ckpt(&d("one-gan"), 2, "decoder")), &floats(&ckpt(&d("two-gan"), 2, "decoder")));
+    let (diff, _) = max_diff(&floats(&ckpt(&d("one-gan"), 2, "decoder")), &floats(&ckpt(&d("two-gan"), 2, "decoder")));
     assert!(diff.is_finite() && diff < 0.1, "decoder with the GAN on: {diff}");
 }
 
@@ -162,7 +160,8 @@ fn a_resumed_two_rank_run_equals_an_uninterrupted_one_and_rank_0_alone_writes() 
     let text = stdout(&out);
     assert!(text.lines().any(|l| l.starts_with("[rank 0] run `") && l.contains("finished: step 4")), "{text}");
     assert!(!text.contains("[rank 1] run"), "only rank 0 reports: {text}");
-    for f in ["encoder", "decoder", "ema_encoder", "ema_decoder", "disc", "optim_encoder", "optim_decoder", "optim_disc"]
+    for f in
+        ["encoder", "decoder", "ema_encoder", "ema_decoder", "disc", "optim_encoder", "optim_decoder", "optim_disc"]
     {
         assert!(floats(&ckpt(&a, 4, f)) == floats(&ckpt(&b, 4, f)), "{f} differs after the resume");
     }

@@ -277,7 +277,8 @@ fn join(a: &TrainArgs, world: &World, plans: &[crate::config::RunPlan]) -> Resul
         timeouts: crate::dist::Timeouts { connect: op.min(std::time::Duration::from_secs(300)), op },
         nccl_lib: a.nccl_lib.clone(),
     };
-    crate::dist::join(world, &device, &opts).with_context(|| format!("joining the data-parallel run as {}", world.describe()))
+    crate::dist::join(world, &device, &opts)
+        .with_context(|| format!("joining the data-parallel run as {}", world.describe()))
 }
 
 /// `train` (the runs) as this process's place in `world` (read from the launcher's

@@ -466,7 +466,13 @@ pub(crate) mod tests {
             let mut p = Producer::new(&set, &one, Position::default());
             let whole: Vec<HostBatch> = (0..25).map(|_| p.next_batch().unwrap()).collect();
             let mut ranks: Vec<Producer> = (0..world)
-                .map(|rank| Producer::new(&set, &LoaderConfig { batch_size: 4, rank, world_size: world, ..cfg(0, 0.2) }, Position::default()))
+                .map(|rank| {
+                    Producer::new(
+                        &set,
+                        &LoaderConfig { batch_size: 4, rank, world_size: world, ..cfg(0, 0.2) },
+                        Position::default(),
+                    )
+                })
                 .collect();
             for (k, w) in whole.iter().enumerate() {
                 let parts: Vec<HostBatch> = ranks.iter_mut().map(|r| r.next_batch().unwrap()).collect();
@@ -477,7 +483,11 @@ pub(crate) mod tests {
                 assert!(parts.iter().all(|b| b.next == w.next && b.global_batch == 4 * world && b.batch == 4));
             }
             // A rank resumed from a batch's `next` continues with its slices.
-            let mut r1 = Producer::new(&set, &LoaderConfig { batch_size: 4, rank: 1, world_size: world, ..cfg(0, 0.2) }, whole[10].next);
+            let mut r1 = Producer::new(
+                &set,
+                &LoaderConfig { batch_size: 4, rank: 1, world_size: world, ..cfg(0, 0.2) },
+                whole[10].next,
+            );
             assert_eq!(r1.next_batch().unwrap().keys, whole[11].keys[4..8]);
         }
     }

@@ -198,7 +198,8 @@ mod tests {
     #[test]
     fn a_failing_rank_is_named_and_the_others_finish() {
         // `sh -c`: rank 1 fails, the others succeed.
-        let args: Vec<OsString> = ["-c", "echo hi from $RANK of $WORLD_SIZE; test $RANK != 1"].iter().map(OsString::from).collect();
+        let args: Vec<OsString> =
+            ["-c", "echo hi from $RANK of $WORLD_SIZE; test $RANK != 1"].iter().map(OsString::from).collect();
         let code = launch(Path::new("/bin/sh"), &args, 3, Arc::new(AtomicBool::new(false))).unwrap();
         assert_eq!(code, 1);
         let args: Vec<OsString> = ["-c", "exit 0"].iter().map(OsString::from).collect();

@@ -33,7 +33,8 @@ impl TcpComm {
             Links::Root(l) => l,
             Links::Member(l) => vec![l],
         };
-        let data: Vec<(usize, TcpStream)> = links.iter().map(|l| Ok((l.rank, l.data.try_clone()?))).collect::<Result<_>>()?;
+        let data: Vec<(usize, TcpStream)> =
+            links.iter().map(|l| Ok((l.rank, l.data.try_clone()?))).collect::<Result<_>>()?;
         let control = links.iter().map(|l| Ok((l.rank, l.control.try_clone()?))).collect::<Result<Vec<_>>>()?;
         let watchdog = Watchdog::start(w.rank, control)?;
         // A failure anywhere unblocks this rank's pending collective at once.

@@ -284,7 +284,10 @@ mod tests {
         assert_eq!((w.rank, w.world_size, w.local_rank), (9, 16, 1));
         assert_eq!((w.master_addr.as_str(), w.master_port, w.launcher), ("gpu01", 29500 + 1456, Launcher::Slurm));
         assert_eq!(w.cuda_ordinal(), 0, "one visible GPU is cuda:0");
-        let e = format!("{:#}", world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")]).unwrap_err()
+        );
         assert!(e.contains("SLURM_JOB_NODELIST"), "{e}");
         let e = format!("{:#}", world(&[("SLURM_PROCID", "0")]).unwrap_err());
         assert!(e.contains("SLURM_NTASKS"), "{e}");

@@ -18,7 +18,8 @@ use crate::dist::comm::{all_reduce_mean, ranks_of, Comm};
 
 /// The variables as one flat buffer, replaced by `f` of it.
 fn map_vars(vars: &[(String, Var)], f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<()> {
-    let parts = vars.iter().map(|(_, v)| v.as_detached_tensor().flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    let parts =
+        vars.iter().map(|(_, v)| v.as_detached_tensor().flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
     let flat = f(&Tensor::cat(&parts, 0)?)?;
     let mut off = 0;
     for (name, v) in vars {
@@ -58,9 +59,12 @@ impl Recipe {
         };
         self.rank = c.rank();
         let bcast = |t: &Tensor| c.broadcast(t);
-        for p in [self.encoder.as_mut().map(|p| (&p.vars, &mut p.trained)), self.decoder.as_mut().map(|p| (&p.vars, &mut p.trained))]
-            .into_iter()
-            .flatten()
+        for p in [
+            self.encoder.as_mut().map(|p| (&p.vars, &mut p.trained)),
+            self.decoder.as_mut().map(|p| (&p.vars, &mut p.trained)),
+        ]
+        .into_iter()
+        .flatten()
         {
             map_vars(p.0, bcast).context("broadcasting rank 0's weights")?;
             if let Some(tr) = p.1.as_mut() {
@@ -95,7 +99,9 @@ impl Recipe {
 pub(super) fn mean_grads(comm: Option<&dyn Comm>, g: FlatGrads) -> Result<FlatGrads> {
     match comm {
         None => Ok(g),
-        Some(c) => Ok(FlatGrads { flat: all_reduce_mean(c, &g.flat).context("averaging gradients")?, missing: g.missing }),
+        Some(c) => {
+            Ok(FlatGrads { flat: all_reduce_mean(c, &g.flat).context("averaging gradients")?, missing: g.missing })
+        }
     }
 }
 
