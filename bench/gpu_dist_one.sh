@@ -41,7 +41,7 @@ one() {
   train --shards "$SHARDS" --run-dir "$run" --device cuda --precision bf16 --steps "$STEPS" \
     --crop "$CROP" --batch-size "$BATCH" --quiet \
     --set run.log_every=25 --set run.preview_every=0 --set run.eval_every=0 --set run.checkpoint_every=0 \
-    --set data.eval_fraction=0 --set 'run.export=[]' "$@" > "$OUT/dist-one-$name.log" 2>&1 || {
+    --set data.eval_fraction=0 --set 'run.export=["taesd"]' "$@" > "$OUT/dist-one-$name.log" 2>&1 || {
       echo "$name failed:"; tail -20 "$OUT/dist-one-$name.log"; return 1; }
   python3 - "$run/metrics.jsonl" "$WARM" <<'PY'
 import json, sys

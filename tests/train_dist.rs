@@ -50,7 +50,7 @@ fn args(run_dir: &Path, steps: u32, batch: u32, more: &[&str]) -> Vec<String> {
         "--set",
         "data.workers=1",
         "--set",
-        "run.export=[]",
+        "run.export=[\"taesd\"]",
     ]
     .iter()
     .map(|x| x.to_string())
