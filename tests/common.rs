@@ -217,3 +217,39 @@ pub fn model_folder(v: Variant, root: &Path) -> PathBuf {
     taesd::save_tensors(&tensors, &v.config(), Layout::TaesdPy, &dir, &opts).unwrap();
     dir
 }
+
+/// 48 pool images at 64 px in shards of 16 rows (three shards) that `precompute` made with the
+/// taef2 ONNX teacher on the CPU: the `train` tests' data, made once per test process.
+pub fn train_shards() -> &'static Path {
+    static SHARDS: std::sync::OnceLock<(tempfile::TempDir, tempfile::TempDir)> = std::sync::OnceLock::new();
+    let (_, out) = SHARDS.get_or_init(|| {
+        let images = pool_subset(48);
+        let out = tempfile::tempdir().unwrap();
+        let x = taef2_onnx();
+        run(
+            "precompute",
+            &[
+                "--vae",
+                "taef2",
+                "--onnx",
+                x.to_str().unwrap(),
+                "--images",
+                images.path().to_str().unwrap(),
+                "--out",
+                out.path().to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--resolution",
+                "64",
+                "--batch-size",
+                "8",
+                "--shard-rows",
+                "16",
+                "--quiet",
+            ],
+            true,
+        );
+        (images, out)
+    });
+    out.path()
+}

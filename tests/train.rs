@@ -5,42 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use taesd_e2e::*;
 
 /// 48 pool images at 64 px in shards of 16 rows (three shards), made once per test process.
 fn shards() -> &'static Path {
-    static SHARDS: OnceLock<(tempfile::TempDir, tempfile::TempDir)> = OnceLock::new();
-    let (_, out) = SHARDS.get_or_init(|| {
-        let images = pool_subset(48);
-        let out = tempfile::tempdir().unwrap();
-        let x = taef2_onnx();
-        run(
-            "precompute",
-            &[
-                "--vae",
-                "taef2",
-                "--onnx",
-                x.to_str().unwrap(),
-                "--images",
-                images.path().to_str().unwrap(),
-                "--out",
-                out.path().to_str().unwrap(),
-                "--device",
-                "cpu",
-                "--resolution",
-                "64",
-                "--batch-size",
-                "8",
-                "--shard-rows",
-                "16",
-                "--quiet",
-            ],
-            true,
-        );
-        (images, out)
-    });
-    out.path()
+    train_shards()
 }
 
 fn reference_taef2() -> PathBuf {

@@ -1,6 +1,7 @@
 //! Command-line interface of `train`.
 
 use crate::config::{plan, PlanRequest};
+use crate::dist::World;
 use crate::runner::{RunOptions, RunOutcome};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -75,6 +76,24 @@ pub struct TrainArgs {
     /// (--steps) and its learning-rate schedule stay as they are.
     #[arg(long, value_name = "SECONDS")]
     pub time_limit: Option<f64>,
+    /// Data-parallel on this node: start N ranks of this command (one per GPU, rank r on
+    /// cuda:r; with --device cpu, N CPU processes). Multi-node runs are started by torchrun or
+    /// srun instead (docs/scale-out.md). data.batch_size is per rank: the global batch is N
+    /// times it.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
+    /// Collectives of a data-parallel run: auto (NCCL on CUDA, TCP on the CPU; none alone), tcp
+    /// or nccl (also alone: the NCCL path at world size 1).
+    #[arg(long, value_name = "BACKEND", default_value = "auto")]
+    pub dist_backend: String,
+    /// Seconds a data-parallel rank waits for the others in a collective (a dead rank is noticed
+    /// at once; this bounds a hung one), and at the rendezvous (the smaller of it and 300).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800.0)]
+    pub dist_timeout: f64,
+    /// NCCL's library (default: libnccl.so.2 on the library path), e.g. the nvidia-nccl-cu13
+    /// wheel's `nvidia/nccl/lib/libnccl.so.2`.
+    #[arg(long, value_name = "PATH")]
+    pub nccl_lib: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,8 +242,51 @@ fn flags(a: &TrainArgs) -> Result<crate::config::Flags> {
     })
 }
 
-/// `train` (the runs). Returns the process exit code.
-pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
+/// The device of data-parallel rank `w` for `run.device`: `cuda`, `cuda:N` and (with CUDA)
+/// `auto` mean this rank's GPU, `cuda:LOCAL_RANK`.
+fn rank_device(spec: crate::device::DeviceSpec, w: &World) -> Result<candle_core::Device> {
+    use crate::device::{cuda_compiled, open_spec, DeviceSpec};
+    match spec {
+        DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceSpec::Cuda(_) => open_spec(DeviceSpec::Cuda(w.cuda_ordinal())),
+        DeviceSpec::Auto if cuda_compiled() => open_spec(DeviceSpec::Cuda(w.cuda_ordinal())).or_else(|e| {
+            tracing::warn!("--device auto: cuda:{} did not open ({e:#}); using the CPU", w.cuda_ordinal());
+            Ok(candle_core::Device::Cpu)
+        }),
+        DeviceSpec::Auto => Ok(candle_core::Device::Cpu),
+    }
+}
+
+/// Join the data-parallel job of `world` for `plans` (`None`: alone).
+fn join(a: &TrainArgs, world: &World, plans: &[crate::config::RunPlan]) -> Result<Option<crate::dist::Dist>> {
+    let backend = crate::dist::Backend::parse(&a.dist_backend).context("--dist-backend")?;
+    if !world.is_distributed() && backend == crate::dist::Backend::Auto {
+        return Ok(None);
+    }
+    if !(a.dist_timeout.is_finite() && a.dist_timeout > 0.0) {
+        bail!("--dist-timeout {}: give a positive number of seconds", a.dist_timeout);
+    }
+    let spec = plans.first().map(|p| p.config.run.device).context("no run")?;
+    if plans.iter().any(|p| p.config.run.device != spec) {
+        bail!("a data-parallel sweep runs every entry on the same device (run.device differs between entries)");
+    }
+    let device = rank_device(spec, world).with_context(|| format!("rank {}", world.rank))?;
+    let op = std::time::Duration::from_secs_f64(a.dist_timeout);
+    let opts = crate::dist::DistOptions {
+        backend,
+        timeouts: crate::dist::Timeouts { connect: op.min(std::time::Duration::from_secs(300)), op },
+        nccl_lib: a.nccl_lib.clone(),
+    };
+    crate::dist::join(world, &device, &opts)
+        .with_context(|| format!("joining the data-parallel run as {}", world.describe()))
+}
+
+/// `train` (the runs) as this process's place in `world` (read from the launcher's
+/// variables by the binary; [`World::single`] alone). Returns the process exit code.
+pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>, world: &World) -> Result<i32> {
+    if a.gpus.is_some() {
+        bail!("--gpus is handled by the binary (it starts the ranks); a rank itself gets RANK, WORLD_SIZE, ...");
+    }
     if let (true, Some(d)) = (a.resume, &a.run_dir) {
         if !d.exists() {
             bail!("--resume: no such run: {} does not exist (start a run there without --resume)", d.display());
@@ -259,14 +321,32 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         }
     }
     let time_limit = a.time_limit.map(std::time::Duration::from_secs_f64);
-    let opts = RunOptions { resume: a.resume, quiet: a.quiet, stop, time_limit };
+    let dist = join(a, world, &plans)?;
+    let root = dist.as_ref().is_none_or(|d| d.is_root());
+    let comm = dist.as_ref().map(|d| d.comm.clone());
+    let opts = RunOptions { resume: a.resume, quiet: a.quiet, stop, time_limit, dist };
+    let r = runs(a, &plans, &opts, root);
+    // The other ranks learn of this rank's failure (a goodbye otherwise).
+    if let Some(c) = comm {
+        match &r {
+            Err(e) => c.abort(&format!("{e:#}")),
+            Ok(_) => c.close(),
+        }
+    }
+    r
+}
+
+/// The runs of `plans`, one after another; outcomes printed by rank 0 (or alone).
+fn runs(a: &TrainArgs, plans: &[crate::config::RunPlan], opts: &RunOptions, root: bool) -> Result<i32> {
     let mut outcomes: Vec<RunOutcome> = Vec::new();
     for (i, p) in plans.iter().enumerate() {
-        if plans.len() > 1 && !a.quiet {
+        if plans.len() > 1 && !a.quiet && root {
             eprintln!("=== run {}/{}: {} ===", i + 1, plans.len(), p.name);
         }
-        let o = crate::runner::run(p, &opts)?;
-        print_outcome(&o);
+        let o = crate::runner::run(p, opts)?;
+        if root {
+            print_outcome(&o);
+        }
         if o.time_limit_reached {
             // A stint ended as asked: not a failure.
             return Ok(0);
@@ -275,13 +355,13 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         outcomes.push(o);
         if stop {
             let left: Vec<&str> = plans[i + 1..].iter().map(|p| p.name.as_str()).collect();
-            if !left.is_empty() {
+            if !left.is_empty() && root {
                 println!("not started: {}", left.join(", "));
             }
             return Ok(130);
         }
     }
-    if outcomes.len() > 1 {
+    if outcomes.len() > 1 && root {
         println!("\nsweep summary:");
         for o in &outcomes {
             let psnr = o.final_eval.iter().find(|(n, _)| n == "ema").and_then(|(_, m)| m.psnr);

@@ -6,6 +6,8 @@
 //! * [`config`]: the run configuration (TOML, overrides, sweeps).
 //! * [`dataset`], [`order`], [`sample`], [`split`], [`loader`]: the deterministic streaming loader.
 //! * [`device`], [`rng`]: `--device` parsing; seeded randomness of the data pipeline.
+//! * [`dist`]: data-parallel training over processes (`--gpus N`, torchrun, Slurm): ranks,
+//!   rendezvous, the TCP and NCCL collectives, failure propagation.
 //! * [`export`], [`tensorboard`], [`report`]: what other tools read: `.pth` / ONNX exports,
 //!   TensorBoard event files, the one-page `report.html`.
 pub mod checkpoint;
@@ -15,6 +17,7 @@ pub mod convert;
 pub mod dataset;
 pub mod decode;
 pub mod device;
+pub mod dist;
 pub mod encode;
 pub mod eval;
 pub mod export;

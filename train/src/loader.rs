@@ -42,6 +42,11 @@ pub struct LoaderConfig {
     /// Rows whose key is in this held-out fraction are never served.
     pub eval_fraction: f64,
     pub seed: u64,
+    /// Data-parallel: this rank serves rows `[rank * batch_size, (rank + 1) * batch_size)` of
+    /// each global batch of `batch_size * world_size` rows (see [`Producer::next_batch`]).
+    /// 0 and 1 alone.
+    pub rank: usize,
+    pub world_size: usize,
 }
 
 /// A batch on the host, planar.
@@ -60,6 +65,8 @@ pub struct HostBatch {
     pub positions: Vec<Position>,
     /// The stream position after this batch: where a resumed run continues.
     pub next: Position,
+    /// Rows of the global batch this one is a slice of (`batch` alone).
+    pub global_batch: usize,
     /// Bad data skipped while this batch was cut (`data.skip_bad_rows`).
     pub skipped: Vec<Skipped>,
 }
@@ -282,7 +289,16 @@ impl<'a> Producer<'a> {
     }
 
     /// The next batch, decoded (in parallel on the current rayon pool, in a fixed order).
+    ///
+    /// Data-parallel (`world_size > 1`): the next global batch of `batch_size * world_size`
+    /// training rows, the rows one process with that batch size would take, of which this rank
+    /// decodes and serves its slice. A row of the slice whose sample cannot be cut is an error,
+    /// or with `data.skip_bad_rows` left out (this rank's batch is one row smaller: the other
+    /// ranks cannot see it, and the global order must stay the same on every rank).
     pub fn next_batch(&mut self) -> Result<HostBatch> {
+        if self.cfg.world_size > 1 {
+            return self.next_slice();
+        }
         let spec = self.cfg.sample;
         let seed = self.cfg.seed;
         let mut rows: Vec<(Position, ShardRow)> = Vec::with_capacity(self.cfg.batch_size);
@@ -331,6 +347,61 @@ impl<'a> Producer<'a> {
             keys: rows.iter().map(|(_, r)| r.key.clone()).collect(),
             positions: rows.iter().map(|(p, _)| *p).collect(),
             next,
+            global_batch: rows.len(),
+            skipped: std::mem::take(&mut self.skipped),
+        })
+    }
+
+    /// [`Producer::next_batch`] of a data-parallel rank.
+    fn next_slice(&mut self) -> Result<HostBatch> {
+        let (spec, seed, b) = (self.cfg.sample, self.cfg.seed, self.cfg.batch_size);
+        let global = b * self.cfg.world_size;
+        let (mut picked, next) = self.next_n_rows(global)?;
+        let mine: Vec<Picked> = picked.drain(self.cfg.rank * b..(self.cfg.rank + 1) * b).collect();
+        let cut: Vec<Result<crate::sample::Sample>> = mine
+            .par_iter()
+            .map(|p| make_sample(&p.row, &spec, &mut rng(seed, tag::SAMPLE, &[p.pos.epoch, p.pos.index])))
+            .collect();
+        let mut rows = Vec::with_capacity(b);
+        let mut samples = Vec::with_capacity(b);
+        for (p, s) in mine.into_iter().zip(cut) {
+            match s {
+                Ok(s) => {
+                    samples.push(s);
+                    rows.push((p.pos, p.row));
+                }
+                Err(e) => {
+                    let what = format!("{} row `{}` ({})", self.unit_name(p.at.unit), p.row.key, p.row.source);
+                    if !self.set.skip_bad_rows {
+                        return Err(e.context(what).context(BAD_DATA));
+                    }
+                    tracing::warn!("skipping {what}: {e:#}");
+                    self.skipped.push(Skipped { what, reason: format!("{e:#}"), rows: 1 });
+                }
+            }
+        }
+        if rows.is_empty() {
+            bail!("rank {}: no row of its slice of a global batch could be used (bad data)", self.cfg.rank);
+        }
+        let crop = spec.crop as usize;
+        let ls = spec.latent_side() as usize;
+        let c = self.set.latent_shape[0] as usize;
+        let mut images = Vec::with_capacity(rows.len() * 3 * crop * crop);
+        let mut latents = Vec::with_capacity(rows.len() * c * ls * ls);
+        for s in &samples {
+            images.extend_from_slice(&s.image);
+            latents.extend_from_slice(&s.latent);
+        }
+        Ok(HostBatch {
+            images,
+            latents,
+            batch: rows.len(),
+            crop,
+            latent_shape: [c, ls, ls],
+            keys: rows.iter().map(|(_, r)| r.key.clone()).collect(),
+            positions: rows.iter().map(|(p, _)| *p).collect(),
+            next,
+            global_batch: global,
             skipped: std::mem::take(&mut self.skipped),
         })
     }
@@ -379,6 +450,45 @@ pub(crate) mod tests {
             workers: 2,
             eval_fraction: fraction,
             seed: 5,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+
+    /// The ranks' slices of the global batches are, in rank order, exactly the batches of one
+    /// process with the global batch size, and resume the same from any batch's `next`.
+    #[test]
+    fn ranks_slice_the_global_batches_of_one_process() {
+        let dir = fixture(150, 70);
+        let set = ShardSet::open(dir.path()).unwrap();
+        for world in [2usize, 3] {
+            let one = LoaderConfig { batch_size: 4 * world, ..cfg(0, 0.2) };
+            let mut p = Producer::new(&set, &one, Position::default());
+            let whole: Vec<HostBatch> = (0..25).map(|_| p.next_batch().unwrap()).collect();
+            let mut ranks: Vec<Producer> = (0..world)
+                .map(|rank| {
+                    Producer::new(
+                        &set,
+                        &LoaderConfig { batch_size: 4, rank, world_size: world, ..cfg(0, 0.2) },
+                        Position::default(),
+                    )
+                })
+                .collect();
+            for (k, w) in whole.iter().enumerate() {
+                let parts: Vec<HostBatch> = ranks.iter_mut().map(|r| r.next_batch().unwrap()).collect();
+                let keys: Vec<String> = parts.iter().flat_map(|b| b.keys.clone()).collect();
+                let images: Vec<u8> = parts.iter().flat_map(|b| b.images.clone()).collect();
+                let latents: Vec<f32> = parts.iter().flat_map(|b| b.latents.clone()).collect();
+                assert_eq!((&keys, &images, &latents), (&w.keys, &w.images, &w.latents), "world {world} batch {k}");
+                assert!(parts.iter().all(|b| b.next == w.next && b.global_batch == 4 * world && b.batch == 4));
+            }
+            // A rank resumed from a batch's `next` continues with its slices.
+            let mut r1 = Producer::new(
+                &set,
+                &LoaderConfig { batch_size: 4, rank: 1, world_size: world, ..cfg(0, 0.2) },
+                whole[10].next,
+            );
+            assert_eq!(r1.next_batch().unwrap().keys, whole[11].keys[4..8]);
         }
     }
 

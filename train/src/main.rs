@@ -39,7 +39,17 @@ fn main() {
             if let Err(e) = handler {
                 eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will not checkpoint");
             }
-            train::cli::train(&cli.train, stop)
+            // The launcher's variables (torchrun, Slurm, `--gpus`), read once here.
+            match (cli.train.gpus, train::dist::World::from_vars(|k| std::env::var(k).ok())) {
+                (Some(n), _) => {
+                    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                    std::env::current_exe().map_err(anyhow::Error::from).and_then(|exe| {
+                        train::dist::launch::launch(&exe, &train::dist::launch::strip_gpus(&args), n, stop)
+                    })
+                }
+                (None, Ok(world)) => train::cli::train(&cli.train, stop, &world),
+                (None, Err(e)) => Err(e.context("the data-parallel launch variables")),
+            }
         }
     };
     match result {

@@ -29,8 +29,8 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 /// TensorBoard event file of this session.
 pub struct MetricsLog {
     path: PathBuf,
-    file: std::fs::File,
-    tensorboard: EventWriter,
+    /// `None`: a log that writes nothing (the ranks other than 0 of a data-parallel run).
+    out: Option<(std::fs::File, EventWriter)>,
 }
 
 impl MetricsLog {
@@ -62,7 +62,12 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsLog { path, file, tensorboard })
+        Ok(MetricsLog { path, out: Some((file, tensorboard)) })
+    }
+
+    /// A log that writes nothing (a data-parallel rank other than 0: rank 0 logs the run).
+    pub fn disabled(run_dir: &Path) -> MetricsLog {
+        MetricsLog { path: run_dir.join(METRICS_FILE), out: None }
     }
 
     pub fn path(&self) -> &Path {
@@ -78,15 +83,18 @@ impl MetricsLog {
             obj.extend(f);
         }
         let obj = Value::Object(obj);
+        let Some((file, tensorboard)) = self.out.as_mut() else {
+            return Ok(());
+        };
         let line = serde_json::to_string(&obj)?;
-        writeln!(self.file, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
-        self.file.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
-        self.tensorboard.metrics_line(kind, step, &obj)
+        writeln!(file, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
+        file.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
+        tensorboard.metrics_line(kind, step, &obj)
     }
 
-    /// This session's TensorBoard event file.
-    pub fn tensorboard_file(&self) -> &Path {
-        self.tensorboard.path()
+    /// This session's TensorBoard event file (none for a disabled log).
+    pub fn tensorboard_file(&self) -> Option<&Path> {
+        self.out.as_ref().map(|(_, t)| t.path())
     }
 }
 
@@ -212,7 +220,7 @@ mod tests {
         assert_eq!(steps, [2, 3]);
         assert!(read_lines(log.path(), "skip").unwrap().is_empty());
         // Each session its own event file; the resumed one starts with a session start at step 3.
-        let recs = crate::tensorboard::tests::read_records(log.tensorboard_file());
+        let recs = crate::tensorboard::tests::read_records(log.tensorboard_file().expect("an open log"));
         assert_eq!(recs.len(), 3, "file version, session start, one line");
         let start = taesd::protobuf::read::fields(&recs[1]).unwrap();
         assert_eq!(taesd::protobuf::read::all(&start, 2), [taesd::protobuf::read::Value::Varint(3)]);

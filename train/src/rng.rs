@@ -11,6 +11,9 @@ pub mod tag {
     pub const ORDER: u64 = 0x6f72_6465_7200_0001;
     /// Crop offset, flip and posterior noise of one training sample.
     pub const SAMPLE: u64 = 0x7361_6d70_6c65_0002;
+    /// The recipe's draws (replay slots, coin flips) of a data-parallel rank other than 0, per
+    /// (rank, step).
+    pub const RANK_STEP: u64 = 0x7261_6e6b_7374_0003;
 }
 
 /// SplitMix64 finaliser: a bijective mix of 64 bits.

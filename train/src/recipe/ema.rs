@@ -98,6 +98,22 @@ impl Ema {
         Ok(())
     }
 
+    /// The averaged values as one flat f32 buffer, in the tracked order.
+    pub fn flat(&self) -> &Tensor {
+        &self.flat
+    }
+
+    /// Replace the averaged values with a flat buffer of the same size (e.g. rank 0's, in a
+    /// data-parallel run); the update count stays.
+    pub fn set_flat(&mut self, w: Tensor) -> Result<()> {
+        if w.dims() != self.flat.dims() {
+            bail!("EMA: a flat buffer of {:?} for {:?} tracked values", w.dims(), self.flat.dims());
+        }
+        self.tensors = views(&w, &self.shapes())?;
+        self.flat = w;
+        Ok(())
+    }
+
     pub fn tensors(&self) -> &[(String, Tensor)] {
         &self.tensors
     }

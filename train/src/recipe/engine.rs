@@ -149,6 +149,10 @@ pub struct Recipe {
     pub(super) schedule_end: Option<u64>,
     /// Whether [`Recipe::save_state`] writes the replay buffer (exact resume) or leaves it out.
     pub(super) save_replay: bool,
+    /// Data-parallel training: the other ranks ([`Recipe::set_comm`]); `None` alone.
+    pub(super) comm: Option<std::sync::Arc<dyn crate::dist::Comm>>,
+    /// This process's rank (0 alone).
+    pub(super) rank: usize,
 }
 
 impl Recipe {

@@ -237,6 +237,8 @@ impl Recipe {
             profile: None,
             schedule_end: None,
             save_replay: true,
+            comm: None,
+            rank: 0,
         })
     }
 }

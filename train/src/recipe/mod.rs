@@ -14,6 +14,7 @@
 //!   guard, commit).
 //! * [`terms`]: the decoder's loss as a table of named, weighted terms.
 //! * [`persist`]: saving and loading the complete state.
+//! * `dist`: data-parallel training (gradients averaged over the ranks, the guard agreed).
 //! * [`profile`]: per-phase time and memory of profiled steps.
 //!
 //! ```no_run
@@ -32,6 +33,7 @@
 
 pub mod config;
 pub mod disc;
+mod dist;
 pub mod ema;
 pub mod engine;
 mod init;

@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{EncoderLoss, RecipeConfig};
 use super::disc::{BnStats, Discriminator};
+use super::dist::{agree, mean_grads, mean_stats};
 use super::engine::{Batch, Gan, Recipe, StepReport, Trained};
 use super::losses;
 use super::optim::{clip_scale, Proposal};
@@ -78,6 +79,8 @@ struct StepCtx<'a> {
     /// The pixel warm-up: no corrections, the decoder learns from the pixel MSE.
     pixel_phase: bool,
     precision: Precision,
+    /// The other ranks of a data-parallel run.
+    comm: Option<&'a dyn crate::dist::Comm>,
 }
 
 /// The discriminator's proposed update, written only by [`Recipe::commit`].
@@ -97,19 +100,21 @@ struct Proposals {
     decoder: Option<Proposal>,
 }
 
-/// Global-norm clipping scale and the proposed update of an optimiser's flat gradients.
-/// `name`: the report's key of the gradient norm; `what`: the part, for the error.
+/// Global-norm clipping scale and the proposed update of an optimiser's flat gradients
+/// (averaged over the ranks first, in a data-parallel run). `name`: the report's key of the
+/// gradient norm; `what`: the part, for the error.
 fn propose(
+    ctx: &StepCtx,
     opt: &super::optim::Adam,
-    g: &super::optim::FlatGrads,
-    lr: f64,
-    clip: Option<f64>,
+    g: super::optim::FlatGrads,
+    (lr, clip): (f64, Option<f64>),
     (name, what): (&str, &str),
     rb: &mut Readback,
 ) -> Result<Proposal> {
     if !g.any() {
         bail!("the {what} got no gradients");
     }
+    let g = &mean_grads(ctx.comm, g)?;
     let nsq = g.norm_sq()?;
     let scale = clip.map(|c| clip_scale(&nsq, c)).transpose()?;
     let p = opt.propose_flat(g, lr, scale.as_ref())?;
@@ -143,7 +148,7 @@ fn encoder_phase(ctx: &StepCtx, model: &taesd::Encoder, tr: &Trained, rb: &mut R
     let grads = loss.backward()?;
     let g = tr.opt.flat_gradients_with(&grads, Some(&wg))?;
     drop(grads);
-    let p = propose(&tr.opt, &g, ctx.lr, ctx.cfg.grad_clip, ("encoder", "encoder"), rb)?;
+    let p = propose(ctx, &tr.opt, g, (ctx.lr, ctx.cfg.grad_clip), ("encoder", "encoder"), rb)?;
     rb.push(Kind::Loss, "encoder", loss.detach());
     Ok(p)
 }
@@ -185,13 +190,14 @@ fn disc_phase(
     let (scores, new_stats) =
         Discriminator::forward_with(&gan.cfg, &gan.params(), &gan.stats, &pc.compute(&x)?, &pc.compute(&cond)?, true)?;
     drop(disc_active);
-    let new_stats = new_stats.context("training-mode forward gave no statistics")?;
+    // Batch statistics per rank; the running statistics the same everywhere (their mean).
+    let new_stats = mean_stats(ctx.comm, new_stats.context("training-mode forward gave no statistics")?)?;
     let targets = mask.affine(2.0, -1.0)?.broadcast_as(scores.shape())?.contiguous()?;
     let disc_loss = losses::mse(&scores, &targets)?;
     let grads = disc_loss.backward()?;
     let g = gan.opt.flat_gradients_with(&grads, Some(&disc_wg))?;
     drop(grads);
-    let update = propose(&gan.opt, &g, ctx.cfg.disc_lr, ctx.cfg.disc_grad_clip, ("disc", "discriminator"), rb)?;
+    let update = propose(ctx, &gan.opt, g, (ctx.cfg.disc_lr, ctx.cfg.disc_grad_clip), ("disc", "discriminator"), rb)?;
     // What the report needs of the discriminator's step, detached: its graph (the training
     // forward's activations, ~1.3 GB at 256x256 batch 32) goes now, not after the correction's
     // forward and backward. (Shadowing would not drop the graph: the values are dropped by name.)
@@ -262,7 +268,7 @@ fn decoder_phase(
     let grads = total.backward()?;
     let g = tr.opt.flat_gradients_with(&grads, Some(wg))?;
     drop(grads);
-    Ok(Some(propose(&tr.opt, &g, ctx.lr, ctx.cfg.grad_clip, ("decoder", "decoder"), rb)?))
+    Ok(Some(propose(ctx, &tr.opt, g, (ctx.lr, ctx.cfg.grad_clip), ("decoder", "decoder"), rb)?))
 }
 
 /// Phase 3, the guard: every loss, gradient norm and the new BatchNorm statistics read back in one
@@ -344,6 +350,9 @@ impl Recipe {
     fn step_inner(&mut self, batch: &Batch, prof: &mut Option<Profile>) -> Result<StepReport> {
         let t_start = std::time::Instant::now();
         let (images, latents) = self.check_batch(batch)?;
+        if let Some(r) = self.rank_rng() {
+            self.rng = r;
+        }
         let ctx = StepCtx {
             cfg: &self.cfg,
             images: &images,
@@ -352,6 +361,7 @@ impl Recipe {
             lr: self.cfg.lr_at(self.step, self.schedule_end),
             pixel_phase: self.cfg.pixel_phase(self.step),
             precision: self.precision,
+            comm: self.comm.as_deref(),
         };
         let rng_before = self.rng.clone();
         let mut rb = Readback::default();
@@ -410,7 +420,7 @@ impl Recipe {
             issue_seconds: t_start.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        let report = guard(&rb, &coins, report)?;
+        let report = agree(ctx.comm, guard(&rb, &coins, report)?)?;
         self.step += 1;
         if let Some(reason) = &report.skipped {
             self.rng = rng_before;

@@ -48,6 +48,8 @@ pub struct RunOptions {
     /// Stop this session's training loop after this long (checkpoint, as on Ctrl-C; continue
     /// with `--resume`): one stint of a run longer than a machine is held.
     pub time_limit: Option<std::time::Duration>,
+    /// Data-parallel: this rank, its device and the other ranks (`None`: alone).
+    pub dist: Option<crate::dist::Dist>,
 }
 
 /// What a run did.
@@ -85,6 +87,10 @@ pub fn run(plan: &crate::config::RunPlan, opts: &RunOptions) -> Result<RunOutcom
     // An error after step 1 saves a checkpoint first (as Ctrl-C does) and says how to resume.
     if let Err(e) = l.run(&mut s) {
         drop(l.loader);
+        // The other ranks stop now (rank 0 then checkpoints the steps all have done).
+        if let Some(d) = &opts.dist {
+            d.comm.abort(&format!("{e:#}"));
+        }
         return Err(s.fail(e, l.data_error));
     }
     drop(l.loader);
@@ -133,7 +139,14 @@ impl Loop {
             (run.steps, run.log_every, run.checkpoint_every, run.preview_every, run.eval_every);
         while s.ts.step < total {
             self.time_limit_reached = s.opts.time_limit.is_some_and(|l| self.t0.elapsed() >= l);
-            if s.opts.stop.load(Ordering::SeqCst) || self.time_limit_reached {
+            let mut stop = s.opts.stop.load(Ordering::SeqCst);
+            if let Some(d) = &s.opts.dist {
+                // The ranks stop at the same step: when any of them is told to.
+                let mut v = [stop as u8 as f32, self.time_limit_reached as u8 as f32];
+                d.comm.all_reduce_host(&mut v).context("agreeing on a stop")?;
+                (stop, self.time_limit_reached) = (v[0] > 0.5, v[1] > 0.5);
+            }
+            if stop || self.time_limit_reached {
                 self.interrupted = true;
                 return Ok(());
             }
@@ -188,12 +201,12 @@ impl Loop {
         ts.train_seconds += stepped;
         ts.step = s.recipe.step_count();
         ts.data_position = hb.next;
-        ts.images_seen += hb.batch as u64;
+        ts.images_seen += hb.global_batch as u64;
         match &report.skipped {
             Some(why) => {
                 ts.skipped_steps += 1;
                 self.skips_in_a_row += 1;
-                self.interval.count(hb.batch as u64);
+                self.interval.count(hb.global_batch as u64);
                 let (step, total) = (ts.step, ts.skipped_steps);
                 s.log.write("skip", step, serde_json::json!({"reason": why, "skipped_total": total}))?;
                 s.say(format!("step {step}: skipped ({why})"));
@@ -208,7 +221,7 @@ impl Loop {
             }
             None => {
                 self.skips_in_a_row = 0;
-                self.interval.add_step(&report.losses, &report.grad_norms, hb.batch as u64)
+                self.interval.add_step(&report.losses, &report.grad_norms, hb.global_batch as u64)
             }
         }
         Ok((report, hb.next.epoch))

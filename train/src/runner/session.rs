@@ -44,6 +44,8 @@ pub(super) struct Session<'a> {
     pub pb: ProgressBar,
     pub last_ckpt: Option<u64>,
     pub last_eval: Vec<(String, Metrics)>,
+    /// Rank 0 of a data-parallel run, or alone: the process that writes the run folder.
+    pub root: bool,
 }
 
 impl<'a> Session<'a> {
@@ -53,28 +55,43 @@ impl<'a> Session<'a> {
     pub fn open(plan: &'a RunPlan, opts: &'a RunOptions) -> Result<Session<'a>> {
         let r = resolve(&plan.config).with_context(|| format!("run `{}`", plan.name))?;
         let dir = plan.dir.clone();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
-        checkpoint::clean_temp(&dir)?;
-        let latest = checkpoint::latest(&dir)?;
+        let root = opts.dist.as_ref().is_none_or(|d| d.is_root());
         let mut resume_changes = Vec::new();
-        let resume_from = match (latest, opts.resume) {
-            (Some(l), true) => {
-                resume_changes = check_resume_config(&dir, &r.config)?;
-                Some(l)
-            }
-            (None, true) => {
-                tracing::warn!("--resume: {} has no checkpoint yet; starting the run", dir.display());
-                None
-            }
-            (_, false) => {
-                checkpoint::ensure_fresh(&dir)?;
-                None
-            }
+        let resume_from = if root {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
+            checkpoint::clean_temp(&dir)?;
+            let latest = checkpoint::latest(&dir)?;
+            let resume_from = match (latest, opts.resume) {
+                (Some(l), true) => {
+                    resume_changes = check_resume_config(&dir, &r.config)?;
+                    Some(l)
+                }
+                (None, true) => {
+                    tracing::warn!("--resume: {} has no checkpoint yet; starting the run", dir.display());
+                    None
+                }
+                (_, false) => {
+                    checkpoint::ensure_fresh(&dir)?;
+                    None
+                }
+            };
+            write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
+            resume_from
+        } else {
+            None
         };
-        write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
+        // Every rank resumes from the checkpoint rank 0 chose (and starts when rank 0 has
+        // checked the run folder).
+        let resume_from = match &opts.dist {
+            Some(d) => agree_checkpoint(d, &dir, resume_from)?,
+            None => resume_from,
+        };
 
         let cfg = &r.config;
-        let device = crate::device::open_spec(cfg.run.device)?;
+        let device = match &opts.dist {
+            Some(d) => d.device.clone(),
+            None => crate::device::open_spec(cfg.run.device)?,
+        };
         let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
         let mut recipe =
             Recipe::new(&cfg.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
@@ -94,9 +111,14 @@ impl<'a> Session<'a> {
         if let Some((_, ck)) = &resume_from {
             ts = load_checkpoint(&mut recipe, ck, &r, cfg.run.seed)?;
         }
-        let log = MetricsLog::open(&dir, Some(ts.step))?;
-        let data = EvalData::load(&r, &device)?;
-        let pb = progress_bar(cfg.run.steps, ts.step, opts.quiet);
+        recipe.set_comm(opts.dist.as_ref().map(|d| d.comm.clone()))?;
+        // Rank 0 alone writes into the run folder, evaluates and previews.
+        let (log, data) = if root {
+            (MetricsLog::open(&dir, Some(ts.step))?, EvalData::load(&r, &device)?)
+        } else {
+            (MetricsLog::disabled(&dir), EvalData::none())
+        };
+        let pb = progress_bar(cfg.run.steps, ts.step, opts.quiet || !root);
         let last_ckpt = resume_from.as_ref().map(|(s, _)| *s);
         Ok(Session {
             plan,
@@ -113,6 +135,7 @@ impl<'a> Session<'a> {
             pb,
             last_ckpt,
             last_eval: vec![],
+            root,
         })
     }
 
@@ -120,9 +143,10 @@ impl<'a> Session<'a> {
         &self.r.config
     }
 
-    /// A line on stderr (not with --quiet), above the progress bar.
+    /// A line on stderr (not with --quiet, nor on a data-parallel rank other than 0), above the
+    /// progress bar.
     pub fn say(&self, msg: String) {
-        if !self.opts.quiet {
+        if !self.opts.quiet && self.root {
             self.pb.suspend(|| eprintln!("{msg}"));
         }
     }
@@ -140,7 +164,16 @@ impl<'a> Session<'a> {
             r.set.rows,
             self.data.set.len(),
             r.crop,
-            cfg.data.batch_size,
+            match &self.opts.dist {
+                Some(d) => format!(
+                    "{} per rank x {} ranks ({} backend) = {}",
+                    cfg.data.batch_size,
+                    d.world.world_size,
+                    d.comm.backend(),
+                    cfg.data.batch_size * d.world.world_size
+                ),
+                None => cfg.data.batch_size.to_string(),
+            },
             self.ts.step,
             cfg.run.steps,
             if self.resume_from.is_some() { " (resumed)" } else { "" }
@@ -204,6 +237,9 @@ impl<'a> Session<'a> {
 
     /// A preview grid of the preview samples and the loss curve.
     pub fn preview(&mut self) -> Result<()> {
+        if !self.root {
+            return Ok(());
+        }
         if let Some(s) = &self.data.preview {
             let p = self.dir.join("previews").join(format!("step-{:08}.png", self.ts.step));
             write_preview(&self.recipe, s, self.data.reference.as_ref(), &p)?;
@@ -213,6 +249,9 @@ impl<'a> Session<'a> {
     }
 
     pub fn loss_curve(&self) -> Result<()> {
+        if !self.root {
+            return Ok(());
+        }
         let run = &self.r.config.run;
         crate::plot::write_loss_curve(
             &self.dir.join(METRICS_FILE),
@@ -222,13 +261,17 @@ impl<'a> Session<'a> {
         )
     }
 
-    /// A checkpoint of this step.
-    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+    /// A checkpoint of this step (rank 0 alone writes it; elsewhere `None`).
+    pub fn checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        if !self.root {
+            self.last_ckpt = Some(self.ts.step);
+            return Ok(None);
+        }
         let p =
             checkpoint::save(&self.dir, &self.ts, self.r.config.run.keep_checkpoints, |d| self.recipe.save_state(d))?;
         self.log.write("checkpoint", self.ts.step, json!({"path": p}))?;
         self.last_ckpt = Some(self.ts.step);
-        Ok(p)
+        Ok(Some(p))
     }
 
     /// The loader of a data stage, starting at the trainer's data position.
@@ -247,6 +290,8 @@ impl<'a> Session<'a> {
             workers: cfg.data.workers,
             eval_fraction: cfg.data.eval_fraction,
             seed: cfg.run.seed,
+            rank: self.opts.dist.as_ref().map_or(0, |d| d.world.rank),
+            world_size: self.opts.dist.as_ref().map_or(1, |d| d.world.world_size),
         };
         Loader::start(r.set.clone(), lc, self.ts.data_position)
     }
@@ -295,9 +340,14 @@ impl<'a> Session<'a> {
     /// A fatal error of the training loop: checkpoint first (see [`fail_after_checkpoint`]).
     pub fn fail(mut self, e: anyhow::Error, data_error: bool) -> anyhow::Error {
         self.pb.finish_and_clear();
+        if !self.root {
+            return e;
+        }
         let (ts, last, dir) = (self.ts.clone(), self.last_ckpt, self.dir.clone());
         let recipe_step = self.recipe.step_count();
-        fail_after_checkpoint(e, data_error, recipe_step, &ts, last, &dir, || self.checkpoint())
+        fail_after_checkpoint(e, data_error, recipe_step, &ts, last, &dir, || {
+            self.checkpoint()?.ok_or_else(|| anyhow!("no checkpoint written"))
+        })
     }
 
     /// The end of the session: a checkpoint of the last step; when the run is complete the final
@@ -308,7 +358,9 @@ impl<'a> Session<'a> {
         }
         let run = self.r.config.run.clone();
         let mut exported = Vec::new();
-        if !interrupted {
+        if !self.root {
+            // Rank 0 evaluates, exports and reports.
+        } else if !interrupted {
             if !self.ts.step.is_multiple_of(run.preview_every.max(1)) || run.preview_every == 0 {
                 self.preview()?;
             }
@@ -328,7 +380,8 @@ impl<'a> Session<'a> {
             ts.step,
             json!({"interrupted": interrupted, "steps_per_s": steps_per_s, "skipped_total": ts.skipped_steps}),
         )?;
-        if let Err(e) = crate::report::write(&self.dir) {
+        if !self.root {
+        } else if let Err(e) = crate::report::write(&self.dir) {
             self.say(format!("note: {} not written: {e:#}", crate::report::REPORT_FILE));
         }
         self.pb.finish_and_clear();
@@ -370,7 +423,32 @@ fn load_checkpoint(recipe: &mut Recipe, ck: &Path, r: &Resolved, seed: u64) -> R
     Ok(saved)
 }
 
+/// Every rank resumes from the checkpoint rank 0 chose (`root`: its choice; elsewhere
+/// ignored): its step is broadcast, and every rank finds it in the run folder (which must be on
+/// a filesystem all ranks see).
+fn agree_checkpoint(d: &crate::dist::Dist, dir: &Path, root: Option<(u64, PathBuf)>) -> Result<Option<(u64, PathBuf)>> {
+    let mut b = root.as_ref().map_or(u64::MAX, |(s, _)| *s).to_le_bytes();
+    d.comm.broadcast_host(&mut b).context("agreeing on the checkpoint to resume from")?;
+    let step = u64::from_le_bytes(b);
+    if d.is_root() || step == u64::MAX {
+        return Ok(root);
+    }
+    let found = checkpoint::list(dir)?.into_iter().find(|(s, _)| *s == step);
+    found.map(Some).ok_or_else(|| {
+        anyhow!(
+            "rank {}: rank 0 resumes from step {step}, but {} has no such checkpoint here: the run folder must be on a filesystem every rank sees",
+            d.rank(),
+            dir.display()
+        )
+    })
+}
+
 impl EvalData {
+    /// Nothing to evaluate or preview (a rank other than 0).
+    fn none() -> EvalData {
+        EvalData { set: EvalSet { rows: vec![] }, preview: None, reference: None, cycle_encoder: None }
+    }
+
     /// The held-out split (or, without one, the first rows for previews) and the comparison
     /// models of the configuration.
     fn load(r: &Resolved, device: &Device) -> Result<EvalData> {
