@@ -211,9 +211,12 @@ impl Recipe {
         // so the trained one's updates never reach it).
         let initial_decoder = if cfg.train_decoder && cfg.detail_weight > 0.0 {
             let Some(path) = init.decoder.as_deref() else {
-                bail!("recipe.detail_weight keeps the detail of the decoder the run starts from: set model.init_decoder");
+                bail!(
+                    "recipe.detail_weight keeps the detail of the decoder the run starts from: set model.init_decoder"
+                );
             };
-            let (vm, _) = part_varmap(Part::Decoder, &model, Some(path), false, device)?.context("no initial decoder")?;
+            let (vm, _) =
+                part_varmap(Part::Decoder, &model, Some(path), false, device)?.context("no initial decoder")?;
             let m = Decoder::new(&model, VarBuilder::from_varmap(&vm, DType::F32, device).pp("decoder"))
                 .context("building the initial decoder (detail term)")?;
             Some(m)

@@ -103,7 +103,8 @@ mod tests {
         let target = (fake.clone() + 1.0).unwrap();
         let cfg = RecipeConfig { fullres_mse_weight: 0.5, ..Default::default() };
         let names = |ts: &[(&str, f64, Tensor)]| ts.iter().map(|(n, w, _)| (n.to_string(), *w)).collect::<Vec<_>>();
-        let with_gan = TermInput { cfg: &cfg, fake: &fake, real: &real, target: Some(&target), freq: None, initial: None };
+        let with_gan =
+            TermInput { cfg: &cfg, fake: &fake, real: &real, target: Some(&target), freq: None, initial: None };
         let t = decoder_terms(&cfg, &with_gan, false).unwrap();
         assert_eq!(names(&t), [("gan".into(), 1.0), ("lowres_mse".into(), 1.0), ("fullres_mse".into(), 0.5)]);
         let v = |i: usize| t[i].2.to_scalar::<f32>().unwrap();

@@ -396,7 +396,8 @@ fn detail_term_holds_the_initial_decoders_detail() {
         return;
     };
     // No discriminator (so no warm-up: the decoder learns from step 1), a large lr to move it.
-    let cfg = RecipeConfig { train_encoder: false, gan_weight: 0.0, detail_weight: 1.0, lr: 1e-3, ..Default::default() };
+    let cfg =
+        RecipeConfig { train_encoder: false, gan_weight: 0.0, detail_weight: 1.0, lr: 1e-3, ..Default::default() };
     let no_init = Recipe::new(&cfg, taesd::Variant::Taef2.config(), &ModelInit::default(), &Device::Cpu, 0);
     let err = format!("{:#}", no_init.err().expect("the detail term without an initial decoder"));
     assert!(err.contains("model.init_decoder"), "{err}");
