@@ -299,7 +299,7 @@ fn a_sweep_runs_each_entry_in_its_own_folder() {
     let sweep = dir.path().join("sweep.toml");
     std::fs::write(
         &sweep,
-        "[base]\nrun.steps = 2\ndata.eval_fraction = 0\ndata.preview_images = 0\n\n[[runs]]\nname = \"lr-low\"\nrecipe.lr = 1e-4\n\n[[runs]]\nname = \"dec-only\"\nrecipe.train_encoder = false\nrecipe.lr = 5e-4\n",
+        "[base]\nrun.steps = 2\ndata.eval_fraction = 0\ndata.preview_images = 0\n\n[[runs]]\nname = \"lr-low\"\nrecipe.lr = 1e-4\n\n[[runs]]\nname = \"dec-only\"\nrecipe.train_encoder = false\nrecipe.lr = 5e-4\n\n[[runs]]\nname = \"no-export\"\nrun.export = []\n",
     )
     .unwrap();
     let root = dir.path().join("runs");
@@ -317,6 +317,9 @@ fn a_sweep_runs_each_entry_in_its_own_folder() {
     }
     // The decoder-only run trains no encoder and exports none (it has none to start from).
     assert!(!root.join("dec-only/export/taesd/taef2_encoder.safetensors").exists());
+    // `run.export = []`: the run ends normally and writes no export (nor an export.json).
+    assert!(root.join("no-export/checkpoints/step-00000002/trainer.json").is_file());
+    assert!(!root.join("no-export/export").exists());
     let l = json_lines(&root.join("dec-only/metrics.jsonl"), "train");
     assert!(l[0]["losses"].get("encoder").is_none(), "{}", l[0]);
 }

@@ -55,6 +55,10 @@ pub(super) fn write_preview(
 pub(super) fn export(recipe: &Recipe, r: &Resolved, run_dir: &Path, step: u64) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let mut files = Vec::new();
     let mut notes = Vec::new();
+    if r.config.run.export.is_empty() {
+        // `run.export = []`: no exports, and no export.json claiming some.
+        return Ok((files, notes));
+    }
     let name = r.variant.map(|v| v.name().to_string()).unwrap_or_else(|| format!("taesd-c{}", r.model.latent_channels));
     for l in &r.config.run.export {
         let Some(layout) = Layout::parse(l) else {
