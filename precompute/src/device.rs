@@ -65,8 +65,7 @@ impl FromStr for DeviceList {
             if list.contains(&DeviceRequest::Auto) {
                 return Err(format!("`{s}`: `auto` stands alone; list devices as cuda:0,cuda:1 or cpu,cpu"));
             }
-            if list.iter().any(|d| *d == DeviceRequest::Cpu) && list.iter().any(|d| matches!(d, DeviceRequest::Cuda(_)))
-            {
+            if list.contains(&DeviceRequest::Cpu) && list.iter().any(|d| matches!(d, DeviceRequest::Cuda(_))) {
                 return Err(format!(
                     "`{s}` mixes the CPU and CUDA: their latents differ, so the shards would depend on which session encoded a batch; list one kind"
                 ));

@@ -63,13 +63,14 @@ impl Existing {
         }
         let manifest =
             if layout.manifest_path().is_file() { Some(read_manifest_file(&layout.manifest_path())?) } else { None };
-        if manifest.is_none() && layout.part.is_some() && !layout.shard_files()?.is_empty() {
-            bail!(
-                "{} holds shards of part {} but not its manifest {}; refusing to write into it",
-                dir.display(),
-                layout.part.expect("a part"),
-                layout.manifest_path().display()
-            );
+        if let (None, Some(part)) = (&manifest, layout.part) {
+            if !layout.shard_files()?.is_empty() {
+                bail!(
+                    "{} holds shards of part {part} but not its manifest {}; refusing to write into it",
+                    dir.display(),
+                    layout.manifest_path().display()
+                );
+            }
         }
         if manifest.is_none() && layout.part.is_none() && PartsFolder::read(&layout.root)?.is_none() {
             let parquet_in = |d: &Path| {
