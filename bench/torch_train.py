@@ -114,7 +114,8 @@ class ShardRows:
         # The shards are in OUT/data/ (in folders of the earlier layout, beside manifest.json).
         if os.path.isdir(os.path.join(folder, "data")):
             folder = os.path.join(folder, "data")
-        files = sorted(f for f in os.listdir(folder) if f.startswith("shard-") and f.endswith(".parquet"))
+        # shard-*.parquet of a whole run, part-*-of-*-shard-*.parquet of `precompute --part` runs.
+        files = sorted(f for f in os.listdir(folder) if f.startswith(("shard-", "part-")) and f.endswith(".parquet"))
         if not files:
             raise SystemExit(f"{folder}: no shard-*.parquet files")
         tables, dtypes = [], set()

@@ -515,6 +515,28 @@ fn a_grown_folder_is_encoded_incrementally() {
     assert!(ins.contains("removed       1 input(s)"), "{ins}");
 }
 
+/// The one-liners of docs/format.md (pyarrow, polars, duckdb), run as written in `cwd` (which
+/// holds the output folder `latents`): each must print `rows`.
+fn assert_dataset_one_liners_count(cwd: &Path, rows: usize) {
+    let doc = std::fs::read_to_string(repo().join("docs/format.md")).unwrap();
+    let block = doc
+        .split("<!-- dataset one-liners: run by tests/precompute.rs -->")
+        .nth(1)
+        .and_then(|rest| rest.split("```python").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("docs/format.md has the dataset one-liners block");
+    let mut tried = 0;
+    for line in block.lines().map(str::trim).filter(|l| l.starts_with("print(")) {
+        let script = format!("import pyarrow.parquet as pq, polars as pl, duckdb\n{line}\n");
+        let o = Command::new("python3").arg("-c").arg(&script).current_dir(cwd).output().expect("python3");
+        let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(o.status.success(), "{line}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(text, rows.to_string(), "{line}");
+        tried += 1;
+    }
+    assert_eq!(tried, 3, "pyarrow, polars and duckdb:\n{block}");
+}
+
 /// The output folder's data/ is a Parquet dataset: the one-liners of docs/format.md (pyarrow,
 /// polars, duckdb) run as written and each counts every row. `precompute inspect` and the
 /// readers take the old layout (shards beside manifest.json) too.
@@ -529,23 +551,7 @@ fn the_shard_folder_reads_as_a_dataset_with_the_documented_one_liners() {
     run("precompute", &args, true);
     assert_eq!(shard_files(&out).len(), 3);
     assert!(shard_files(&out).iter().all(|p| p.parent().unwrap().ends_with("latents/data")));
-    let doc = std::fs::read_to_string(repo().join("docs/format.md")).unwrap();
-    let block = doc
-        .split("<!-- dataset one-liners: run by tests/precompute.rs -->")
-        .nth(1)
-        .and_then(|rest| rest.split("```python").nth(1))
-        .and_then(|b| b.split("```").next())
-        .expect("docs/format.md has the dataset one-liners block");
-    let mut tried = 0;
-    for line in block.lines().map(str::trim).filter(|l| l.starts_with("print(")) {
-        let script = format!("import pyarrow.parquet as pq, polars as pl, duckdb\n{line}\n");
-        let o = Command::new("python3").arg("-c").arg(&script).current_dir(dir.path()).output().expect("python3");
-        let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        assert!(o.status.success(), "{line}\n{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(text, "5", "{line}");
-        tried += 1;
-    }
-    assert_eq!(tried, 3, "pyarrow, polars and duckdb:\n{block}");
+    assert_dataset_one_liners_count(dir.path(), 5);
     verify_with_python(&out);
 
     // The old layout: shards beside the manifest. Inspect and the readers still take it.
@@ -783,4 +789,163 @@ fn export_tool_conv_bias_fold_keeps_the_outputs() {
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(text.contains("2 passed"), "{text}");
+}
+
+/// `--device cpu,cpu`: two teacher sessions in one process, fed by one decode pool, each batch to
+/// whichever is free, write the same shard files byte for byte as one session. The batches are cut
+/// from the input order alone and results return to their samples' slots, so which session
+/// encoded a batch cannot show; two CPU sessions compute a batch identically, and the Parquet
+/// writer puts nothing time- or process-dependent in a file (the manifest's `extra.device` says
+/// `cpu,cpu`, and it is the only difference).
+#[test]
+fn scale_out_two_cpu_sessions_write_the_same_shards_as_one() {
+    let images = pool_subset(10);
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let x = taef2_onnx();
+    let i = images.path().to_str().unwrap();
+    let (o1, o2, xs) = (one.path().to_str().unwrap(), two.path().to_str().unwrap(), x.to_str().unwrap());
+    let args = |device: &'static str, out| {
+        let mut a = base_args(i, out, xs);
+        set(&mut a, "--device", device);
+        // Small batches and shards: many batches in flight, on both sessions.
+        set(&mut a, "--batch-size", "1");
+        a.extend(["--shard-rows", "4", "--ort-threads", "1"]);
+        a
+    };
+    run("precompute", &args("cpu", o1), true);
+    let res = run("precompute", &args("cpu,cpu", o2), true);
+    assert!(stdout(&res).contains("teacher device   cpu,cpu"), "{}", stdout(&res));
+    let (f1, f2) = (shard_files(one.path()), shard_files(two.path()));
+    assert_eq!(f1.len(), 3);
+    assert_eq!(
+        f1.iter().map(|p| p.file_name()).collect::<Vec<_>>(),
+        f2.iter().map(|p| p.file_name()).collect::<Vec<_>>()
+    );
+    for (a, b) in f1.iter().zip(&f2) {
+        assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "{} differs", b.display());
+    }
+    assert_eq!(manifest(two.path())["extra"]["device"], "cpu,cpu");
+    assert_eq!(manifest(one.path())["shards"], manifest(two.path())["shards"]);
+}
+
+/// `--part I/N`: three parts into one folder make the rows of one whole run, no row twice, the
+/// errors of the whole run each in one part's errors file; `OUT/data` stays one dataset. Missing
+/// and unfinished parts are named by `precompute inspect` and refused by `train` (with the flag
+/// that allows it); a part resumes on its own; parts of another N, other settings or a whole run
+/// into the folder are refused before anything is written.
+#[test]
+fn scale_out_parts_make_the_whole_run_and_name_what_is_missing() {
+    let images = pool_subset(9);
+    std::fs::write(images.path().join("notes.txt"), "not an image").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, parts) = (dir.path().join("whole"), dir.path().join("latents"));
+    let x = taef2_onnx();
+    let i = images.path().to_str().unwrap();
+    let (w, p) = (whole.to_str().unwrap(), parts.to_str().unwrap());
+    let with = |out: &str, extra: &[&str]| -> Vec<String> {
+        let o = if out == "whole" { w } else { p };
+        let mut a: Vec<String> = base_args(i, o, x.to_str().unwrap()).into_iter().map(String::from).collect();
+        a.extend(["--shard-rows", "2"].iter().chain(extra).map(|s| s.to_string()));
+        a
+    };
+    let go = |a: Vec<String>, ok: bool| run("precompute", &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ok);
+    go(with("whole", &[]), true);
+    let part_files = |k: u32| {
+        let tag = taesd_schemas::Part { index: k, count: 3 }.tag();
+        std::fs::read_dir(parts.join("data"))
+            .map(|r| {
+                let mut v: Vec<_> = r
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&tag))
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default()
+    };
+    // Parts 0 and 2 only: part 1 is missing.
+    go(with("parts", &["--part", "0/3"]), true);
+    let res = go(with("parts", &["--part", "2/3"]), true);
+    assert!(stdout(&res).contains("part             2/3:"), "{}", stdout(&res));
+    let ins = stdout(&run("precompute", &["inspect", p], true));
+    assert!(ins.contains("part 1/3 missing") && ins.contains("status        incomplete"), "{ins}");
+    let run_dir = dir.path().join("run");
+    let train_args = ["--shards", p, "--run-dir", run_dir.to_str().unwrap(), "--device", "cpu", "--steps", "1"];
+    let e = stderr(&run("train", &train_args, false));
+    assert!(e.contains("part 1/3 missing") && e.contains("data.allow_partial=true"), "{e}");
+    let partial = train::dataset::ShardSet::open_with(&parts, true).unwrap();
+    assert_eq!(partial.readers.len(), part_files(0).len() + part_files(2).len());
+
+    // Refused before anything is written: another N, other settings, a whole run into the folder.
+    let e = stderr(&go(with("parts", &["--part", "1/4"]), false));
+    assert!(e.contains("I/3") && e.contains("part 1/4"), "{e}");
+    let e = stderr(&go(with("parts", &["--part", "1/3", "--seed", "7"]), false));
+    assert!(e.contains("other settings") && e.contains("seed"), "{e}");
+    let e = stderr(&go(with("parts", &[]), false));
+    assert!(e.contains("add --part"), "{e}");
+    let e = stderr(&go(with("whole", &["--part", "1/3"]), false));
+    assert!(e.contains("whole run"), "{e}");
+    assert!(part_files(1).is_empty() && !parts.join("manifest.part-00001-of-00003.json").exists());
+
+    go(with("parts", &["--part", "1/3"]), true);
+    let ins = stdout(&run("precompute", &["inspect", p], true));
+    assert!(ins.contains("3 part(s), all complete") && ins.contains("status        complete"), "{ins}");
+
+    // The union of the parts is the whole run: the same rows, none twice; the same errors.
+    let key = |r: &taesd_data::ShardRow| (r.source.clone(), r.variant);
+    let mut a = read_rows(&whole);
+    a.sort_by_key(key);
+    let set = train::dataset::ShardSet::open(&parts).unwrap();
+    let files: Vec<_> = set.readers.iter().map(|r| r.path().to_path_buf()).collect();
+    assert_eq!(files, (0..3).flat_map(part_files).collect::<Vec<_>>(), "part by part, shard by shard");
+    let mut b: Vec<taesd_data::ShardRow> =
+        files.iter().flat_map(|f| taesd_data::ShardReader::open(f).unwrap().read_all().unwrap()).collect();
+    b.sort_by_key(key);
+    assert_eq!(a.len(), 9);
+    assert_eq!(a.len(), b.len(), "no row twice, none missing");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((key(x), &x.image, &x.latent), (key(y), &y.image, &y.latent));
+    }
+    let errors_of =
+        |f: &Path| -> Vec<String> { std::fs::read_to_string(f).unwrap().lines().map(String::from).collect() };
+    let mut part_errors: Vec<String> =
+        (0..3).flat_map(|k| errors_of(&parts.join(taesd_schemas::Part { index: k, count: 3 }.errors_file()))).collect();
+    part_errors.sort();
+    assert_eq!(part_errors, errors_of(&whole.join("errors.jsonl")));
+    assert_eq!(part_errors.len(), 1);
+    assert_dataset_one_liners_count(dir.path(), 9);
+    let ins = stdout(&run("precompute", &["inspect", parts.join("data").to_str().unwrap()], true));
+    assert!(ins.contains("rows          9") && ins.contains("errors        1"), "{ins}");
+
+    // A part resumes on its own: the part with the most shards loses its last one (as if killed
+    // before it), and leaves a temp file, as does another part's run in progress.
+    let k = (0..3).max_by_key(|k| part_files(*k).len()).unwrap();
+    let other = (k + 1) % 3;
+    let files = part_files(k);
+    assert!(files.len() >= 2, "{files:?}");
+    let last = files.last().unwrap().clone();
+    let bytes = std::fs::read(&last).unwrap();
+    std::fs::remove_file(&last).unwrap();
+    let mpath = parts.join(taesd_schemas::Part { index: k, count: 3 }.manifest_file());
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["status"] = "in_progress".into();
+    m["shards"].as_array_mut().unwrap().pop();
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let own_tmp = parts.join(format!("{}.tmp-99999", last.file_name().unwrap().to_str().unwrap()));
+    let other_tmp = parts.join(format!("{}.tmp-99999", taesd_schemas::Part { index: other, count: 3 }.shard_file(9)));
+    std::fs::write(&own_tmp, "x").unwrap();
+    std::fs::write(&other_tmp, "x").unwrap();
+    let ins = stdout(&run("precompute", &["inspect", p], true));
+    let want = format!("part {k}/3 in progress (");
+    assert!(ins.contains(&want) && ins.contains(" inputs)"), "{ins}");
+    let e = stderr(&run("train", &train_args, false));
+    assert!(e.contains(&want), "{e}");
+    let part_arg = format!("{k}/3");
+    let res = go(with("parts", &["--part", &part_arg]), true);
+    assert!(stdout(&res).contains("already done"), "{}", stdout(&res));
+    assert_eq!(std::fs::read(&last).unwrap(), bytes, "the resumed part wrote the same shard");
+    assert!(!own_tmp.exists() && other_tmp.exists(), "a part removes its own temp files only");
+    std::fs::remove_file(&other_tmp).unwrap();
+    let ins = stdout(&run("precompute", &["inspect", p], true));
+    assert!(ins.contains("all complete") && ins.contains("rows          9"), "{ins}");
 }

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 def rows(d):
     out = {}
-    # OUT/data/ (or, in folders of the earlier layout, beside manifest.json)
-    files = sorted(glob.glob(os.path.join(d, "data", "shard-*.parquet"))) or sorted(glob.glob(os.path.join(d, "shard-*.parquet")))
+    # OUT/data/ (whole runs and --part parts; in folders of the earlier layout, beside manifest.json)
+    files = sorted(glob.glob(os.path.join(d, "data", "*.parquet"))) or sorted(glob.glob(os.path.join(d, "shard-*.parquet")))
     for f in files:
         dtype = np.dtype(pq.ParquetFile(f).metadata.metadata[b"taesd.latent_dtype"].decode())
         t = pq.read_table(f, columns=["source", "variant", "image", "latent", "latent_shape"]).to_pydict()

@@ -12,11 +12,16 @@
 //! shards being written live in `OUT/`, never in `OUT/data/`, so that a dataset reader that
 //! lists the folder (`pyarrow.parquet.read_table`, `polars.read_parquet`) only sees finished
 //! shards.
+//!
+//! A part of a partitioned run (`--part i/N`, [`Part`]) has its own manifest, errors file and
+//! shard names in the same folder ([`OutputLayout::for_part`]); [`crate::parts`] reads a folder of
+//! parts as one set.
 
 use crate::shard::list_shards;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
-use taesd_schemas::shard::{shard_file_name, DATA_DIR, MANIFEST_FILE};
+use taesd_schemas::shard::{shard_file_name, DATA_DIR, ERRORS_FILE, MANIFEST_FILE};
+use taesd_schemas::Part;
 
 /// The folders of one output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,12 +30,20 @@ pub struct OutputLayout {
     pub root: PathBuf,
     /// The folder of the shards: `root/data`, or `root` itself in the old layout.
     pub shards: PathBuf,
+    /// The part of a partitioned run whose files these are; `None` for a whole run.
+    pub part: Option<Part>,
 }
 
 impl OutputLayout {
     /// The layout of a new output folder.
     pub fn new(root: &Path) -> OutputLayout {
-        OutputLayout { root: root.to_path_buf(), shards: root.join(DATA_DIR) }
+        OutputLayout { root: root.to_path_buf(), shards: root.join(DATA_DIR), part: None }
+    }
+
+    /// The files of part `part` of a partitioned run into the output folder `root` (always the
+    /// `data/` layout).
+    pub fn for_part(root: &Path, part: Part) -> OutputLayout {
+        OutputLayout { part: Some(part), ..OutputLayout::new(root) }
     }
 
     /// The layout of `dir`, whichever way it was written: `dir/data/` when it exists; the shards
@@ -47,9 +60,13 @@ impl OutputLayout {
                 && dir.file_name().is_some_and(|n| n == DATA_DIR)
             {
                 // The `data` folder of an output was given.
-                return OutputLayout { root: dir.parent().expect("checked").to_path_buf(), shards: dir.to_path_buf() };
+                return OutputLayout {
+                    root: dir.parent().expect("checked").to_path_buf(),
+                    shards: dir.to_path_buf(),
+                    part: None,
+                };
             }
-            return OutputLayout { root: dir.to_path_buf(), shards: dir.to_path_buf() };
+            return OutputLayout { root: dir.to_path_buf(), shards: dir.to_path_buf(), part: None };
         }
         OutputLayout::new(dir)
     }
@@ -61,15 +78,33 @@ impl OutputLayout {
 
     /// Final path of shard `index`.
     pub fn shard_path(&self, index: u32) -> PathBuf {
-        self.shards.join(shard_file_name(index))
+        self.shards.join(self.shard_file_name(index))
+    }
+
+    /// File name of shard `index` (`shard-00012.parquet`, or the part's
+    /// `part-00003-of-00008-shard-00012.parquet`).
+    pub fn shard_file_name(&self, index: u32) -> String {
+        match self.part {
+            Some(p) => p.shard_file(index),
+            None => shard_file_name(index),
+        }
+    }
+
+    /// The index of a shard file of this layout (whole run or this part), from its name.
+    pub fn shard_index(&self, path: &Path) -> Option<u32> {
+        let name = path.file_name()?.to_str()?;
+        match self.part {
+            Some(p) => Part::of_shard_file(name).filter(|(q, _)| *q == p).map(|(_, i)| i),
+            None => name.strip_prefix("shard-")?.strip_suffix(".parquet")?.parse().ok(),
+        }
     }
 
     /// Shard `index` as the manifest names it: relative to the root, `/`-separated.
     pub fn shard_entry_name(&self, index: u32) -> String {
         if self.is_legacy() {
-            shard_file_name(index)
+            self.shard_file_name(index)
         } else {
-            format!("{DATA_DIR}/{}", shard_file_name(index))
+            format!("{DATA_DIR}/{}", self.shard_file_name(index))
         }
     }
 
@@ -79,15 +114,43 @@ impl OutputLayout {
     }
 
     pub fn manifest_path(&self) -> PathBuf {
-        self.root.join(MANIFEST_FILE)
+        match self.part {
+            Some(p) => self.root.join(p.manifest_file()),
+            None => self.root.join(MANIFEST_FILE),
+        }
     }
 
-    /// The finished shards, sorted by name (none when the shard folder does not exist yet).
+    pub fn errors_path(&self) -> PathBuf {
+        match self.part {
+            Some(p) => self.root.join(p.errors_file()),
+            None => self.root.join(ERRORS_FILE),
+        }
+    }
+
+    /// Whether a temp file (of a killed run) belongs to this layout's run: a part's own files
+    /// only, so that a part never deletes what another part is writing into the same folder.
+    pub fn owns_temp_file(&self, path: &Path) -> bool {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        match self.part {
+            Some(p) => name.contains(&p.tag()),
+            None => !name.contains("part-"),
+        }
+    }
+
+    /// The finished shards of this layout (the whole run's `shard-*.parquet`, or this part's),
+    /// sorted by name (none when the shard folder does not exist yet).
     pub fn shard_files(&self) -> Result<Vec<PathBuf>> {
         if !self.shards.is_dir() {
             return Ok(Vec::new());
         }
-        list_shards(&self.shards)
+        match self.part {
+            None => list_shards(&self.shards),
+            Some(_) => Ok(crate::parts::list_part_shards(&self.shards)?
+                .into_iter()
+                .filter(|(_, _, path)| self.shard_index(path).is_some())
+                .map(|(_, _, path)| path)
+                .collect()),
+        }
     }
 }
 
@@ -133,5 +196,20 @@ mod tests {
         std::fs::create_dir(&bare).unwrap();
         std::fs::write(bare.join("shard-00002.parquet"), "x").unwrap();
         assert!(OutputLayout::locate(&bare).is_legacy());
+
+        // A part's files: its own names in the same folder.
+        let p = OutputLayout::for_part(&new, Part { index: 1, count: 3 });
+        assert_eq!(p.shard_entry_name(2), "data/part-00001-of-00003-shard-00002.parquet");
+        assert_eq!(p.manifest_path(), new.join("manifest.part-00001-of-00003.json"));
+        assert_eq!(p.errors_path(), new.join("errors.part-00001-of-00003.jsonl"));
+        assert!(p.shard_files().unwrap().is_empty(), "the whole run's shards are not the part's");
+        std::fs::write(p.shard_path(4), "x").unwrap();
+        std::fs::write(new.join("data/part-00002-of-00003-shard-00000.parquet"), "x").unwrap();
+        assert_eq!(p.shard_files().unwrap(), vec![p.shard_path(4)]);
+        assert_eq!(p.shard_index(&p.shard_path(4)), Some(4));
+        assert_eq!(OutputLayout::locate(&new).shard_files().unwrap(), vec![new.join("data/shard-00000.parquet")]);
+        assert!(p.owns_temp_file(Path::new("part-00001-of-00003-shard-00004.parquet.tmp-7")));
+        assert!(!p.owns_temp_file(Path::new("part-00002-of-00003-shard-00004.parquet.tmp-7")));
+        assert!(!OutputLayout::new(&new).owns_temp_file(Path::new("part-00002-of-00003-shard-00004.parquet.tmp-7")));
     }
 }

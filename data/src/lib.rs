@@ -5,8 +5,10 @@
 //! * [`source`]: listing input folders and tar shards, reading their bytes.
 //! * [`shard`]: the Parquet shard writer and reader for [`taesd_schemas::shard`].
 //! * [`layout`]: where an output folder's shards are (`OUT/data/`, or beside the manifest).
+//! * [`parts`]: `--part i/N`: which inputs a part takes, and a folder of parts read as one set.
 pub mod decode;
 pub mod layout;
+pub mod parts;
 pub mod policy;
 pub mod shard;
 pub mod source;
@@ -15,6 +17,7 @@ pub use decode::{
     decode_rgb8, decode_rgb8_named, decodes, DecodeError, DecodeLimits, ALPHA_BACKGROUND, DECODED_FORMATS,
 };
 pub use layout::OutputLayout;
+pub use parts::{part_of, read_manifest_file, select_part, PartState, PartsFolder};
 pub use policy::{check_source_size, default_min_side, is_upscaled, make_samples, AugmentConfig, CropRect, Sample};
 pub use shard::{
     decode_latent, decode_stored_image, encode_image, encode_latent, is_temp_file, list_shards, temp_path,

@@ -1,9 +1,10 @@
 //! Command-line interface of `precompute`.
 
-use crate::device::DeviceRequest;
+use crate::device::DeviceList;
 use crate::teacher::ConvSearch;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use taesd_schemas::Part;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,9 +68,21 @@ pub struct RunArgs {
     /// Images per teacher batch (at least 1).
     #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub batch_size: usize,
-    /// auto, cpu, cuda or cuda:N. `cuda` never falls back to the CPU; `auto` says what it got.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceRequest,
+    /// auto, cpu, cuda or cuda:N. `cuda` never falls back to the CPU; `auto` says what it got. A
+    /// list (`cuda:0,cuda:1,...`, or `cpu,cpu`) runs one teacher session per entry in this process,
+    /// fed by the one decode pool, each batch going to whichever session is free; the shards are
+    /// the same as with one device.
+    #[arg(long, default_value = "auto", conflicts_with = "gpus")]
+    pub device: DeviceList,
+    /// N GPUs: the same as --device cuda:0,cuda:1,...,cuda:N-1.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub gpus: Option<usize>,
+    /// Part I of N (I from 0): encode only the inputs of this part (by a hash of each input's path:
+    /// an input stays in its part when files are added), with its own shards, manifest and errors
+    /// file in the same --out. Run the N parts anywhere (a Slurm array, a Kubernetes Indexed Job);
+    /// `train` and `precompute inspect` read the folder as one set. See docs/scale-out.md.
+    #[arg(long, value_name = "I/N")]
+    pub part: Option<Part>,
     /// CUDA: allow TF32 for float32 convolutions (faster; latents then differ from fp32 by ~5e-3
     /// relative). Off by default.
     #[arg(long)]
@@ -256,6 +269,19 @@ mod tests {
         let c = Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i", "--decode-only"]).unwrap();
         assert!(c.run.decode_only && c.run.onnx.is_none());
         assert!(Cli::try_parse_from(["precompute", "--vae", "sdxl", "--images", "i"]).is_err());
+    }
+
+    #[test]
+    fn device_lists_gpus_and_parts_parse() {
+        let base = ["precompute", "--vae", "sd", "--onnx", "a.onnx", "--images", "i", "--out", "o"];
+        let c = Cli::try_parse_from(base.iter().copied().chain(["--device", "cpu,cpu", "--part", "2/8"])).unwrap();
+        assert_eq!(c.run.device.to_string(), "cpu,cpu");
+        assert_eq!(c.run.part, Some(Part { index: 2, count: 8 }));
+        let c = Cli::try_parse_from(base.iter().copied().chain(["--gpus", "4"])).unwrap();
+        assert_eq!(c.run.gpus, Some(4));
+        assert!(Cli::try_parse_from(base.iter().copied().chain(["--gpus", "2", "--device", "cpu"])).is_err());
+        assert!(Cli::try_parse_from(base.iter().copied().chain(["--part", "8/8"])).is_err());
+        assert!(Cli::try_parse_from(base.iter().copied().chain(["--gpus", "0"])).is_err());
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! `precompute inspect DIR`: what is in an output folder, and a quick check of the latent scale
 //! (TAESD latents of a well-scaled VAE have per-channel std near 1, mean near 0).
+//!
+//! A folder of parts (`--part i/N`) reads as one set: the rows of every part, and the parts that
+//! are missing or unfinished named (`part 3/8 missing`, `part 5/8 in progress (412 of 1000 inputs)`).
 
 use crate::output::read_manifest;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
-use taesd_data::{OutputLayout, ShardReader};
+use taesd_data::{OutputLayout, PartsFolder, ShardReader};
 use taesd_schemas::Manifest;
 
 pub struct ChannelStats {
@@ -21,6 +24,30 @@ pub struct InspectReport {
     pub latent_shape: Option<[u32; 3]>,
     pub channels: Vec<ChannelStats>,
     pub errors_by_reason: BTreeMap<String, u64>,
+    /// A folder of parts: each part's state (the manifest above is then their sum).
+    pub parts: Option<PartsFolder>,
+}
+
+/// The manifests of a folder of parts as one: the first part's settings, every part's shards (in
+/// the set's order), the counts summed; status `complete` only when every part is.
+fn combined_manifest(f: &PartsFolder) -> Result<Manifest> {
+    f.check_settings()?;
+    let mut m = f
+        .first_manifest()
+        .cloned()
+        .with_context(|| format!("{}: no part has a manifest yet ({})", f.root.display(), f.summary()))?;
+    let all: Vec<&Manifest> = f.parts.iter().filter_map(|p| p.manifest.as_ref()).collect();
+    m.shards = all.iter().flat_map(|p| p.shards.iter().cloned()).collect();
+    m.shards_total = all.iter().map(|p| p.shards_total).sum();
+    m.inputs_total = all.iter().map(|p| p.inputs_total).sum();
+    m.rows = all.iter().map(|p| p.rows).sum();
+    m.errors = all.iter().map(|p| p.errors).sum();
+    m.upscaled_rows = all.iter().map(|p| p.upscaled_rows).sum();
+    m.removed_inputs = all.iter().flat_map(|p| p.removed_inputs.iter().cloned()).collect();
+    m.changed_inputs = all.iter().flat_map(|p| p.changed_inputs.iter().cloned()).collect();
+    m.status = if f.problems().is_empty() { "complete".into() } else { "incomplete".into() };
+    m.part = None;
+    Ok(m)
 }
 
 /// The Arrow schema of a shard file as `name: type` pairs.
@@ -33,9 +60,16 @@ fn file_schema(path: &Path) -> Result<String> {
 /// Inspect an output folder (`OUT`, or its `OUT/data`; old folders with the shards beside the
 /// manifest too).
 pub fn inspect(dir: &Path, max_rows: u64) -> Result<InspectReport> {
-    let layout = OutputLayout::locate(dir);
-    let dir = layout.root.as_path();
-    let manifest = read_manifest(dir)?;
+    let parts = PartsFolder::read(dir)?;
+    let (root, manifest) = match &parts {
+        Some(f) => (f.root.clone(), combined_manifest(f)?),
+        None => {
+            let layout = OutputLayout::locate(dir);
+            let m = read_manifest(&layout.root)?;
+            (layout.root, m)
+        }
+    };
+    let dir = root.as_path();
     let mut schema = String::new();
     let mut rows = 0u64;
     let mut rows_read = 0u64;
@@ -81,7 +115,7 @@ pub fn inspect(dir: &Path, max_rows: u64) -> Result<InspectReport> {
             ChannelStats { mean, std: (s2 / n - mean * mean).max(0.0).sqrt() }
         })
         .collect();
-    Ok(InspectReport { manifest, schema, rows, rows_read, latent_shape, channels, errors_by_reason })
+    Ok(InspectReport { manifest, schema, rows, rows_read, latent_shape, channels, errors_by_reason, parts })
 }
 
 impl InspectReport {
@@ -89,6 +123,9 @@ impl InspectReport {
         let m = &self.manifest;
         let c = &m.config;
         println!("status        {} ({} of {} shards)", m.status, m.shards.len(), m.shards_total);
+        if let Some(f) = &self.parts {
+            println!("parts         {}", f.summary());
+        }
         println!(
             "vae           {} ({} ch, scale {}, shift {}, input {}, onnx sha256 {}...)",
             c.vae.name,

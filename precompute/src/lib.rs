@@ -14,8 +14,10 @@ use cli::{ImageFormatArg, LatentDtypeArg, RunArgs};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
-use taesd_data::{list_inputs, AugmentConfig, DecodeLimits};
-use taesd_schemas::{preset, preset_names, ErrorRecord, ImageFormat, LatentDtype, OutputConfig, PixelRange, VaeSpec};
+use taesd_data::{list_inputs, part_of, select_part, AugmentConfig, DecodeLimits};
+use taesd_schemas::{
+    preset, preset_names, ErrorRecord, ImageFormat, LatentDtype, OutputConfig, Part, PixelRange, VaeSpec,
+};
 
 /// What a run did, for the final summary (and tests).
 #[derive(Debug, Clone)]
@@ -41,6 +43,10 @@ pub struct Summary {
     /// A folder without finished shards started over with other settings: what changed.
     pub restarted: Option<String>,
     pub resolution: u32,
+    /// `--part`: this run's part, and the inputs listed in all (before the partition).
+    pub part: Option<(Part, u64)>,
+    /// This run's errors file (`errors.jsonl`, or the part's).
+    pub errors_file: std::path::PathBuf,
 }
 
 /// `a, b, c (+N more)`.
@@ -64,6 +70,9 @@ impl Summary {
         let secs = s.elapsed.as_secs_f64().max(1e-9);
         println!("precompute: {}", self.out.display());
         println!("  teacher device   {}", self.device);
+        if let Some((part, listed)) = self.part {
+            println!("  part             {part}: {} of the {listed} listed input(s) fall in it", self.inputs_total);
+        }
         println!(
             "  inputs           {} under --images, {} processed now ({} shard(s) written), {} already done in {} earlier shard(s)",
             self.inputs_total, s.inputs, s.shards_written, self.inputs_already, self.shards_before
@@ -117,11 +126,12 @@ impl Summary {
         );
         if s.inputs > 0 {
             println!(
-                "  throughput       {:.1} images/s, {:.1} rows/s over {:.1} s; teacher busy {:.0}% of the time",
+                "  throughput       {:.1} images/s, {:.1} rows/s over {:.1} s; teacher busy {:.0}% of the time{}",
                 s.inputs as f64 / secs,
                 s.rows as f64 / secs,
                 secs,
-                100.0 * s.teacher_busy.as_secs_f64() / secs
+                100.0 * s.teacher_busy.as_secs_f64() / secs / s.sessions.max(1) as f64,
+                if s.sessions > 1 { format!(" (mean of {} sessions)", s.sessions) } else { String::new() }
             );
             let w = &s.waits;
             println!(
@@ -132,7 +142,7 @@ impl Summary {
                 w.after_teacher.as_secs_f64()
             );
         }
-        println!("  errors           {}", self.out.join(taesd_schemas::shard::ERRORS_FILE).display());
+        println!("  errors           {}", self.errors_file.display());
     }
 }
 
@@ -176,10 +186,18 @@ fn workers(args: &RunArgs) -> usize {
     args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-/// The teacher's settings from the flags.
-pub fn teacher_options(args: &RunArgs) -> teacher::TeacherOptions {
+/// The devices the flags ask for: `--gpus N`, else `--device`.
+pub fn devices(args: &RunArgs) -> device::DeviceList {
+    match args.gpus {
+        Some(n) => device::DeviceList::gpus(n),
+        None => args.device.clone(),
+    }
+}
+
+/// The teacher's settings from the flags, for a session on `device`.
+pub fn teacher_options(args: &RunArgs, device: device::DeviceRequest) -> teacher::TeacherOptions {
     teacher::TeacherOptions {
-        device: args.device,
+        device,
         intra_threads: args.ort_threads,
         tf32: args.tf32,
         cuda: teacher::CudaTuning {
@@ -298,11 +316,17 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
     if let Some(n) = args.limit {
         items.truncate(n);
     }
-    let listing_errors: Vec<ErrorRecord> = listing
+    let listed = items.len() as u64;
+    let mut listing_errors: Vec<ErrorRecord> = listing
         .errors
         .into_iter()
         .map(|(source, reason)| ErrorRecord { source, stage: "list".into(), reason })
         .collect();
+    if let Some(part) = args.part {
+        // The part's inputs, and the listing errors that fall in it (each reported by one part).
+        items = select_part(items, part);
+        listing_errors.retain(|e| part_of(&e.source, part.count) == part.index);
+    }
     let onnx_sha256 = sha256_file(onnx)?;
     let inputs_per_shard = (args.shard_rows / args.variants).max(1);
     let config = OutputConfig {
@@ -324,7 +348,8 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         total: items.len() as u64,
         fingerprint: taesd_data::fingerprint(&items),
     };
-    let existing = output::Existing::read(out_dir)?;
+    let existing = output::Existing::read(out_dir, args.part)?;
+    existing.check_partition(&config)?;
     let restarted = existing.check_settings(&config)?;
     let plan = output::plan(&existing, &items, inputs_per_shard);
     let shards_before = existing.shards.len() as u32;
@@ -343,8 +368,12 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         upscaled_total: 0,
         restarted: restarted.clone(),
         resolution: args.resolution,
+        part: args.part.map(|p| (p, listed)),
+        errors_file: existing.layout.errors_path(),
     };
-    if items.is_empty() {
+    // A part without inputs of its own (when others have some) still writes its manifest, so that
+    // readers of the folder see it finished.
+    if listed == 0 {
         eprintln!(
             "warning: --images {} holds no input files{}; nothing to encode",
             images.display(),
@@ -362,29 +391,30 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
 
     // The teacher before anything is written: an ONNX file that does not fit the preset (or is
     // no ONNX model) leaves the output folder as it was.
-    let teacher = if plan.pending.is_empty() {
-        None
+    let teachers = if plan.pending.is_empty() {
+        Vec::new()
     } else {
         let lib = ortlib::find(args.ort_lib.as_deref())?;
         let env = ortlib::init(&lib)?;
-        let opts = teacher_options(args);
-        let teacher = teacher::Teacher::new(&env, onnx, &spec, args.resolution, opts)?;
-        tracing::info!(
-            "teacher {} on {} (ONNX Runtime from {}, found by {})",
-            onnx.display(),
-            teacher.device,
-            lib.path.display(),
-            lib.found_by
-        );
-        if teacher.device != "cpu" {
-            eprintln!(
-                "teacher on {}: {}; warm-up {:.1} s (not timed)",
+        let teachers = open_teachers(&env, onnx, &spec, args)?;
+        for teacher in &teachers {
+            tracing::info!(
+                "teacher {} on {} (ONNX Runtime from {}, found by {})",
+                onnx.display(),
                 teacher.device,
-                teacher.setup,
-                teacher.warmup_time.as_secs_f64()
+                lib.path.display(),
+                lib.found_by
             );
+            if teacher.device != "cpu" {
+                eprintln!(
+                    "teacher on {}: {}; warm-up {:.1} s (not timed)",
+                    teacher.device,
+                    teacher.setup,
+                    teacher.warmup_time.as_secs_f64()
+                );
+            }
         }
-        Some(teacher)
+        teachers
     };
     if let Some(note) = &restarted {
         eprintln!("note: {note}");
@@ -408,17 +438,50 @@ pub fn run(args: &RunArgs) -> Result<Summary> {
         );
     }
     let mut out = output::OutputDir::open(existing, &config, &inputs_info, onnx, &plan)?;
-    if let Some(teacher) = teacher {
-        summary.device = teacher.device.clone();
-        out.manifest.extra.insert("device".into(), teacher.device.clone().into());
-        out.manifest.extra.insert("teacher_setup".into(), teacher.setup.clone().into());
-        let cfg = pipeline_config(args, &spec, teacher.input_format(), onnx_sha256);
-        summary.stats = pipeline::run(plan.pending, teacher, &mut out, &cfg)?;
+    if let Some(first) = teachers.first() {
+        summary.device = teachers.iter().map(|t| t.device.as_str()).collect::<Vec<_>>().join(",");
+        out.manifest.extra.insert("device".into(), summary.device.clone().into());
+        out.manifest.extra.insert("teacher_setup".into(), first.setup.clone().into());
+        let cfg = pipeline_config(args, &spec, first.input_format(), onnx_sha256);
+        summary.stats = pipeline::run(plan.pending, teachers, &mut out, &cfg)?;
     }
     out.finish(&listing_errors)?;
     summary.rows_total = out.manifest.rows;
     summary.upscaled_total = out.manifest.upscaled_rows;
     Ok(summary)
+}
+
+/// One teacher session per device of `--device` / `--gpus` (opened, checked and warmed up at
+/// once when there are several). One device is opened as it always was.
+fn open_teachers(
+    env: &ort::environment::Environment,
+    onnx: &Path,
+    spec: &VaeSpec,
+    args: &RunArgs,
+) -> Result<Vec<teacher::Teacher>> {
+    let devices = devices(args).0;
+    let open =
+        |d: device::DeviceRequest| teacher::Teacher::new(env, onnx, spec, args.resolution, teacher_options(args, d));
+    if let [d] = devices.as_slice() {
+        return Ok(vec![open(*d)?]);
+    }
+    let teachers = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .map(|d| scope.spawn(move || open(*d).with_context(|| format!("teacher session on {d}"))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("opening a teacher panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    });
+    let teachers: Vec<teacher::Teacher> = teachers?;
+    // `auto` cannot be in a list, so every session is on the kind of device asked for.
+    let kinds: std::collections::BTreeSet<bool> = teachers.iter().map(|t| t.device == "cpu").collect();
+    if kinds.len() > 1 {
+        bail!("the teacher sessions ended on different kinds of device; list one kind in --device");
+    }
+    Ok(teachers)
 }
 
 /// The stored-image format the flags ask for.

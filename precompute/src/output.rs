@@ -16,13 +16,17 @@
 //! Incremental runs: a run encodes only the listed inputs that no finished shard covers, into
 //! new shards numbered after the last one ([`plan`]); inputs covered but no longer listed (or
 //! listed with another size) are reported in the summary and the manifest, and their rows stay.
+//!
+//! Parts (`--part i/N`): each part is such a folder of its own within the shared one (its own
+//! manifest, errors file and shard names, [`OutputLayout::for_part`]), so everything above holds
+//! per part; [`Existing::check_partition`] refuses a whole run into a folder of parts, a part into
+//! a whole run's folder, parts of another N, and parts with other settings than those finished.
 
 use anyhow::{bail, Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use taesd_data::{is_temp_file, is_upscaled, InputItem, OutputLayout, ShardReader};
-use taesd_schemas::shard::ERRORS_FILE;
-use taesd_schemas::{ErrorRecord, InputRecord, Manifest, OutputConfig, ShardEntry, SCHEMA_VERSION};
+use taesd_data::{is_temp_file, is_upscaled, read_manifest_file, InputItem, OutputLayout, PartsFolder, ShardReader};
+use taesd_schemas::{ErrorRecord, InputRecord, Manifest, OutputConfig, Part, ShardEntry, SCHEMA_VERSION};
 
 /// A finished shard of an output folder.
 #[derive(Debug, Clone)]
@@ -42,24 +46,33 @@ pub struct Existing {
     pub shards: Vec<Finished>,
 }
 
-/// The index in a shard file name (`shard-00012.parquet` -> 12).
-fn shard_index(path: &Path) -> Option<u32> {
-    path.file_name()?.to_str()?.strip_prefix("shard-")?.strip_suffix(".parquet")?.parse().ok()
-}
-
 impl Existing {
-    /// Read what `dir` holds: the manifest, and for each finished shard its counts and the inputs
-    /// it covers. A shard that cannot be read is an error naming it.
-    pub fn read(dir: &Path) -> Result<Existing> {
-        let layout = OutputLayout::locate(dir);
+    /// Read what `dir` holds for a whole run (`part` None) or for part `part`: the manifest, and
+    /// for each finished shard its counts and the inputs it covers. A shard that cannot be read is
+    /// an error naming it.
+    pub fn read(dir: &Path, part: Option<Part>) -> Result<Existing> {
+        let layout = match part {
+            None => OutputLayout::locate(dir),
+            Some(p) => OutputLayout::for_part(dir, p),
+        };
         if !dir.exists() {
             return Ok(Existing { layout, manifest: None, shards: vec![] });
         }
         if !dir.is_dir() {
             bail!("--out {} is a file, not a folder", dir.display());
         }
-        let manifest = if layout.manifest_path().is_file() { Some(read_manifest(&layout.root)?) } else { None };
-        if manifest.is_none() {
+        let manifest =
+            if layout.manifest_path().is_file() { Some(read_manifest_file(&layout.manifest_path())?) } else { None };
+        if let (None, Some(part)) = (&manifest, layout.part) {
+            if !layout.shard_files()?.is_empty() {
+                bail!(
+                    "{} holds shards of part {part} but not its manifest {}; refusing to write into it",
+                    dir.display(),
+                    layout.manifest_path().display()
+                );
+            }
+        }
+        if manifest.is_none() && layout.part.is_none() && PartsFolder::read(&layout.root)?.is_none() {
             let parquet_in = |d: &Path| {
                 std::fs::read_dir(d)
                     .map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".parquet")))
@@ -75,7 +88,7 @@ impl Existing {
         }
         let mut shards = Vec::new();
         for path in layout.shard_files()? {
-            let Some(index) = shard_index(&path) else { continue };
+            let Some(index) = layout.shard_index(&path) else { continue };
             let unreadable =
                 || format!("finished shard {} is unreadable; delete it to encode its inputs again", path.display());
             let r = ShardReader::open(&path).with_context(unreadable)?;
@@ -115,6 +128,54 @@ impl Existing {
         }
         shards.sort_by_key(|s| s.entry.index);
         Ok(Existing { layout, manifest, shards })
+    }
+
+    /// Whether this run's kind fits the folder: a whole run into a folder of parts, a part into a
+    /// whole run's folder, a part of another N, or a part with other settings than a part with
+    /// finished shards are refused (read-only; before anything is written).
+    pub fn check_partition(&self, config: &OutputConfig) -> Result<()> {
+        let root = &self.layout.root;
+        let parts = PartsFolder::read(root)?;
+        let Some(me) = self.layout.part else {
+            if let Some(f) = parts {
+                bail!(
+                    "{} holds the parts of a `--part I/{}` run ({}); a run without --part writes a whole folder: add --part, or use a new --out",
+                    root.display(),
+                    f.count,
+                    f.summary()
+                );
+            }
+            return Ok(());
+        };
+        let whole = OutputLayout::locate(root);
+        if whole.manifest_path().is_file() || !whole.shard_files()?.is_empty() {
+            bail!(
+                "{} holds a whole run (manifest.json / shard-*.parquet); a --part run writes into a folder of parts only: use a new --out",
+                root.display()
+            );
+        }
+        let Some(f) = parts else { return Ok(()) };
+        if f.count != me.count {
+            bail!(
+                "{} holds the parts of a `--part I/{}` run; this is part {me}: every part of one folder has the same N (use a new --out)",
+                root.display(),
+                f.count
+            );
+        }
+        for other in f.parts.iter().filter(|p| p.part != me) {
+            let Some(m) = other.manifest.as_ref().filter(|m| !m.shards.is_empty()) else { continue };
+            let diffs = m.config.differences(config);
+            if !diffs.is_empty() {
+                bail!(
+                    "{}: part {} was written with other settings ({} finished shard(s)); the parts of one folder must agree (write to a new --out):\n  {}",
+                    root.display(),
+                    other.part,
+                    m.shards.len(),
+                    diffs.join("\n  ")
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The index of the next new shard.
@@ -225,7 +286,8 @@ impl OutputDir {
             .with_context(|| format!("cannot create output folder {}", layout.shards.display()))?;
         for d in [&layout.root, &layout.shards] {
             for e in std::fs::read_dir(d)?.filter_map(|e| e.ok()) {
-                if is_temp_file(&e.path()) {
+                // Only this run's own: another part may be writing into the same folder.
+                if is_temp_file(&e.path()) && layout.owns_temp_file(&e.path()) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -249,6 +311,7 @@ impl OutputDir {
             upscaled_rows: 0,
             removed_inputs: plan.removed.clone(),
             changed_inputs: plan.changed.clone(),
+            part: layout.part,
             extra,
         };
         let mut out = OutputDir { layout, manifest };
@@ -307,7 +370,7 @@ impl OutputDir {
             lines.extend(serde_json::to_vec(e)?);
             lines.push(b'\n');
         }
-        write_atomic(&self.layout.root.join(ERRORS_FILE), &lines)?;
+        write_atomic(&self.layout.errors_path(), &lines)?;
         self.manifest.errors = all.len() as u64;
         if self.manifest.shards.len() as u32 == self.manifest.shards_total {
             self.manifest.status = "complete".into();
@@ -322,16 +385,9 @@ pub fn input_records(items: &[InputItem]) -> Vec<InputRecord> {
     items.iter().map(|i| InputRecord { source: i.source.clone(), size: i.size }).collect()
 }
 
-/// Read the manifest of the output folder `root`.
+/// Read the manifest of the output folder `root` (a whole run's).
 pub fn read_manifest(root: &Path) -> Result<Manifest> {
-    let p = root.join(taesd_schemas::shard::MANIFEST_FILE);
-    let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let m: Manifest =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid manifest", p.display()))?;
-    if m.schema_version != SCHEMA_VERSION {
-        bail!("{} has schema version {}, this build reads {SCHEMA_VERSION}", p.display(), m.schema_version);
-    }
-    Ok(m)
+    read_manifest_file(&root.join(taesd_schemas::shard::MANIFEST_FILE))
 }
 
 /// Write to a temp file in the same folder, fsync, rename.
@@ -410,8 +466,13 @@ mod tests {
 
     #[test]
     fn shard_names_give_their_index() {
-        assert_eq!(shard_index(Path::new("x/data/shard-00012.parquet")), Some(12));
-        assert_eq!(shard_index(Path::new("x/shard-00012.parquet.tmp-3")), None);
-        assert_eq!(shard_index(Path::new("x/other.parquet")), None);
+        let whole = OutputLayout::new(Path::new("x"));
+        assert_eq!(whole.shard_index(Path::new("x/data/shard-00012.parquet")), Some(12));
+        assert_eq!(whole.shard_index(Path::new("x/shard-00012.parquet.tmp-3")), None);
+        assert_eq!(whole.shard_index(Path::new("x/other.parquet")), None);
+        assert_eq!(whole.shard_index(Path::new("x/data/part-00001-of-00002-shard-00012.parquet")), None);
+        let part = OutputLayout::for_part(Path::new("x"), Part { index: 1, count: 2 });
+        assert_eq!(part.shard_index(Path::new("x/data/part-00001-of-00002-shard-00012.parquet")), Some(12));
+        assert_eq!(part.shard_index(Path::new("x/data/part-00000-of-00002-shard-00012.parquet")), None);
     }
 }

@@ -9,13 +9,20 @@
 //!
 //! Batches never straddle a shard, so a shard's content does not depend on which shards were
 //! already done: a resumed run writes the same rows as an uninterrupted one.
+//!
+//! Several teachers (`--device cuda:0,cuda:1`, `--gpus N`): one runner thread per session, all
+//! taking the batches the one batcher forms from one queue, each the next batch when it is free.
+//! The batches are cut from the input order alone (never from timing), every batch's results go
+//! back to the slots that named its samples, and finished inputs leave in input order, so the
+//! shards are the same whichever session encoded which batch (given sessions that compute alike:
+//! one kind of device). One device is the same code with one runner.
 
 use crate::teacher::{HostAllocator, HostBatch, InputFormat, SamplePixels, Teacher};
 use anyhow::{anyhow, bail, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use taesd_data::{
     check_source_size, decode_rgb8_named, decode_stored_image, encode_image, is_upscaled, make_samples, read_bytes,
@@ -91,8 +98,11 @@ pub struct RunStats {
     pub shards_written: u32,
     pub errors: Vec<ErrorRecord>,
     pub elapsed: Duration,
-    /// Time the teacher spent inside `Session::run` (and input/output conversion).
+    /// Time the teacher spent inside `Session::run` (and input/output conversion), summed over
+    /// its sessions.
     pub teacher_busy: Duration,
+    /// Teacher sessions (devices) that ran.
+    pub sessions: u32,
     /// Where the rest went: the batcher waiting for decoded inputs (the CPU side too slow) and
     /// for the writer to take finished inputs (backpressure), the shard files' writing (off the
     /// teacher's path), and the run's end after the last teacher batch (the last shard's file).
@@ -139,13 +149,18 @@ fn prepare(item: &InputItem, cfg: &PipelineConfig) -> Result<PreparedInput, Erro
     Ok(PreparedInput { source: item.source.clone(), key: item.key.clone(), sha256, width, height, samples })
 }
 
-/// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`.
+/// Run the pipeline over `shards` (index, the inputs it covers), writing into `out`, with one
+/// teacher session or several (at least one).
 pub fn run(
     shards: Vec<(u32, Vec<InputItem>)>,
-    mut teacher: Teacher,
+    teachers: Vec<Teacher>,
     out: &mut OutputDir,
     cfg: &PipelineConfig,
 ) -> Result<RunStats> {
+    if teachers.is_empty() {
+        bail!("internal: no teacher session");
+    }
+    let sessions = teachers.len() as u32;
     let total_inputs: u64 = shards.iter().map(|(_, v)| v.len() as u64).sum();
     let order: Vec<(u32, Vec<InputRecord>)> =
         shards.iter().map(|(i, v)| (*i, crate::output::input_records(v))).collect();
@@ -185,7 +200,7 @@ pub fn run(
             }
         });
         let teacher_thread = scope.spawn(move || {
-            let r = teacher_stage(&mut teacher, work_rx, done_tx, cfg.batch_size);
+            let r = teacher_stage(teachers, work_rx, done_tx, cfg.batch_size);
             (r, Instant::now())
         });
         let writer_result = writer_stage(out, &order, done_rx, cfg, &bar);
@@ -195,6 +210,7 @@ pub fn run(
         let (teacher_busy, waits) = teacher_result?;
         let mut stats = writer_result?;
         stats.teacher_busy = teacher_busy;
+        stats.sessions = sessions;
         stats.waits = Waits {
             writing_files: stats.waits.writing_files,
             after_teacher: writer_end.saturating_duration_since(teacher_end),
@@ -233,13 +249,16 @@ type SampleOut = Result<(Vec<f32>, Option<Vec<f32>>, [usize; 3]), ErrorRecord>;
 /// Orders samples into teacher batches and hands finished inputs on, in input order.
 ///
 /// Two stages overlap: this thread fills a host buffer (pinned on CUDA) with the next batch while
-/// the runner thread has the teacher encode the previous one ([`PIPELINE_DEPTH`] buffers in all).
+/// the runner threads have their sessions encode earlier ones ([`PIPELINE_DEPTH`] buffers per
+/// session).
 struct Batcher {
     /// Host input buffers (pinned on CUDA) not in use by the runner.
     free: Vec<HostBatch>,
     host: HostAllocator,
-    /// Buffers allocated so far (at most PIPELINE_DEPTH).
+    /// Buffers allocated so far (at most `depth`).
     allocated: usize,
+    /// Buffers in all: [`PIPELINE_DEPTH`] per session.
+    depth: usize,
     /// Always run full batches (the last one of a shard padded with grey): on CUDA, so that the
     /// shape never changes (a new shape means a new cuDNN algorithm search, or a static graph),
     /// and with a fixed-batch model.
@@ -252,18 +271,24 @@ struct Batcher {
     /// Next sample to encode: (index into queue, sample index).
     cursor: (usize, usize),
     batch: usize,
-    /// Batches handed to the runner, oldest first: their slots (input id, sample index).
-    in_flight: VecDeque<Vec<(u64, usize)>>,
-    submit: Sender<(HostBatch, usize)>,
+    /// Batches handed to the runners, by sequence number: their slots (input id, sample index).
+    /// Runners finish in any order; each result finds its slots by its number.
+    in_flight: HashMap<u64, Vec<(u64, usize)>>,
+    next_seq: u64,
+    submit: Sender<Job>,
     results: Receiver<RunResult>,
     busy: Duration,
     waits: Waits,
 }
 
-/// What the runner hands back: the buffer, the teacher's output, the time it took.
-type RunResult = (HostBatch, Result<crate::teacher::Encoded>, Duration);
+/// A batch for a runner: its sequence number, the buffer, the samples in it (the rest is padding).
+type Job = (u64, HostBatch, usize);
 
-/// Host buffers per teacher: one being filled while one is encoded.
+/// What a runner hands back: the batch's sequence number and buffer, the teacher's output, the
+/// time it took.
+type RunResult = (u64, HostBatch, Result<crate::teacher::Encoded>, Duration);
+
+/// Host buffers per teacher session: one being filled while one is encoded.
 const PIPELINE_DEPTH: usize = 2;
 
 impl Batcher {
@@ -301,8 +326,8 @@ impl Batcher {
             return Ok(());
         }
         let rows = if self.pad { self.batch.max(slots.len()) } else { slots.len() };
-        // A buffer: a free one of the right shape, a new one while fewer than PIPELINE_DEPTH
-        // exist, else the next one the runner gives back.
+        // A buffer: a free one of the right shape, a new one while fewer than `depth` exist, else
+        // the next one a runner gives back.
         let mut buf = loop {
             if let Some(i) = self.free.iter().position(|b| b.rows() == rows && b.shape() == (side, side)) {
                 break self.free.swap_remove(i);
@@ -311,7 +336,7 @@ impl Batcher {
                 drop(old); // wrong shape (a short last batch on the CPU): replace it
                 self.allocated -= 1;
             }
-            if self.allocated < PIPELINE_DEPTH {
+            if self.allocated < self.depth {
                 self.allocated += 1;
                 break self.host.batch(rows, side, side)?;
             }
@@ -325,24 +350,29 @@ impl Batcher {
         if rows > slots.len() {
             buf.fill_from(slots.len(), self.grey)?;
         }
-        if self.submit.send((buf, slots.len())).is_err() {
-            // The runner stops after a failed batch: report that failure, not the stop.
-            while let Ok((_, r, _)) = self.results.try_recv() {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.submit.send((seq, buf, slots.len())).is_err() {
+            // A runner stops after a failed batch: report that failure, not the stop.
+            while let Ok((_, _, r, _)) = self.results.try_recv() {
                 r?;
             }
             bail!("the teacher runner stopped");
         }
-        self.in_flight.push_back(slots);
+        self.in_flight.insert(seq, slots);
         Ok(())
     }
 
-    /// Wait for the oldest batch in flight and store its latents in the queue.
+    /// Wait for the next batch a runner finishes and store its latents in the queue.
     fn collect_one(&mut self) -> Result<()> {
-        let slots = self.in_flight.pop_front().ok_or_else(|| anyhow!("no teacher batch in flight"))?;
-        let (buf, enc, took) = self.results.recv().map_err(|_| anyhow!("the teacher runner stopped"))?;
+        if self.in_flight.is_empty() {
+            bail!("internal: no teacher batch in flight");
+        }
+        let (seq, buf, enc, took) = self.results.recv().map_err(|_| anyhow!("the teacher runner stopped"))?;
         self.free.push(buf);
         self.busy += took;
         let enc = enc?;
+        let slots = self.in_flight.remove(&seq).ok_or_else(|| anyhow!("internal: teacher batch {seq} unknown"))?;
         let per = enc.shape.iter().product::<usize>();
         for (j, (id, si)) in slots.into_iter().enumerate() {
             if let InFlight::Input { input, out } = &mut self.queue[(id - self.base) as usize] {
@@ -418,54 +448,73 @@ fn sample_side(s: &PreparedSample) -> usize {
     ((s.pixels.len() / 3) as f64).sqrt().round() as usize
 }
 
-/// Batch samples through the teacher, in order; flush at every shard end. Returns the time spent
-/// in the teacher and the batcher's waits. The teacher itself runs on a thread of its own (the
-/// runner), so that the next batch is staged while the current one is encoded.
+/// Batch samples through the teachers, in order; flush at every shard end. Returns the time spent
+/// in the teachers and the batcher's waits. Each teacher session runs on a thread of its own (a
+/// runner), so that the next batch is staged while the current ones are encoded; the runners take
+/// batches from one queue, each when it is free.
 fn teacher_stage(
-    teacher: &mut Teacher,
+    teachers: Vec<Teacher>,
     rx: Receiver<Work>,
     tx: Sender<Done>,
     batch: usize,
 ) -> Result<(Duration, Waits)> {
-    let batch = teacher.fixed_batch().unwrap_or(batch.max(1));
-    let host = teacher.host_allocator()?;
-    let pad = teacher.device != "cpu" || teacher.fixed_batch().is_some();
-    let grey = teacher.input_format().grey();
-    let (submit, jobs) = bounded::<(HostBatch, usize)>(PIPELINE_DEPTH);
-    let (done, results) = bounded::<RunResult>(PIPELINE_DEPTH);
+    // Every session opened the same ONNX file on one kind of device: the first speaks for all.
+    let first = &teachers[0];
+    let batch = first.fixed_batch().unwrap_or(batch.max(1));
+    // Buffers for every session from the first one's allocator (pinned host memory on CUDA is
+    // usable by every device of the process).
+    let host = first.host_allocator()?;
+    let pad = first.device != "cpu" || first.fixed_batch().is_some();
+    let grey = first.input_format().grey();
+    let depth = PIPELINE_DEPTH * teachers.len();
+    let (submit, jobs) = bounded::<Job>(depth);
+    let (done, results) = bounded::<RunResult>(depth);
+    let several = teachers.len() > 1;
     std::thread::scope(|scope| {
-        let runner = std::thread::Builder::new()
-            .name("teacher-run".into())
-            .spawn_scoped(scope, move || {
-                for (buf, n) in jobs {
-                    let t0 = Instant::now();
-                    let enc = teacher.run(&buf, n);
-                    let failed = enc.is_err();
-                    if done.send((buf, enc, t0.elapsed())).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .expect("spawn the teacher runner");
+        let mut runners = Vec::with_capacity(teachers.len());
+        for (k, mut teacher) in teachers.into_iter().enumerate() {
+            let (jobs, done) = (jobs.clone(), done.clone());
+            let name = if several { format!("teacher-run-{k}") } else { "teacher-run".into() };
+            runners.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn_scoped(scope, move || {
+                        for (seq, buf, n) in jobs {
+                            let t0 = Instant::now();
+                            let enc = teacher.run(&buf, n);
+                            let failed = enc.is_err();
+                            if done.send((seq, buf, enc, t0.elapsed())).is_err() || failed {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawn a teacher runner"),
+            );
+        }
+        drop((jobs, done));
         let mut b = Batcher {
             free: Vec::new(),
             host,
             allocated: 0,
+            depth,
             pad,
             grey,
             queue: VecDeque::new(),
             base: 0,
             cursor: (0, 0),
             batch,
-            in_flight: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_seq: 0,
             submit,
             results,
             busy: Duration::ZERO,
             waits: Waits::default(),
         };
         let r = batch_loop(&mut b, rx, &tx);
-        drop(b); // closes the runner's job queue
-        runner.join().map_err(|_| anyhow!("teacher runner panicked"))?;
+        drop(b); // closes the runners' job queue
+        for runner in runners {
+            runner.join().map_err(|_| anyhow!("teacher runner panicked"))?;
+        }
         r
     })
 }
@@ -496,7 +545,7 @@ fn batch_loop(b: &mut Batcher, rx: Receiver<Work>, tx: &Sender<Done>) -> Result<
         while b.pending() >= b.batch {
             b.run_batch(b.batch)?;
         }
-        b.collect(PIPELINE_DEPTH - 1)?;
+        b.collect(b.depth - 1)?;
         if !b.emit_ready(tx) {
             return Ok((b.busy, b.waits));
         }

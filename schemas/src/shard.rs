@@ -238,6 +238,10 @@ pub struct Manifest {
     /// content; write to a new folder to encode the new one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changed_inputs: Vec<String>,
+    /// `--part i/N`: which part of a partitioned run this manifest describes (its inputs are
+    /// those of the listing that fall in the part); absent for a whole run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<crate::part::Part>,
     /// Anything else worth keeping (device used, timings, ...).
     #[serde(default)]
     pub extra: HashMap<String, serde_json::Value>,

@@ -73,6 +73,9 @@ pub struct DataConfig {
     /// metrics.jsonl and counts in `skipped_rows_total`. Off by default: bad data is an error
     /// (after a checkpoint) that names the shard and row group; resume with this on to go past it.
     pub skip_bad_rows: bool,
+    /// Train on a folder of `precompute --part I/N` parts that is not complete yet (the parts
+    /// present; a missing or unfinished part is then a warning instead of an error that names it).
+    pub allow_partial: bool,
     /// A crop / batch-size schedule: the run starts with these stages, in order, each for its
     /// `steps`, then goes on with `crop` and `batch_size` above to the end. E.g. most of a
     /// from-scratch run on 128 px crops of 256 px shards (about 3x the images/s of 256 px
@@ -150,6 +153,7 @@ impl Default for DataConfig {
             eval_batch_size: 8,
             preview_images: 6,
             skip_bad_rows: false,
+            allow_partial: false,
             stages: Vec::new(),
         }
     }

@@ -1,9 +1,13 @@
 //! A folder of shards opened for training: consistency checks across shards, the manifest's
 //! settings, and the list of row groups (the unit the loader reads and shuffles).
+//!
+//! A folder of `precompute --part I/N` parts is one set: the shards of part 0, then part 1, ...
+//! ([`taesd_data::PartsFolder`]); a missing or unfinished part is an error naming it, unless
+//! `data.allow_partial`.
 
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
-use taesd_data::{OutputLayout, ShardReader, ShardRow};
+use taesd_data::{OutputLayout, PartsFolder, ShardReader, ShardRow};
 use taesd_schemas::shard::MANIFEST_FILE;
 use taesd_schemas::{Manifest, VaeSpec};
 
@@ -39,9 +43,35 @@ pub struct ShardSet {
 impl ShardSet {
     /// Open every `shard-*.parquet` of the precompute output `dir` (in `dir/data/`, or beside the
     /// manifest in folders written before that layout; `dir` may also be the `data` folder) and
-    /// check they hold one kind of data.
+    /// check they hold one kind of data. A folder of parts must be complete.
     pub fn open(dir: &Path) -> Result<ShardSet> {
+        ShardSet::open_with(dir, false)
+    }
+
+    /// [`ShardSet::open`]; `allow_partial` takes a folder of parts with parts missing or
+    /// unfinished (their shards present so far), with a warning naming them.
+    pub fn open_with(dir: &Path, allow_partial: bool) -> Result<ShardSet> {
         ensure!(dir.is_dir(), "shard folder {} does not exist (run `precompute --out` first)", dir.display());
+        if let Some(parts) = PartsFolder::read(dir)? {
+            parts.check_settings()?;
+            let problems = parts.problems();
+            if !problems.is_empty() {
+                ensure!(
+                    allow_partial,
+                    "{}: the parts are not all finished: {}; run or finish them (`precompute --part I/{}` resumes), or train on the parts present with --set data.allow_partial=true",
+                    parts.root.display(),
+                    problems.join(", "),
+                    parts.count
+                );
+                tracing::warn!(
+                    "{}: training on the parts present (data.allow_partial): {}",
+                    parts.root.display(),
+                    problems.join(", ")
+                );
+            }
+            let manifest = parts.first_manifest().cloned();
+            return ShardSet::from_files(dir, parts.shard_files(), manifest, &parts.root);
+        }
         let layout = OutputLayout::locate(dir);
         let files = layout.shard_files()?;
         ensure!(
@@ -71,6 +101,13 @@ impl ShardSet {
                 );
             }
         }
+        ShardSet::from_files(dir, files, manifest, &manifest_path)
+    }
+
+    /// The set of `files` (in this order) with the manifest that describes them (`manifest_at`
+    /// names it in errors).
+    fn from_files(dir: &Path, files: Vec<PathBuf>, manifest: Option<Manifest>, manifest_at: &Path) -> Result<ShardSet> {
+        ensure!(!files.is_empty(), "{} holds no finished shards yet", dir.display());
         let mut readers = Vec::with_capacity(files.len());
         for f in &files {
             readers.push(ShardReader::open(f)?);
@@ -99,7 +136,7 @@ impl ShardSet {
             ensure!(
                 m.config.vae == first.vae && m.config.resolution == first.resolution,
                 "{} disagrees with the shards' metadata (VAE or resolution)",
-                manifest_path.display()
+                manifest_at.display()
             );
         }
         let d = first.vae.downscale as u32;

@@ -24,7 +24,7 @@ pub fn resolve(config: &TrainConfig) -> Result<Resolved> {
     let mut config = config.clone();
     let shards =
         config.data.shards.clone().ok_or_else(|| anyhow!("no shards: pass --shards DIR or set data.shards"))?;
-    let mut set = ShardSet::open(&shards)?;
+    let mut set = ShardSet::open_with(&shards, config.data.allow_partial)?;
     set.skip_bad_rows = config.data.skip_bad_rows;
     let set = Arc::new(set);
     let channels = set.latent_shape[0] as usize;
