@@ -156,6 +156,13 @@ fn pool_and_odd_inputs_give_one_row_per_decodable_image_and_report_the_rest() {
     assert!(text.contains(&format!("rows          {decodable}")), "{text}");
     assert!(text.contains("ch 31"), "per-channel statistics:\n{text}");
     assert!(text.contains("1 x size") && text.contains("1 x decode"), "errors summary:\n{text}");
+    // `precompute inspect DIR | head`: a reader that has gone away ends it quietly (SIGPIPE), not
+    // with a "Broken pipe" panic. The pipe's read end is closed before the first write.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let piped = Command::new(bin("precompute")).args(["inspect", o]).stdout(writer).output().unwrap();
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
 }
 
 #[test]

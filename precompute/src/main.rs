@@ -2,6 +2,12 @@ use clap::Parser;
 use precompute::cli::{Cli, Command};
 
 fn main() {
+    // `precompute inspect DIR | head`: a closed pipe ends the process quietly, as it does `cat`,
+    // instead of println! panicking with "Broken pipe" (Rust ignores SIGPIPE by default).
+    // SAFETY: called first in main, before any other thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

@@ -678,6 +678,41 @@ mod tests {
         p
     }
 
+    /// Every shipped configuration loads, and every shipped sweep entry is a valid configuration
+    /// over each of them (a renamed or mistyped key in configs/ fails here, not on the GPU).
+    #[test]
+    fn the_shipped_configs_and_sweeps_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let files = |dir: &Path| {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            v.sort();
+            v
+        };
+        let configs = files(&root);
+        assert!(configs.len() >= 3, "{configs:?}");
+        for c in &configs {
+            TrainConfig::load(c).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        let sweeps = files(&root.join("ab"));
+        assert!(!sweeps.is_empty());
+        for sw in &sweeps {
+            let sweep = Sweep::load(sw).unwrap_or_else(|e| panic!("{e:#}"));
+            for c in &configs {
+                for (name, entry) in &sweep.runs {
+                    let mut t = read_table(c).unwrap();
+                    merge(&mut t, &sweep.base);
+                    merge(&mut t, entry);
+                    TrainConfig::from_table(t)
+                        .unwrap_or_else(|e| panic!("{} entry {name} over {}: {e:#}", sw.display(), c.display()));
+                }
+            }
+        }
+    }
+
     #[test]
     fn defaults_round_trip_through_toml() {
         let c = TrainConfig::default();
