@@ -299,8 +299,6 @@ impl<'a> Producer<'a> {
         if self.cfg.world_size > 1 {
             return self.next_slice();
         }
-        let spec = self.cfg.sample;
-        let seed = self.cfg.seed;
         let mut rows: Vec<(Position, ShardRow)> = Vec::with_capacity(self.cfg.batch_size);
         let mut samples = Vec::with_capacity(self.cfg.batch_size);
         let mut next = self.stream.position();
@@ -308,63 +306,42 @@ impl<'a> Producer<'a> {
         while rows.len() < self.cfg.batch_size {
             let (picked, after) = self.next_n_rows(self.cfg.batch_size - rows.len())?;
             next = after;
-            let cut: Vec<Result<crate::sample::Sample>> = picked
-                .par_iter()
-                .map(|p| make_sample(&p.row, &spec, &mut rng(seed, tag::SAMPLE, &[p.pos.epoch, p.pos.index])))
-                .collect();
-            for (p, s) in picked.into_iter().zip(cut) {
-                match s {
-                    Ok(s) => {
-                        samples.push(s);
-                        rows.push((p.pos, p.row));
-                    }
-                    Err(e) => {
-                        let what = format!("{} row `{}` ({})", self.unit_name(p.at.unit), p.row.key, p.row.source);
-                        if !self.set.skip_bad_rows {
-                            return Err(e.context(what).context(BAD_DATA));
-                        }
-                        tracing::warn!("skipping {what}: {e:#}");
-                        self.skipped.push(Skipped { what, reason: format!("{e:#}"), rows: 1 });
-                    }
-                }
-            }
+            self.cut(picked, &mut rows, &mut samples)?;
         }
-        let crop = spec.crop as usize;
-        let ls = spec.latent_side() as usize;
-        let c = self.set.latent_shape[0] as usize;
-        let mut images = Vec::with_capacity(rows.len() * 3 * crop * crop);
-        let mut latents = Vec::with_capacity(rows.len() * c * ls * ls);
-        for s in &samples {
-            images.extend_from_slice(&s.image);
-            latents.extend_from_slice(&s.latent);
-        }
-        Ok(HostBatch {
-            images,
-            latents,
-            batch: rows.len(),
-            crop,
-            latent_shape: [c, ls, ls],
-            keys: rows.iter().map(|(_, r)| r.key.clone()).collect(),
-            positions: rows.iter().map(|(p, _)| *p).collect(),
-            next,
-            global_batch: rows.len(),
-            skipped: std::mem::take(&mut self.skipped),
-        })
+        let n = rows.len();
+        Ok(self.host_batch(rows, samples, next, n))
     }
 
     /// [`Producer::next_batch`] of a data-parallel rank.
     fn next_slice(&mut self) -> Result<HostBatch> {
-        let (spec, seed, b) = (self.cfg.sample, self.cfg.seed, self.cfg.batch_size);
+        let b = self.cfg.batch_size;
         let global = b * self.cfg.world_size;
         let (mut picked, next) = self.next_n_rows(global)?;
         let mine: Vec<Picked> = picked.drain(self.cfg.rank * b..(self.cfg.rank + 1) * b).collect();
-        let cut: Vec<Result<crate::sample::Sample>> = mine
+        let mut rows = Vec::with_capacity(b);
+        let mut samples = Vec::with_capacity(b);
+        self.cut(mine, &mut rows, &mut samples)?;
+        if rows.is_empty() {
+            bail!("rank {}: no row of its slice of a global batch could be used (bad data)", self.cfg.rank);
+        }
+        Ok(self.host_batch(rows, samples, next, global))
+    }
+
+    /// Cut the samples of `picked` (in parallel on the current rayon pool, in a fixed order) onto
+    /// `rows` / `samples`; a row whose sample cannot be cut is an error, or with
+    /// `data.skip_bad_rows` left out and counted.
+    fn cut(
+        &mut self,
+        picked: Vec<Picked>,
+        rows: &mut Vec<(Position, ShardRow)>,
+        samples: &mut Vec<crate::sample::Sample>,
+    ) -> Result<()> {
+        let (spec, seed) = (self.cfg.sample, self.cfg.seed);
+        let cut: Vec<Result<crate::sample::Sample>> = picked
             .par_iter()
             .map(|p| make_sample(&p.row, &spec, &mut rng(seed, tag::SAMPLE, &[p.pos.epoch, p.pos.index])))
             .collect();
-        let mut rows = Vec::with_capacity(b);
-        let mut samples = Vec::with_capacity(b);
-        for (p, s) in mine.into_iter().zip(cut) {
+        for (p, s) in picked.into_iter().zip(cut) {
             match s {
                 Ok(s) => {
                     samples.push(s);
@@ -380,9 +357,18 @@ impl<'a> Producer<'a> {
                 }
             }
         }
-        if rows.is_empty() {
-            bail!("rank {}: no row of its slice of a global batch could be used (bad data)", self.cfg.rank);
-        }
+        Ok(())
+    }
+
+    /// The batch of `samples` (of `rows`), with the rows skipped since the last one.
+    fn host_batch(
+        &mut self,
+        rows: Vec<(Position, ShardRow)>,
+        samples: Vec<crate::sample::Sample>,
+        next: Position,
+        global_batch: usize,
+    ) -> HostBatch {
+        let spec = self.cfg.sample;
         let crop = spec.crop as usize;
         let ls = spec.latent_side() as usize;
         let c = self.set.latent_shape[0] as usize;
@@ -392,7 +378,7 @@ impl<'a> Producer<'a> {
             images.extend_from_slice(&s.image);
             latents.extend_from_slice(&s.latent);
         }
-        Ok(HostBatch {
+        HostBatch {
             images,
             latents,
             batch: rows.len(),
@@ -401,9 +387,9 @@ impl<'a> Producer<'a> {
             keys: rows.iter().map(|(_, r)| r.key.clone()).collect(),
             positions: rows.iter().map(|(p, _)| *p).collect(),
             next,
-            global_batch: global,
+            global_batch,
             skipped: std::mem::take(&mut self.skipped),
-        })
+        }
     }
 }
 
