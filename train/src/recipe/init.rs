@@ -47,7 +47,7 @@ pub(super) fn disc_adam(cfg: &RecipeConfig) -> AdamConfig {
 /// PyTorch's default initialisation, drawn from `rng` in the order of `shapes`: weights of
 /// rank 4 (convs) and the biases beside them uniform in ±1/sqrt(fan_in); other `*.weight`
 /// (norms) 1, other `*.bias` 0.
-fn torch_default_init(
+pub(super) fn torch_default_init(
     vm: &VarMap,
     shapes: &[(String, Vec<usize>)],
     rng: &mut ChaCha8Rng,
