@@ -207,8 +207,20 @@ mod tests {
     use crate::dist::world::Launcher;
     use std::time::Duration;
 
+    /// A port for one test's rendezvous, below Linux's ephemeral range (32768-60999): a port the
+    /// OS handed out and we closed again could be taken as another test's connection's local
+    /// port before rank 0 listens on it ("Address already in use"). Each call a new one, free
+    /// at the time.
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        use std::sync::atomic::{AtomicU16, Ordering};
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let base = 20000 + (std::process::id() % 500) as u16 * 20;
+        loop {
+            let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2000;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
     }
 
     fn world(rank: usize, n: usize, port: u16) -> World {
