@@ -1,6 +1,7 @@
 //! `train --gpus N ...`: start the N ranks of this node as child processes of this binary with
 //! the same arguments (less `--gpus`), each with `RANK = LOCAL_RANK = r`, `WORLD_SIZE = N`,
-//! `MASTER_ADDR = 127.0.0.1` and a free `MASTER_PORT`; rank r then uses `cuda:r` (or, with
+//! `MASTER_ADDR = 127.0.0.1` and a free `MASTER_PORT` (bound here and handed to rank 0 open,
+//! `TAESD_RENDEZVOUS_FD`); rank r then uses `cuda:r` (or, with
 //! `--device cpu`, the CPU: N CPU processes, what the tests run).
 //!
 //! Their output comes through this process, each line prefixed `[rank r]` (only rank 0 prints
@@ -10,9 +11,11 @@
 //! every rank (they agree on a step boundary, rank 0 checkpoints, all stop). A rank whose
 //! launcher dies gets SIGTERM (checkpoint and stop) rather than running on alone.
 
+use super::world::RENDEZVOUS_FD;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -39,11 +42,6 @@ pub fn strip_gpus(args: &[OsString]) -> Vec<OsString> {
         }
     }
     out
-}
-
-/// A port nobody listens on now.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?.local_addr()?.port())
 }
 
 /// How a rank ended, in words.
@@ -97,7 +95,11 @@ pub fn launch(exe: &Path, args: &[OsString], n: usize, stop: Arc<AtomicBool>) ->
     if n == 0 {
         bail!("--gpus 0: at least one");
     }
-    let port = free_port()?;
+    // The rendezvous socket, bound here and handed open to rank 0 (which listens on it): the port
+    // stays ours from now on, so no other process can take it before rank 0 starts.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the rendezvous port")?;
+    let port = listener.local_addr()?.port();
+    let fd = listener.as_raw_fd();
     let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
     let mut relays = Vec::new();
     for r in 0..n {
@@ -111,11 +113,19 @@ pub fn launch(exe: &Path, args: &[OsString], n: usize, stop: Arc<AtomicBool>) ->
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2),
-        // which is async-signal-safe.
+        if r == 0 {
+            cmd.env(RENDEZVOUS_FD, fd.to_string());
+        }
+        // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2) and
+        // fcntl(2), which are async-signal-safe; `fd` stays open in this process until every rank
+        // is started.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                // Rank 0 keeps the rendezvous socket across exec (Rust opens it close-on-exec).
+                if r == 0 && libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
@@ -125,6 +135,7 @@ pub fn launch(exe: &Path, args: &[OsString], n: usize, stop: Arc<AtomicBool>) ->
         relays.push(relay(child.stderr.take().expect("piped"), prefix, true));
         children.push(Some(child));
     }
+    drop(listener); // rank 0 has its own copy
     eprintln!("started {n} ranks (rank 0 at 127.0.0.1:{port})");
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
     let mut first_failure: Option<(usize, String, Instant)> = None;

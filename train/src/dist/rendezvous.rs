@@ -68,9 +68,12 @@ pub fn rendezvous(w: &World, t: Timeouts, blob: impl FnOnce() -> Result<Vec<u8>>
 }
 
 fn root(w: &World, t: Timeouts, blob: impl FnOnce() -> Result<Vec<u8>>) -> Result<(Links, Vec<u8>)> {
-    let listener = TcpListener::bind(("0.0.0.0", w.master_port)).with_context(|| {
-        format!("rank 0 cannot listen on port {} (MASTER_PORT; in use by another job?)", w.master_port)
-    })?;
+    let listener = match w.listen_fd {
+        Some(fd) => inherited_listener(fd)?,
+        None => TcpListener::bind(("0.0.0.0", w.master_port)).with_context(|| {
+            format!("rank 0 cannot listen on port {} (MASTER_PORT; in use by another job?)", w.master_port)
+        })?,
+    };
     listener.set_nonblocking(true)?;
     let blob = blob()?;
     let n = w.world_size;
@@ -139,6 +142,33 @@ fn root(w: &World, t: Timeouts, blob: impl FnOnce() -> Result<Vec<u8>>) -> Resul
         links.push(Link { rank: r, data: d, control: c });
     }
     Ok((Links::Root(links), blob))
+}
+
+/// The listening socket `train --gpus N` bound and left open for rank 0 (descriptor `fd`).
+fn inherited_listener(fd: i32) -> Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `listening`, a c_int we own; on a
+    // descriptor that is not a socket it fails with ENOTSOCK/EBADF and writes nothing.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || listening == 0 {
+        bail!(
+            "{}={fd} is not a listening socket (set by `train --gpus N` for its rank 0 only)",
+            super::world::RENDEZVOUS_FD
+        );
+    }
+    // SAFETY: `fd` is an open listening socket (checked above) that the launcher handed to this
+    // process alone; nothing else here owns or closes it, so the listener may take it over.
+    Ok(unsafe { TcpListener::from_raw_fd(fd) })
 }
 
 fn connect(w: &World, deadline: Instant) -> Result<TcpStream> {

@@ -232,6 +232,7 @@ mod tests {
             master_port: port,
             launcher: Launcher::Torchrun,
             visible_gpus: None,
+            listen_fd: None,
         }
     }
 
@@ -278,6 +279,37 @@ mod tests {
             assert_eq!(*bt, vec![vec![0.0, 0.0]]);
             assert_eq!(*flags, vec![false, false, true]);
         }
+    }
+
+    #[test]
+    fn rank_0_listens_on_a_socket_bound_before_it_started() {
+        use std::os::fd::IntoRawFd;
+        // As `train --gpus N` does: the port is bound (here, by the OS's choice) before rank 0
+        // runs and handed to it open; rank 0 must not bind it again.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fd = l.into_raw_fd();
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let w = World { listen_fd: (r == 0).then_some(fd), ..world(r, 2, port) };
+                    let (c, blob) = TcpComm::connect(&w, T, || Ok(b"id".to_vec())).unwrap();
+                    let mut v = [r as f32 + 1.0];
+                    c.all_reduce_host(&mut v).unwrap();
+                    c.close();
+                    (blob, v[0])
+                })
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), (b"id".to_vec(), 3.0));
+        }
+        // A descriptor that is not a listening socket is refused with the variable's name.
+        let f = tempfile::tempfile().unwrap();
+        use std::os::fd::AsRawFd;
+        let w = World { listen_fd: Some(f.as_raw_fd()), ..world(0, 2, port) };
+        let e = format!("{:#}", TcpComm::connect(&w, T, || Ok(vec![])).err().unwrap());
+        assert!(e.contains("TAESD_RENDEZVOUS_FD") && e.contains("not a listening socket"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct World {
     pub launcher: Launcher,
     /// Devices `CUDA_VISIBLE_DEVICES` lists (`None`: not set).
     pub visible_gpus: Option<usize>,
+    /// Rank 0 only, under `train --gpus N`: the rendezvous socket the launcher bound and handed
+    /// down open (`TAESD_RENDEZVOUS_FD`), listened on instead of binding `MASTER_PORT` again (a
+    /// port found free and bound later could be taken in between by another process).
+    pub listen_fd: Option<i32>,
 }
 
 /// The variables [`World::from_vars`] reads (for a start-up line and the docs).
@@ -56,7 +60,11 @@ pub const VARS: &[&str] = &[
     "SLURM_NODELIST",
     "SLURM_JOB_ID",
     "CUDA_VISIBLE_DEVICES",
+    RENDEZVOUS_FD,
 ];
+
+/// The variable through which `train --gpus N` hands rank 0 its bound rendezvous socket.
+pub const RENDEZVOUS_FD: &str = "TAESD_RENDEZVOUS_FD";
 
 /// The port of a Slurm job without `MASTER_PORT`: 29500 + job id mod 2000 (29500..31499).
 pub fn slurm_port(job_id: Option<u64>) -> u16 {
@@ -74,6 +82,7 @@ impl World {
             master_port: 0,
             launcher: Launcher::Single,
             visible_gpus: None,
+            listen_fd: None,
         }
     }
 
@@ -128,6 +137,15 @@ impl World {
                 master_port: get("MASTER_PORT").map(port).transpose()?.unwrap_or(0),
                 launcher: Launcher::Torchrun,
                 visible_gpus,
+                listen_fd: match get(RENDEZVOUS_FD) {
+                    Some(v) if num("RANK")? == Some(0) => Some(
+                        v.parse::<i32>()
+                            .ok()
+                            .filter(|fd| *fd > 2)
+                            .with_context(|| format!("{RENDEZVOUS_FD}={v} is not a file descriptor"))?,
+                    ),
+                    _ => None,
+                },
             }
         } else if get("SLURM_PROCID").is_some() {
             let (rank, size) = match (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
@@ -161,6 +179,7 @@ impl World {
                 },
                 launcher: Launcher::Slurm,
                 visible_gpus,
+                listen_fd: None,
             }
         } else if !torch.is_empty() {
             bail!("{} set without RANK and WORLD_SIZE (a data-parallel launch needs both)", torch.join(", "));
@@ -249,6 +268,21 @@ mod tests {
         // World size 1 needs no rendezvous.
         let w = world(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap();
         assert!(!w.is_distributed());
+        // `train --gpus N` hands rank 0 its bound socket; other ranks ignore the variable.
+        let launched = |rank: &str, fd: &str| {
+            world(&[
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "1234"),
+                (RENDEZVOUS_FD, fd),
+            ])
+        };
+        assert_eq!(launched("0", "7").unwrap().listen_fd, Some(7));
+        assert_eq!(launched("1", "7").unwrap().listen_fd, None);
+        let m = format!("{:#}", launched("0", "x").unwrap_err());
+        assert!(m.contains("TAESD_RENDEZVOUS_FD=x is not a file descriptor"), "{m}");
     }
 
     #[test]
