@@ -9,8 +9,8 @@
 //!   gradients are averaged. With the GAN the encoder still must (its loss does not involve the
 //!   discriminator); the decoder legitimately differs (BatchNorm batch statistics, coin flips
 //!   and replay buffer per rank), so it is only checked to have trained.
-//! * A resumed 2-rank run equals an uninterrupted one bit for bit (replay buffer off: ranks
-//!   other than 0 do not checkpoint theirs).
+//! * A resumed 2-rank run equals an uninterrupted one bit for bit, the GAN and its per-rank
+//!   replay buffers included (each rank's buffer is in the checkpoint).
 //! * Rank 0 alone writes the run folder; a killed rank stops the others, naming it.
 
 use std::collections::BTreeMap;
@@ -153,9 +153,15 @@ fn n_rank_runs_equal_one_process_with_the_global_batch() {
 fn a_resumed_two_rank_run_equals_an_uninterrupted_one_and_rank_0_alone_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let gan = ["--set", "recipe.replay_capacity=0"];
+    // The replay buffer holds 8 fakes: each rank's has 4 of its own at the resume, and draws
+    // from them in steps 3 and 4.
+    let gan = ["--set", "recipe.replay_capacity=8"];
     train(&gpus(2, args(&a, 4, 2, &gan)), true);
     train(&gpus(2, args(&b, 2, 2, &gan)), true);
+    let own = b.join("checkpoints/step-00000002/recipe/rank-1/replay.json");
+    let len: serde_json::Value = serde_json::from_slice(&std::fs::read(&own).expect("rank 1's replay buffer")).unwrap();
+    assert_eq!(len["len"], 4, "{}", own.display());
+    assert!(!b.join("checkpoints/step-00000002/recipe/rank-0").exists(), "rank 0's buffer is the recipe's own");
     let out = run("train", &["--gpus", "2", "--resume", "--run-dir", s(&b), "--steps", "4", "--quiet"], true);
     let text = stdout(&out);
     assert!(text.lines().any(|l| l.starts_with("[rank 0] run `") && l.contains("finished: step 4")), "{text}");

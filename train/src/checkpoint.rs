@@ -41,6 +41,17 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// Where rank `rank` (> 0) of a data-parallel run leaves its own part of the checkpoint of
+/// `step` (its replay buffer) for rank 0 to move in as [`rank_dir`].
+pub fn rank_staging(run_dir: &Path, step: u64, rank: usize) -> PathBuf {
+    run_dir.join(CHECKPOINTS_DIR).join(format!("{TMP_PREFIX}rank-{rank}-{}", step_dir_name(step)))
+}
+
+/// Rank `rank`'s own state inside a checkpoint's recipe folder (`recipe/rank-1/`, ...).
+pub fn rank_dir(recipe_dir: &Path, rank: usize) -> PathBuf {
+    recipe_dir.join(format!("rank-{rank}"))
+}
+
 fn parse_step(name: &str) -> Option<u64> {
     name.strip_prefix("step-").and_then(|s| s.parse().ok())
 }

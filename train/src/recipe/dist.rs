@@ -50,7 +50,8 @@ impl Recipe {
     /// Train data-parallel through `comm` (`None`: alone, the default). Rank 0's parameters,
     /// EMAs and BatchNorm statistics are broadcast to every rank (after a resume too: every
     /// rank loaded the same checkpoint, this makes sure); a rank other than 0 starts with an
-    /// empty replay buffer of its own (a resume gives it rank 0's otherwise).
+    /// empty replay buffer of its own (a resume gave it rank 0's), then loads its own from the
+    /// checkpoint where there is one ([`Recipe::load_rank_replay`]).
     pub fn set_comm(&mut self, comm: Option<Arc<dyn Comm>>) -> Result<()> {
         self.comm = comm;
         let Some(c) = self.comm.clone() else {

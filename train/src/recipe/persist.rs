@@ -42,7 +42,45 @@ fn check_all_present(vars: &[(String, Var)], t: &HashMap<String, Tensor>, what: 
     Ok(())
 }
 
+/// The length of a rank's saved replay buffer, beside its files.
+const RANK_REPLAY_FILE: &str = "replay.json";
+
 impl Recipe {
+    /// Whether checkpoints hold the replay buffer (a discriminator, `run.checkpoint_replay` on).
+    pub fn saves_replay(&self) -> bool {
+        self.save_replay && self.gan.is_some()
+    }
+
+    /// This rank's replay buffer into `dir`, which must exist: a data-parallel rank other than
+    /// 0's part of a checkpoint (rank 0's is in [`Recipe::save_state`]'s files). Nothing without
+    /// a discriminator.
+    pub fn save_rank_replay(&self, dir: &Path) -> Result<()> {
+        let Some(g) = &self.gan else { return Ok(()) };
+        g.replay.save(dir)?;
+        let p = dir.join(RANK_REPLAY_FILE);
+        std::fs::write(&p, serde_json::json!({ "len": g.replay.len() }).to_string() + "\n")
+            .with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    /// Load a replay buffer [`Recipe::save_rank_replay`] wrote; a missing `dir` (saved without
+    /// replay buffers, or after a failure, or by fewer ranks) leaves this rank's buffer empty.
+    pub fn load_rank_replay(&mut self, dir: &Path) -> Result<()> {
+        let Some(g) = self.gan.as_mut() else { return Ok(()) };
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let p = dir.join(RANK_REPLAY_FILE);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let len = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["len"].as_u64())
+            .with_context(|| format!("{}: no `len`", p.display()))? as usize;
+        let mut replay = ReplayBuffer::new(self.cfg.replay_capacity, self.cfg.replay_dtype);
+        replay.load(dir, len, &self.device)?;
+        g.replay = replay;
+        Ok(())
+    }
+
     /// Write every piece of state into `dir` (which must exist; files are overwritten).
     /// `state.json` is written last.
     pub fn save_state(&self, dir: &Path) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::metrics::{Interval, MetricsLog, METRICS_FILE};
 use crate::order::Position;
 use crate::recipe::{ModelInit, Recipe, StepReport};
 use crate::sample::SampleSpec;
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use serde_json::json;
@@ -112,6 +112,15 @@ impl<'a> Session<'a> {
             ts = load_checkpoint(&mut recipe, ck, &r, cfg.run.seed)?;
         }
         recipe.set_comm(opts.dist.as_ref().map(|d| d.comm.clone()))?;
+        if let (Some(d), Some((_, ck))) = (&opts.dist, &resume_from) {
+            if !d.is_root() {
+                // This rank's own replay buffer, when the checkpoint holds it.
+                let own = checkpoint::rank_dir(&ck.join(checkpoint::RECIPE_DIR), d.rank());
+                recipe
+                    .load_rank_replay(&own)
+                    .with_context(|| format!("rank {}: resuming from {}", d.rank(), ck.display()))?;
+            }
+        }
         // Rank 0 alone writes into the run folder, evaluates and previews.
         let (log, data) = if root {
             (MetricsLog::open(&dir, Some(ts.step))?, EvalData::load(&r, &device)?)
@@ -261,14 +270,58 @@ impl<'a> Session<'a> {
         )
     }
 
-    /// A checkpoint of this step (rank 0 alone writes it; elsewhere `None`).
+    /// A checkpoint of this step (rank 0 alone writes it; elsewhere `None`). Every rank calls
+    /// this at the same step.
     pub fn checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        self.write_checkpoint(true)
+    }
+
+    /// With `every_rank` (every rank is here, at this step: not after a failure) the other
+    /// ranks' replay buffers go in too (`recipe/rank-R/`): each writes its own into a staging
+    /// folder, and rank 0 moves them into the checkpoint once every rank has succeeded.
+    fn write_checkpoint(&mut self, every_rank: bool) -> Result<Option<PathBuf>> {
+        let step = self.ts.step;
+        let ranks = match &self.opts.dist {
+            Some(d) if every_rank && self.recipe.saves_replay() => d.world.world_size,
+            _ => 1,
+        };
+        if let (Some(d), true) = (&self.opts.dist, ranks > 1) {
+            let staged = if self.root {
+                Ok(())
+            } else {
+                let p = checkpoint::rank_staging(&self.dir, step, d.rank());
+                (|| {
+                    if p.exists() {
+                        std::fs::remove_dir_all(&p)?;
+                    }
+                    std::fs::create_dir_all(&p)?;
+                    self.recipe.save_rank_replay(&p)
+                })()
+                .with_context(|| format!("rank {}: saving its replay buffer into {}", d.rank(), p.display()))
+            };
+            let failed = crate::dist::comm::gather_flags(d.comm.as_ref(), staged.is_err())?;
+            staged?;
+            if failed.iter().any(|f| *f) {
+                bail!(
+                    "rank(s) {} could not save their replay buffers for the checkpoint of step {step} (their errors above)",
+                    crate::dist::comm::ranks_of(&failed)
+                );
+            }
+        }
         if !self.root {
-            self.last_ckpt = Some(self.ts.step);
+            self.last_ckpt = Some(step);
             return Ok(None);
         }
-        let p =
-            checkpoint::save(&self.dir, &self.ts, self.r.config.run.keep_checkpoints, |d| self.recipe.save_state(d))?;
+        let p = checkpoint::save(&self.dir, &self.ts, self.r.config.run.keep_checkpoints, |d| {
+            self.recipe.save_state(d)?;
+            for r in 1..ranks {
+                let from = checkpoint::rank_staging(&self.dir, step, r);
+                let to = checkpoint::rank_dir(d, r);
+                std::fs::rename(&from, &to)
+                    .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+            }
+            Ok(())
+        })?;
         self.log.write("checkpoint", self.ts.step, json!({"path": p}))?;
         self.last_ckpt = Some(self.ts.step);
         Ok(Some(p))
@@ -346,7 +399,8 @@ impl<'a> Session<'a> {
         let (ts, last, dir) = (self.ts.clone(), self.last_ckpt, self.dir.clone());
         let recipe_step = self.recipe.step_count();
         fail_after_checkpoint(e, data_error, recipe_step, &ts, last, &dir, || {
-            self.checkpoint()?.ok_or_else(|| anyhow!("no checkpoint written"))
+            // Rank 0 alone (the others may be gone): without their replay buffers.
+            self.write_checkpoint(false)?.ok_or_else(|| anyhow!("no checkpoint written"))
         })
     }
 
