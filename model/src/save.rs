@@ -235,7 +235,6 @@ pub fn diffusers_config(cfg: &TaesdConfig) -> serde_json::Value {
         "_class_name": "AutoencoderTiny",
         "_diffusers_version": DIFFUSERS_VERSION,
         "act_fn": "relu",
-        "block_out_channels": [64, 64, 64, 64],
         "decoder_block_out_channels": [64, 64, 64, 64],
         "encoder_block_out_channels": [64, 64, 64, 64],
         "force_upcast": false,

@@ -116,6 +116,30 @@ fn diffusers_files_are_named_as_autoencoder_tiny() {
     assert_eq!(config["_class_name"], "AutoencoderTiny");
     assert_eq!(config["latent_channels"], 16);
     assert_eq!(config["scaling_factor"], 1.0);
+    // Only what AutoencoderTiny.__init__ takes (diffusers 0.42.1): it warns about any other key
+    // (it did, on the GPU machine, about a `block_out_channels` we used to write).
+    let accepted = [
+        "_class_name",
+        "_diffusers_version",
+        "act_fn",
+        "decoder_block_out_channels",
+        "encoder_block_out_channels",
+        "force_upcast",
+        "in_channels",
+        "latent_channels",
+        "latent_magnitude",
+        "latent_shift",
+        "num_decoder_blocks",
+        "num_encoder_blocks",
+        "out_channels",
+        "scaling_factor",
+        "shift_factor",
+        "upsample_fn",
+        "upsampling_scaling_factor",
+    ];
+    for k in config.as_object().unwrap().keys() {
+        assert!(accepted.contains(&k.as_str()), "config.json key {k} is not an AutoencoderTiny argument");
+    }
     // Without our metadata, taesd3 and taef1 are the same structure: the folder name tells.
     let plain: HashMap<String, Tensor> = f.tensors.clone();
     let bare = tmp.path().join("bare");
