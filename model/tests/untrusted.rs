@@ -23,20 +23,26 @@ mod probe {
         });
     }
 
+    // SAFETY: every method forwards its arguments unchanged to the system allocator (after noting
+    // the size), so the allocator contract holds as it does for `System`.
     unsafe impl GlobalAlloc for Probe {
         unsafe fn alloc(&self, l: Layout) -> *mut u8 {
             note(l.size());
+            // SAFETY: the caller's guarantees for this call, passed on as they came.
             unsafe { System.alloc(l) }
         }
         unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
             note(l.size());
+            // SAFETY: the caller's guarantees for this call, passed on as they came.
             unsafe { System.alloc_zeroed(l) }
         }
         unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
             note(n);
+            // SAFETY: the caller's guarantees for this call, passed on as they came.
             unsafe { System.realloc(p, l, n) }
         }
         unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            // SAFETY: the caller's guarantees for this call, passed on as they came.
             unsafe { System.dealloc(p, l) }
         }
     }
