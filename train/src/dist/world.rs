@@ -138,7 +138,7 @@ impl World {
                 launcher: Launcher::Torchrun,
                 visible_gpus,
                 listen_fd: match get(RENDEZVOUS_FD) {
-                    Some(v) if num("RANK")? == Some(0) => Some(
+                    Some(v) if rank == 0 => Some(
                         v.parse::<i32>()
                             .ok()
                             .filter(|fd| *fd > 2)
