@@ -21,6 +21,18 @@ POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
 SECONDS_TRAIN=${SECONDS_TRAIN:-600}; SHARDS=$WORK/lat256v2; RUN=${RUN:-$WORK/scratch}
 mkdir -p "$OUT"
+# SCALE=0.9: every step count of CONFIG (each stage's and the run's) times 0.9, the schedule's shape
+# kept, for a session with less device time than the config was sized for (a slow machine start).
+if [[ -n ${SCALE:-} && ! -d $RUN/checkpoints ]]; then
+  python3 - "$CONFIG" "$SCALE" "$WORK/config-scaled.toml" <<'PY' || exit 1
+import re, sys
+src, scale, dst = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+text = re.sub(r"(?m)^(steps\s*=\s*)(\d+)", lambda m: f"{m[1]}{round(int(m[2]) * scale / 50) * 50}", open(src).read())
+open(dst, "w").write(f"# {src} with every step count x {scale} (bench/gpu_scratch_run.sh SCALE)\n" + text)
+PY
+  CONFIG=$WORK/config-scaled.toml
+  grep -E '^steps' "$CONFIG"
+fi
 if ! grep -q complete <<< "$(precompute inspect "$SHARDS" 2>/dev/null | head -3)"; then
   echo "== precompute: pool at 256, 2 variants, taef2 teacher"
   precompute --vae taef2 --onnx "$ONNX" --images "$POOL" --resolution 256 --variants 2 --device cuda \
