@@ -22,7 +22,8 @@
 # it would need a call of its own on the same warm machine, installed with --target /tmp/site).
 #
 # Knobs (environment): STEPS (2000), SEEDS ("0 1"), CROP (128), BATCH (32), the recipe's schedule
-# LR (1e-3), WARMUP (200), SCHEDULE (cosine), MIN_FACTOR (0.02) — configs/scratch-taef2-25min.toml's —
+# LR (1e-3), WARMUP (200), SCHEDULE (cosine), MIN_FACTOR (0.02) — configs/scratch-taef2-25min.toml's;
+# its pixel warm start is not in the replica, so both sides run the GAN from step 1 —
 # TIME_LIMIT (420 s: a safety stop for each run; a run stopped by it has fewer steps and the summary
 # says so), WORKERS (3 loader threads / DataLoader workers per run), POOL (/data/pool), ONNX
 # (/data/ref/taef2_encoder.onnx), REF (/data/ref), WORK (/data), SHARDS ($WORK/lat256v2), OUT
