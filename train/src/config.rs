@@ -66,7 +66,8 @@ pub struct DataConfig {
     /// At most this many held-out rows are used by in-run evaluation and previews.
     pub eval_max_images: usize,
     pub eval_batch_size: usize,
-    /// Samples in each preview grid.
+    /// Samples in each preview grid: held-out rows, one per source image first (variants of an
+    /// image only when there are fewer sources).
     pub preview_images: usize,
     /// Skip a row group that cannot be read (a corrupt page, a truncated file) or a row whose
     /// image does not decode, instead of ending the run: each skip is a `bad_data` line in

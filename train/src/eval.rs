@@ -52,6 +52,16 @@ impl EvalSet {
         Ok(EvalSet { rows })
     }
 
+    /// Up to `n` rows, one per source image first (its first variant, in file order), then the
+    /// other variants: a preview of shards made with `--variants` shows different images, not the
+    /// same one twice.
+    pub fn one_per_source(&self, n: usize) -> EvalSet {
+        let mut seen = std::collections::HashSet::new();
+        let (first, rest): (Vec<&ShardRow>, Vec<&ShardRow>) =
+            self.rows.iter().partition(|r| seen.insert(r.key.as_str()));
+        EvalSet { rows: first.into_iter().chain(rest).take(n).cloned().collect() }
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }
@@ -283,6 +293,17 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(v, (n, 3, h, w), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn previews_take_one_variant_per_source_before_repeating_one() {
+        let row = |key: &str, variant: u32| ShardRow { variant, ..crate::sample::tests::test_row(key, false) };
+        let set = EvalSet { rows: vec![row("a", 0), row("a", 1), row("b", 0), row("b", 1), row("c", 0)] };
+        let got = |n| set.one_per_source(n).rows.iter().map(|r| format!("{}{}", r.key, r.variant)).collect::<Vec<_>>();
+        assert_eq!(got(2), ["a0", "b0"]);
+        assert_eq!(got(4), ["a0", "b0", "c0", "a1"]);
+        assert_eq!(got(9), ["a0", "b0", "c0", "a1", "b1"]);
+        assert!(got(0).is_empty());
     }
 
     #[test]

@@ -512,10 +512,12 @@ impl EvalData {
         } else {
             EvalSet { rows: vec![] }
         };
+        // One row per source image where the shards hold several variants of each (a few more
+        // rows than shown are read without a held-out split, for the other sources to be among them).
         let preview_rows = if set.is_empty() {
-            EvalSet::load(&r.set, Split::All, d.preview_images)?
+            EvalSet::load(&r.set, Split::All, d.preview_images.saturating_mul(4))?.one_per_source(d.preview_images)
         } else {
-            EvalSet { rows: set.rows.iter().take(d.preview_images).cloned().collect() }
+            set.one_per_source(d.preview_images)
         };
         let preview = if preview_rows.is_empty() || d.preview_images == 0 {
             None
