@@ -166,6 +166,12 @@ pub struct RecipeConfig {
     pub lowres_factor: usize,
     /// Weight of a full-resolution `MSE(decoded, real)` (0: off; it blurs).
     pub fullres_mse_weight: f64,
+    /// Fade-out of the full-resolution MSE, as a fraction of the run (`run.steps`): 0 keeps its
+    /// weight for the whole run; `f` in (0, 1] lowers it linearly from `fullres_mse_weight` at the
+    /// first step after the pixel warm-up to 0 at step `f * run.steps` (the pixel loss while the
+    /// decoder is far off, the GAN term alone for the detail at the end). A fraction, so a run
+    /// scaled to another length keeps its shape. Needs another decoder term to take over.
+    pub fullres_mse_fade: f64,
     /// Weight of the frequency-amplitude term (0: off): L1 between the DFT amplitudes of
     /// non-overlapping `freq_patch` x `freq_patch` patches of decoded and real.
     pub freq_weight: f64,
@@ -238,6 +244,7 @@ impl Default for RecipeConfig {
             lowres_mse_weight: 1.0,
             lowres_factor: 8,
             fullres_mse_weight: 0.0,
+            fullres_mse_fade: 0.0,
             freq_weight: 0.0,
             freq_patch: 8,
             detail_weight: 0.0,
@@ -303,6 +310,18 @@ impl RecipeConfig {
         nonneg("gan_weight", self.gan_weight)?;
         nonneg("lowres_mse_weight", self.lowres_mse_weight)?;
         nonneg("fullres_mse_weight", self.fullres_mse_weight)?;
+        if !(0.0..=1.0).contains(&self.fullres_mse_fade) {
+            bail!("recipe: fullres_mse_fade must be a fraction of the run in [0, 1], got {}", self.fullres_mse_fade);
+        }
+        if self.fullres_mse_fade > 0.0
+            && self.train_decoder
+            && self.gan_weight == 0.0
+            && self.lowres_mse_weight == 0.0
+            && self.freq_weight == 0.0
+            && self.detail_weight == 0.0
+        {
+            bail!("recipe: fullres_mse_fade fades out the full-resolution MSE, but no other decoder loss weight is set to take over");
+        }
         nonneg("freq_weight", self.freq_weight)?;
         nonneg("detail_weight", self.detail_weight)?;
         if self.lowres_factor == 0 {
@@ -360,6 +379,16 @@ impl RecipeConfig {
         self.lr * (self.lr_min_factor + (1.0 - self.lr_min_factor) * shape(t))
     }
 
+    /// Weight of the full-resolution MSE at (0-based) `step` of a run whose last step is `end`
+    /// (`None`: unknown, then no fade): see [`Self::fullres_mse_fade`].
+    pub fn fullres_mse_weight_at(&self, step: u64, end: Option<u64>) -> f64 {
+        let w = self.fullres_mse_weight;
+        let Some(end) = end.filter(|_| self.fullres_mse_fade > 0.0) else { return w };
+        let start = self.pixel_warmup_steps as f64;
+        let stop = (self.fullres_mse_fade * end as f64).max(start + 1.0);
+        w * ((stop - step as f64) / (stop - start)).clamp(0.0, 1.0)
+    }
+
     /// Whether the decoder learns from the pixel MSE alone (no corrections) at (0-based) `step`.
     pub fn pixel_phase(&self, step: u64) -> bool {
         step < self.pixel_warmup_steps
@@ -411,6 +440,12 @@ mod tests {
         c.train_encoder = false;
         c.train_decoder = false;
         assert!(c.validate().is_err());
+        // A fade is a fraction of the run, and something must take over from the faded term.
+        let f = RecipeConfig { fullres_mse_weight: 1.0, fullres_mse_fade: 1.5, ..Default::default() };
+        assert!(f.validate().unwrap_err().to_string().contains("fullres_mse_fade"));
+        let alone = RecipeConfig { fullres_mse_fade: 0.5, gan_weight: 0.0, lowres_mse_weight: 0.0, ..f.clone() };
+        assert!(alone.validate().unwrap_err().to_string().contains("no other decoder loss"));
+        assert!(RecipeConfig { fullres_mse_fade: 0.5, ..f }.validate().is_ok());
     }
 
     #[test]

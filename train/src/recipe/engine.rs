@@ -15,8 +15,8 @@
 //!      `sum_i MSE(D(real_i), D(fake_i + c_i))` at `c = 0`, negated and divided by its std;
 //!      `target = fake + correction` (detached).
 //!    * Loss: the weighted terms of [`super::terms::TERMS`], `gan_weight * MSE(fake, target) +
-//!      lowres_mse_weight * MSE(pool8(fake), pool8(real)) (+ fullres MSE, + frequency-amplitude
-//!      L1, + the detail term against the initial decoder)` -> gradients -> proposed Adam update
+//!      lowres_mse_weight * MSE(pool8(fake), pool8(real)) (+ fullres MSE, optionally fading out
+//!      over the run, + frequency-amplitude L1, + the detail term against the initial decoder)` -> gradients -> proposed Adam update
 //!      (skipped during `disc_warmup_steps`). In the pixel warm-up (`pixel_warmup_steps`) the
 //!      loss is `MSE(fake, real)` alone and no correction is computed; the discriminator still
 //!      trains.

@@ -249,7 +249,7 @@ fn decoder_phase(
     wg: &taesd_ops::WeightGrads,
     rb: &mut Readback,
 ) -> Result<Option<Proposal>> {
-    let terms = decoder_terms(ctx.cfg, input, ctx.pixel_phase)?;
+    let terms = decoder_terms(input, ctx.pixel_phase)?;
     let mut total: Option<Tensor> = None;
     for (name, w, t) in &terms {
         let wt = t.affine(*w, 0.0)?;
@@ -403,6 +403,8 @@ impl Recipe {
             };
             let input = TermInput {
                 cfg: &self.cfg,
+                step: self.step,
+                end: self.schedule_end,
                 fake: &fake,
                 real: &images,
                 target: target.as_ref(),
