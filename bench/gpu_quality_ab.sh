@@ -8,6 +8,7 @@
 # REF (/data/ref), WORK (/data), OUT (results; gets ab.tgz and summary.md), ONLY (entries, default
 # all), SHARDS128=1: also run ENTRY128 (default pixel-cosine) on 128 px shards precomputed with 4
 # variants per image instead of 128 px loader crops of the 256 px shards. EXTRA: more train flags.
+# SEED1_BEST=N: then the N best entries again at seed 1 (see below).
 set -uo pipefail
 POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref}
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; SWEEP=${SWEEP:-configs/ab/quality-128.toml}
@@ -26,26 +27,58 @@ shards "$S256" 256 2
 names=${ONLY:-$(python3 -c 'import sys, tomllib; print(" ".join(r["name"] for r in tomllib.load(open(sys.argv[1], "rb"))["runs"]))' "$SWEEP")}
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 1000 > "$AB/gpu.csv" &
 smi=$!
-t0=$(date +%s)
+# launch RUN ENTRY SHARDS [FLAGS...]: one entry of the sweep in the background, into $AB/RUN.
 pids=()
-for n in $names; do
-  rm -rf "${AB:?}/$n"
-  train --config "$BASE" --sweep "$SWEEP" --only "$n" --shards "$S256" --run-dir "$AB/$n" --quiet ${EXTRA:-} > "$AB/$n.log" 2>&1 &
+launch() {
+  local run=$1 entry=$2 shards=$3; shift 3
+  rm -rf "${AB:?}/$run"
+  train --config "$BASE" --sweep "$SWEEP" --only "$entry" --shards "$shards" --run-dir "$AB/$run" --quiet ${EXTRA:-} "$@" \
+    > "$AB/$run.log" 2>&1 &
   pids+=($!)
-done
+}
+# finish RUNS...: wait for the launched runs, then evaluate each on the 256 px held-out split.
+finish() {
+  for p in "${pids[@]}"; do wait "$p" || echo "a run failed (pid $p): see its log"; done
+  pids=()
+  echo "== $# runs at once: $(( $(date +%s) - t0 )) s"
+  for n in "$@"; do
+    tail -2 "$AB/$n.log" | sed "s/^/  [$n] /"
+    train eval --model "$AB/$n" --shards "$S256" --reference "$REF/taef2_decoder.pth" --device cuda --max-images 256 \
+      --json "$AB/eval-$n.json" > "$AB/eval-$n.txt" 2>&1 || { echo "eval of $n failed:"; tail -3 "$AB/eval-$n.txt"; }
+  done
+}
+t0=$(date +%s)
+for n in $names; do launch "$n" "$n" "$S256"; done
 if [[ ${SHARDS128:-0} == 1 ]]; then
-  e=${ENTRY128:-pixel-cosine}; n=$e-shards128; names="$names $n"; rm -rf "${AB:?}/$n"
-  train --config "$BASE" --sweep "$SWEEP" --only "$e" --shards "$S128" --run-dir "$AB/$n" --quiet ${EXTRA:-} > "$AB/$n.log" 2>&1 &
-  pids+=($!)
+  e=${ENTRY128:-pixel-cosine}; names="$names $e-shards128"
+  launch "$e-shards128" "$e" "$S128"
 fi
-for p in "${pids[@]}"; do wait "$p" || echo "a run failed (pid $p): see its log"; done
+# shellcheck disable=SC2086
+finish $names
+# SEED1_BEST=N: the N best entries again at seed 1, all at once (best: sharpness in the goal's
+# band 0.9-1.1 first, then by held-out PSNR), so that a winner is checked in the same session.
+if (( ${SEED1_BEST:-0} > 0 )); then
+  best=$(python3 - "$AB" "$SEED1_BEST" $names <<'PY'
+import json, sys
+ab, k, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+rows = []
+for n in names:
+    try:
+        o = json.load(open(f"{ab}/eval-{n}.json"))["models"]["ours"]
+    except (OSError, KeyError, ValueError):
+        continue
+    rows.append((not 0.9 <= (o.get("sharpness") or 0) <= 1.1, -o["psnr"], n))
+print(" ".join(n for *_, n in sorted(rows)[:k]))
+PY
+)
+  echo "== seed 1 of: ${best:-none (no entry was evaluated)}"
+  t0=$(date +%s)
+  for n in $best; do launch "$n-seed1" "$n" "$S256" --set run.seed=1; done
+  # shellcheck disable=SC2086
+  finish $(for n in $best; do echo "$n-seed1"; done)
+  for n in $best; do names="$names $n-seed1"; done
+fi
 kill $smi 2>/dev/null
-echo "== $(wc -w <<< "$names") runs at once: $(( $(date +%s) - t0 )) s"
-for n in $names; do
-  tail -2 "$AB/$n.log" | sed "s/^/  [$n] /"
-  train eval --model "$AB/$n" --shards "$S256" --reference "$REF/taef2_decoder.pth" --device cuda --max-images 256 \
-    --json "$AB/eval-$n.json" > "$AB/eval-$n.txt" 2>&1 || { echo "eval of $n failed:"; tail -3 "$AB/eval-$n.txt"; }
-done
 python3 - "$AB" $names > "$OUT/summary.md" <<'PY'
 import json, sys, os
 ab, names = sys.argv[1], sys.argv[2:]
