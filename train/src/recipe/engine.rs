@@ -89,6 +89,9 @@ pub struct StepReport {
     pub grad_norms: BTreeMap<String, f64>,
     /// Encoder/decoder learning rate of this step.
     pub lr: f64,
+    /// The weight of each decoder loss term summed this step (by the names of `losses`; the pixel
+    /// warm-up's `fullres_mse` at 1, a fading full-resolution MSE at its weight of the step).
+    pub loss_weights: BTreeMap<String, f64>,
     /// Why the NaN guard skipped this step (nothing was written).
     pub skipped: Option<String>,
     /// Host seconds from the step's start to its readback: launching the forward and backward

@@ -4,6 +4,8 @@
 //! terms of [`super::terms`], gradients, proposal), the [`guard`] (one readback, the NaN check)
 //! and [`Recipe::commit`]. Nothing is written before the guard has passed.
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -248,10 +250,12 @@ fn decoder_phase(
     input: &TermInput,
     wg: &taesd_ops::WeightGrads,
     rb: &mut Readback,
+    weights: &mut BTreeMap<String, f64>,
 ) -> Result<Option<Proposal>> {
     let terms = decoder_terms(input, ctx.pixel_phase)?;
     let mut total: Option<Tensor> = None;
     for (name, w, t) in &terms {
+        weights.insert(name.to_string(), *w);
         let wt = t.affine(*w, 0.0)?;
         total = Some(match total {
             None => wt,
@@ -367,6 +371,7 @@ impl Recipe {
         let mut rb = Readback::default();
         let mut props = Proposals::default();
         let mut coins = Vec::new();
+        let mut loss_weights = BTreeMap::new();
         // The models' layers as taped runs: one graph node each (taesd_ops::taped).
         let _taping = taesd_ops::enable_taping();
 
@@ -411,7 +416,7 @@ impl Recipe {
                 freq: self.freq.as_ref(),
                 initial: initial.as_ref(),
             };
-            props.decoder = decoder_phase(&ctx, tr, &input, &wg, &mut rb)?;
+            props.decoder = decoder_phase(&ctx, tr, &input, &wg, &mut rb, &mut loss_weights)?;
         }
         mark(prof, &self.device, "decoder losses + bwd")?;
 
@@ -419,6 +424,7 @@ impl Recipe {
         let report = StepReport {
             step: ctx.step + 1,
             lr: ctx.lr,
+            loss_weights,
             issue_seconds: t_start.elapsed().as_secs_f64(),
             ..Default::default()
         };

@@ -231,10 +231,18 @@ fn resume_is_bit_exact() {
 
 #[test]
 fn pixel_warmup_trains_the_discriminator_without_corrections_and_the_lr_follows_the_schedule() {
-    let cfg = RecipeConfig { pixel_warmup_steps: 2, lr_warmup_steps: 1, lr_schedule: LrSchedule::Linear, ..tiny_cfg() };
+    // The full-resolution MSE (0.1) fades out at 0.8 of the 5-step run: from step 2 (after the
+    // pixel warm-up) to 0 at step 4.
+    let cfg = RecipeConfig {
+        pixel_warmup_steps: 2,
+        lr_warmup_steps: 1,
+        lr_schedule: LrSchedule::Linear,
+        fullres_mse_fade: 0.8,
+        ..tiny_cfg()
+    };
     let mut r = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 3).unwrap();
     r.set_schedule_end(Some(5));
-    for i in 0..4u64 {
+    for i in 0..5u64 {
         let rep = r.step(&batch(i)).unwrap();
         assert!(rep.skipped.is_none());
         let has = |k: &str| rep.losses.contains_key(k);
@@ -249,8 +257,13 @@ fn pixel_warmup_trains_the_discriminator_without_corrections_and_the_lr_follows_
                 rep.losses
             );
             assert_eq!(rep.losses["decoder"], rep.losses["fullres_mse"]);
+            assert_eq!(rep.loss_weights, BTreeMap::from([("fullres_mse".to_string(), 1.0)]));
         } else {
             assert!(has("gan") && has("correction_std") && has("lowres_mse"), "{:?}", rep.losses);
+            let fullres = [0.1, 0.05, 0.0][i as usize - 2];
+            assert!((rep.loss_weights.get("fullres_mse").copied().unwrap_or(0.0) - fullres).abs() < 1e-12, "step {i}");
+            assert_eq!(has("fullres_mse"), fullres > 0.0, "step {i}: {:?}", rep.losses);
+            assert_eq!((rep.loss_weights["gan"], rep.loss_weights["lowres_mse"]), (1.0, 1.0));
         }
         assert_eq!(rep.lr, cfg.lr_at(i, Some(5)), "step {i}");
     }

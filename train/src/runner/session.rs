@@ -376,6 +376,9 @@ impl<'a> Session<'a> {
         let mut v = interval.take();
         let ts = &self.ts;
         v["lr"] = json!(report.lr);
+        if !report.loss_weights.is_empty() {
+            v["loss_weights"] = json!(report.loss_weights);
+        }
         v["epoch"] = json!(epoch);
         v["skipped_total"] = json!(ts.skipped_steps);
         v["skipped_rows_total"] = json!(ts.skipped_rows);
