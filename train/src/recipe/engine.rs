@@ -16,10 +16,10 @@
 //!      `target = fake + correction` (detached).
 //!    * Loss: the weighted terms of [`super::terms::TERMS`], `gan_weight * MSE(fake, target) +
 //!      lowres_mse_weight * MSE(pool8(fake), pool8(real)) (+ fullres MSE, optionally fading out
-//!      over the run, + frequency-amplitude L1, + the detail term against the initial decoder)` -> gradients -> proposed Adam update
-//!      (skipped during `disc_warmup_steps`). In the pixel warm-up (`pixel_warmup_steps`) the
-//!      loss is `MSE(fake, real)` alone and no correction is computed; the discriminator still
-//!      trains.
+//!      over the run, + frequency-amplitude L1, + the detail term against the initial decoder)`
+//!      -> gradients -> proposed Adam update (skipped during `disc_warmup_steps`). In the pixel
+//!      warm-up (`pixel_warmup_steps`) the loss is `MSE(fake, real)` alone and no correction is
+//!      computed; the discriminator still trains.
 //!
 //!    Encoder and decoder learning rate: `RecipeConfig::lr_at` (warm-up, then the schedule
 //!    towards the run's last step, [`Recipe::set_schedule_end`]).
