@@ -15,7 +15,9 @@
 #   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1560 bash bench/gpu_scratch_run.sh \
 #     > /data/scratch.log 2>&1; touch /data/scratch.done' </dev/null >/dev/null 2>&1 &
 #   while [[ ! -e /data/scratch.done ]] && (( SECONDS < 570 )); do sleep 5; done; tail -3 /data/scratch.log
-# (each call within 30 s of the last), and the last one copies /data/scratch-out/* to $OUT.
+# (each call within 30 s of the last), and the last one copies /data/scratch-out/* to $OUT (8 files:
+# eval.json, eval-released.json, config.toml, metrics.jsonl, loss.png, preview-last.png, gpu.csv,
+# gpu-clocks.csv: the most one call brings back).
 set -uo pipefail
 POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref}
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
@@ -44,6 +46,10 @@ if [[ ! -d $RUN/checkpoints && -n ${CARRY_CK:-} ]]; then
 fi
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 1000 >> "$OUT/gpu.csv" &
 smi=$!
+# Clocks, power and temperature every 5 s: does a long run's images/s wander with the GPU's clock?
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader,nounits \
+  -lms 5000 >> "$OUT/gpu-clocks.csv" 2>/dev/null &
+smi_clocks=$!
 if [[ -d $RUN/checkpoints ]]; then
   echo "== stint of ${SECONDS_TRAIN}s, resumed (shards at $SHARDS)"
   train --run-dir "$RUN" --resume --quiet --time-limit "$SECONDS_TRAIN" --shards "$SHARDS" \
@@ -53,7 +59,7 @@ else
   train --config "$CONFIG" --shards "$SHARDS" --run-dir "$RUN" --quiet --time-limit "$SECONDS_TRAIN" \
     --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" ${EXTRA:-} 2>&1 | tail -12
 fi
-kill $smi 2>/dev/null
+kill $smi $smi_clocks 2>/dev/null
 python3 - "$RUN/metrics.jsonl" <<'PY'
 import json, sys
 tr = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
