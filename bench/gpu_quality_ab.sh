@@ -98,6 +98,22 @@ for n in names:
 if ref:
     g = lambda k, d: "-" if ref.get(k) is None else f"{ref[k]:.{d}f}"
     print(f"| released taef2 decoder | | | {g('psnr', 2)} | {g('ssim', 3)} | {g('sharpness', 3)} | {g('cycle_mae', 4)} | |")
+# EMA probes (recipe.ema_probe_decays): the run's own end-of-run evaluation, PSNR / sharpness.
+probes = {}
+for n in names:
+    try:
+        m = json.load(open(f"{ab}/{n}/eval.json"))["models"]
+    except (OSError, KeyError, ValueError):
+        continue
+    probes[n] = {k: v for k, v in m.items() if k.startswith("ema")}
+cols = sorted({k for v in probes.values() for k in v}, key=lambda k: (k != "ema", k))
+if len(cols) > 1:
+    print("\nEMA decays (each run's end-of-run evaluation, PSNR / sharpness):\n")
+    print("| run | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for n, v in probes.items():
+        cell = lambda k: "-" if k not in v else f"{v[k]['psnr']:.2f} / {v[k]['sharpness']:.3f}"
+        print(f"| {n} | " + " | ".join(cell(k) for k in cols) + " |")
 u = [l.split(",") for l in open(f"{ab}/gpu.csv") if l.strip() and l.split(",")[0].strip().isdigit()]
 if u:
     print(f"\nGPU busy {sum(int(a) for a, _ in u) / len(u):.0f}% (nvidia-smi, 1 s samples), memory max {max(int(b) for _, b in u)} MiB")

@@ -74,6 +74,10 @@ sys.exit(0 if s >= ck else 1)"; then
   echo "== the run is finished: held-out eval vs the released taef2"
   train eval --model "$RUN" --reference "$REF/taef2_decoder.pth" --device cuda --max-images 256 --json "$OUT/eval.json"
   train eval --model "$REF" --shards "$SHARDS" --device cuda --max-images 256 --json "$OUT/eval-released.json" | tail -3
+  # The run's own last evaluation (in metrics.jsonl too): the EMA probes beside the exported EMA.
+  python3 -c "
+import json; m = json.load(open('$RUN/eval.json'))['models']
+for k, v in m.items(): print(f'  {k:>10}: PSNR {v[\"psnr\"]:.2f}, SSIM {v[\"ssim\"]:.3f}, sharpness {v[\"sharpness\"]:.3f}')"
   cp "$RUN/config.toml" "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
   cp "$(ls "$RUN"/previews/*.png | tail -1)" "$OUT/preview-last.png"
 fi

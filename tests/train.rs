@@ -761,6 +761,8 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
             "run.export=[\"taesd\", \"comfyui\", \"onnx\"]",
             "--set",
             &format!("model.reference_decoder=\"{}\"", s(&reference)),
+            "--set",
+            "recipe.ema_probe_decays=[0.99]",
         ],
     );
     let out = train(&args, true);
@@ -778,6 +780,7 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
         ("losses/decoder", &["losses", "decoder"]),
         ("grad_norms/decoder", &["grad_norms", "decoder"]),
         ("time_fractions/step", &["time_fractions", "step"]),
+        ("loss_weights/gan", &["loss_weights", "gan"]),
     ] {
         let got = tb_scalars(&tb, tag);
         let want: Vec<f64> = lines.iter().map(|l| path.iter().fold(l, |v, k| &v[*k]).as_f64().unwrap()).collect();
@@ -787,7 +790,8 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
         }
     }
     let evals = json_lines(&metrics, "eval");
-    for model in ["ema", "raw", "reference"] {
+    // The EMA probe is evaluated beside the main EMA.
+    for model in ["ema", "ema0.99", "raw", "reference"] {
         let got = tb_scalars(&tb, &format!("eval/psnr/{model}"));
         let want: Vec<(u64, f64)> = evals
             .iter()

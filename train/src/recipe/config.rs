@@ -156,6 +156,11 @@ pub struct RecipeConfig {
     /// the EMA of a model trained from scratch does not remember its random start for thousands of
     /// steps. Fine-tuning is unaffected apart from the first few hundred steps.
     pub ema_warmup: bool,
+    /// More EMAs of the weights at these decays (at most 4), beside the main one: each is
+    /// evaluated with the others (`ema<decay>` in a run's evaluations, e.g. `ema0.9995`) and
+    /// checkpointed, never exported or previewed. An EMA-decay A/B within one run, for a few
+    /// more kernels per step. `[]`: none (the default).
+    pub ema_probe_decays: Vec<f64>,
 
     /// Weight of the GAN term `MSE(decoded, decoded + correction)`; 0 disables the
     /// discriminator (and its replay buffer) entirely.
@@ -240,6 +245,7 @@ impl Default for RecipeConfig {
             grad_clip: None,
             ema_decay: 0.999,
             ema_warmup: true,
+            ema_probe_decays: Vec::new(),
             gan_weight: 1.0,
             lowres_mse_weight: 1.0,
             lowres_factor: 8,
@@ -306,6 +312,14 @@ impl RecipeConfig {
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
             bail!("recipe: ema_decay must be in [0, 1), got {}", self.ema_decay);
+        }
+        if self.ema_probe_decays.len() > 4 {
+            bail!("recipe: ema_probe_decays has {} decays, at most 4 are kept", self.ema_probe_decays.len());
+        }
+        for (i, d) in self.ema_probe_decays.iter().enumerate() {
+            if !(0.0..1.0).contains(d) || self.ema_probe_decays[..i].contains(d) {
+                bail!("recipe: ema_probe_decays must be distinct decays in [0, 1), got {:?}", self.ema_probe_decays);
+            }
         }
         nonneg("gan_weight", self.gan_weight)?;
         nonneg("lowres_mse_weight", self.lowres_mse_weight)?;

@@ -70,8 +70,10 @@ impl Recipe {
             map_vars(p.0, bcast).context("broadcasting rank 0's weights")?;
             if let Some(tr) = p.1.as_mut() {
                 tr.opt.params_changed();
-                let w = c.broadcast(tr.ema.flat())?;
-                tr.ema.set_flat(w)?;
+                for ema in std::iter::once(&mut tr.ema).chain(tr.probes.iter_mut()) {
+                    let w = c.broadcast(ema.flat())?;
+                    ema.set_flat(w)?;
+                }
             }
         }
         if let Some(g) = self.gan.as_mut() {

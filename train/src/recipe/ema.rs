@@ -40,6 +40,11 @@ fn flatten(ts: &[Tensor]) -> Result<Tensor> {
     Ok(if parts.len() == 1 { flat.copy()? } else { flat })
 }
 
+/// The name of an EMA probe of decay `d` in evaluations and checkpoint files: `ema0.9995`.
+pub fn probe_name(d: f64) -> String {
+    format!("ema{d}")
+}
+
 impl Ema {
     /// Start the average at the variables' current values (a copy).
     pub fn new(vars: &[(String, Var)], decay: f64, warmup: bool) -> Result<Self> {

@@ -113,6 +113,21 @@ pub(super) struct PartState_<M> {
 pub(super) struct Trained {
     pub(super) opt: Adam,
     pub(super) ema: Ema,
+    /// `RecipeConfig::ema_probe_decays`' EMAs, in that order.
+    pub(super) probes: Vec<Ema>,
+}
+
+impl Trained {
+    /// Fold the optimiser's committed values into the EMA and every probe (one flat buffer:
+    /// three kernels each).
+    pub(super) fn update_emas(&mut self) -> Result<()> {
+        let w = self.opt.flat_params()?;
+        self.ema.update_flat(&w)?;
+        for p in &mut self.probes {
+            p.update_flat(&w)?;
+        }
+        Ok(())
+    }
 }
 
 pub(super) struct Gan {
@@ -258,6 +273,30 @@ impl Recipe {
         };
         let vb = self.model_from(Self::ema_or_raw(p)?);
         Ok(Some(Decoder::new(&self.model_cfg, vb.pp("decoder"))?))
+    }
+
+    /// The models on each EMA probe's weights (`RecipeConfig::ema_probe_decays`), named
+    /// `ema<decay>`; a part that is not trained is on its loaded weights in every probe.
+    pub fn ema_probes(&self) -> Result<Vec<(String, Option<Encoder>, Option<Decoder>)>> {
+        fn probe(p: &PartState_<impl Sized>, i: usize) -> Result<HashMap<String, Tensor>> {
+            match &p.trained {
+                Some(tr) => Ok(tr.probes[i].tensor_map()),
+                None => copy_vars(&p.vars),
+            }
+        }
+        let mut out = Vec::new();
+        for (i, d) in self.cfg.ema_probe_decays.iter().enumerate() {
+            let enc = match &self.encoder {
+                Some(p) => Some(Encoder::new(&self.model_cfg, self.model_from(probe(p, i)?).pp("encoder"))?),
+                None => None,
+            };
+            let dec = match &self.decoder {
+                Some(p) => Some(Decoder::new(&self.model_cfg, self.model_from(probe(p, i)?).pp("decoder"))?),
+                None => None,
+            };
+            out.push((super::ema::probe_name(*d), enc, dec));
+        }
+        Ok(out)
     }
 
     /// The encoder on the raw (non-EMA) weights, a snapshot copy.

@@ -134,6 +134,7 @@ fn build_trained(cfg: &RecipeConfig, vars: &[(String, Var)]) -> Result<Trained> 
     Ok(Trained {
         opt: Adam::new(vars.to_vec(), enc_adam(cfg, cfg.lr))?,
         ema: Ema::new(vars, cfg.ema_decay, cfg.ema_warmup)?,
+        probes: cfg.ema_probe_decays.iter().map(|d| Ema::new(vars, *d, cfg.ema_warmup)).collect::<Result<_>>()?,
     })
 }
 

@@ -1,13 +1,14 @@
 //! Saving and loading a [`Recipe`]'s complete state (the `recipe/` folder of a checkpoint,
 //! format in [`super::state`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 use super::disc::BnStats;
+use super::ema::{probe_name, Ema};
 use super::engine::Recipe;
 use super::init::{disc_adam, enc_adam};
 use super::replay::ReplayBuffer;
@@ -102,9 +103,22 @@ impl Recipe {
                 Some(tr) => {
                     state::write_tensors(dir, &format!("ema_{name}.safetensors"), &tr.ema.tensor_map())?;
                     state::write_tensors(dir, &format!("optim_{name}.safetensors"), &tr.opt.state_tensors()?)?;
-                    PartState { trained: true, optimizer_steps: tr.opt.step_count(), ema_updates: tr.ema.updates() }
+                    let mut ema_probe_updates = BTreeMap::new();
+                    for (d, p) in self.cfg.ema_probe_decays.iter().zip(&tr.probes) {
+                        let probe = probe_name(*d);
+                        state::write_tensors(dir, &format!("{probe}_{name}.safetensors"), &p.tensor_map())?;
+                        ema_probe_updates.insert(probe, p.updates());
+                    }
+                    PartState {
+                        trained: true,
+                        optimizer_steps: tr.opt.step_count(),
+                        ema_updates: tr.ema.updates(),
+                        ema_probe_updates,
+                    }
                 }
-                None => PartState { trained: false, optimizer_steps: 0, ema_updates: 0 },
+                None => {
+                    PartState { trained: false, optimizer_steps: 0, ema_updates: 0, ema_probe_updates: BTreeMap::new() }
+                }
             });
         }
         let disc = match &self.gan {
@@ -185,6 +199,8 @@ impl Recipe {
             ema: HashMap<String, Tensor>,
             opt: HashMap<String, Tensor>,
             saved: PartState,
+            /// Per configured EMA probe: its saved tensors and update count, if it was saved.
+            probes: Vec<Option<(HashMap<String, Tensor>, u64)>>,
         }
         struct PartLoad {
             raw: HashMap<String, Tensor>,
@@ -218,7 +234,20 @@ impl Recipe {
                 let ema = state::read_tensors(dir, &format!("ema_{name}.safetensors"))?;
                 check_all_present(vars, &ema, &format!("ema_{name}.safetensors"))?;
                 let opt = state::read_tensors(dir, &format!("optim_{name}.safetensors"))?;
-                Some(TrainedLoad { ema, opt, saved: saved.clone() })
+                let mut probes = Vec::new();
+                for d in &self.cfg.ema_probe_decays {
+                    let probe = probe_name(*d);
+                    probes.push(match saved.ema_probe_updates.get(&probe) {
+                        Some(n) => {
+                            let file = format!("{probe}_{name}.safetensors");
+                            let t = state::read_tensors(dir, &file)?;
+                            check_all_present(vars, &t, &file)?;
+                            Some((t, *n))
+                        }
+                        None => None,
+                    });
+                }
+                Some(TrainedLoad { ema, opt, saved: saved.clone(), probes })
             } else {
                 None
             };
@@ -250,15 +279,32 @@ impl Recipe {
             let (Some((vars, trained)), Some(l)) = (p, l) else {
                 continue;
             };
-            if let (Some(tr), Some(TrainedLoad { ema, opt, saved: ps })) = (trained.as_mut(), &l.trained) {
+            if let (Some(tr), Some(TrainedLoad { ema, opt, saved: ps, probes })) = (trained.as_mut(), &l.trained) {
                 tr.opt.set_config(enc_adam_cfg)?;
                 tr.opt.load_state_tensors(opt, ps.optimizer_steps)?;
                 tr.ema.set_decay(self.cfg.ema_decay, self.cfg.ema_warmup);
                 tr.ema.load(ema, ps.ema_updates)?;
+                for (p, saved) in tr.probes.iter_mut().zip(probes) {
+                    if let Some((t, n)) = saved {
+                        p.load(t, *n)?;
+                    }
+                }
             }
             set_vars(vars, &l.raw, "saved weights")?;
             if let Some(tr) = trained.as_mut() {
                 tr.opt.params_changed();
+                // A probe the saved run did not keep starts at the resumed weights.
+                let saved = l.trained.as_ref().map(|t| t.probes.as_slice()).unwrap_or_default();
+                for (i, (d, p)) in self.cfg.ema_probe_decays.iter().zip(&mut tr.probes).enumerate() {
+                    if saved.get(i).is_none_or(|s| s.is_none()) {
+                        tracing::warn!(
+                            "EMA probe {} starts at step {} (not in the checkpoint)",
+                            probe_name(*d),
+                            st.step
+                        );
+                        *p = Ema::new(vars, *d, self.cfg.ema_warmup)?;
+                    }
+                }
             }
         }
         if let (Some((t, stats, opt, replay, ds)), Some(g)) = (disc_load, self.gan.as_mut()) {

@@ -5,11 +5,12 @@
 //! | `state.json` | [`StateFile`]: step counters, RNG position, configs, which parts exist; written last |
 //! | `encoder.safetensors`, `decoder.safetensors` | raw weights (f32, `encoder.*` / `decoder.*`) |
 //! | `ema_encoder.safetensors`, `ema_decoder.safetensors` | EMA weights (f32) |
+//! | `ema<decay>_encoder.safetensors`, `ema<decay>_decoder.safetensors` | EMA probes' weights (f32; `recipe.ema_probe_decays`) |
 //! | `optim_encoder.safetensors`, `optim_decoder.safetensors`, `optim_disc.safetensors` | Adam moments `exp_avg.<var>`, `exp_avg_sq.<var>`, `max_exp_avg_sq.<var>` (f32) |
 //! | `disc.safetensors` | discriminator weights and BatchNorm running statistics (f32, PyTorch names) |
 //! | `replay_NNNNN.safetensors` | replay entries `images` / `latents`, in the buffer's storage dtype |
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -55,6 +56,9 @@ pub struct PartState {
     pub trained: bool,
     pub optimizer_steps: u64,
     pub ema_updates: u64,
+    /// Update counts of the EMA probes saved, by name (`ema0.9995`; absent in older states).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ema_probe_updates: BTreeMap<String, u64>,
 }
 
 /// The discriminator and replay buffer.

@@ -450,9 +450,7 @@ impl Recipe {
         if let (Some(p), Some(enc)) = (props.encoder, self.encoder.as_mut()) {
             let tr = enc.trained.as_mut().expect("a proposal implies training");
             tr.opt.commit(p)?;
-            // The committed values as the optimiser's flat buffer: three kernels, not three
-            // per tensor.
-            tr.ema.update_flat(&tr.opt.flat_params()?)?;
+            tr.update_emas()?;
         }
         if let (Some(d), Some(gan)) = (props.disc, self.gan.as_mut()) {
             gan.opt.commit(d.update)?;
@@ -462,7 +460,7 @@ impl Recipe {
         if let (Some(p), Some(dec)) = (props.decoder, self.decoder.as_mut()) {
             let tr = dec.trained.as_mut().expect("a proposal implies training");
             tr.opt.commit(p)?;
-            tr.ema.update_flat(&tr.opt.flat_params()?)?;
+            tr.update_emas()?;
         }
         Ok(())
     }

@@ -15,9 +15,10 @@ const REFERENCE: &str = "/work/shared/reference/taef2";
 fn tiny_cfg() -> RecipeConfig {
     RecipeConfig {
         replay_capacity: 4,
-        // Exercise every decoder term.
+        // Exercise every decoder term, and an EMA probe.
         fullres_mse_weight: 0.1,
         freq_weight: 0.01,
+        ema_probe_decays: vec![0.9],
         ..Default::default()
     }
 }
@@ -227,6 +228,47 @@ fn resume_is_bit_exact() {
         r.step(&batch(i)).unwrap();
     }
     assert_same_state(&u_end, &snapshot(&r), "resumed vs uninterrupted");
+    // The EMA probe is part of the state compared.
+    assert!(u_end.0.keys().any(|k| k.starts_with("ema0.9_decoder.safetensors:")), "{:?}", u_end.0.keys());
+    assert_eq!(u_end.1["decoder"]["ema_probe_updates"]["ema0.9"], 4);
+}
+
+#[test]
+fn ema_probes_track_their_own_decay_and_start_fresh_where_a_checkpoint_lacks_them() {
+    // No warm-up: it would hold every decay at (1 + n) / (10 + n) < 0.5 for these few steps.
+    let cfg = RecipeConfig { ema_probe_decays: vec![0.999, 0.5], ema_warmup: false, ..tiny_cfg() };
+    assert_eq!(cfg.ema_decay, 0.999);
+    let z = batch(7).latents;
+    let diff = |a: &taesd::Decoder, b: &taesd::Decoder| {
+        let d = (a.forward(&z).unwrap() - b.forward(&z).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let mut r = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 4).unwrap();
+    for i in 0..3 {
+        r.step(&batch(i)).unwrap();
+    }
+    let probes = r.ema_probes().unwrap();
+    let names: Vec<&str> = probes.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["ema0.999", "ema0.5"]);
+    let (main, raw) = (r.ema_decoder().unwrap().unwrap(), r.decoder().unwrap().unwrap());
+    let (same, fast) = (probes[0].2.as_ref().unwrap(), probes[1].2.as_ref().unwrap());
+    // The probe at the main decay is the main EMA; a faster one sits between it and the raw weights.
+    assert_eq!(diff(&main, same), 0.0);
+    assert!(diff(&main, fast) > 0.0 && diff(fast, &raw) > 0.0);
+    assert!(diff(fast, &raw) < diff(&main, &raw));
+    // A checkpoint saved without probes, resumed with them: they start at the resumed weights.
+    let dir = tempfile::tempdir().unwrap();
+    let plain = RecipeConfig { ema_probe_decays: vec![], ..cfg.clone() };
+    let mut p = Recipe::new(&plain, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 4).unwrap();
+    p.step(&batch(0)).unwrap();
+    p.save_state(dir.path()).unwrap();
+    let mut q = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 9).unwrap();
+    q.load_state(dir.path()).unwrap();
+    let raw_q = q.decoder().unwrap().unwrap();
+    for (name, _, d) in q.ema_probes().unwrap() {
+        assert_eq!(diff(d.as_ref().unwrap(), &raw_q), 0.0, "{name}");
+    }
+    assert!(diff(&q.ema_decoder().unwrap().unwrap(), &raw_q) > 0.0);
 }
 
 #[test]
