@@ -110,6 +110,14 @@ pub(super) struct PartState_<M> {
     pub(super) _vm: VarMap,
 }
 
+/// The models on one EMA probe's weights ([`Recipe::ema_probes`]).
+pub struct EmaProbe {
+    /// `ema<decay>`.
+    pub name: String,
+    pub encoder: Option<Encoder>,
+    pub decoder: Option<Decoder>,
+}
+
 pub(super) struct Trained {
     pub(super) opt: Adam,
     pub(super) ema: Ema,
@@ -277,7 +285,7 @@ impl Recipe {
 
     /// The models on each EMA probe's weights (`RecipeConfig::ema_probe_decays`), named
     /// `ema<decay>`; a part that is not trained is on its loaded weights in every probe.
-    pub fn ema_probes(&self) -> Result<Vec<(String, Option<Encoder>, Option<Decoder>)>> {
+    pub fn ema_probes(&self) -> Result<Vec<EmaProbe>> {
         fn probe(p: &PartState_<impl Sized>, i: usize) -> Result<HashMap<String, Tensor>> {
             match &p.trained {
                 Some(tr) => Ok(tr.probes[i].tensor_map()),
@@ -294,7 +302,7 @@ impl Recipe {
                 Some(p) => Some(Decoder::new(&self.model_cfg, self.model_from(probe(p, i)?).pp("decoder"))?),
                 None => None,
             };
-            out.push((super::ema::probe_name(*d), enc, dec));
+            out.push(EmaProbe { name: super::ema::probe_name(*d), encoder: enc, decoder: dec });
         }
         Ok(out)
     }

@@ -52,6 +52,6 @@ mod tests;
 
 pub use config::{EncoderLoss, LrSchedule, OptimizerKind, RecipeConfig, ReplayDtype};
 pub use disc::{BnStats, DiscConfig, Discriminator};
-pub use engine::{Batch, ModelInit, Recipe, StepReport};
+pub use engine::{Batch, EmaProbe, ModelInit, Recipe, StepReport};
 pub use precision::Precision;
 pub use profile::Profile;

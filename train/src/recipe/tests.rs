@@ -248,10 +248,10 @@ fn ema_probes_track_their_own_decay_and_start_fresh_where_a_checkpoint_lacks_the
         r.step(&batch(i)).unwrap();
     }
     let probes = r.ema_probes().unwrap();
-    let names: Vec<&str> = probes.iter().map(|p| p.0.as_str()).collect();
+    let names: Vec<&str> = probes.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["ema0.999", "ema0.5"]);
     let (main, raw) = (r.ema_decoder().unwrap().unwrap(), r.decoder().unwrap().unwrap());
-    let (same, fast) = (probes[0].2.as_ref().unwrap(), probes[1].2.as_ref().unwrap());
+    let (same, fast) = (probes[0].decoder.as_ref().unwrap(), probes[1].decoder.as_ref().unwrap());
     // The probe at the main decay is the main EMA; a faster one sits between it and the raw weights.
     assert_eq!(diff(&main, same), 0.0);
     assert!(diff(&main, fast) > 0.0 && diff(fast, &raw) > 0.0);
@@ -265,8 +265,8 @@ fn ema_probes_track_their_own_decay_and_start_fresh_where_a_checkpoint_lacks_the
     let mut q = Recipe::new(&cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 9).unwrap();
     q.load_state(dir.path()).unwrap();
     let raw_q = q.decoder().unwrap().unwrap();
-    for (name, _, d) in q.ema_probes().unwrap() {
-        assert_eq!(diff(d.as_ref().unwrap(), &raw_q), 0.0, "{name}");
+    for p in q.ema_probes().unwrap() {
+        assert_eq!(diff(p.decoder.as_ref().unwrap(), &raw_q), 0.0, "{}", p.name);
     }
     assert!(diff(&q.ema_decoder().unwrap().unwrap(), &raw_q) > 0.0);
 }

@@ -28,9 +28,9 @@ pub(super) fn run_eval(
     let (ee, ed) = (recipe.ema_encoder()?, recipe.ema_decoder()?);
     let s = Subject { encoder: ee.as_ref(), decoder: ed.as_ref(), cycle_encoder: cycle };
     out.push(("ema".to_string(), evaluate(set, &s, batch, device)?));
-    for (name, pe, pd) in recipe.ema_probes()? {
-        let s = Subject { encoder: pe.as_ref(), decoder: pd.as_ref(), cycle_encoder: cycle };
-        out.push((name, evaluate(set, &s, batch, device)?));
+    for p in recipe.ema_probes()? {
+        let s = Subject { encoder: p.encoder.as_ref(), decoder: p.decoder.as_ref(), cycle_encoder: cycle };
+        out.push((p.name, evaluate(set, &s, batch, device)?));
     }
     let (re, rd) = (recipe.encoder()?, recipe.decoder()?);
     let s = Subject { encoder: re.as_ref(), decoder: rd.as_ref(), cycle_encoder: cycle };
