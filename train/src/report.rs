@@ -208,7 +208,7 @@ fn eval_table(out: &mut String, eval: &Value) {
     };
     let _ = write!(
         out,
-        "<p class=\"sub\">Held-out rows: {} images, step {}. <b>ema</b>: the exported (EMA) weights; <b>raw</b>: the trained weights; <b>reference</b>: the reference decoder (<code>model.reference_decoder</code>) on the same teacher latents.</p>",
+        "<p class=\"sub\">Held-out rows: {} images, step {}. <b>ema</b>: the exported (EMA) weights; <b>ema&lt;decay&gt;</b>: more EMAs (<code>recipe.ema_probe_decays</code>), not exported; <b>raw</b>: the trained weights; <b>reference</b>: the reference decoder (<code>model.reference_decoder</code>) on the same teacher latents.</p>",
         eval["images"],
         eval["step"]
     );
