@@ -15,6 +15,8 @@ WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; SWEEP=${SWEEP:-configs/ab/quality-128
 BASE=${BASE:-configs/distill-taef2-pool.toml}
 S256=$WORK/lat256v2; S128=$WORK/lat128v4; AB=$WORK/ab/$(basename "$SWEEP" .toml)
 mkdir -p "$OUT" "$AB"
+# The machine (a host-bound 128 px step runs at the host CPU's speed): cores, CPU model, GPU.
+echo "== machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p'); $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
 shards() { # DIR RES VARIANTS
   if ! grep -q complete <<< "$(precompute inspect "$1" 2>/dev/null | head -3)"; then
     echo "== precompute: pool at $2 px, $3 variants, taef2 teacher -> $1"

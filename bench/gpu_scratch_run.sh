@@ -23,6 +23,8 @@ POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
 SECONDS_TRAIN=${SECONDS_TRAIN:-600}; SHARDS=$WORK/lat256v2; RUN=${RUN:-$WORK/scratch}
 mkdir -p "$OUT"
+# The machine (a host-bound 128 px step runs at the host CPU's speed): cores, CPU model, GPU.
+echo "== machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p'); $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
 # SCALE=0.9: every step count of CONFIG (each stage's and the run's) times 0.9, the schedule's shape
 # kept, for a session with less device time than the config was sized for (a slow machine start).
 if [[ -n ${SCALE:-} && ! -d $RUN/checkpoints ]]; then
