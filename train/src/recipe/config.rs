@@ -127,6 +127,10 @@ pub struct RecipeConfig {
     pub optimizer: OptimizerKind,
     /// Encoder/decoder learning rate (3e-4).
     pub lr: f64,
+    /// The encoder's learning rate as a multiple of the decoder's (the schedule's `lr` at each
+    /// step; 1: the same). The encoder learns from its own MSE to the teacher latents alone, so
+    /// its rate changes nothing of the decoder's training (tested): tune it by the encoder error.
+    pub encoder_lr_scale: f64,
     /// Encoder/decoder Adam betas ((0.9, 0.9): the recipe's short second-moment memory).
     pub betas: (f64, f64),
     /// Adam epsilon (1e-8, PyTorch's).
@@ -235,6 +239,7 @@ impl Default for RecipeConfig {
             encoder_margin: 0,
             optimizer: OptimizerKind::AdamAmsgrad,
             lr: 3e-4,
+            encoder_lr_scale: 1.0,
             betas: (0.9, 0.9),
             eps: 1e-8,
             weight_decay: 0.0,
@@ -310,6 +315,7 @@ impl RecipeConfig {
         if let Some(c) = self.grad_clip {
             pos("grad_clip", c)?;
         }
+        pos("encoder_lr_scale", self.encoder_lr_scale)?;
         if !(0.0..1.0).contains(&self.ema_decay) {
             bail!("recipe: ema_decay must be in [0, 1), got {}", self.ema_decay);
         }
@@ -460,6 +466,8 @@ mod tests {
         let alone = RecipeConfig { fullres_mse_fade: 0.5, gan_weight: 0.0, lowres_mse_weight: 0.0, ..f.clone() };
         assert!(alone.validate().unwrap_err().to_string().contains("no other decoder loss"));
         assert!(RecipeConfig { fullres_mse_fade: 0.5, ..f }.validate().is_ok());
+        let e = RecipeConfig { encoder_lr_scale: 0.0, ..Default::default() };
+        assert!(e.validate().unwrap_err().to_string().contains("encoder_lr_scale"));
     }
 
     #[test]

@@ -150,7 +150,8 @@ fn encoder_phase(ctx: &StepCtx, model: &taesd::Encoder, tr: &Trained, rb: &mut R
     let grads = loss.backward()?;
     let g = tr.opt.flat_gradients_with(&grads, Some(&wg))?;
     drop(grads);
-    let p = propose(ctx, &tr.opt, g, (ctx.lr, ctx.cfg.grad_clip), ("encoder", "encoder"), rb)?;
+    let lr = ctx.lr * ctx.cfg.encoder_lr_scale;
+    let p = propose(ctx, &tr.opt, g, (lr, ctx.cfg.grad_clip), ("encoder", "encoder"), rb)?;
     rb.push(Kind::Loss, "encoder", loss.detach());
     Ok(p)
 }

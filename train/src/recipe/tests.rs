@@ -234,6 +234,29 @@ fn resume_is_bit_exact() {
 }
 
 #[test]
+fn the_encoders_lr_scale_changes_the_encoder_and_nothing_else() {
+    let run = |cfg: &RecipeConfig| {
+        let mut r = Recipe::new(cfg, taesd_cfg(), &ModelInit::default(), &Device::Cpu, 6).unwrap();
+        for i in 0..2 {
+            r.step(&batch(i)).unwrap();
+        }
+        snapshot(&r).0
+    };
+    let (a, b) = (run(&tiny_cfg()), run(&RecipeConfig { encoder_lr_scale: 3.0, ..tiny_cfg() }));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut differ = std::collections::BTreeSet::new();
+    for (k, v) in &a {
+        if b[k] != *v {
+            differ.insert(k.split(':').next().unwrap().to_string());
+        }
+    }
+    // The encoder's weights, moments and EMAs move; the decoder, discriminator and replay
+    // buffer are bit for bit the same.
+    let want = ["ema0.9_encoder", "ema_encoder", "encoder", "optim_encoder"].map(|f| format!("{f}.safetensors"));
+    assert_eq!(differ.into_iter().collect::<Vec<_>>(), want);
+}
+
+#[test]
 fn ema_probes_track_their_own_decay_and_start_fresh_where_a_checkpoint_lacks_them() {
     // No warm-up: it would hold every decay at (1 + n) / (10 + n) < 0.5 for these few steps.
     let cfg = RecipeConfig { ema_probe_decays: vec![0.999, 0.5], ema_warmup: false, ..tiny_cfg() };
