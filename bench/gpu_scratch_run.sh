@@ -6,7 +6,7 @@
 # no checkpoint, else resuming it; a run folder brought from another machine is first unpacked from
 # CARRY_CK (parts made by `tools/checkpoint_parts.sh pack`, carried in a git-ignored folder). At the
 # end of the stint the checkpoint is packed into $WORK/ckparts (9 parts of 16 MB for taef2 without the
-# replay buffer; copy at most 4 to $OUT per device call). When the run reaches its last step it
+# replay buffer, 11 with the config's two EMA probes; copy at most 4 to $OUT per device call). When the run reaches its last step it
 # exports, and this evaluates it on the held-out split against the released taef2 decoder (and the
 # released encoder + decoder, for their latent-cycle error): $OUT/eval.json, $OUT/eval-released.json.
 # After `source tools/cuda/gpu-env.sh`. POOL, ONNX, REF, WORK, OUT as in gpu_distill_pool.sh.

@@ -7,7 +7,8 @@
 #   tools/checkpoint_parts.sh unpack RUN_DIR PART...   (all parts of one checkpoint, in order)
 # A checkpoint without the replay buffer (run.checkpoint_replay = false) is ~143 MB for taef2
 # (encoder and decoder with their EMA and AMSGrad moments 2 x 37 MB, discriminator and its AdamW
-# moments 90 MB): 9 parts of 16 MB. `train --run-dir RUN_DIR --resume` then continues from it.
+# moments 90 MB): 9 parts of 16 MB; each EMA probe (recipe.ema_probe_decays) adds ~15 MB, so the
+# scratch config's two make ~173 MB, 11 parts. `train --run-dir RUN_DIR --resume` then continues from it.
 set -euo pipefail
 cmd=${1:?pack or unpack}; run=${2:?RUN_DIR}
 case $cmd in
