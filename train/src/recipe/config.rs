@@ -333,13 +333,12 @@ impl RecipeConfig {
         if !(0.0..=1.0).contains(&self.fullres_mse_fade) {
             bail!("recipe: fullres_mse_fade must be a fraction of the run in [0, 1], got {}", self.fullres_mse_fade);
         }
-        if self.fullres_mse_fade > 0.0
-            && self.train_decoder
-            && self.gan_weight == 0.0
+        // The decoder's terms other than the full-resolution MSE are all off.
+        let others_off = self.gan_weight == 0.0
             && self.lowres_mse_weight == 0.0
             && self.freq_weight == 0.0
-            && self.detail_weight == 0.0
-        {
+            && self.detail_weight == 0.0;
+        if self.fullres_mse_fade > 0.0 && self.train_decoder && others_off {
             bail!("recipe: fullres_mse_fade fades out the full-resolution MSE, but no other decoder loss weight is set to take over");
         }
         nonneg("freq_weight", self.freq_weight)?;
@@ -360,13 +359,7 @@ impl RecipeConfig {
         if !(0.0..=1.0).contains(&self.replay_fraction) {
             bail!("recipe: replay_fraction must be in [0, 1], got {}", self.replay_fraction);
         }
-        if self.train_decoder
-            && self.gan_weight == 0.0
-            && self.lowres_mse_weight == 0.0
-            && self.fullres_mse_weight == 0.0
-            && self.freq_weight == 0.0
-            && self.detail_weight == 0.0
-        {
+        if self.train_decoder && others_off && self.fullres_mse_weight == 0.0 {
             bail!("recipe: train_decoder is set but every decoder loss weight is 0");
         }
         Ok(())

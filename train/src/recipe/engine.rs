@@ -257,52 +257,58 @@ impl Recipe {
         VarBuilder::from_tensors(tensors, DType::F32, &self.device)
     }
 
-    fn ema_or_raw(p: &PartState_<impl Sized>) -> Result<HashMap<String, Tensor>> {
+    /// One average of a part's weights (`pick`: the EMA or a probe), or its loaded weights
+    /// when the part is not trained.
+    fn averaged(p: &PartState_<impl Sized>, pick: impl Fn(&Trained) -> &Ema) -> Result<HashMap<String, Tensor>> {
         match &p.trained {
-            Some(tr) => Ok(tr.ema.tensor_map()),
+            Some(tr) => Ok(pick(tr).tensor_map()),
             None => copy_vars(&p.vars),
         }
+    }
+
+    fn ema_or_raw(p: &PartState_<impl Sized>) -> Result<HashMap<String, Tensor>> {
+        Self::averaged(p, |tr| &tr.ema)
+    }
+
+    /// The encoder on an average of its weights (see [`Recipe::averaged`]), a snapshot.
+    fn encoder_on(&self, pick: impl Fn(&Trained) -> &Ema) -> Result<Option<Encoder>> {
+        let Some(p) = &self.encoder else {
+            return Ok(None);
+        };
+        let vb = self.model_from(Self::averaged(p, pick)?);
+        Ok(Some(Encoder::new(&self.model_cfg, vb.pp("encoder"))?))
+    }
+
+    /// The decoder on an average of its weights (see [`Recipe::averaged`]), a snapshot.
+    fn decoder_on(&self, pick: impl Fn(&Trained) -> &Ema) -> Result<Option<Decoder>> {
+        let Some(p) = &self.decoder else {
+            return Ok(None);
+        };
+        let vb = self.model_from(Self::averaged(p, pick)?);
+        Ok(Some(Decoder::new(&self.model_cfg, vb.pp("decoder"))?))
     }
 
     /// The encoder on the EMA weights (the loaded weights when it is not trained); `None` when
     /// the run has no encoder. A snapshot: later steps do not change it.
     pub fn ema_encoder(&self) -> Result<Option<Encoder>> {
-        let Some(p) = &self.encoder else {
-            return Ok(None);
-        };
-        let vb = self.model_from(Self::ema_or_raw(p)?);
-        Ok(Some(Encoder::new(&self.model_cfg, vb.pp("encoder"))?))
+        self.encoder_on(|tr| &tr.ema)
     }
 
     /// The decoder on the EMA weights (see [`Recipe::ema_encoder`]).
     pub fn ema_decoder(&self) -> Result<Option<Decoder>> {
-        let Some(p) = &self.decoder else {
-            return Ok(None);
-        };
-        let vb = self.model_from(Self::ema_or_raw(p)?);
-        Ok(Some(Decoder::new(&self.model_cfg, vb.pp("decoder"))?))
+        self.decoder_on(|tr| &tr.ema)
     }
 
     /// The models on each EMA probe's weights (`RecipeConfig::ema_probe_decays`), named
     /// `ema<decay>`; a part that is not trained is on its loaded weights in every probe.
     pub fn ema_probes(&self) -> Result<Vec<EmaProbe>> {
-        fn probe(p: &PartState_<impl Sized>, i: usize) -> Result<HashMap<String, Tensor>> {
-            match &p.trained {
-                Some(tr) => Ok(tr.probes[i].tensor_map()),
-                None => copy_vars(&p.vars),
-            }
-        }
         let mut out = Vec::new();
         for (i, d) in self.cfg.ema_probe_decays.iter().enumerate() {
-            let enc = match &self.encoder {
-                Some(p) => Some(Encoder::new(&self.model_cfg, self.model_from(probe(p, i)?).pp("encoder"))?),
-                None => None,
-            };
-            let dec = match &self.decoder {
-                Some(p) => Some(Decoder::new(&self.model_cfg, self.model_from(probe(p, i)?).pp("decoder"))?),
-                None => None,
-            };
-            out.push(EmaProbe { name: super::ema::probe_name(*d), encoder: enc, decoder: dec });
+            out.push(EmaProbe {
+                name: super::ema::probe_name(*d),
+                encoder: self.encoder_on(|tr| &tr.probes[i])?,
+                decoder: self.decoder_on(|tr| &tr.probes[i])?,
+            });
         }
         Ok(out)
     }

@@ -279,30 +279,29 @@ impl Recipe {
             let (Some((vars, trained)), Some(l)) = (p, l) else {
                 continue;
             };
-            if let (Some(tr), Some(TrainedLoad { ema, opt, saved: ps, probes })) = (trained.as_mut(), &l.trained) {
+            if let (Some(tr), Some(TrainedLoad { ema, opt, saved: ps, .. })) = (trained.as_mut(), &l.trained) {
                 tr.opt.set_config(enc_adam_cfg)?;
                 tr.opt.load_state_tensors(opt, ps.optimizer_steps)?;
                 tr.ema.set_decay(self.cfg.ema_decay, self.cfg.ema_warmup);
                 tr.ema.load(ema, ps.ema_updates)?;
-                for (p, saved) in tr.probes.iter_mut().zip(probes) {
-                    if let Some((t, n)) = saved {
-                        p.load(t, *n)?;
-                    }
-                }
             }
             set_vars(vars, &l.raw, "saved weights")?;
             if let Some(tr) = trained.as_mut() {
                 tr.opt.params_changed();
-                // A probe the saved run did not keep starts at the resumed weights.
-                let saved = l.trained.as_ref().map(|t| t.probes.as_slice()).unwrap_or_default();
-                for (i, (d, p)) in self.cfg.ema_probe_decays.iter().zip(&mut tr.probes).enumerate() {
-                    if saved.get(i).is_none_or(|s| s.is_none()) {
-                        tracing::warn!(
-                            "EMA probe {} starts at step {} (not in the checkpoint)",
-                            probe_name(*d),
-                            st.step
-                        );
-                        *p = Ema::new(vars, *d, self.cfg.ema_warmup)?;
+            }
+            // The EMA probes: as saved, or (a probe the saved run did not keep) from the resumed weights.
+            if let (Some(tr), Some(TrainedLoad { probes, .. })) = (trained.as_mut(), &l.trained) {
+                for ((d, p), saved) in self.cfg.ema_probe_decays.iter().zip(&mut tr.probes).zip(probes) {
+                    match saved {
+                        Some((t, n)) => p.load(t, *n)?,
+                        None => {
+                            tracing::warn!(
+                                "EMA probe {} starts at step {} (not in the checkpoint)",
+                                probe_name(*d),
+                                st.step
+                            );
+                            *p = Ema::new(vars, *d, self.cfg.ema_warmup)?;
+                        }
                     }
                 }
             }
