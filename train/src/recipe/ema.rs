@@ -45,6 +45,31 @@ pub fn probe_name(d: f64) -> String {
     format!("ema{d}")
 }
 
+/// The first update at which the warm-up ramp `(1 + n) / (10 + n)` reaches `decay`, so that the
+/// EMA averages at that decay from then on; before it, every EMA whose decay the ramp has not
+/// reached is the same average (0.999: update 8990; 0.9995: 17990).
+pub fn warmup_reaches(decay: f64) -> u64 {
+    if decay >= 1.0 {
+        return u64::MAX;
+    }
+    let on = |n: u64| (1.0 + n as f64) / (10.0 + n as f64) >= decay;
+    // The closed form (10d - 1) / (1 - d), then the ramp's own floating-point comparison.
+    let mut n = ((10.0 * decay - 1.0) / (1.0 - decay)).ceil().max(0.0) as u64;
+    while n > 0 && on(n - 1) {
+        n -= 1;
+    }
+    while !on(n) {
+        n += 1;
+    }
+    n
+}
+
+/// The decays among `decays` that the warm-up ramp has not reached within `updates` updates:
+/// with warm-up on, EMAs at these decays are one and the same average over those updates.
+pub fn still_on_ramp(decays: &[f64], updates: u64) -> Vec<f64> {
+    decays.iter().copied().filter(|d| warmup_reaches(*d) >= updates).collect()
+}
+
 impl Ema {
     /// Start the average at the variables' current values (a copy).
     pub fn new(vars: &[(String, Var)], decay: f64, warmup: bool) -> Result<Self> {
@@ -211,5 +236,25 @@ mod tests {
         let mut late = Ema::new(&vars, 0.999, true).unwrap();
         late.updates = 1_000_000;
         assert_eq!(late.current_decay(), 0.999);
+    }
+
+    #[test]
+    fn the_ramp_reaches_each_decay_where_warmup_reaches_says() {
+        let w = Var::from_slice(&[0.0f32], 1, &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), w)];
+        for (d, at) in [(0.999, 8990), (0.9995, 17990), (0.998, 4490), (0.5, 8), (0.05, 0)] {
+            assert_eq!(warmup_reaches(d), at, "decay {d}");
+            let mut ema = Ema::new(&vars, d, true).unwrap();
+            ema.updates = at;
+            assert_eq!(ema.current_decay(), d, "decay {d} at update {at}");
+            if at > 0 {
+                ema.updates = at - 1;
+                assert!(ema.current_decay() < d, "decay {d} before update {at}");
+            }
+        }
+        assert_eq!(warmup_reaches(1.0), u64::MAX);
+        // Round 4's 4950-step A/B: 0.999 and 0.9995 were one average, 0.998 had its own.
+        assert_eq!(still_on_ramp(&[0.999, 0.998, 0.9995], 4950), vec![0.999, 0.9995]);
+        assert_eq!(still_on_ramp(&[0.999, 0.998, 0.9995], 33000), Vec::<f64>::new());
     }
 }

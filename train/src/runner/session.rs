@@ -203,6 +203,20 @@ impl<'a> Session<'a> {
                 r.crop, r.set.resolution, r.set.resolution
             ));
         }
+        if cfg.recipe.ema_warmup {
+            let decays: Vec<f64> =
+                std::iter::once(cfg.recipe.ema_decay).chain(cfg.recipe.ema_probe_decays.iter().copied()).collect();
+            let same = crate::recipe::ema::still_on_ramp(&decays, cfg.run.steps);
+            if same.len() > 1 {
+                let low = same.iter().copied().fold(f64::INFINITY, f64::min);
+                self.say(format!(
+                    "note: the EMAs at decays {same:?} are one and the same average in this run: recipe.ema_warmup ramps \
+                     the decay as (1 + n) / (10 + n), which reaches {low} only after {} updates (run.steps = {})",
+                    crate::recipe::ema::warmup_reaches(low),
+                    cfg.run.steps
+                ));
+            }
+        }
         if cfg.data.hflip && r.set.flipped {
             tracing::info!("the shards were flipped by precompute --hflip: the loader does not flip again");
         }
