@@ -11,7 +11,7 @@
 # released encoder + decoder, for their latent-cycle error): $OUT/eval.json, $OUT/eval-released.json.
 # After `source tools/cuda/gpu-env.sh`. POOL, ONNX, REF, WORK, OUT as in gpu_distill_pool.sh.
 # The whole 25-minute run in one session (a full 1,800 s of device time; docs/gpu.md): after the
-# three chunk calls, one call starts it in the background and waits, the next ones wait on:
+# chunk calls, one call starts it in the background and waits, the next ones wait on:
 #   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1560 bash bench/gpu_scratch_run.sh \
 #     > /data/scratch.log 2>&1; touch /data/scratch.done' </dev/null >/dev/null 2>&1 &
 #   while [[ ! -e /data/scratch.done ]] && (( SECONDS < 570 )); do sleep 5; done; tail -3 /data/scratch.log
