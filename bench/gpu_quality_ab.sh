@@ -58,7 +58,8 @@ fi
 # shellcheck disable=SC2086
 finish $names
 # SEED1_BEST=N: the N best entries again at seed 1, all at once (best: sharpness in the goal's
-# band 0.9-1.1 first, then by held-out PSNR), so that a winner is checked in the same session.
+# band 0.9-1.1 first, then by held-out PSNR; outside the band, the nearest to it first: an entry
+# far out of it is not adopted whatever its PSNR), so that a winner is checked in the same session.
 if (( ${SEED1_BEST:-0} > 0 )); then
   best=$(python3 - "$AB" "$SEED1_BEST" $names <<'PY'
 import json, sys
@@ -69,7 +70,8 @@ for n in names:
         o = json.load(open(f"{ab}/eval-{n}.json"))["models"]["ours"]
     except (OSError, KeyError, ValueError):
         continue
-    rows.append((not 0.9 <= (o.get("sharpness") or 0) <= 1.1, -o["psnr"], n))
+    sharp = o.get("sharpness") or 0
+    rows.append((round(max(0.0, 0.9 - sharp, sharp - 1.1), 2), -o["psnr"], n))
 print(" ".join(n for *_, n in sorted(rows)[:k]))
 PY
 )
