@@ -45,14 +45,19 @@ pub fn probe_name(d: f64) -> String {
     format!("ema{d}")
 }
 
-/// The first update at which the warm-up ramp `(1 + n) / (10 + n)` reaches `decay`, so that the
+/// The warm-up's cap on the decay of update `n` (0-based): `(1 + n) / (10 + n)`.
+fn warmup_ramp(n: u64) -> f64 {
+    (1.0 + n as f64) / (10.0 + n as f64)
+}
+
+/// The first update at which the warm-up ramp ([`warmup_ramp`]) reaches `decay`, so that the
 /// EMA averages at that decay from then on; before it, every EMA whose decay the ramp has not
 /// reached is the same average (0.999: update 8990; 0.9995: 17990).
 pub fn warmup_reaches(decay: f64) -> u64 {
     if decay >= 1.0 {
         return u64::MAX;
     }
-    let on = |n: u64| (1.0 + n as f64) / (10.0 + n as f64) >= decay;
+    let on = |n: u64| warmup_ramp(n) >= decay;
     // The closed form (10d - 1) / (1 - d), then the ramp's own floating-point comparison.
     let mut n = ((10.0 * decay - 1.0) / (1.0 - decay)).ceil().max(0.0) as u64;
     while n > 0 && on(n - 1) {
@@ -90,8 +95,7 @@ impl Ema {
     /// The decay the next update uses.
     pub fn current_decay(&self) -> f64 {
         if self.warmup {
-            let n = self.updates as f64;
-            self.decay.min((1.0 + n) / (10.0 + n))
+            self.decay.min(warmup_ramp(self.updates))
         } else {
             self.decay
         }
