@@ -6,6 +6,8 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use taesd::{Taesd, Variant};
 
 mod common;
@@ -17,8 +19,11 @@ fn ops_match_stock_candle_values_and_gradients() {
         let cfg = variant.config();
         let vm = VarMap::new();
         let m = Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        // Seeded: with candle's unseeded init the gradients reached ~1e3 and their summation
+        // order's rounding broke the 1e-4 tolerance about 1 run in 20.
+        common::seeded_init(&vm, 5);
         let (enc, dec) = (m.encoder.clone().unwrap(), m.decoder.clone().unwrap());
-        let x = Tensor::rand(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let x = common::uniform(&mut ChaCha8Rng::seed_from_u64(6), &[2, 3, 32, 32], 0.0, 1.0);
         let run = |ops: bool, fused: bool| {
             taesd::layers::set_use_ops(ops);
             taesd::layers::set_fused_blocks(fused);
