@@ -1,6 +1,8 @@
 //! Save/load round trips in every layout (bit-exact), variant detection, and the errors for
 //! bad checkpoints.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -17,8 +19,9 @@ const REF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference")
 fn random_varmap(cfg: &TaesdConfig, dtype: DType) -> VarMap {
     let vm = VarMap::new();
     Taesd::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
-    for (_, v) in vm.data().lock().unwrap().iter() {
-        let r = Tensor::randn(0f32, 1f32, v.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+    let mut rng = common::rng(1);
+    for (_, v) in common::sorted_vars(&vm) {
+        let r = common::normal(&mut rng, v.dims(), 0.0, 1.0).to_dtype(dtype).unwrap();
         v.set(&r).unwrap();
     }
     vm

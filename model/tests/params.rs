@@ -1,5 +1,7 @@
 //! Parameter counts of every variant, from models built on a fresh VarMap, and forward shapes.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use taesd::{param_count, Part, Taesd, TaesdConfig, Variant};
@@ -61,7 +63,7 @@ fn forward_shapes() {
     let dev = Device::Cpu;
     for (v, h, w) in [(Variant::Taesd, 64, 48), (Variant::Taef2, 40, 24), (Variant::Taesana, 64, 32)] {
         let (_, m) = build(&v.config());
-        let x = Tensor::rand(0f32, 1f32, (2, 3, h, w), &dev).unwrap();
+        let x = common::uniform(&mut common::rng(1), &[2, 3, h, w], 0.0, 1.0);
         let z = m.encode(&x).unwrap();
         let s = v.spatial_scale();
         assert_eq!(z.dims(), [2, v.latent_channels(), h / s, w / s], "{v}");
@@ -83,7 +85,7 @@ fn trainable_from_varmap_and_gradients_reach_every_variable() {
     let bias =
         vm.data().lock().unwrap()[&taesd::decoder_last_conv_bias_name(cfg)].as_tensor().to_vec1::<f32>().unwrap();
     assert_eq!(bias, [0.5; 3]);
-    let x = Tensor::rand(0f32, 1f32, (1, 3, 32, 32), &dev).unwrap();
+    let x = common::uniform(&mut common::rng(2), &[1, 3, 32, 32], 0.0, 1.0);
     let y = m.decode(&m.encode(&x).unwrap()).unwrap();
     let loss = (y - &x).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();

@@ -21,7 +21,8 @@ fn taped_gradients_equal_the_graphs() {
         let vm = VarMap::new();
         let m = Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let (enc, dec) = (m.encoder.clone().unwrap(), m.decoder.clone().unwrap());
-        let x = Var::from_tensor(&Tensor::rand(0f32, 1.0, (2, 3, 32, 40), &Device::Cpu).unwrap()).unwrap();
+        common::seeded_init(&vm, 1);
+        let x = Var::from_tensor(&common::uniform(&mut common::rng(2), &[2, 3, 32, 40], 0.0, 1.0)).unwrap();
         let vars = common::sorted_vars(&vm);
         for dt in [DType::F32, DType::BF16] {
             for f in [Format::Nchw, Format::Nhwc] {
@@ -79,9 +80,10 @@ fn taped_gradients_equal_the_graphs() {
 #[test]
 fn an_untaped_activation_is_an_error() {
     let dev = Device::Cpu;
-    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (8, 8, 3, 3), &dev).unwrap()).unwrap();
+    let mut rng = common::rng(3);
+    let w = Var::from_tensor(&common::normal(&mut rng, &[8, 8, 3, 3], 0.0, 0.1)).unwrap();
     let b = Var::from_tensor(&Tensor::zeros(8, DType::F32, &dev).unwrap()).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 8, 6, 6), &dev).unwrap();
+    let x = common::normal(&mut rng, &[1, 8, 6, 6], 0.0, 1.0);
     let wg = WeightGrads::new();
     let _a = wg.activate();
     let _t = taesd_ops::enable_taping();

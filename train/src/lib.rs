@@ -38,3 +38,5 @@ pub mod split;
 pub mod svg;
 pub mod switches;
 pub mod tensorboard;
+#[cfg(test)]
+mod testing;

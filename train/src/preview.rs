@@ -121,8 +121,9 @@ mod tests {
         let cfg = taesd::Variant::Taesd.config();
         let vm = VarMap::new();
         let model = taesd::Taesd::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-        let images = Tensor::rand(0f32, 1f32, (2, 3, 16, 16), &dev).unwrap();
-        let latents = Tensor::rand(-3f32, 3f32, (2, 4, 2, 2), &dev).unwrap();
+        let mut rng = crate::testing::rng(1);
+        let images = crate::testing::uniform(&mut rng, &[2, 3, 16, 16], 0.0, 1.0, DType::F32);
+        let latents = crate::testing::uniform(&mut rng, &[2, 4, 2, 2], -3.0, 3.0, DType::F32);
         let m = PreviewModels {
             encoder: model.encoder.as_ref(),
             decoder: model.decoder.as_ref(),

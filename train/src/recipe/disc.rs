@@ -438,6 +438,7 @@ fn conv_batch_norm_eval(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing;
     use candle_nn::{ModuleT, VarMap};
 
     #[test]
@@ -461,8 +462,9 @@ mod tests {
         let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         let n: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
         assert_eq!(n, by_hand, "the VarMap holds exactly the trainable parameters");
-        let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 48), &dev).unwrap();
-        let z = Tensor::randn(0f32, 1f32, (2, 4, 4, 6), &dev).unwrap();
+        let mut rng = testing::rng(1);
+        let x = testing::uniform(&mut rng, &[2, 3, 32, 48], 0.0, 1.0, DType::F32);
+        let z = testing::normal(&mut rng, &[2, 4, 4, 6], 0.0, 1.0, DType::F32);
         let (y, st) = d.forward_t(&x, &z, true).unwrap();
         assert_eq!(y.dims(), [2, 6, 4, 6]);
         let st = st.unwrap();
@@ -493,10 +495,11 @@ mod tests {
     fn batch_norm_relu_gradients_match_plain_ops() {
         use candle_core::Var;
         let dev = Device::Cpu;
-        let x0 = Tensor::randn(0f64, 1.0, (3, 4, 5, 6), &dev).unwrap().affine(1.5, 0.3).unwrap();
+        let mut rng = testing::rng(2);
+        let x0 = testing::normal(&mut rng, &[3, 4, 5, 6], 0.3, 1.5, DType::F64);
         let w0 = Tensor::new(&[1.0f64, 0.5, -1.0, 2.0], &dev).unwrap();
         let b0 = Tensor::new(&[0.0f64, 0.1, -0.2, 0.3], &dev).unwrap();
-        let r = Tensor::randn(0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
+        let r = testing::normal(&mut rng, &[3, 4, 5, 6], 0.0, 1.0, DType::F64);
         let run = |ours: bool| {
             let (x, w, b) =
                 (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap(), Var::from_tensor(&b0).unwrap());
@@ -532,12 +535,11 @@ mod tests {
         let dev = Device::Cpu;
         let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         // Seeded weights and inputs (candle's CPU rng cannot be seeded): the same case every run.
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        let mut rng = testing::rng(3);
         super::super::init::torch_default_init(&vm, &cfg.param_shapes(), &mut rng, &dev).unwrap();
-        let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rand::Rng::random::<f32>(&mut rng)).collect() };
-        let x = Tensor::from_vec(draw(2 * 3 * 32 * 24), (2, 3, 32, 24), &dev).unwrap();
-        let x = candle_core::Var::from_tensor(&x).unwrap();
-        let z = Tensor::from_vec(draw(2 * 4 * 4 * 3), (2, 4, 4, 3), &dev).unwrap().affine(2.0, -1.0).unwrap();
+        let x =
+            candle_core::Var::from_tensor(&testing::uniform(&mut rng, &[2, 3, 32, 24], 0.0, 1.0, DType::F32)).unwrap();
+        let z = testing::uniform(&mut rng, &[2, 4, 4, 3], -1.0, 1.0, DType::F32);
         let rel = |a: &Tensor, b: &Tensor| {
             let d: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             let s: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
@@ -573,7 +575,8 @@ mod tests {
     #[test]
     fn batch_norm_matches_candle_nn() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1f32, (3, 5, 4, 4), &dev).unwrap().affine(2.0, 0.7).unwrap();
+        let mut rng = testing::rng(4);
+        let x = testing::normal(&mut rng, &[3, 5, 4, 4], 0.7, 2.0, DType::F32);
         let w = Tensor::new(&[1.0f32, 0.5, -1.0, 2.0, 0.3], &dev).unwrap();
         let b = Tensor::new(&[0.0f32, 0.1, -0.2, 0.3, 1.0], &dev).unwrap();
         let rm = Tensor::new(&[0.1f32, -0.1, 0.0, 0.2, 0.5], &dev).unwrap();
@@ -594,9 +597,9 @@ mod tests {
         // Inference mode: convolution + BatchNorm folded into one convolution, against the
         // convolution then candle_nn's BatchNorm; values and the input gradient, stride 1 and 2.
         for (k, stride) in [(3, 1), (4, 2)] {
-            let cw = Tensor::randn(0f32, 0.3f32, (5, 5, k, k), &dev).unwrap();
+            let cw = testing::normal(&mut rng, &[5, 5, k, k], 0.0, 0.3, DType::F32);
             let xv = candle_core::Var::from_tensor(&x).unwrap();
-            let r = Tensor::randn(0f32, 1f32, (3, 5, 4 / stride, 4 / stride), &dev).unwrap();
+            let r = testing::normal(&mut rng, &[3, 5, 4 / stride, 4 / stride], 0.0, 1.0, DType::F32);
             let want_eval = reference.forward_t(&xv.conv2d(&cw, 1, stride, 1, 1).unwrap(), false).unwrap();
             let got_eval =
                 conv_batch_norm_eval(&xv, &cw, ConvParams::new(stride, 1), &w, &b, &rm, &rv, 1e-5, Act::None).unwrap();

@@ -164,21 +164,11 @@ pub fn normalize_correction(g: &Tensor) -> Result<(Tensor, Tensor)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing;
     use candle_nn::{VarBuilder, VarMap};
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-    use rand_distr::StandardNormal;
 
     fn scalar(t: &Tensor) -> f64 {
         t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-    }
-
-    /// `shape` in f64 from `rng`: uniform in [0, 1), or standard normal.
-    fn seeded(rng: &mut ChaCha8Rng, shape: &[usize], normal: bool) -> Tensor {
-        let n = shape.iter().product();
-        let v: Vec<f64> =
-            (0..n).map(|_| if normal { rng.sample(StandardNormal) } else { rng.random::<f64>() }).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     /// The correction gradient against central finite differences, in f64, along random
@@ -187,16 +177,16 @@ mod tests {
     #[test]
     fn correction_gradient_matches_finite_differences() {
         let dev = Device::Cpu;
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut rng = testing::rng(11);
         let cfg = DiscConfig::seraena(4);
         let vm = VarMap::new();
         let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         super::super::init::torch_default_init(&vm, &cfg.param_shapes(), &mut rng, &dev).unwrap();
         let params: Vec<Tensor> = d.params().iter().map(|p| p.to_dtype(DType::F64).unwrap()).collect();
         let (b, h, w) = (2, 16, 16);
-        let real = seeded(&mut rng, &[b, 3, h, w], false);
-        let fake = seeded(&mut rng, &[b, 3, h, w], false);
-        let lat = seeded(&mut rng, &[b, 4, h / 8, w / 8], true);
+        let real = testing::uniform(&mut rng, &[b, 3, h, w], 0.0, 1.0, DType::F64);
+        let fake = testing::uniform(&mut rng, &[b, 3, h, w], 0.0, 1.0, DType::F64);
+        let lat = testing::normal(&mut rng, &[b, 4, h / 8, w / 8], 0.0, 1.0, DType::F64);
         // Non-trivial running statistics: a few training-mode batches.
         let mut stats = BnStats::fresh(&cfg, &dev).unwrap();
         stats.mean = stats.mean.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
@@ -219,7 +209,7 @@ mod tests {
         // tolerance and one step size, this test failed about 1 run in 150 on a kink (CI, 2026-12-06).
         let mut dirs = Vec::new();
         for _ in 0..3 {
-            dirs.push(seeded(&mut rng, fake.dims(), true));
+            dirs.push(testing::normal(&mut rng, fake.dims(), 0.0, 1.0, DType::F64));
         }
         // Single coordinates in each sample.
         for idx in [5usize, 3 * h * w + 77] {
@@ -276,7 +266,7 @@ mod tests {
         let flat = Tensor::full(0.3f32, (1, 1, 4, 4), &dev).unwrap();
         assert_eq!(highpass(&flat, 2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         // highpass + upsample(pool) = the image: the two bands split it exactly.
-        let x = Tensor::rand(0f32, 1., (2, 3, 8, 8), &dev).unwrap();
+        let x = testing::uniform(&mut testing::rng(12), &[2, 3, 8, 8], 0.0, 1.0, DType::F32);
         let low = x.avg_pool2d(4).unwrap().upsample_nearest2d(8, 8).unwrap();
         let back = (highpass(&x, 4).unwrap() + low).unwrap();
         assert!(mse(&back, &x).unwrap().to_scalar::<f32>().unwrap() < 1e-12);
@@ -321,7 +311,7 @@ mod tests {
         // A random patch against the DFT summed directly: |sum_{y,x} P e^{-2 pi i (ky y + kx x) / p}| / p.
         let p = 8usize;
         let b8 = FreqBasis::new(p, &dev).unwrap();
-        let r = Tensor::rand(0f32, 1f32, (1, 1, p, p), &dev).unwrap();
+        let r = testing::uniform(&mut testing::rng(13), &[1, 1, p, p], 0.0, 1.0, DType::F32);
         let got = b8.amplitudes(&r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let pv = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for ky in 0..p {
@@ -348,7 +338,8 @@ mod tests {
         };
         let zero = Var::zeros((1, 1, 8, 8), DType::F32, &dev).unwrap();
         assert!(grad_sum(&zero).is_finite());
-        let some = Var::from_tensor(&Tensor::rand(0f32, 1f32, (1, 1, 8, 8), &dev).unwrap()).unwrap();
+        let some =
+            Var::from_tensor(&testing::uniform(&mut testing::rng(14), &[1, 1, 8, 8], 0.0, 1.0, DType::F32)).unwrap();
         let g = grad_sum(&some);
         assert!(g.is_finite() && g > 0.0);
     }

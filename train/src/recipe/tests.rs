@@ -662,16 +662,10 @@ fn export_pytorch_parity_case() {
         let data = vm.data().lock().unwrap();
         dcfg.param_names().into_iter().map(|n| (n.clone(), data[&n].clone())).collect()
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(77);
-    let mut rand_t = |shape: &[usize], normal: bool| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> =
-            (0..n).map(|_| if normal { rng.sample::<f32, _>(StandardNormal) } else { rng.random::<f32>() }).collect();
-        Tensor::from_vec(v, shape, &dev).unwrap()
-    };
-    let real = rand_t(&[b, 3, h, h], false);
-    let fake = rand_t(&[b, 3, h, h], false);
-    let lat = rand_t(&[b, c, h / 8, h / 8], true);
+    let mut rng = crate::testing::rng(77);
+    let real = crate::testing::uniform(&mut rng, &[b, 3, h, h], 0.0, 1.0, DType::F32);
+    let fake = crate::testing::uniform(&mut rng, &[b, 3, h, h], 0.0, 1.0, DType::F32);
+    let lat = crate::testing::normal(&mut rng, &[b, c, h / 8, h / 8], 0.0, 1.0, DType::F32);
     let mask = Tensor::new(&[1f32, 0., 1., 0.], &dev).unwrap().reshape((b, 1, 1, 1)).unwrap();
     let x =
         (mask.broadcast_mul(&fake).unwrap() + mask.affine(-1.0, 1.0).unwrap().broadcast_mul(&real).unwrap()).unwrap();
@@ -707,12 +701,14 @@ fn export_pytorch_parity_case() {
     write_npy(&out.join("correction_grad.npy"), &cg);
     write_npy(&out.join("correction.npy"), &corr);
     // AMSGrad, lr 1e-2, betas (0.9, 0.9), five steps.
-    let p = candle_core::Var::from_tensor(&rand_t(&[64], true)).unwrap();
+    let p = candle_core::Var::from_tensor(&crate::testing::normal(&mut rng, &[64], 0.0, 1.0, DType::F32)).unwrap();
     write_npy(&out.join("ams.p0.npy"), p.as_tensor());
     let mut ams =
         optim::Adam::new(vec![("p".into(), p.clone())], optim::AdamConfig::amsgrad(1e-2, (0.9, 0.9))).unwrap();
     for k in 0..5 {
-        let g = rand_t(&[64], true).affine(if k == 3 { 0.1 } else { 1.0 }, 0.0).unwrap();
+        let g = crate::testing::normal(&mut rng, &[64], 0.0, 1.0, DType::F32)
+            .affine(if k == 3 { 0.1 } else { 1.0 }, 0.0)
+            .unwrap();
         write_npy(&out.join(format!("ams.g{k}.npy")), &g);
         let pr = ams.propose(&[Some(g)], 1e-2, None).unwrap();
         ams.commit(pr).unwrap();
