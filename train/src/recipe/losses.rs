@@ -205,8 +205,8 @@ mod tests {
             scalar(&per.sum_all().unwrap())
         };
         // The loss is piecewise smooth (ReLU kinks): a step that crosses a kink shows as one-sided
-        // slopes that disagree, and is retried with a smaller one. Unseeded, with a looser
-        // tolerance and one step size, this test failed about 1 run in 150 on a kink (CI, 2026-12-06).
+        // slopes that disagree, and is retried with a smaller one. (Unseeded, with one step size
+        // and a 100x looser tolerance, this test failed about 1 run in 150: CI, 2026-12-06.)
         let mut dirs = Vec::new();
         for _ in 0..3 {
             dirs.push(testing::normal(&mut rng, fake.dims(), 0.0, 1.0, DType::F64));
