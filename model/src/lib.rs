@@ -29,6 +29,7 @@ pub mod crc;
 pub mod decoder;
 pub mod encoder;
 pub mod error;
+pub mod init;
 pub mod layers;
 pub mod layouts;
 pub mod onnx;
@@ -48,6 +49,7 @@ pub use checkpoint::{
 pub use decoder::Decoder;
 pub use encoder::Encoder;
 pub use error::{Result, TaesdError};
+pub use init::torch_default_init;
 pub use layouts::Layout;
 pub use save::{diffusers_config, save_tensors, save_varmap, FileFormat, SaveOptions};
 pub use taesd::Taesd;

@@ -1,7 +1,5 @@
 //! Helpers shared by the layer tests.
 
-use std::collections::HashMap;
-
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
@@ -50,24 +48,11 @@ pub fn uniform(rng: &mut ChaCha8Rng, shape: &[usize], lo: f32, hi: f32) -> Tenso
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// Every convolution of `vm` from `seed`, as PyTorch initialises them (weight and bias uniform
-/// in +-1/sqrt(fan_in)); the other variables keep their constant init. candle's own init draws
-/// from an unseeded generator at a larger scale (Kaiming normal): a test whose tolerance
-/// depends on the weights then passes on most runs only.
+/// Every variable of `vm` from `seed`, as PyTorch initialises them ([`taesd::torch_default_init`]).
+/// candle's own init draws from an unseeded generator at a larger scale (Kaiming normal): a test
+/// whose tolerance depends on the weights then passes on most runs only.
 #[allow(dead_code)]
 pub fn seeded_init(vm: &VarMap, seed: u64) {
-    let mut rng = rng(seed);
-    let vars = sorted_vars(vm);
-    let fan_in: HashMap<String, usize> = vars
-        .iter()
-        .filter(|(_, v)| v.rank() == 4)
-        .map(|(n, v)| (n.trim_end_matches(".weight").to_string(), v.dims()[1..].iter().product()))
-        .collect();
-    for (name, var) in &vars {
-        let layer = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias")).unwrap_or(name);
-        if let Some(&fan_in) = fan_in.get(layer) {
-            let bound = 1.0 / (fan_in as f32).sqrt();
-            var.set(&uniform(&mut rng, var.dims(), -bound, bound).to_dtype(var.dtype()).unwrap()).unwrap();
-        }
-    }
+    let shapes: Vec<(String, Vec<usize>)> = sorted_vars(vm).into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect();
+    taesd::torch_default_init(vm, &shapes, &mut rng(seed), &Device::Cpu).unwrap();
 }

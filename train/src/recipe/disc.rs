@@ -536,7 +536,7 @@ mod tests {
         let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         // Seeded weights and inputs (candle's CPU rng cannot be seeded): the same case every run.
         let mut rng = testing::rng(3);
-        super::super::init::torch_default_init(&vm, &cfg.param_shapes(), &mut rng, &dev).unwrap();
+        taesd::torch_default_init(&vm, &cfg.param_shapes(), &mut rng, &dev).unwrap();
         let x =
             candle_core::Var::from_tensor(&testing::uniform(&mut rng, &[2, 3, 32, 24], 0.0, 1.0, DType::F32)).unwrap();
         let z = testing::uniform(&mut rng, &[2, 4, 4, 3], -1.0, 1.0, DType::F32);

@@ -1,15 +1,14 @@
 //! Building a [`Recipe`]: the models (loaded, or fresh with PyTorch's default initialisation
 //! from the seed), the optimisers, EMA, discriminator and replay buffer.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use taesd::{Decoder, Encoder, Part, TaesdConfig};
+use taesd::{torch_default_init, Decoder, Encoder, Part, TaesdConfig};
 
 use super::config::RecipeConfig;
 use super::disc::{DiscConfig, Discriminator};
@@ -42,41 +41,6 @@ pub(super) fn disc_adam(cfg: &RecipeConfig) -> AdamConfig {
         amsgrad: false,
         decoupled_weight_decay: true,
     }
-}
-
-/// PyTorch's default initialisation, drawn from `rng` in the order of `shapes`: weights of
-/// rank 4 (convs) and the biases beside them uniform in ±1/sqrt(fan_in); other `*.weight`
-/// (norms) 1, other `*.bias` 0.
-pub(super) fn torch_default_init(
-    vm: &VarMap,
-    shapes: &[(String, Vec<usize>)],
-    rng: &mut ChaCha8Rng,
-    device: &Device,
-) -> Result<()> {
-    let rank4: HashMap<&str, &Vec<usize>> =
-        shapes.iter().filter(|(_, s)| s.len() == 4).map(|(n, s)| (n.as_str(), s)).collect();
-    let data = vm.data().lock().expect("VarMap lock");
-    for (name, shape) in shapes {
-        let var = data.get(name).with_context(|| format!("initialising: no variable {name}"))?;
-        let n: usize = shape.iter().product();
-        let conv_shape = if shape.len() == 4 {
-            Some(shape)
-        } else {
-            name.strip_suffix(".bias").and_then(|p| rank4.get(format!("{p}.weight").as_str()).copied())
-        };
-        let values: Vec<f32> = match conv_shape {
-            Some(w) => {
-                let fan_in: usize = w[1..].iter().product();
-                let bound = 1.0 / (fan_in as f32).sqrt();
-                (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound).collect()
-            }
-            None if name.ends_with(".weight") => vec![1.0; n],
-            None => vec![0.0; n],
-        };
-        let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?.to_device(device)?;
-        var.set(&t).with_context(|| format!("initialising {name}"))?;
-    }
-    Ok(())
 }
 
 /// The variables of `vm`, sorted by name.

@@ -181,7 +181,7 @@ mod tests {
         let cfg = DiscConfig::seraena(4);
         let vm = VarMap::new();
         let d = Discriminator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-        super::super::init::torch_default_init(&vm, &cfg.param_shapes(), &mut rng, &dev).unwrap();
+        taesd::torch_default_init(&vm, &cfg.param_shapes(), &mut rng, &dev).unwrap();
         let params: Vec<Tensor> = d.params().iter().map(|p| p.to_dtype(DType::F64).unwrap()).collect();
         let (b, h, w) = (2, 16, 16);
         let real = testing::uniform(&mut rng, &[b, 3, h, w], 0.0, 1.0, DType::F64);
