@@ -12,10 +12,11 @@
 # After `source tools/cuda/gpu-env.sh`. POOL, ONNX, REF, WORK, OUT as in gpu_distill_pool.sh.
 # The whole 25-minute run in one session (a full 1,800 s of device time; docs/gpu.md): after the
 # chunk calls, one call starts it in the background and waits, the next ones wait on:
-#   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1560 bash bench/gpu_scratch_run.sh \
+#   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1560 FIT_TIME=1500 bash bench/gpu_scratch_run.sh \
 #     > /data/scratch.log 2>&1; touch /data/scratch.done' </dev/null >/dev/null 2>&1 &
 #   while [[ ! -e /data/scratch.done ]] && (( SECONDS < 570 )); do sleep 5; done; tail -3 /data/scratch.log
-# (each call within 30 s of the last), and the last one copies /data/scratch-out/* to $OUT (8 files:
+# (each call within 30 s of the last; with less time left, a smaller FIT_TIME, ~60 s under
+# SECONDS_TRAIN), and the last one copies /data/scratch-out/* to $OUT (8 files:
 # eval.json, eval-released.json, config.toml, metrics.jsonl, loss.png, preview-last.png, gpu.csv,
 # gpu-clocks.csv: the most one call brings back).
 set -uo pipefail
@@ -25,6 +26,8 @@ SECONDS_TRAIN=${SECONDS_TRAIN:-600}; SHARDS=$WORK/lat256v2; RUN=${RUN:-$WORK/scr
 mkdir -p "$OUT"
 # The machine (a host-bound 128 px step runs at the host CPU's speed): cores, CPU model, GPU.
 echo "== machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p'); $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
+# FIT_TIME=1500: `train --fit-time 1500` at the run's start: every step count scaled to fill 1500 s on
+# this machine, by its own timing of each stage's step (instead of SCALE's guess).
 # SCALE=0.9: every step count of CONFIG (each stage's and the run's) times 0.9, the schedule's shape
 # kept, for a session with less device time than the config was sized for (a slow machine start).
 if [[ -n ${SCALE:-} && ! -d $RUN/checkpoints ]]; then
@@ -59,12 +62,17 @@ if [[ -d $RUN/checkpoints ]]; then
 else
   echo "== stint of ${SECONDS_TRAIN}s, from scratch: $CONFIG"
   train --config "$CONFIG" --shards "$SHARDS" --run-dir "$RUN" --quiet --time-limit "$SECONDS_TRAIN" \
+    ${FIT_TIME:+--fit-time "$FIT_TIME"} \
     --set "model.reference_decoder=\"$REF/taef2_decoder.pth\"" ${EXTRA:-} 2>&1 | tail -12
 fi
 kill $smi $smi_clocks 2>/dev/null
 python3 - "$RUN/metrics.jsonl" <<'PY'
 import json, sys
-tr = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
+lines = [json.loads(l) for l in open(sys.argv[1])]
+for f in (l for l in lines if l["type"] == "fit"):
+    print(f"fitted to {f['budget_s']:.0f} s: x {f['factor']:.3f}, run.steps {f['run_steps_before']} -> {f['run_steps_after']};",
+          ", ".join(f"{s['crop']} px {s['images_per_s']:.1f} images/s ({s['steps_before']} -> {s['steps_after']} steps)" for s in f["segments"]))
+tr = [l for l in lines if l["type"] == "train"]
 t = tr[-1]
 print(f"step {t['step']}: {t['elapsed_s']:.0f} s of training so far, {t['images_per_s']:.0f} img/s, lr {t['lr']:.2e},",
       {k: round(v, 4) for k, v in t['losses'].items()}, {k: round(v, 3) for k, v in t.get('time_fractions', {}).items()})

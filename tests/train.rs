@@ -927,3 +927,35 @@ fn a_run_logs_tensorboard_writes_a_report_and_exports_for_other_tools() {
     }
     println!("precompute with our exported ONNX encoder: worst |stored - candle| {worst:.2e} (f16 storage)");
 }
+
+#[test]
+fn fit_time_scales_a_new_runs_step_counts_to_the_time_on_this_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let quiet = ["--set", "data.eval_fraction=0", "--set", "data.preview_images=0"];
+    let stages = ["--set", "data.stages=[{steps = 4, crop = 16}]"];
+    let fit = ["--fit-time", "5", "--fit-steps", "2"];
+    train(&with(with(with(small_run(&a, 8, 2), &quiet), &stages), &fit), true);
+    let f = json_lines(&a.join("metrics.jsonl"), "fit");
+    assert_eq!(f.len(), 1, "{f:?}");
+    let f = &f[0];
+    let segs = f["segments"].as_array().unwrap();
+    assert_eq!(segs.len(), 2, "{f}");
+    assert_eq!((segs[0]["crop"].as_u64(), segs[1]["crop"].as_u64()), (Some(16), Some(32)));
+    assert_eq!((segs[0]["steps_before"].as_u64(), segs[1]["steps_before"].as_u64()), (Some(4), Some(4)));
+    let (first, total) = (segs[0]["steps_after"].as_u64().unwrap(), f["run_steps_after"].as_u64().unwrap());
+    assert_eq!(segs[1]["steps_after"].as_u64(), Some(total - first));
+    // The run is the fitted one: its config, its stage switch and its end.
+    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(cfg.contains(&format!("steps = {total}\n")) && cfg.contains(&format!("steps = {first}\n")), "{cfg}");
+    let st = json_lines(&a.join("metrics.jsonl"), "stage");
+    assert_eq!(st[0]["step"].as_u64(), Some(first), "{st:?}");
+    assert_eq!(json_lines(&a.join("metrics.jsonl"), "end")[0]["step"].as_u64(), Some(total));
+    // The fitted steps fill 95% of the 5 s at the measured rates (up to rounding: half a step each).
+    let t: f64 = segs.iter().map(|s| s["steps_after"].as_f64().unwrap() / s["steps_per_s"].as_f64().unwrap()).sum();
+    let half: f64 = segs.iter().map(|s| 0.5 / s["steps_per_s"].as_f64().unwrap()).sum();
+    assert!((t - 4.75).abs() <= half + 1e-9, "{t} s: {f}");
+
+    let out = train(&with(small_run(&dir.path().join("b"), 8, 2), &["--fit-time", "0"]), false);
+    assert!(stderr(&out).contains("--fit-time 0: give a positive number of seconds"), "{}", stderr(&out));
+}

@@ -76,6 +76,16 @@ pub struct TrainArgs {
     /// (--steps) and its learning-rate schedule stay as they are.
     #[arg(long, value_name = "SECONDS")]
     pub time_limit: Option<f64>,
+    /// Fit a new run's step counts to this many seconds of training on this machine: each crop
+    /// and batch size of the schedule is timed first (a few seconds), then every step count
+    /// (run.steps, each [[data.stages]] entry) is scaled by one factor, the schedule's shape
+    /// kept, 5% left for evaluations, previews, checkpoints and the loader. The fitted counts
+    /// are the run's (config.toml; a resume keeps them). Pair with a --time-limit a little above.
+    #[arg(long, value_name = "SECONDS")]
+    pub fit_time: Option<f64>,
+    /// Steps timed per crop and batch size for --fit-time (after a third as many untimed ones).
+    #[arg(long, value_name = "N", default_value_t = crate::runner::fit::DEFAULT_TIMED_STEPS)]
+    pub fit_steps: usize,
     /// Data-parallel on this node: start N ranks of this command (one per GPU, rank r on
     /// cuda:r; with --device cpu, N CPU processes). Multi-node runs are started by torchrun or
     /// srun instead (docs/scale-out.md). data.batch_size is per rank: the global batch is N
@@ -321,10 +331,26 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>, world: &World) -> Result<i32>
         }
     }
     let time_limit = a.time_limit.map(std::time::Duration::from_secs_f64);
+    if let Some(t) = a.fit_time {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--fit-time {t}: give a positive number of seconds");
+        }
+        if world.world_size > 1 {
+            bail!("--fit-time times one process's step: it does not fit a data-parallel run yet (fit on one GPU, then give the fitted step counts)");
+        }
+    }
     let dist = join(a, world, &plans)?;
     let root = dist.as_ref().is_none_or(|d| d.is_root());
     let comm = dist.as_ref().map(|d| d.comm.clone());
-    let opts = RunOptions { resume: a.resume, quiet: a.quiet, stop, time_limit, dist };
+    let opts = RunOptions {
+        resume: a.resume,
+        quiet: a.quiet,
+        stop,
+        time_limit,
+        fit_time: a.fit_time,
+        fit_steps: a.fit_steps,
+        dist,
+    };
     let r = runs(a, &plans, &opts, root);
     // The other ranks learn of this rank's failure (a goodbye otherwise).
     if let Some(c) = comm {

@@ -10,6 +10,9 @@
 //! * `skip`: `step`, `reason` — a step the NaN/inf guard skipped.
 //! * `eval`: `step`, `model` (`ema`, `raw`, `reference`) and the [`crate::eval::Metrics`] fields.
 //! * `checkpoint`, `preview`, `export`, `start`, `end`: `step` and what was written.
+//! * `fit` (a run started with `--fit-time`): the budget, the factor every step count was
+//!   multiplied by, and per crop and batch size the measured rate and the steps before and
+//!   after ([`crate::runner::fit::Fit`]).
 //!
 //! Every line also goes to the run's TensorBoard event file ([`crate::tensorboard`]): its
 //! numbers as scalars, a preview line's grid as an image.

@@ -17,8 +17,10 @@
 //!
 //! The parts: [`resolve`] (what the shards decide, what a resume may change), [`session`] (one
 //! session of a run: open, evaluate, preview, checkpoint, finish), [`output`] (evaluations,
-//! previews, exports), [`progress`] (the progress line); this file is the training loop.
+//! previews, exports), [`progress`] (the progress line), [`fit`] (`--fit-time`: a new run's
+//! step counts scaled to a time budget on this machine); this file is the training loop.
 
+pub mod fit;
 mod output;
 mod progress;
 mod resolve;
@@ -48,6 +50,10 @@ pub struct RunOptions {
     /// Stop this session's training loop after this long (checkpoint, as on Ctrl-C; continue
     /// with `--resume`): one stint of a run longer than a machine is held.
     pub time_limit: Option<std::time::Duration>,
+    /// Fit a fresh run's step counts to this many seconds on this machine ([`fit`]), timing
+    /// `fit_steps` steps per crop and batch size.
+    pub fit_time: Option<f64>,
+    pub fit_steps: usize,
     /// Data-parallel: this rank, its device and the other ranks (`None`: alone).
     pub dist: Option<crate::dist::Dist>,
 }

@@ -44,6 +44,8 @@ pub(super) struct Session<'a> {
     pub pb: ProgressBar,
     pub last_ckpt: Option<u64>,
     pub last_eval: Vec<(String, Metrics)>,
+    /// What `--fit-time` did to this run's step counts.
+    fit: Option<super::fit::Fit>,
     /// Rank 0 of a data-parallel run, or alone: the process that writes the run folder.
     pub root: bool,
 }
@@ -53,7 +55,7 @@ impl<'a> Session<'a> {
     /// resume with other settings), build the recipe (and load the latest checkpoint on
     /// `--resume`), open the metrics log and load the evaluation data.
     pub fn open(plan: &'a RunPlan, opts: &'a RunOptions) -> Result<Session<'a>> {
-        let r = resolve(&plan.config).with_context(|| format!("run `{}`", plan.name))?;
+        let mut r = resolve(&plan.config).with_context(|| format!("run `{}`", plan.name))?;
         let dir = plan.dir.clone();
         let root = opts.dist.as_ref().is_none_or(|d| d.is_root());
         let mut resume_changes = Vec::new();
@@ -87,11 +89,26 @@ impl<'a> Session<'a> {
             None => resume_from,
         };
 
-        let cfg = &r.config;
         let device = match &opts.dist {
             Some(d) => d.device.clone(),
-            None => crate::device::open_spec(cfg.run.device)?,
+            None => crate::device::open_spec(r.config.run.device)?,
         };
+        let fit = match opts.fit_time {
+            Some(budget) if resume_from.is_none() => {
+                let f = super::fit::fit(&mut r.config, r.model, r.crop, &device, budget, opts.fit_steps)
+                    .with_context(|| format!("run `{}`", plan.name))?;
+                if root {
+                    write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
+                }
+                Some(f)
+            }
+            Some(_) => {
+                tracing::warn!("--fit-time: a resumed run keeps the step counts it was started with");
+                None
+            }
+            None => None,
+        };
+        let cfg = &r.config;
         let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
         let mut recipe =
             Recipe::new(&cfg.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
@@ -144,6 +161,7 @@ impl<'a> Session<'a> {
             pb,
             last_ckpt,
             last_eval: vec![],
+            fit,
             root,
         })
     }
@@ -224,7 +242,12 @@ impl<'a> Session<'a> {
             "resumed": self.resume_from.is_some(), "device": crate::device::describe(&self.device),
             "precision": self.recipe.precision().name(), "rows": r.set.rows, "eval_rows": self.data.set.len(),
         });
-        self.log.write("start", self.ts.step, start)
+        self.log.write("start", self.ts.step, start)?;
+        if let Some(f) = &self.fit {
+            self.say(f.describe());
+            self.log.write("fit", self.ts.step, serde_json::to_value(f)?)?;
+        }
+        Ok(())
     }
 
     /// Evaluate on the held-out rows (`eval` lines, `eval.json`); the reference decoder too with

@@ -1,0 +1,278 @@
+//! `train --fit-time SECONDS`: a fresh run's step counts fitted to a wall-time budget on this
+//! machine, so a schedule written for one GPU ("25 minutes on an H100") fills the same minutes on
+//! another, faster or slower, without guessing a scale.
+//!
+//! Each distinct crop and batch size of the run's stages is timed on a throwaway recipe built
+//! like the run's (configuration, model, device, precision; the full step, past the warm-ups,
+//! on random batches already on the device), then every step count — `run.steps` and each
+//! `[[data.stages]]` entry's — is multiplied by one factor so that the steps take the budget
+//! less a margin (`MARGIN`: the loader, uploads, evaluations, previews and checkpoints inside
+//! the loop, and a rate that wanders over a long run). The schedule keeps its shape: the
+//! stages' proportions, the cosine's end at the last step; warm-ups and the checkpoint,
+//! preview and evaluation intervals stay as written. Counts of 1000 or more are rounded to
+//! multiples of 50. The fitted counts go into the run's `config.toml`, so a resume continues
+//! the same schedule; the timings go into `metrics.jsonl` (a `fit` line).
+
+use crate::config::TrainConfig;
+use crate::recipe::{Batch, ModelInit, Recipe};
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+use taesd::TaesdConfig;
+
+/// The share of the budget left to what is not a step: in the 18-minute run of 2026-12-06
+/// (bench/results/2026-12-06-h100-scratch-18min.md) 1.9-2.9% of the loop's time was outside the
+/// step, and the 20-minute run's 128 px rate wandered by ~10% over the run.
+pub const MARGIN: f64 = 0.05;
+
+/// Steps timed per crop and batch size by default (after `warmup_steps(timed)` untimed ones).
+pub const DEFAULT_TIMED_STEPS: usize = 30;
+
+/// Untimed steps before the timed ones: the first steps pick cuDNN plans and grow the memory pool.
+pub fn warmup_steps(timed: usize) -> usize {
+    (timed / 3).clamp(1, 10)
+}
+
+/// One stretch of the run at one crop and batch size, timed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Segment {
+    pub crop: u32,
+    pub batch_size: usize,
+    pub steps_before: u64,
+    pub steps_after: u64,
+    pub steps_per_s: f64,
+    pub images_per_s: f64,
+}
+
+/// What the fit did (the `fit` line of metrics.jsonl).
+#[derive(Clone, Debug, Serialize)]
+pub struct Fit {
+    pub budget_s: f64,
+    /// The budget less the margin: what the steps are fitted to.
+    pub steps_s: f64,
+    pub factor: f64,
+    pub run_steps_before: u64,
+    pub run_steps_after: u64,
+    pub segments: Vec<Segment>,
+    /// The timing itself (not part of the budget).
+    pub calibration_s: f64,
+}
+
+impl Fit {
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        let rates: Vec<String> = self
+            .segments
+            .iter()
+            .map(|s| format!("{} px / batch {}: {:.1} images/s", s.crop, s.batch_size, s.images_per_s))
+            .collect();
+        format!(
+            "--fit-time {:.0} s: measured {} ({:.1} s); every step count x {:.3}: run.steps {} -> {} (~{:.0} s of steps, {:.0}% left for the rest)",
+            self.budget_s,
+            rates.join(", "),
+            self.calibration_s,
+            self.factor,
+            self.run_steps_before,
+            self.run_steps_after,
+            self.steps_s,
+            MARGIN * 100.0
+        )
+    }
+}
+
+/// The run's stretches as `(crop, batch size, steps)`: the stages in order, then the rest of
+/// the run at `[data]`'s crop and batch size (stages past `run.steps` cut there).
+pub fn segments(cfg: &TrainConfig, default_crop: u32) -> Vec<(u32, usize, u64)> {
+    let mut out = Vec::new();
+    let mut left = cfg.run.steps;
+    for st in &cfg.data.stages {
+        let n = st.steps.min(left);
+        out.push((st.crop.or(cfg.data.crop).unwrap_or(default_crop), st.batch_size.unwrap_or(cfg.data.batch_size), n));
+        left -= n;
+    }
+    out.push((cfg.data.crop.unwrap_or(default_crop), cfg.data.batch_size, left));
+    out
+}
+
+/// `n` times `factor`, rounded (to a multiple of 50 from 1000 on), at least 1 unless `n` is 0.
+pub fn scale_count(n: u64, factor: f64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let x = n as f64 * factor;
+    let r = if x >= 1000.0 { (x / 50.0).round() * 50.0 } else { x.round() };
+    (r as u64).max(1)
+}
+
+/// The factor that makes `segments` (steps, steps per second) take `seconds`.
+pub fn factor_for(segments: &[(u64, f64)], seconds: f64) -> f64 {
+    let t: f64 = segments.iter().filter(|(n, _)| *n > 0).map(|(n, r)| *n as f64 / r).sum();
+    if t > 0.0 {
+        seconds / t
+    } else {
+        1.0
+    }
+}
+
+/// Multiply every step count of `cfg` by `factor` (each stage's; `run.steps` as the stages'
+/// new sum plus the rest scaled).
+pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
+    let rest = segments(cfg, default_crop).last().map_or(0, |s| s.2);
+    let mut total = 0;
+    for st in &mut cfg.data.stages {
+        st.steps = scale_count(st.steps, factor);
+        total += st.steps;
+    }
+    cfg.run.steps = total + scale_count(rest, factor);
+}
+
+/// Seconds per step of the full recipe at `crop` and `batch` on `device`: `timed` steps after
+/// `warmup_steps(timed)`, on a recipe built like the run's (its warm-ups skipped: the full step
+/// is timed; a replay buffer of four batches).
+pub fn time_step(
+    cfg: &TrainConfig,
+    model: TaesdConfig,
+    device: &Device,
+    crop: u32,
+    batch: usize,
+    timed: usize,
+) -> Result<f64> {
+    let mut rc = cfg.recipe.clone();
+    rc.pixel_warmup_steps = 0;
+    rc.disc_warmup_steps = 0;
+    rc.replay_capacity = rc.replay_capacity.min(4 * batch);
+    let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
+    let mut recipe = Recipe::new(&rc, model, &init, device, cfg.run.seed).context("building the recipe to time")?;
+    recipe.set_precision(cfg.run.precision);
+    recipe.set_schedule_end(Some(cfg.run.steps));
+    let s = model.spatial_scale();
+    let side = crop as usize / s;
+    let b = Batch {
+        images: Tensor::rand(0f32, 1.0, (batch, 3, crop as usize, crop as usize), device)?,
+        latents: Tensor::randn(0f32, 1.0, (batch, model.latent_channels, side, side), device)?,
+    };
+    for _ in 0..warmup_steps(timed) {
+        recipe.step(&b)?;
+    }
+    device.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..timed.max(1) {
+        recipe.step(&b)?;
+    }
+    device.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() / timed.max(1) as f64)
+}
+
+/// Time each crop and batch size of `cfg`'s run and scale its step counts to fill `budget_s`.
+pub fn fit(
+    cfg: &mut TrainConfig,
+    model: TaesdConfig,
+    default_crop: u32,
+    device: &Device,
+    budget_s: f64,
+    timed: usize,
+) -> Result<Fit> {
+    ensure!(budget_s.is_finite() && budget_s > 0.0, "--fit-time {budget_s}: give a positive number of seconds");
+    let t0 = Instant::now();
+    let segs = segments(cfg, default_crop);
+    let mut rates: Vec<((u32, usize), f64)> = Vec::new();
+    for &(crop, batch, n) in &segs {
+        if n == 0 || rates.iter().any(|(k, _)| *k == (crop, batch)) {
+            continue;
+        }
+        let sec = time_step(cfg, model, device, crop, batch, timed)
+            .with_context(|| format!("--fit-time: timing the step at crop {crop}, batch {batch}"))?;
+        rates.push(((crop, batch), 1.0 / sec));
+    }
+    let rate = |crop, batch| rates.iter().find(|(k, _)| *k == (crop, batch)).map_or(f64::NAN, |r| r.1);
+    let steps_s = budget_s * (1.0 - MARGIN);
+    let factor = factor_for(&segs.iter().map(|&(c, b, n)| (n, rate(c, b))).collect::<Vec<_>>(), steps_s);
+    let run_steps_before = cfg.run.steps;
+    scale_steps(cfg, default_crop, factor);
+    cfg.validate().context("--fit-time: the fitted configuration")?;
+    let after = segments(cfg, default_crop);
+    let segments = segs
+        .iter()
+        .zip(&after)
+        .filter(|((_, _, n), _)| *n > 0)
+        .map(|(&(crop, batch_size, steps_before), a)| {
+            let r = rate(crop, batch_size);
+            Segment {
+                crop,
+                batch_size,
+                steps_before,
+                steps_after: a.2,
+                steps_per_s: r,
+                images_per_s: r * batch_size as f64,
+            }
+        })
+        .collect();
+    Ok(Fit {
+        budget_s,
+        steps_s,
+        factor,
+        run_steps_before,
+        run_steps_after: cfg.run.steps,
+        segments,
+        calibration_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> TrainConfig {
+        TrainConfig::from_table(text.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn segments_are_the_stages_then_the_rest() {
+        let c = cfg("[data]\ncrop = 256\nbatch_size = 32\n[[data.stages]]\nsteps = 29000\ncrop = 128\n\
+                     [[data.stages]]\nsteps = 10\nbatch_size = 8\n[run]\nsteps = 33000\n");
+        assert_eq!(segments(&c, 64), vec![(128, 32, 29000), (256, 8, 10), (256, 32, 3990)]);
+        // Stages past the run's end are cut there; no crop anywhere: the shards' default.
+        let c = cfg("[[data.stages]]\nsteps = 50\ncrop = 16\n[[data.stages]]\nsteps = 50\n[run]\nsteps = 70\n");
+        assert_eq!(segments(&c, 64), vec![(16, 16, 50), (64, 16, 20), (64, 16, 0)]);
+    }
+
+    #[test]
+    fn the_factor_fills_the_time_and_scaling_keeps_the_shape() {
+        // 29000 steps at 30 steps/s + 4000 at 10: 966.7 + 400 s.
+        let f = factor_for(&[(29000, 30.0), (4000, 10.0), (0, f64::NAN)], 1500.0);
+        assert!((f - 1500.0 / (29000.0 / 30.0 + 400.0)).abs() < 1e-12, "{f}");
+        let mut c = cfg("[data]\ncrop = 256\n[[data.stages]]\nsteps = 29000\ncrop = 128\n[run]\nsteps = 33000\n");
+        scale_steps(&mut c, 256, 0.82);
+        // 29000 -> 23780 -> 23800 and the rest 4000 -> 3280 -> 3300 (bench/gpu_scratch_run.sh
+        // SCALE=0.82 rounded run.steps itself: 27050).
+        assert_eq!((c.data.stages[0].steps, c.run.steps), (23800, 27100));
+        let mut c = cfg("[data]\ncrop = 32\n[[data.stages]]\nsteps = 3\ncrop = 16\n[run]\nsteps = 5\n");
+        scale_steps(&mut c, 32, 2.6);
+        assert_eq!((c.data.stages[0].steps, c.run.steps), (8, 13));
+        scale_steps(&mut c, 32, 0.01);
+        assert_eq!((c.data.stages[0].steps, c.run.steps), (1, 2), "never below one step per stretch");
+        assert_eq!((scale_count(0, 5.0), scale_count(999, 1.0), scale_count(1024, 1.0)), (0, 999, 1000));
+    }
+
+    #[test]
+    fn fit_times_each_crop_once_and_scales_to_the_budget() {
+        let mut c = cfg("[data]\ncrop = 32\nbatch_size = 1\n[[data.stages]]\nsteps = 40\ncrop = 16\n\
+                         [run]\nsteps = 60\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
+        let model = taesd::Variant::Taesd.config();
+        let f = fit(&mut c, model, 32, &Device::Cpu, 3.0, 2).unwrap();
+        assert_eq!(f.segments.len(), 2, "{f:?}");
+        assert_eq!((f.run_steps_before, f.run_steps_after), (60, c.run.steps));
+        assert_eq!(f.segments[0].steps_after, c.data.stages[0].steps);
+        assert_eq!(f.segments[1].steps_after, c.run.steps - c.data.stages[0].steps);
+        assert_eq!((f.segments[0].crop, f.segments[1].crop), (16, 32));
+        // The fitted steps take the budget less the margin at the measured rates, up to the
+        // rounding of each count (half a step, or 25 steps from 1000 on).
+        let t: f64 = f.segments.iter().map(|s| s.steps_after as f64 / s.steps_per_s).sum();
+        let rounding: f64 =
+            f.segments.iter().map(|s| if s.steps_after >= 1000 { 25.0 } else { 0.5 } / s.steps_per_s).sum();
+        assert!((t - 3.0 * (1.0 - MARGIN)).abs() <= rounding + 1e-9, "{t} s for {f:?}");
+        assert!((f.factor - c.run.steps as f64 / 60.0).abs() < 0.1 * f.factor + 1.0 / 60.0, "{f:?}");
+        assert!(fit(&mut c, model, 32, &Device::Cpu, 0.0, 2).is_err());
+    }
+}
