@@ -260,19 +260,20 @@ mod tests {
         let mut c = cfg("[data]\ncrop = 32\nbatch_size = 1\n[[data.stages]]\nsteps = 40\ncrop = 16\n\
                          [run]\nsteps = 60\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
         let model = taesd::Variant::Taesd.config();
-        let f = fit(&mut c, model, 32, &Device::Cpu, 3.0, 2).unwrap();
+        let f = fit(&mut c, model, 32, &Device::Cpu, 10.0, 2).unwrap();
         assert_eq!(f.segments.len(), 2, "{f:?}");
+        assert_eq!((f.segments[0].crop, f.segments[1].crop), (16, 32));
         assert_eq!((f.run_steps_before, f.run_steps_after), (60, c.run.steps));
         assert_eq!(f.segments[0].steps_after, c.data.stages[0].steps);
         assert_eq!(f.segments[1].steps_after, c.run.steps - c.data.stages[0].steps);
-        assert_eq!((f.segments[0].crop, f.segments[1].crop), (16, 32));
-        // The fitted steps take the budget less the margin at the measured rates, up to the
-        // rounding of each count (half a step, or 25 steps from 1000 on).
-        let t: f64 = f.segments.iter().map(|s| s.steps_after as f64 / s.steps_per_s).sum();
-        let rounding: f64 =
-            f.segments.iter().map(|s| if s.steps_after >= 1000 { 25.0 } else { 0.5 } / s.steps_per_s).sum();
-        assert!((t - 3.0 * (1.0 - MARGIN)).abs() <= rounding + 1e-9, "{t} s for {f:?}");
-        assert!((f.factor - c.run.steps as f64 / 60.0).abs() < 0.1 * f.factor + 1.0 / 60.0, "{f:?}");
+        // The factor makes the steps take the budget less the margin at the measured rates, and
+        // every count is the old one times it.
+        let t: f64 = f.segments.iter().map(|s| s.steps_before as f64 / s.steps_per_s).sum();
+        assert!((f.factor * t - 10.0 * (1.0 - MARGIN)).abs() < 1e-9, "{f:?}");
+        for s in &f.segments {
+            assert_eq!(s.steps_after, scale_count(s.steps_before, f.factor), "{f:?}");
+            assert!((s.images_per_s - s.steps_per_s).abs() < 1e-12, "batch 1: {f:?}");
+        }
         assert!(fit(&mut c, model, 32, &Device::Cpu, 0.0, 2).is_err());
     }
 }
