@@ -228,3 +228,27 @@ fn a_killed_rank_stops_the_others_within_seconds_naming_it() {
     assert!(err.lines().any(|l| l.starts_with("[rank 0] error:") && l.contains("rank 1 died")), "{err}");
     assert!(err.contains("checkpoint saved at step"), "{err}");
 }
+
+#[test]
+fn two_ranks_fit_the_same_step_counts_to_a_time_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path().join("fit");
+    let more = ["--set", "data.stages=[{steps = 2, crop = 16}]", "--fit-time", "5", "--fit-steps", "2"];
+    train(&gpus(2, args(&r, 4, 2, &more)), true);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(r.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let fits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["type"] == "fit").collect();
+    assert_eq!(fits.len(), 1, "rank 0 alone logs the fit");
+    let total = fits[0]["run_steps_after"].as_u64().unwrap();
+    let segs = fits[0]["segments"].as_array().unwrap();
+    assert_eq!(segs.iter().map(|s| s["steps_after"].as_u64().unwrap()).sum::<u64>(), total, "{}", fits[0]);
+    // Both ranks ran the fitted schedule to its end together (a rank with other counts would
+    // have left the other waiting in a collective).
+    assert_eq!(train_steps(&r), (1..=total).collect::<Vec<u64>>());
+    assert_eq!(trainer(&r, total)["images_seen"], total * 4, "2 ranks x batch 2 per step");
+    let cfg = std::fs::read_to_string(r.join("config.toml")).unwrap();
+    assert!(cfg.contains(&format!("steps = {total}\n")), "{cfg}");
+}

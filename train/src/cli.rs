@@ -80,7 +80,8 @@ pub struct TrainArgs {
     /// and batch size of the schedule is timed first (a few seconds), then every step count
     /// (run.steps, each [[data.stages]] entry) is scaled by one factor, the schedule's shape
     /// kept, 5% left for evaluations, previews, checkpoints and the loader. The fitted counts
-    /// are the run's (config.toml; a resume keeps them). Pair with a --time-limit a little above.
+    /// are the run's (config.toml; a resume keeps them). Data-parallel: the ranks time the step
+    /// together and fit rank 0's timing. Pair with a --time-limit a little above.
     #[arg(long, value_name = "SECONDS")]
     pub fit_time: Option<f64>,
     /// Steps timed per crop and batch size for --fit-time (after a third as many untimed ones).
@@ -334,9 +335,6 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>, world: &World) -> Result<i32>
     if let Some(t) = a.fit_time {
         if !(t.is_finite() && t > 0.0) {
             bail!("--fit-time {t}: give a positive number of seconds");
-        }
-        if world.world_size > 1 {
-            bail!("--fit-time times one process's step: it does not fit a data-parallel run yet (fit on one GPU, then give the fitted step counts)");
         }
     }
     let dist = join(a, world, &plans)?;

@@ -12,12 +12,18 @@
 //! preview and evaluation intervals stay as written. Counts of 1000 or more are rounded to
 //! multiples of 50. The fitted counts go into the run's `config.toml`, so a resume continues
 //! the same schedule; the timings go into `metrics.jsonl` (a `fit` line).
+//!
+//! Data-parallel: every rank times the same steps together, its throwaway recipe training
+//! through the run's collectives (the gradient all-reduce is part of the step), and rank 0's
+//! timings are broadcast, so every rank fits the same counts.
 
 use crate::config::TrainConfig;
+use crate::dist::comm::Comm;
 use crate::recipe::{Batch, ModelInit, Recipe};
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 use taesd::TaesdConfig;
 
@@ -129,11 +135,12 @@ pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
 
 /// Seconds per step of the full recipe at `crop` and `batch` on `device`: `timed` steps after
 /// `warmup_steps(timed)`, on a recipe built like the run's (its warm-ups skipped: the full step
-/// is timed; a replay buffer of four batches).
+/// is timed; a replay buffer of four batches), data-parallel through `comm` when given.
 pub fn time_step(
     cfg: &TrainConfig,
     model: TaesdConfig,
     device: &Device,
+    comm: Option<&Arc<dyn Comm>>,
     crop: u32,
     batch: usize,
     timed: usize,
@@ -146,6 +153,7 @@ pub fn time_step(
     let mut recipe = Recipe::new(&rc, model, &init, device, cfg.run.seed).context("building the recipe to time")?;
     recipe.set_precision(cfg.run.precision);
     recipe.set_schedule_end(Some(cfg.run.steps));
+    recipe.set_comm(comm.cloned())?;
     let s = model.spatial_scale();
     let side = crop as usize / s;
     let b = Batch {
@@ -164,12 +172,14 @@ pub fn time_step(
     Ok(t0.elapsed().as_secs_f64() / timed.max(1) as f64)
 }
 
-/// Time each crop and batch size of `cfg`'s run and scale its step counts to fill `budget_s`.
+/// Time each crop and batch size of `cfg`'s run and scale its step counts to fill `budget_s`
+/// (every rank of `comm` together, rank 0's timings deciding).
 pub fn fit(
     cfg: &mut TrainConfig,
     model: TaesdConfig,
     default_crop: u32,
     device: &Device,
+    comm: Option<&Arc<dyn Comm>>,
     budget_s: f64,
     timed: usize,
 ) -> Result<Fit> {
@@ -181,9 +191,16 @@ pub fn fit(
         if n == 0 || rates.iter().any(|(k, _)| *k == (crop, batch)) {
             continue;
         }
-        let sec = time_step(cfg, model, device, crop, batch, timed)
+        let sec = time_step(cfg, model, device, comm, crop, batch, timed)
             .with_context(|| format!("--fit-time: timing the step at crop {crop}, batch {batch}"))?;
         rates.push(((crop, batch), 1.0 / sec));
+    }
+    if let Some(c) = comm {
+        let mut bytes: Vec<u8> = rates.iter().flat_map(|r| r.1.to_le_bytes()).collect();
+        c.broadcast_host(&mut bytes).context("--fit-time: rank 0's timings")?;
+        for (r, b) in rates.iter_mut().zip(bytes.chunks_exact(8)) {
+            r.1 = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
     }
     let rate = |crop, batch| rates.iter().find(|(k, _)| *k == (crop, batch)).map_or(f64::NAN, |r| r.1);
     let steps_s = budget_s * (1.0 - MARGIN);
@@ -260,7 +277,7 @@ mod tests {
         let mut c = cfg("[data]\ncrop = 32\nbatch_size = 1\n[[data.stages]]\nsteps = 40\ncrop = 16\n\
                          [run]\nsteps = 60\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
         let model = taesd::Variant::Taesd.config();
-        let f = fit(&mut c, model, 32, &Device::Cpu, 10.0, 2).unwrap();
+        let f = fit(&mut c, model, 32, &Device::Cpu, None, 10.0, 2).unwrap();
         assert_eq!(f.segments.len(), 2, "{f:?}");
         assert_eq!((f.segments[0].crop, f.segments[1].crop), (16, 32));
         assert_eq!((f.run_steps_before, f.run_steps_after), (60, c.run.steps));
@@ -274,6 +291,6 @@ mod tests {
             assert_eq!(s.steps_after, scale_count(s.steps_before, f.factor), "{f:?}");
             assert!((s.images_per_s - s.steps_per_s).abs() < 1e-12, "batch 1: {f:?}");
         }
-        assert!(fit(&mut c, model, 32, &Device::Cpu, 0.0, 2).is_err());
+        assert!(fit(&mut c, model, 32, &Device::Cpu, None, 0.0, 2).is_err());
     }
 }

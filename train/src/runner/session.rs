@@ -95,7 +95,8 @@ impl<'a> Session<'a> {
         };
         let fit = match opts.fit_time {
             Some(budget) if resume_from.is_none() => {
-                let f = super::fit::fit(&mut r.config, r.model, r.crop, &device, budget, opts.fit_steps)
+                let comm = opts.dist.as_ref().map(|d| &d.comm);
+                let f = super::fit::fit(&mut r.config, r.model, r.crop, &device, comm, budget, opts.fit_steps)
                     .with_context(|| format!("run `{}`", plan.name))?;
                 if root {
                     write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
