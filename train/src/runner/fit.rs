@@ -121,16 +121,13 @@ pub fn factor_for(segments: &[(u64, f64)], seconds: f64) -> f64 {
     }
 }
 
-/// Multiply every step count of `cfg` by `factor` (each stage's; `run.steps` as the stages'
-/// new sum plus the rest scaled).
+/// Multiply every step count of `cfg` by `factor`: each stage's, and `run.steps` as the sum of
+/// its stretches scaled (a stage the run ends inside keeps ending it at the same fraction).
 pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
-    let rest = segments(cfg, default_crop).last().map_or(0, |s| s.2);
-    let mut total = 0;
+    cfg.run.steps = segments(cfg, default_crop).iter().map(|s| scale_count(s.2, factor)).sum();
     for st in &mut cfg.data.stages {
         st.steps = scale_count(st.steps, factor);
-        total += st.steps;
     }
-    cfg.run.steps = total + scale_count(rest, factor);
 }
 
 /// Seconds per step of the full recipe at `crop` and `batch` on `device`: `timed` steps after
@@ -269,6 +266,11 @@ mod tests {
         assert_eq!((c.data.stages[0].steps, c.run.steps), (8, 13));
         scale_steps(&mut c, 32, 0.01);
         assert_eq!((c.data.stages[0].steps, c.run.steps), (1, 2), "never below one step per stretch");
+        // The run ends inside its second stage (50 + 20 of 50): it still does, at 2x.
+        let mut c = cfg("[[data.stages]]\nsteps = 50\ncrop = 16\n[[data.stages]]\nsteps = 50\n[run]\nsteps = 70\n");
+        scale_steps(&mut c, 64, 2.0);
+        assert_eq!((c.data.stages[0].steps, c.data.stages[1].steps, c.run.steps), (100, 100, 140));
+        assert_eq!(segments(&c, 64), vec![(16, 16, 100), (64, 16, 40), (64, 16, 0)]);
         assert_eq!((scale_count(0, 5.0), scale_count(999, 1.0), scale_count(1024, 1.0)), (0, 999, 1000));
     }
 
