@@ -77,7 +77,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "SECONDS")]
     pub time_limit: Option<f64>,
     /// Fit a new run's step counts to this many seconds of training on this machine: each crop
-    /// and batch size of the schedule is timed first (a few seconds), then every step count
+    /// and batch size of the schedule is timed first (40 throwaway steps each), then every step count
     /// (run.steps, each [[data.stages]] entry) is scaled by one factor, the schedule's shape
     /// kept, 5% left for evaluations, previews, checkpoints and the loader. The fitted counts
     /// are the run's (config.toml; a resume keeps them). Data-parallel: the ranks time the step
