@@ -333,9 +333,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>, world: &World) -> Result<i32>
     }
     let time_limit = a.time_limit.map(std::time::Duration::from_secs_f64);
     if let Some(t) = a.fit_time {
-        if !(t.is_finite() && t > 0.0) {
-            bail!("--fit-time {t}: give a positive number of seconds");
-        }
+        crate::runner::fit::check_budget(t)?;
     }
     let dist = join(a, world, &plans)?;
     let root = dist.as_ref().is_none_or(|d| d.is_root());

@@ -40,6 +40,12 @@ pub fn warmup_steps(timed: usize) -> usize {
     (timed / 3).clamp(1, 10)
 }
 
+/// A budget `--fit-time` accepts: a positive number of seconds.
+pub fn check_budget(seconds: f64) -> Result<()> {
+    ensure!(seconds.is_finite() && seconds > 0.0, "--fit-time {seconds}: give a positive number of seconds");
+    Ok(())
+}
+
 /// One stretch of the run at one crop and batch size, timed.
 #[derive(Clone, Debug, Serialize)]
 pub struct Segment {
@@ -180,7 +186,7 @@ pub fn fit(
     budget_s: f64,
     timed: usize,
 ) -> Result<Fit> {
-    ensure!(budget_s.is_finite() && budget_s > 0.0, "--fit-time {budget_s}: give a positive number of seconds");
+    check_budget(budget_s)?;
     let t0 = Instant::now();
     let segs = segments(cfg, default_crop);
     let mut rates: Vec<((u32, usize), f64)> = Vec::new();

@@ -77,7 +77,6 @@ impl<'a> Session<'a> {
                     None
                 }
             };
-            write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
             resume_from
         } else {
             None
@@ -98,9 +97,6 @@ impl<'a> Session<'a> {
                 let comm = opts.dist.as_ref().map(|d| &d.comm);
                 let f = super::fit::fit(&mut r.config, r.model, r.crop, &device, comm, budget, opts.fit_steps)
                     .with_context(|| format!("run `{}`", plan.name))?;
-                if root {
-                    write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
-                }
                 Some(f)
             }
             Some(_) => {
@@ -109,6 +105,10 @@ impl<'a> Session<'a> {
             }
             None => None,
         };
+        // The configuration as this session runs it (a fresh run's fitted step counts included).
+        if root {
+            write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
+        }
         let cfg = &r.config;
         let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
         let mut recipe =
