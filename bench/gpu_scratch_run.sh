@@ -16,9 +16,11 @@
 #     > /data/scratch.log 2>&1; touch /data/scratch.done' </dev/null >/dev/null 2>&1 &
 #   while [[ ! -e /data/scratch.done ]] && (( SECONDS < 570 )); do sleep 5; done; tail -3 /data/scratch.log
 # (each call within 30 s of the last; with less time left, a smaller FIT_TIME, ~60 s under
-# SECONDS_TRAIN), and the last one copies /data/scratch-out/* to $OUT (8 files:
-# eval.json, eval-released.json, config.toml, metrics.jsonl, loss.png, preview-last.png, gpu.csv,
-# gpu-clocks.csv: the most one call brings back).
+# SECONDS_TRAIN; size it as the held seconds left after the chunk calls minus ~150 s: docs/gpu.md),
+# and the last two copy /data/scratch-out/* to $OUT (one call brings back at most 8 files): eval.json,
+# eval-released.json, config.toml, metrics.jsonl, loss.png, preview-last.png, gpu.csv,
+# gpu-clocks.csv, then run-eval.json (the run's own evaluation with the EMA probes) and model.tgz
+# (the exported taesd .safetensors, ~10 MB for taef2: the trained model itself) with the log.
 set -uo pipefail
 POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref}
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
@@ -90,5 +92,7 @@ import json; m = json.load(open('$RUN/eval.json'))['models']
 for k, v in m.items(): print(f'  {k:>10}: PSNR {v[\"psnr\"]:.2f}, SSIM {v[\"ssim\"]:.3f}, sharpness {v[\"sharpness\"]:.3f}')"
   cp "$RUN/config.toml" "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
   cp "$(ls "$RUN"/previews/*.png | tail -1)" "$OUT/preview-last.png"
+  cp "$RUN/eval.json" "$OUT/run-eval.json"
+  (cd "$RUN/export" && tar -czf "$OUT/model.tgz" taesd/*.safetensors)
 fi
 rm -rf "$WORK/ckparts" && tools/checkpoint_parts.sh pack "$RUN" "$WORK/ckparts" >/dev/null && ls "$WORK/ckparts"
