@@ -19,7 +19,7 @@
 
 use crate::config::TrainConfig;
 use crate::dist::comm::Comm;
-use crate::recipe::{Batch, ModelInit, Recipe};
+use crate::recipe::Batch;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -152,10 +152,7 @@ pub fn time_step(
     rc.pixel_warmup_steps = 0;
     rc.disc_warmup_steps = 0;
     rc.replay_capacity = rc.replay_capacity.min(4 * batch);
-    let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
-    let mut recipe = Recipe::new(&rc, model, &init, device, cfg.run.seed).context("building the recipe to time")?;
-    recipe.set_precision(cfg.run.precision);
-    recipe.set_schedule_end(Some(cfg.run.steps));
+    let mut recipe = super::session::build_recipe(cfg, &rc, model, device).context("building the recipe to time")?;
     recipe.set_comm(comm.cloned())?;
     let s = model.spatial_scale();
     let side = crop as usize / s;

@@ -11,7 +11,7 @@ use crate::eval::{EvalSet, Metrics, Split};
 use crate::loader::{Loader, LoaderConfig};
 use crate::metrics::{Interval, MetricsLog, METRICS_FILE};
 use crate::order::Position;
-use crate::recipe::{ModelInit, Recipe, StepReport};
+use crate::recipe::{ModelInit, Recipe, RecipeConfig, StepReport};
 use crate::sample::SampleSpec;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -48,6 +48,22 @@ pub(super) struct Session<'a> {
     fit: Option<super::fit::Fit>,
     /// Rank 0 of a data-parallel run, or alone: the process that writes the run folder.
     pub root: bool,
+}
+
+/// A recipe for run configuration `cfg` with the recipe settings `rc` (the run's own, or the
+/// `--fit-time` timing's variant of them): its initial weights, seed, precision and schedule end.
+/// The data-parallel communicator is set by the caller, after any checkpoint is loaded.
+pub(super) fn build_recipe(
+    cfg: &TrainConfig,
+    rc: &RecipeConfig,
+    model: taesd::TaesdConfig,
+    device: &Device,
+) -> Result<Recipe> {
+    let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
+    let mut recipe = Recipe::new(rc, model, &init, device, cfg.run.seed)?;
+    recipe.set_precision(cfg.run.precision);
+    recipe.set_schedule_end(Some(cfg.run.steps));
+    Ok(recipe)
 }
 
 impl<'a> Session<'a> {
@@ -110,11 +126,7 @@ impl<'a> Session<'a> {
             write_atomic(&dir.join(RESOLVED_CONFIG), &r.config.to_toml()?)?;
         }
         let cfg = &r.config;
-        let init = ModelInit { encoder: cfg.model.init_encoder.clone(), decoder: cfg.model.init_decoder.clone() };
-        let mut recipe =
-            Recipe::new(&cfg.recipe, r.model, &init, &device, cfg.run.seed).context("building the recipe")?;
-        recipe.set_precision(cfg.run.precision);
-        recipe.set_schedule_end(Some(cfg.run.steps));
+        let mut recipe = build_recipe(cfg, &cfg.recipe, r.model, &device).context("building the recipe")?;
         recipe.set_save_replay(cfg.run.checkpoint_replay);
         let mut ts = TrainerState {
             step: 0,
