@@ -12,10 +12,10 @@
 # After `source tools/cuda/gpu-env.sh`. POOL, ONNX, REF, WORK, OUT as in gpu_distill_pool.sh.
 # The whole 25-minute run in one session (a full 1,800 s of device time; docs/gpu.md): after the
 # chunk calls, one call starts it in the background and waits, the next ones wait on:
-#   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1560 FIT_TIME=1500 bash bench/gpu_scratch_run.sh \
+#   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1575 FIT_TIME=1500 bash bench/gpu_scratch_run.sh \
 #     > /data/scratch.log 2>&1; touch /data/scratch.done' </dev/null >/dev/null 2>&1 &
 #   while [[ ! -e /data/scratch.done ]] && (( SECONDS < 570 )); do sleep 5; done; tail -3 /data/scratch.log
-# (each call within 30 s of the last; with less time left, a smaller FIT_TIME, ~60 s under
+# (each call within 30 s of the last; with less time left, a smaller FIT_TIME, ~5% under
 # SECONDS_TRAIN; size it as the held seconds left after the chunk calls minus ~150 s: docs/gpu.md),
 # and the last two copy /data/scratch-out/* to $OUT (one call brings back at most 8 files): eval.json,
 # eval-released.json, config.toml, metrics.jsonl, loss.png, preview-last.png, gpu.csv,

@@ -77,11 +77,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "SECONDS")]
     pub time_limit: Option<f64>,
     /// Fit a new run's step counts to this many seconds of training on this machine: each crop
-    /// and batch size of the schedule is timed first (40 throwaway steps each), then every step count
+    /// and batch size of the schedule is timed first (throwaway steps, each batch's upload included:
+    /// --fit-steps and at least 0.3% of SECONDS each), then every step count
     /// (run.steps, each [[data.stages]] entry) is scaled by one factor, the schedule's shape
-    /// kept, 5% left for evaluations, previews, checkpoints and the loader. The fitted counts
+    /// kept, 3% left for evaluations, previews, checkpoints and the loader. The fitted counts
     /// are the run's (config.toml; a resume keeps them). Data-parallel: the ranks time the step
-    /// together and fit rank 0's timing. Pair with a --time-limit a little above.
+    /// together and fit rank 0's timing. Pair with a --time-limit ~5% above.
     #[arg(long, value_name = "SECONDS")]
     pub fit_time: Option<f64>,
     /// Steps timed per crop and batch size for --fit-time (after a third as many untimed ones).

@@ -4,7 +4,8 @@
 //!
 //! Each distinct crop and batch size of the run's stages is timed on a throwaway recipe built
 //! like the run's (configuration, model, device, precision; the full step, past the warm-ups,
-//! on random batches already on the device), then every step count — `run.steps` and each
+//! each on a random batch uploaded from the host as the loader's are), for at least the given
+//! number of steps and at least `MIN_TIMED_SHARE` of the budget, then every step count — `run.steps` and each
 //! `[[data.stages]]` entry's — is multiplied by one factor so that the steps take the budget
 //! less a margin (`MARGIN`: the loader, uploads, evaluations, previews and checkpoints inside
 //! the loop, and a rate that wanders over a long run). The schedule keeps its shape: the
@@ -19,6 +20,7 @@
 
 use crate::config::TrainConfig;
 use crate::dist::comm::Comm;
+use crate::loader::HostBatch;
 use crate::recipe::Batch;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -27,10 +29,18 @@ use std::sync::Arc;
 use std::time::Instant;
 use taesd::TaesdConfig;
 
-/// The share of the budget left to what is not a step: in the 18-minute run of 2026-12-06
-/// (bench/results/2026-12-06-h100-scratch-18min.md) 1.9-2.9% of the loop's time was outside the
-/// step, and the 20-minute run's 128 px rate wandered by ~10% over the run.
-pub const MARGIN: f64 = 0.05;
+/// The share of the budget left to what is neither a step nor its batch's upload (both timed):
+/// the loader's waits, evaluations, previews and checkpoints inside the loop, 0.5-1% of the
+/// loop's time in the 21- and 25-minute runs of 2026-12-06, and a rate that wanders. (At 5%, with
+/// the upload outside the timing, those runs trained 90-91% of their budgets:
+/// bench/results/2026-12-06-h100-scratch-25min.md.)
+pub const MARGIN: f64 = 0.03;
+
+/// Each crop and batch size is timed for at least this share of the budget (0.3%: 4.5 s of a
+/// 1,500 s one), past the timed steps' minimum: a host-bound small-crop step's rate wanders by
+/// ~10% between 50-step windows, and 30 steps of it (~1.2 s at 128 px on an H100) came out 7-8%
+/// under the stage's average in both runs above.
+pub const MIN_TIMED_SHARE: f64 = 0.003;
 
 /// Steps timed per crop and batch size by default (after `warmup_steps(timed)` untimed ones).
 pub const DEFAULT_TIMED_STEPS: usize = 30;
@@ -55,6 +65,8 @@ pub struct Segment {
     pub steps_after: u64,
     pub steps_per_s: f64,
     pub images_per_s: f64,
+    /// Steps the rate was measured over.
+    pub timed_steps: usize,
 }
 
 /// What the fit did (the `fit` line of metrics.jsonl).
@@ -77,7 +89,12 @@ impl Fit {
         let rates: Vec<String> = self
             .segments
             .iter()
-            .map(|s| format!("{} px / batch {}: {:.1} images/s", s.crop, s.batch_size, s.images_per_s))
+            .map(|s| {
+                format!(
+                    "{} px / batch {}: {:.1} images/s ({} steps)",
+                    s.crop, s.batch_size, s.images_per_s, s.timed_steps
+                )
+            })
             .collect();
         format!(
             "--fit-time {:.0} s: measured {} ({:.1} s); every step count x {:.3}: run.steps {} -> {} (~{:.0} s of steps, {:.0}% left for the rest)",
@@ -136,9 +153,11 @@ pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
     }
 }
 
-/// Seconds per step of the full recipe at `crop` and `batch` on `device`: `timed` steps after
-/// `warmup_steps(timed)`, on a recipe built like the run's (its warm-ups skipped: the full step
-/// is timed; a replay buffer of four batches), data-parallel through `comm` when given.
+/// Seconds per step of the full recipe at `crop` and `batch` on `device`, its batch's upload
+/// included, and how many steps were timed: at least `timed` steps and at least `min_seconds` after `warmup_steps(timed)`, on a
+/// recipe built like the run's (its warm-ups skipped: the full step is timed; a replay buffer of
+/// four batches), data-parallel through `comm` when given (rank 0 decides how many steps).
+#[allow(clippy::too_many_arguments)]
 pub fn time_step(
     cfg: &TrainConfig,
     model: TaesdConfig,
@@ -147,29 +166,65 @@ pub fn time_step(
     crop: u32,
     batch: usize,
     timed: usize,
-) -> Result<f64> {
+    min_seconds: f64,
+) -> Result<(f64, usize)> {
     let mut rc = cfg.recipe.clone();
     rc.pixel_warmup_steps = 0;
     rc.disc_warmup_steps = 0;
     rc.replay_capacity = rc.replay_capacity.min(4 * batch);
     let mut recipe = super::session::build_recipe(cfg, &rc, model, device).context("building the recipe to time")?;
     recipe.set_comm(comm.cloned())?;
-    let s = model.spatial_scale();
-    let side = crop as usize / s;
-    let b = Batch {
-        images: Tensor::rand(0f32, 1.0, (batch, 3, crop as usize, crop as usize), device)?,
-        latents: Tensor::randn(0f32, 1.0, (batch, model.latent_channels, side, side), device)?,
+    let side = crop as usize / model.spatial_scale();
+    let hb = random_host_batch(batch, crop as usize, [model.latent_channels, side, side])?;
+    let mut step = || -> Result<()> {
+        let (images, latents) = hb.to_tensors(device)?;
+        recipe.step(&Batch { images, latents })?;
+        Ok(())
     };
     for _ in 0..warmup_steps(timed) {
-        recipe.step(&b)?;
+        step()?;
     }
     device.synchronize()?;
     let t0 = Instant::now();
-    for _ in 0..timed.max(1) {
-        recipe.step(&b)?;
+    let mut n = timed.max(1);
+    for _ in 0..n {
+        step()?;
     }
     device.synchronize()?;
-    Ok(t0.elapsed().as_secs_f64() / timed.max(1) as f64)
+    // Too short a sample of a wandering rate: more steps, as many as `min_seconds` takes at the
+    // rate so far (every rank the same count, rank 0's: the step has collectives).
+    let so_far = t0.elapsed().as_secs_f64();
+    let per_step = (so_far / n as f64).max(1e-6);
+    let mut more = (((min_seconds - so_far).max(0.0) / per_step).ceil() as u64).min(20 * n as u64);
+    if let Some(c) = comm {
+        let mut bytes = more.to_le_bytes();
+        c.broadcast_host(&mut bytes).context("rank 0's count of timed steps")?;
+        more = u64::from_le_bytes(bytes);
+    }
+    for _ in 0..more {
+        step()?;
+    }
+    device.synchronize()?;
+    n += more as usize;
+    Ok((t0.elapsed().as_secs_f64() / n as f64, n))
+}
+
+/// A batch of random 8-bit images and normal latents on the host, as the loader hands them over.
+fn random_host_batch(batch: usize, crop: usize, [c, h, w]: [usize; 3]) -> Result<HostBatch> {
+    let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let images = host(Tensor::rand(0f32, 255.0, (batch, 3, crop, crop), &Device::Cpu)?)?;
+    Ok(HostBatch {
+        images: images.into_iter().map(|v| v as u8).collect(),
+        latents: host(Tensor::randn(0f32, 1.0, (batch, c, h, w), &Device::Cpu)?)?,
+        batch,
+        crop,
+        latent_shape: [c, h, w],
+        keys: Vec::new(),
+        positions: Vec::new(),
+        next: Default::default(),
+        global_batch: batch,
+        skipped: Vec::new(),
+    })
 }
 
 /// Time each crop and batch size of `cfg`'s run and scale its step counts to fill `budget_s`
@@ -187,13 +242,15 @@ pub fn fit(
     let t0 = Instant::now();
     let segs = segments(cfg, default_crop);
     let mut rates: Vec<((u32, usize), f64)> = Vec::new();
+    let mut counts: Vec<((u32, usize), usize)> = Vec::new();
     for &(crop, batch, n) in &segs {
         if n == 0 || rates.iter().any(|(k, _)| *k == (crop, batch)) {
             continue;
         }
-        let sec = time_step(cfg, model, device, comm, crop, batch, timed)
+        let (sec, n) = time_step(cfg, model, device, comm, crop, batch, timed, budget_s * MIN_TIMED_SHARE)
             .with_context(|| format!("--fit-time: timing the step at crop {crop}, batch {batch}"))?;
         rates.push(((crop, batch), 1.0 / sec));
+        counts.push(((crop, batch), n));
     }
     if let Some(c) = comm {
         let mut bytes: Vec<u8> = rates.iter().flat_map(|r| r.1.to_le_bytes()).collect();
@@ -215,6 +272,7 @@ pub fn fit(
         .filter(|((_, _, n), _)| *n > 0)
         .map(|(&(crop, batch_size, steps_before), a)| {
             let r = rate(crop, batch_size);
+            let timed_steps = counts.iter().find(|(k, _)| *k == (crop, batch_size)).map_or(0, |c| c.1);
             Segment {
                 crop,
                 batch_size,
@@ -222,6 +280,7 @@ pub fn fit(
                 steps_after: a.2,
                 steps_per_s: r,
                 images_per_s: r * batch_size as f64,
+                timed_steps,
             }
         })
         .collect();
@@ -278,6 +337,20 @@ mod tests {
     }
 
     #[test]
+    fn the_timing_runs_the_steps_asked_and_more_for_a_minimum_time() {
+        let c = cfg("[data]\ncrop = 16\nbatch_size = 1\n[run]\nsteps = 10\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
+        let model = taesd::Variant::Taesd.config();
+        let (sec, n) = time_step(&c, model, &Device::Cpu, None, 16, 1, 1, 0.0).unwrap();
+        assert_eq!(n, 1);
+        assert!(sec > 0.0, "{sec}");
+        // ~4 steps' time asked: more steps (at most 20x the asked count), the span about that long.
+        let want = 4.0 * sec;
+        let (sec2, n2) = time_step(&c, model, &Device::Cpu, None, 16, 1, 1, want).unwrap();
+        assert!(n2 > 1 && n2 <= 1 + 20, "{n2} steps for {want} s at {sec} s/step");
+        assert!(sec2 * n2 as f64 >= 0.5 * want, "{n2} steps of {sec2} s for {want} s");
+    }
+
+    #[test]
     fn fit_times_each_crop_once_and_scales_to_the_budget() {
         let mut c = cfg("[data]\ncrop = 32\nbatch_size = 1\n[[data.stages]]\nsteps = 40\ncrop = 16\n\
                          [run]\nsteps = 60\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
@@ -294,6 +367,7 @@ mod tests {
         assert!((f.factor * t - 10.0 * (1.0 - MARGIN)).abs() < 1e-9, "{f:?}");
         for s in &f.segments {
             assert_eq!(s.steps_after, scale_count(s.steps_before, f.factor), "{f:?}");
+            assert!(s.timed_steps >= 2, "{f:?}");
             assert!((s.images_per_s - s.steps_per_s).abs() < 1e-12, "batch 1: {f:?}");
         }
         assert!(fit(&mut c, model, 32, &Device::Cpu, None, 0.0, 2).is_err());
