@@ -5,10 +5,10 @@
 //! Each distinct crop and batch size of the run's stages is timed on a throwaway recipe built
 //! like the run's (configuration, model, device, precision; the full step, past the warm-ups,
 //! each on a random batch uploaded from the host as the loader's are), for at least the given
-//! number of steps and at least `MIN_TIMED_SHARE` of the budget, then every step count — `run.steps` and each
-//! `[[data.stages]]` entry's — is multiplied by one factor so that the steps take the budget
-//! less a margin (`MARGIN`: the loader, uploads, evaluations, previews and checkpoints inside
-//! the loop, and a rate that wanders over a long run). The schedule keeps its shape: the
+//! number of steps and at least `MIN_TIMED_SHARE` of the budget, then every step count —
+//! `run.steps` and each `[[data.stages]]` entry's — is multiplied by one factor so that the
+//! steps take the budget less a margin (`MARGIN`: the loader's waits, evaluations, previews and
+//! checkpoints inside the loop, and a rate that wanders over a long run). The schedule keeps its shape: the
 //! stages' proportions, the cosine's end at the last step; warm-ups and the checkpoint,
 //! preview and evaluation intervals stay as written. Counts of 1000 or more are rounded to
 //! multiples of 50. The fitted counts go into the run's `config.toml`, so a resume continues
@@ -30,7 +30,7 @@ use std::time::Instant;
 use taesd::TaesdConfig;
 
 /// The share of the budget left to what is neither a step nor its batch's upload (both timed):
-/// the loader's waits, evaluations, previews and checkpoints inside the loop, 0.5-1% of the
+/// the loader's waits, evaluations, previews and checkpoints inside the loop, under 1% of the
 /// loop's time in the 21- and 25-minute runs of 2026-12-06, and a rate that wanders. (At 5%, with
 /// the upload outside the timing, those runs trained 90-91% of their budgets:
 /// bench/results/2026-12-06-h100-scratch-25min.md.)
@@ -154,9 +154,10 @@ pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
 }
 
 /// Seconds per step of the full recipe at `crop` and `batch` on `device`, its batch's upload
-/// included, and how many steps were timed: at least `timed` steps and at least `min_seconds` after `warmup_steps(timed)`, on a
-/// recipe built like the run's (its warm-ups skipped: the full step is timed; a replay buffer of
-/// four batches), data-parallel through `comm` when given (rank 0 decides how many steps).
+/// included, and how many steps were timed: at least `timed` steps and at least `min_seconds`
+/// (at most 21x `timed`) after `warmup_steps(timed)`, on a recipe built like the run's (its
+/// warm-ups skipped: the full step is timed; a replay buffer of four batches), data-parallel
+/// through `comm` when given (rank 0 decides how many steps).
 #[allow(clippy::too_many_arguments)]
 pub fn time_step(
     cfg: &TrainConfig,
