@@ -201,9 +201,10 @@ impl Comm for TcpComm {
 }
 
 #[cfg(test)]
-mod tests {
+/// In-process ranks for tests (threads talking over loopback TCP), here and in other modules'
+/// tests of collective code.
+pub(crate) mod testing {
     use super::*;
-    use crate::dist::comm::{all_reduce_mean, gather_flags};
     use crate::dist::world::Launcher;
     use std::time::Duration;
 
@@ -211,7 +212,7 @@ mod tests {
     /// OS handed out and we closed again could be taken as another test's connection's local
     /// port before rank 0 listens on it ("Address already in use"). Each call a new one, free
     /// at the time.
-    fn free_port() -> u16 {
+    pub fn free_port() -> u16 {
         use std::sync::atomic::{AtomicU16, Ordering};
         static NEXT: AtomicU16 = AtomicU16::new(0);
         let base = 20000 + (std::process::id() % 500) as u16 * 20;
@@ -223,7 +224,7 @@ mod tests {
         }
     }
 
-    fn world(rank: usize, n: usize, port: u16) -> World {
+    pub fn world(rank: usize, n: usize, port: u16) -> World {
         World {
             rank,
             world_size: n,
@@ -236,10 +237,10 @@ mod tests {
         }
     }
 
-    const T: Timeouts = Timeouts { connect: Duration::from_secs(20), op: Duration::from_secs(20) };
+    pub const T: Timeouts = Timeouts { connect: Duration::from_secs(20), op: Duration::from_secs(20) };
 
     /// `n` ranks as threads, each running `f(comm)`; results in rank order.
-    fn ranks<R: Send + 'static>(n: usize, f: impl Fn(TcpComm, Vec<u8>) -> R + Send + Sync + 'static) -> Vec<R> {
+    pub fn ranks<R: Send + 'static>(n: usize, f: impl Fn(TcpComm, Vec<u8>) -> R + Send + Sync + 'static) -> Vec<R> {
         let port = free_port();
         let f = std::sync::Arc::new(f);
         let hs: Vec<_> = (0..n)
@@ -253,6 +254,14 @@ mod tests {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::dist::comm::{all_reduce_mean, gather_flags};
+    use std::time::Duration;
 
     #[test]
     fn all_reduce_sums_in_rank_order_and_broadcast_barrier_work() {

@@ -352,6 +352,20 @@ mod tests {
     }
 
     #[test]
+    fn every_rank_times_rank_0s_count_of_steps() {
+        // Rank 0 asks for no more than the one timed step, rank 1 for far more (20 more steps,
+        // the cap): both time rank 0's count (a rank that went on alone would wait in the step's
+        // gradient all-reduce until its timeout).
+        let n = crate::dist::tcp::testing::ranks(2, |c, _| {
+            let c: Arc<dyn Comm> = Arc::new(c);
+            let cfg = cfg("[data]\ncrop = 16\nbatch_size = 1\n[run]\nsteps = 10\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
+            let min_seconds = if c.rank() == 0 { 0.0 } else { 1e9 };
+            time_step(&cfg, taesd::Variant::Taesd.config(), &Device::Cpu, Some(&c), 16, 1, 1, min_seconds).unwrap().1
+        });
+        assert_eq!(n, vec![1, 1]);
+    }
+
+    #[test]
     fn fit_times_each_crop_once_and_scales_to_the_budget() {
         let mut c = cfg("[data]\ncrop = 32\nbatch_size = 1\n[[data.stages]]\nsteps = 40\ncrop = 16\n\
                          [run]\nsteps = 60\nprecision = \"f32\"\n[recipe]\nreplay_capacity = 4\n");
