@@ -242,16 +242,15 @@ pub fn fit(
     check_budget(budget_s)?;
     let t0 = Instant::now();
     let segs = segments(cfg, default_crop);
-    let mut rates: Vec<((u32, usize), f64)> = Vec::new();
-    let mut counts: Vec<((u32, usize), usize)> = Vec::new();
+    // (crop, batch size), steps per second, steps timed.
+    let mut rates: Vec<((u32, usize), f64, usize)> = Vec::new();
     for &(crop, batch, n) in &segs {
-        if n == 0 || rates.iter().any(|(k, _)| *k == (crop, batch)) {
+        if n == 0 || rates.iter().any(|(k, ..)| *k == (crop, batch)) {
             continue;
         }
         let (sec, n) = time_step(cfg, model, device, comm, crop, batch, timed, budget_s * MIN_TIMED_SHARE)
             .with_context(|| format!("--fit-time: timing the step at crop {crop}, batch {batch}"))?;
-        rates.push(((crop, batch), 1.0 / sec));
-        counts.push(((crop, batch), n));
+        rates.push(((crop, batch), 1.0 / sec, n));
     }
     if let Some(c) = comm {
         let mut bytes: Vec<u8> = rates.iter().flat_map(|r| r.1.to_le_bytes()).collect();
@@ -260,7 +259,8 @@ pub fn fit(
             r.1 = f64::from_le_bytes(b.try_into().expect("8 bytes"));
         }
     }
-    let rate = |crop, batch| rates.iter().find(|(k, _)| *k == (crop, batch)).map_or(f64::NAN, |r| r.1);
+    let timing = |crop, batch| rates.iter().find(|(k, ..)| *k == (crop, batch)).map_or((f64::NAN, 0), |r| (r.1, r.2));
+    let rate = |crop, batch| timing(crop, batch).0;
     let steps_s = budget_s * (1.0 - MARGIN);
     let factor = factor_for(&segs.iter().map(|&(c, b, n)| (n, rate(c, b))).collect::<Vec<_>>(), steps_s);
     let run_steps_before = cfg.run.steps;
@@ -272,8 +272,7 @@ pub fn fit(
         .zip(&after)
         .filter(|((_, _, n), _)| *n > 0)
         .map(|(&(crop, batch_size, steps_before), a)| {
-            let r = rate(crop, batch_size);
-            let timed_steps = counts.iter().find(|(k, _)| *k == (crop, batch_size)).map_or(0, |c| c.1);
+            let (r, timed_steps) = timing(crop, batch_size);
             Segment {
                 crop,
                 batch_size,
