@@ -19,8 +19,9 @@
 //!   blur — but a colour drift of 0.1-0.2 pulls back with 10-20%, and early on (weak
 //!   discriminator, small corrections) it is what teaches a fresh decoder its colours. It is
 //!   blind to everything inside a block, so it cannot fight the GAN term on texture.
-//! * `fullres_mse_weight`, `freq_weight`, `detail_weight` 0: off in the recipe (full-resolution MSE
-//!   blurs; the detail term is for fine-tuning a released decoder).
+//! * `fullres_mse_weight`, `freq_weight`, `detail_weight`, `cycle_weight` 0: off in the recipe
+//!   (full-resolution MSE blurs; the detail term is for fine-tuning a released decoder; the latent
+//!   cycle term costs an encoder pass more per step).
 //! * EMA decay 0.999 (an average over the last ~1000 steps) with warm-up, for previews/export.
 //! * Replay buffer: seraena's 16384 entries, half of each discriminator batch replayed, stored as
 //!   f16 (6 GiB at 256x256, see [`super::replay`]).
@@ -192,6 +193,14 @@ pub struct RecipeConfig {
     /// fine-tuning: the low-resolution term moves the colours, this keeps the released decoder's
     /// edges and texture (without it every fine-tune measured lost sharpness within 250 steps).
     pub detail_weight: f64,
+    /// Weight of the latent cycle term (0: off): `MSE(encoder(decoded), latents)`, the decoded
+    /// image encoded again by the run's encoder (its weights of the step, frozen for this term: the
+    /// gradient reaches the decoder only), against the latents it was decoded from. The
+    /// evaluation's `cycle_mae` as a loss: the decoder is held to images that encode back to their
+    /// latents, a content (perceptual) term whose features are the encoder's, not the pixels' (it
+    /// does not average the detail the way a pixel MSE does). Needs an encoder, trained or loaded
+    /// (`model.init_encoder`); an encoder forward and backward more per step.
+    pub cycle_weight: f64,
 
     /// Discriminator learning rate (3e-4).
     pub disc_lr: f64,
@@ -259,6 +268,7 @@ impl Default for RecipeConfig {
             freq_weight: 0.0,
             freq_patch: 8,
             detail_weight: 0.0,
+            cycle_weight: 0.0,
             disc_lr: 3e-4,
             disc_betas: (0.9, 0.99),
             disc_eps: 1e-8,
@@ -337,12 +347,14 @@ impl RecipeConfig {
         let others_off = self.gan_weight == 0.0
             && self.lowres_mse_weight == 0.0
             && self.freq_weight == 0.0
-            && self.detail_weight == 0.0;
+            && self.detail_weight == 0.0
+            && self.cycle_weight == 0.0;
         if self.fullres_mse_fade > 0.0 && self.train_decoder && others_off {
             bail!("recipe: fullres_mse_fade fades out the full-resolution MSE, but no other decoder loss weight is set to take over");
         }
         nonneg("freq_weight", self.freq_weight)?;
         nonneg("detail_weight", self.detail_weight)?;
+        nonneg("cycle_weight", self.cycle_weight)?;
         if self.lowres_factor == 0 {
             bail!("recipe: lowres_factor must be >= 1");
         }

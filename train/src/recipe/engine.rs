@@ -16,7 +16,8 @@
 //!      `target = fake + correction` (detached).
 //!    * Loss: the weighted terms of [`super::terms::TERMS`], `gan_weight * MSE(fake, target) +
 //!      lowres_mse_weight * MSE(pool8(fake), pool8(real)) (+ fullres MSE, optionally fading out
-//!      over the run, + frequency-amplitude L1, + the detail term against the initial decoder)`
+//!      over the run, + frequency-amplitude L1, + the detail term against the initial decoder, +
+//!      the latent cycle MSE(encoder(fake), latents) through the encoder's frozen weights)`
 //!      -> gradients -> proposed Adam update (skipped during `disc_warmup_steps`). In the pixel
 //!      warm-up (`pixel_warmup_steps`) the loss is `MSE(fake, real)` alone and no correction is
 //!      computed; the discriminator still trains.
@@ -311,6 +312,17 @@ impl Recipe {
             });
         }
         Ok(out)
+    }
+
+    /// The encoder on its current weights, detached: it shares their storage (no copy) and gives
+    /// them no gradient, so a pass through it carries gradients to its input alone (the latent
+    /// cycle term's encoder, built each step).
+    pub(super) fn detached_encoder(&self) -> Result<Option<Encoder>> {
+        let Some(p) = &self.encoder else {
+            return Ok(None);
+        };
+        let t = p.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        Ok(Some(Encoder::new(&self.model_cfg, self.model_from(t).pp("encoder"))?))
     }
 
     /// The encoder on the raw (non-EMA) weights, a snapshot copy.

@@ -188,6 +188,12 @@ impl Recipe {
         } else {
             None
         };
+        if cfg.train_decoder && cfg.cycle_weight > 0.0 && encoder.is_none() {
+            bail!(
+                "recipe.cycle_weight encodes the decoded images again with the run's encoder: train one \
+                 (recipe.train_encoder) or load one (model.init_encoder)"
+            );
+        }
         Ok(Recipe {
             cfg: cfg.clone(),
             model_cfg: model,

@@ -407,15 +407,26 @@ impl Recipe {
                 Some(m) if !ctx.pixel_phase => Some(to_f32(&m.forward_in(&latents, ctx.precision.dtype())?)?.detach()),
                 _ => None,
             };
+            // The latent cycle: the encoder's weights of this step, detached (no gradient to
+            // them); the gradient flows through it to `fake`.
+            let cycle = if self.cfg.cycle_weight > 0.0 && !ctx.pixel_phase {
+                let enc = self.detached_encoder()?.context("the latent cycle term has no encoder")?;
+                Some(to_f32(&enc.forward_in(&fake, ctx.precision.dtype())?)?)
+            } else {
+                None
+            };
+            mark(prof, &self.device, "cycle encoder fwd")?;
             let input = TermInput {
                 cfg: &self.cfg,
                 step: self.step,
                 end: self.schedule_end,
                 fake: &fake,
                 real: &images,
+                latents: &latents,
                 target: target.as_ref(),
                 freq: self.freq.as_ref(),
                 initial: initial.as_ref(),
+                cycle: cycle.as_ref(),
             };
             props.decoder = decoder_phase(&ctx, tr, &input, &wg, &mut rb, &mut loss_weights)?;
         }

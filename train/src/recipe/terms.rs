@@ -18,6 +18,8 @@ pub struct TermInput<'a> {
     pub fake: &'a Tensor,
     /// The batch's images.
     pub real: &'a Tensor,
+    /// The batch's latents, `[B, C, h, w]` f32.
+    pub latents: &'a Tensor,
     /// `fake + correction` (detached), where the GAN ran this step.
     pub target: Option<&'a Tensor>,
     /// The DFT basis of the frequency term, where its weight is not 0.
@@ -25,6 +27,9 @@ pub struct TermInput<'a> {
     /// The initial (frozen) decoder's output for the same latents, where the detail term's
     /// weight is not 0.
     pub initial: Option<&'a Tensor>,
+    /// `fake` encoded again by the run's encoder (on the graph through `fake` only), where the
+    /// cycle term's weight is not 0.
+    pub cycle: Option<&'a Tensor>,
 }
 
 /// One term of the decoder's loss.
@@ -69,6 +74,12 @@ pub const TERMS: &[DecoderTerm] = &[
         weight: |i| i.cfg.detail_weight,
         value: |i| i.initial.map(|a| losses::detail_mse(i.fake, a, i.cfg.lowres_factor)).transpose(),
     },
+    // The latent cycle: the decoded image encoded again, against the latents it was decoded from.
+    DecoderTerm {
+        name: "cycle",
+        weight: |i| i.cfg.cycle_weight,
+        value: |i| i.cycle.map(|z| losses::mse(z, i.latents)).transpose(),
+    },
 ];
 
 /// This step's `(name, weight, value)` terms: in the pixel warm-up the full-resolution MSE alone
@@ -108,9 +119,11 @@ mod tests {
             end: None,
             fake: &fake,
             real: &real,
+            latents: &real,
             target: Some(&target),
             freq: None,
             initial: None,
+            cycle: None,
         };
         let t = decoder_terms(&with_gan, false).unwrap();
         assert_eq!(names(&t), [("gan".into(), 1.0), ("lowres_mse".into(), 1.0), ("fullres_mse".into(), 0.5)]);
@@ -132,6 +145,15 @@ mod tests {
         assert_eq!(names(&t), [("fullres_mse".into(), 0.5), ("detail".into(), 2.0)]);
         // fake and real differ by a constant: no detail difference.
         assert!(t[1].2.to_scalar::<f32>().unwrap().abs() < 1e-9);
+        // The cycle term needs the re-encoded latents: left out without them, MSE to the latents
+        // with them (here `real + 0.5` against `real`: 0.25).
+        let cfg_c = RecipeConfig { cycle_weight: 0.5, ..cfg0.clone() };
+        let no_gan_c = TermInput { cfg: &cfg_c, ..no_gan0 };
+        assert_eq!(names(&decoder_terms(&no_gan_c, false).unwrap()), [("fullres_mse".into(), 0.5)]);
+        let reencoded = (real.clone() + 0.5).unwrap();
+        let t = decoder_terms(&TermInput { cycle: Some(&reencoded), ..no_gan_c }, false).unwrap();
+        assert_eq!(names(&t), [("fullres_mse".into(), 0.5), ("cycle".into(), 0.5)]);
+        assert!((t[1].2.to_scalar::<f32>().unwrap() - 0.25).abs() < 1e-6);
         // Every term has a distinct name and a weight field.
         let mut n: Vec<_> = TERMS.iter().map(|t| t.name).collect();
         n.dedup();
@@ -157,9 +179,11 @@ mod tests {
                 end,
                 fake: &fake,
                 real: &real,
+                latents: &real,
                 target: Some(&target),
                 freq: None,
                 initial: None,
+                cycle: None,
             };
             decoder_terms(&i, cfg.pixel_phase(step))
                 .unwrap()
