@@ -1,9 +1,10 @@
 //! Times our training step (train::recipe::Recipe::step) on CUDA, for bench/gpu_train_step.sh.
 //!
-//! `gpu_bench --size 256 --batch 32 --recipe full|decoder [--steps 10] [--warmup 3]
+//! `gpu_bench --size 256 --batch 32 --recipe full|cycle|decoder [--steps 10] [--warmup 3]
 //!  [--seconds 60] [--precision f32|tf32|bf16] [--stock] [--profile N] [--untuned-device]
 //!  [--algo heuristic|benchmark] [--workspace-mib N] [--host-profile PATH [--host-profile-steps N]]`
 //! full: encoder MSE + decoder GAN (patch discriminator, replay, correction) + low-res MSE;
+//! cycle: full plus the latent cycle term (`recipe.cycle_weight` 1: an encoder pass more);
 //! decoder: decoder-only full-res MSE. `--precision`: the step's arithmetic
 //! (train::recipe::Precision; `--tf32` = `--precision tf32`). `--stock`: candle's stock ops instead of taesd-ops
 //! (layers and optimiser). Prints one JSON line: images/s, ms/step and the memory pool's
@@ -83,6 +84,7 @@ fn main() -> Result<()> {
     let model = taesd::Variant::Taef2.config();
     let cfg = match recipe_kind.as_str() {
         "full" => RecipeConfig { replay_capacity: 4 * batch, ..Default::default() },
+        "cycle" => RecipeConfig { replay_capacity: 4 * batch, cycle_weight: 1.0, ..Default::default() },
         "decoder" => RecipeConfig {
             train_encoder: false,
             gan_weight: 0.0,
@@ -90,7 +92,7 @@ fn main() -> Result<()> {
             fullres_mse_weight: 1.0,
             ..Default::default()
         },
-        other => bail!("--recipe full|decoder, not {other}"),
+        other => bail!("--recipe full|cycle|decoder, not {other}"),
     };
     let mut recipe = Recipe::new(&cfg, model, &Default::default(), &dev, 0)?;
     recipe.set_precision(precision);
