@@ -24,6 +24,8 @@
 # Knobs (environment): STEPS (2000), SEEDS ("0 1"), CROP (128), BATCH (32), the recipe's schedule
 # LR (1e-3), WARMUP (200), SCHEDULE (cosine), MIN_FACTOR (0.02) — configs/scratch-taef2-25min.toml's;
 # its pixel warm start is not in the replica, so both sides run the GAN from step 1 —
+# CYCLE (0: the latent cycle term's weight on both sides, recipe.cycle_weight / --cycle-weight;
+# the scratch config's is 0.3),
 # TIME_LIMIT (420 s: a safety stop for each run; a run stopped by it has fewer steps and the summary
 # says so), WORKERS (3 loader threads / DataLoader workers per run), POOL (/data/pool), ONNX
 # (/data/ref/taef2_encoder.onnx), REF (/data/ref), WORK (/data), SHARDS ($WORK/lat256v2), OUT
@@ -38,6 +40,7 @@ POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}
 STEPS=${STEPS:-2000}; SEEDS=${SEEDS:-0 1}; CROP=${CROP:-128}; BATCH=${BATCH:-32}
 LR=${LR:-1e-3}; WARMUP=${WARMUP:-200}; SCHEDULE=${SCHEDULE:-cosine}; MIN_FACTOR=${MIN_FACTOR:-0.02}
+CYCLE=${CYCLE:-0}
 TIME_LIMIT=${TIME_LIMIT:-420}; WORKERS=${WORKERS:-3}; DEVICE=${DEVICE:-cuda}
 S256=${SHARDS:-$WORK/lat256v2}; AB=$WORK/ab/torch-ab
 dev_args=(--device "$DEVICE"); [[ $DEVICE == cpu ]] && dev_args+=(--precision f32)
@@ -72,13 +75,13 @@ for s in $SEEDS; do
   train --config configs/distill-taef2-pool.toml --shards "$S256" --run-dir "$AB/ours-s$s" --seed "$s" \
     --steps "$STEPS" --crop "$CROP" --batch-size "$BATCH" --quiet --time-limit "$TIME_LIMIT" "${dev_args[@]}" \
     --set recipe.lr="$LR" --set recipe.lr_warmup_steps="$WARMUP" --set recipe.lr_schedule="\"$SCHEDULE\"" \
-    --set recipe.lr_min_factor="$MIN_FACTOR" --set run.log_every=50 --set run.eval_every=0 --set run.preview_every=0 \
+    --set recipe.lr_min_factor="$MIN_FACTOR" --set recipe.cycle_weight="$CYCLE" --set run.log_every=50 --set run.eval_every=0 --set run.preview_every=0 \
     --set run.checkpoint_every=0 --set run.checkpoint_replay=false --set 'run.export=["taesd"]' \
     --set data.eval_max_images=32 --set data.workers="$WORKERS" ${EXTRA:-} > "$AB/ours-s$s.log" 2>&1 &
   pids+=($!)
   PYTHONUNBUFFERED=1 python3 bench/torch_train.py --shards "$S256" --out "$AB/torch-s$s" --seed "$s" \
     --steps "$STEPS" --crop "$CROP" --batch "$BATCH" --lr "$LR" --lr-warmup "$WARMUP" --lr-schedule "$SCHEDULE" \
-    --lr-min-factor "$MIN_FACTOR" --workers "$WORKERS" --time-limit "$TIME_LIMIT" --device "$DEVICE" --quiet ${TORCH_EXTRA:-} \
+    --lr-min-factor "$MIN_FACTOR" --cycle-weight "$CYCLE" --workers "$WORKERS" --time-limit "$TIME_LIMIT" --device "$DEVICE" --quiet ${TORCH_EXTRA:-} \
     > "$AB/torch-s$s.log" 2>&1 &
   pids+=($!)
 done

@@ -14,7 +14,9 @@ Recipe, as train/src/recipe (step.rs, terms.rs, init.rs, config.rs, disc.rs, rep
     discriminator, BatchNorm) in training mode: MSE(scores, +1 fake / -1 real), AdamW (3e-4,
     (0.9, 0.99), weight decay 0.01). Correction with the updated disc in eval mode: g = the
     gradient of sum_i mean (D(real_i) - D(fake_i + c_i))^2 at c = 0, corr = -g / (std(g) + 1e-5);
-    loss MSE(fake, fake + corr) + MSE(pool8(fake), pool8(real)); Adam AMSGrad.
+    loss MSE(fake, fake + corr) + MSE(pool8(fake), pool8(real)) (+ --cycle-weight x the latent
+    cycle MSE(enc(fake), z) through the encoder's weights of the step, before its update, taken
+    without gradient: recipe.cycle_weight); Adam AMSGrad.
   * EMA of both (decay min(0.999, (1 + n) / (10 + n)), n = updates so far) after each applied
     update; the exported weights are the EMA's.
   * lr: `RecipeConfig::lr_at` (linear warm-up, then constant / cosine / linear decay to
@@ -33,7 +35,8 @@ output bias 0.5), the arithmetic (fp16 autocast vs our bf16).
 
 Writes OUT/taef2_encoder.safetensors, OUT/taef2_decoder.safetensors (EMA, f32, taesd.py names),
 OUT/metrics.jsonl (a `train` line every --log-every steps: step, lr, losses{encoder, decoder,
-gan, lowres_mse, disc, disc_acc, correction_std, decoder_mse} as means over the interval,
+gan, lowres_mse, disc, disc_acc, correction_std, decoder_mse, and cycle with --cycle-weight} as
+means over the interval,
 images_per_s; `train plot` overlays it on our runs) and OUT/run.json.
 
     python3 bench/torch_train.py --shards latents --steps 2000 --batch 32 --crop 128 --seed 0 --out runs/torch-s0
@@ -258,6 +261,7 @@ def train(a):
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
+    from torch.func import functional_call
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from torch_train_step import Disc, decoder, encoder
@@ -329,6 +333,9 @@ def train(a):
                 g["lr"] = lr
         steps_before = (optimizer_steps(opt_e), optimizer_steps(opt_d))
 
+        # The latent cycle term's encoder: the weights of this step, before its update, detached.
+        enc_w = {k: v.detach().clone() for k, v in enc.named_parameters()} if a.cycle_weight > 0 else None
+
         # 1. Encoder.
         with ac():
             pred = enc(x)
@@ -380,6 +387,12 @@ def train(a):
         l_gan = F.mse_loss(fake, target)
         l_low = F.mse_loss(F.avg_pool2d(fake, 8), F.avg_pool2d(x, 8))
         l_dec = a.gan_weight * l_gan + a.lowres_weight * l_low
+        l_cyc = None
+        if enc_w is not None:
+            with ac():
+                z_cyc = functional_call(enc, enc_w, (fake,)).float()
+            l_cyc = F.mse_loss(z_cyc, z)
+            l_dec = l_dec + a.cycle_weight * l_cyc
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(l_dec).backward()
         scaler.step(opt_d)
@@ -398,6 +411,8 @@ def train(a):
 
         vals = {"encoder": l_enc, "decoder": l_dec, "gan": l_gan, "lowres_mse": l_low, "disc": l_disc,
                 "disc_acc": disc_acc, "correction_std": corr_std, "decoder_mse": F.mse_loss(fake_d, x)}
+        if l_cyc is not None:
+            vals["cycle"] = l_cyc
         for k, v in vals.items():
             sums[k] = sums.get(k, 0.0) + v.detach()
         n_int += 1
@@ -455,6 +470,8 @@ def main():
     ap.add_argument("--disc-lr", type=float, default=3e-4)
     ap.add_argument("--gan-weight", type=float, default=1.0)
     ap.add_argument("--lowres-weight", type=float, default=1.0)
+    ap.add_argument("--cycle-weight", type=float, default=0.0,
+                    help="the latent cycle term MSE(enc(fake), z) (recipe.cycle_weight; 0: off)")
     ap.add_argument("--replay-capacity", type=int, default=16384)
     ap.add_argument("--replay-fraction", type=float, default=0.5)
     ap.add_argument("--ema-decay", type=float, default=0.999)
