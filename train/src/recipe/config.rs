@@ -130,7 +130,8 @@ pub struct RecipeConfig {
     pub lr: f64,
     /// The encoder's learning rate as a multiple of the decoder's (the schedule's `lr` at each
     /// step; 1: the same). The encoder learns from its own MSE to the teacher latents alone, so
-    /// its rate changes nothing of the decoder's training (tested): tune it by the encoder error.
+    /// its rate changes nothing of the decoder's training (tested) unless the latent cycle term
+    /// (`cycle_weight`) reads the decoder's output through it: tune it by the encoder error.
     pub encoder_lr_scale: f64,
     /// Encoder/decoder Adam betas ((0.9, 0.9): the recipe's short second-moment memory).
     pub betas: (f64, f64),
