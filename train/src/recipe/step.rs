@@ -415,7 +415,9 @@ impl Recipe {
             } else {
                 None
             };
-            mark(prof, &self.device, "cycle encoder fwd")?;
+            if cycle.is_some() {
+                mark(prof, &self.device, "cycle encoder fwd")?;
+            }
             let input = TermInput {
                 cfg: &self.cfg,
                 step: self.step,
