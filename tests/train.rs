@@ -945,12 +945,21 @@ fn fit_time_scales_a_new_runs_step_counts_to_the_time_on_this_machine() {
     assert_eq!((segs[0]["steps_before"].as_u64(), segs[1]["steps_before"].as_u64()), (Some(4), Some(4)));
     let (first, total) = (segs[0]["steps_after"].as_u64().unwrap(), f["run_steps_after"].as_u64().unwrap());
     assert_eq!(segs[1]["steps_after"].as_u64(), Some(total - first));
-    // The run is the fitted one: its config, its stage switch and its end.
-    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
-    assert!(cfg.contains(&format!("steps = {total}\n")) && cfg.contains(&format!("steps = {first}\n")), "{cfg}");
+    // The run is the fitted one up to its stage switch; there the rest of the run was fitted
+    // again to the time left: the config, the schedule's end and the run's end are the refit's.
     let st = json_lines(&a.join("metrics.jsonl"), "stage");
     assert_eq!(st[0]["step"].as_u64(), Some(first), "{st:?}");
-    assert_eq!(json_lines(&a.join("metrics.jsonl"), "end")[0]["step"].as_u64(), Some(total));
+    let rf = json_lines(&a.join("metrics.jsonl"), "refit");
+    assert_eq!(rf.len(), 1, "{rf:?}");
+    let rf = &rf[0];
+    assert_eq!((rf["step"].as_u64(), rf["run_steps_before"].as_u64()), (Some(first), Some(total)), "{rf}");
+    let refit_total = rf["run_steps_after"].as_u64().unwrap();
+    let k = rf["factor"].as_f64().unwrap();
+    assert!((0.5..=2.0).contains(&k), "{rf}");
+    assert_eq!(refit_total, first + (((total - first) as f64 * k).round() as u64).max(1), "{rf}");
+    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(cfg.contains(&format!("steps = {refit_total}\n")) && cfg.contains(&format!("steps = {first}\n")), "{cfg}");
+    assert_eq!(json_lines(&a.join("metrics.jsonl"), "end")[0]["step"].as_u64(), Some(refit_total));
     // The factor makes the old counts take 97% of the 5 s at the measured rates; each new count
     // is the old one times it, rounded (at least 1).
     let factor = f["factor"].as_f64().unwrap();

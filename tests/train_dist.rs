@@ -242,10 +242,15 @@ fn two_ranks_fit_the_same_step_counts_to_a_time_budget() {
         .collect();
     let fits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["type"] == "fit").collect();
     assert_eq!(fits.len(), 1, "rank 0 alone logs the fit");
-    let total = fits[0]["run_steps_after"].as_u64().unwrap();
+    let fitted = fits[0]["run_steps_after"].as_u64().unwrap();
     let segs = fits[0]["segments"].as_array().unwrap();
-    assert_eq!(segs.iter().map(|s| s["steps_after"].as_u64().unwrap()).sum::<u64>(), total, "{}", fits[0]);
-    // Both ranks ran the fitted schedule to its end together (a rank with other counts would
+    assert_eq!(segs.iter().map(|s| s["steps_after"].as_u64().unwrap()).sum::<u64>(), fitted, "{}", fits[0]);
+    // At the stage switch the rest was fitted again, on rank 0's clock.
+    let refits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["type"] == "refit").collect();
+    assert_eq!(refits.len(), 1, "{refits:?}");
+    assert_eq!(refits[0]["run_steps_before"].as_u64(), Some(fitted), "{}", refits[0]);
+    let total = refits[0]["run_steps_after"].as_u64().unwrap();
+    // Both ranks ran the refitted schedule to its end together (a rank with other counts would
     // have left the other waiting in a collective).
     assert_eq!(train_steps(&r), (1..=total).collect::<Vec<u64>>());
     assert_eq!(trainer(&r, total)["images_seen"], total * 4, "2 ranks x batch 2 per step");

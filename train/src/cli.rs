@@ -80,9 +80,10 @@ pub struct TrainArgs {
     /// and batch size of the schedule is timed first (throwaway steps, each batch's upload included:
     /// --fit-steps and at least 0.3% of SECONDS each), then every step count
     /// (run.steps, each [[data.stages]] entry) is scaled by one factor, the schedule's shape
-    /// kept, 3% left for evaluations, previews, checkpoints and the loader. The fitted counts
-    /// are the run's (config.toml; a resume keeps them). Data-parallel: the ranks time the step
-    /// together and fit rank 0's timing. Pair with a --time-limit ~5% above.
+    /// kept, 3% left for evaluations, previews, checkpoints and the loader; at each stage switch
+    /// the rest of the run is fitted again to the time left. The fitted counts are the run's
+    /// (config.toml; a resume keeps them). Data-parallel: the ranks time the step together and
+    /// fit rank 0's timing. Pair with a --time-limit ~10% above.
     #[arg(long, value_name = "SECONDS")]
     pub fit_time: Option<f64>,
     /// Steps timed per crop and batch size for --fit-time (after a third as many untimed ones).

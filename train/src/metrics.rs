@@ -13,6 +13,9 @@
 //! * `fit` (a run started with `--fit-time`): the budget, the factor every step count was
 //!   multiplied by, and per crop and batch size the measured rate and the steps before and
 //!   after ([`crate::runner::fit::Fit`]).
+//! * `refit` (at each stage switch of the session that fitted the run): the training time so
+//!   far, the factor on the rest of the run and `run.steps` before and after
+//!   ([`crate::runner::fit::Refit`]).
 //!
 //! Every line also goes to the run's TensorBoard event file ([`crate::tensorboard`]): its
 //! numbers as scalars, a preview line's grid as an image.

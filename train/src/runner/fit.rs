@@ -14,6 +14,13 @@
 //! multiples of 50. The fitted counts go into the run's `config.toml`, so a resume continues
 //! the same schedule; the timings go into `metrics.jsonl` (a `fit` line).
 //!
+//! A few seconds of timing cannot say where a host-bound step's average over a long stage will
+//! land (the 128 px step of taef2 on an H100 came -8% to +8.5% off it in three runs), so at each
+//! stage switch of the session that fitted the run, the rest of the run is fitted again
+//! ([`refit`]): the stages not yet started and the run's end scaled by one factor so that they
+//! take what is left of the budget at the timed rates (a `refit` line; `config.toml` rewritten,
+//! so a resume continues the refitted schedule). The stages already run are kept.
+//!
 //! Data-parallel: every rank times the same steps together, its throwaway recipe training
 //! through the run's collectives (the gradient all-reduce is part of the step), and rank 0's
 //! timings are broadcast, so every rank fits the same counts.
@@ -35,6 +42,10 @@ use taesd::TaesdConfig;
 /// the upload outside the timing, those runs trained 90-91% of their budgets:
 /// bench/results/2026-12-06-h100-scratch-25min.md.)
 pub const MARGIN: f64 = 0.03;
+
+/// The least and most a refit scales the rest of the run by: a stage that ran far off its
+/// timing (a stall) should not empty the stages after it, nor a fast one double them.
+pub const REFIT_BOUNDS: (f64, f64) = (0.5, 2.0);
 
 /// Each crop and batch size is timed for at least this share of the budget (0.3%: 4.5 s of a
 /// 1,500 s one), past the timed steps' minimum: a host-bound small-crop step's rate wanders by
@@ -110,6 +121,31 @@ impl Fit {
     }
 }
 
+/// What a refit at a stage switch did (a `refit` line of metrics.jsonl).
+#[derive(Clone, Debug, Serialize)]
+pub struct Refit {
+    /// The step the refitted rest of the run starts at (the switch).
+    pub step: u64,
+    /// Seconds of training so far (this session's loop), and what is left of the budget for
+    /// the steps, less the margin.
+    pub elapsed_s: f64,
+    pub steps_s: f64,
+    /// The factor on the rest's step counts (within [`REFIT_BOUNDS`]).
+    pub factor: f64,
+    pub run_steps_before: u64,
+    pub run_steps_after: u64,
+}
+
+impl Refit {
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        format!(
+            "--fit-time: {:.0} s of training at step {}; the rest of the run x {:.3} to take the ~{:.0} s left: run.steps {} -> {}",
+            self.elapsed_s, self.step, self.factor, self.steps_s, self.run_steps_before, self.run_steps_after
+        )
+    }
+}
+
 /// The run's stretches as `(crop, batch size, steps)`: the stages in order, then the rest of
 /// the run at `[data]`'s crop and batch size (stages past `run.steps` cut there).
 pub fn segments(cfg: &TrainConfig, default_crop: u32) -> Vec<(u32, usize, u64)> {
@@ -151,6 +187,53 @@ pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
     for st in &mut cfg.data.stages {
         st.steps = scale_count(st.steps, factor);
     }
+}
+
+/// Fit the rest of a run again at a stage switch: `elapsed_s` seconds into the run that `fit`
+/// fitted, at `step`, every stretch that starts at `step` or later (the stages not yet run, the
+/// rest of the run) is scaled by one factor so that they take what is left of the budget less
+/// the margin at the fit's timed rates; the stretches before `step` keep their counts, so the
+/// steps already run stay where they are. `None` when nothing is left to scale or the fit
+/// timed no rate for a stretch left. The scaled configuration must still be valid.
+pub fn refit(cfg: &mut TrainConfig, default_crop: u32, fit: &Fit, step: u64, elapsed_s: f64) -> Result<Option<Refit>> {
+    let segs = segments(cfg, default_crop);
+    let rate =
+        |crop, batch| fit.segments.iter().find(|s| (s.crop, s.batch_size) == (crop, batch)).map(|s| s.steps_per_s);
+    // (index, steps, steps per second) of the stretches from `step` on.
+    let mut rest = Vec::new();
+    let mut start = 0u64;
+    for (i, &(crop, batch, n)) in segs.iter().enumerate() {
+        if start >= step && n > 0 {
+            let Some(r) = rate(crop, batch) else { return Ok(None) };
+            rest.push((i, n, r));
+        }
+        start += n;
+    }
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let steps_s = (fit.budget_s - elapsed_s).max(0.0) * (1.0 - MARGIN);
+    let factor = factor_for(&rest.iter().map(|&(_, n, r)| (n, r)).collect::<Vec<_>>(), steps_s)
+        .clamp(REFIT_BOUNDS.0, REFIT_BOUNDS.1);
+    // As `scale_steps`, on the stretches left only: each stage entry scaled, and `run.steps` as
+    // the sum of the stretches (a stage the run ends inside keeps ending it).
+    let mut new = cfg.clone();
+    let mut total = 0;
+    for (i, &(_, _, n)) in segs.iter().enumerate() {
+        if rest.iter().any(|r| r.0 == i) {
+            if let Some(st) = new.data.stages.get_mut(i) {
+                st.steps = scale_count(st.steps, factor);
+            }
+            total += scale_count(n, factor);
+        } else {
+            total += n;
+        }
+    }
+    new.run.steps = total;
+    new.validate().context("--fit-time: the refitted configuration")?;
+    let r = Refit { step, elapsed_s, steps_s, factor, run_steps_before: cfg.run.steps, run_steps_after: total };
+    *cfg = new;
+    Ok(Some(r))
 }
 
 /// Seconds per step of the full recipe at `crop` and `batch` on `device`, its batch's upload
@@ -334,6 +417,76 @@ mod tests {
         assert_eq!((c.data.stages[0].steps, c.data.stages[1].steps, c.run.steps), (100, 100, 140));
         assert_eq!(segments(&c, 64), vec![(16, 16, 100), (64, 16, 40), (64, 16, 0)]);
         assert_eq!((scale_count(0, 5.0), scale_count(999, 1.0), scale_count(1024, 1.0)), (0, 999, 1000));
+    }
+
+    /// A fit of `budget_s` that timed `rates` ((crop, batch size, steps per second)).
+    fn timed(budget_s: f64, rates: &[(u32, usize, f64)]) -> Fit {
+        let segments = rates
+            .iter()
+            .map(|&(crop, batch_size, r)| Segment {
+                crop,
+                batch_size,
+                steps_before: 0,
+                steps_after: 0,
+                steps_per_s: r,
+                images_per_s: r * batch_size as f64,
+                timed_steps: 30,
+            })
+            .collect();
+        Fit {
+            budget_s,
+            steps_s: 0.0,
+            factor: 1.0,
+            run_steps_before: 0,
+            run_steps_after: 0,
+            segments,
+            calibration_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_refit_scales_the_rest_of_the_run_to_the_budget_left() {
+        // The 17-minute run of 2026-12-06: fitted to 1000 s at 24.71 / 9.017 steps/s, its 128 px
+        // stage took 765.4 s where the fit expected 704 s.
+        let fitted =
+            "[data]\ncrop = 256\nbatch_size = 32\n[[data.stages]]\nsteps = 17400\ncrop = 128\n[run]\nsteps = 19800\n";
+        let fit = timed(1000.0, &[(128, 32, 24.71), (256, 32, 9.017)]);
+        let mut c = cfg(fitted);
+        let r = refit(&mut c, 256, &fit, 17400, 765.4).unwrap().unwrap();
+        // (1000 - 765.4) * 0.97 = 227.6 s left for 2400 steps of 266.2 s: x 0.855, 2052 -> 2050.
+        assert!(
+            (r.steps_s - 234.6 * 0.97).abs() < 1e-9 && (r.factor - r.steps_s / (2400.0 / 9.017)).abs() < 1e-12,
+            "{r:?}"
+        );
+        assert_eq!((r.step, r.run_steps_before, r.run_steps_after), (17400, 19800, 19450));
+        assert_eq!((c.data.stages[0].steps, c.run.steps), (17400, 19450), "the stage already run is kept");
+        // Far over the budget: the rest is halved, not emptied; far under it: doubled at most.
+        let mut c = cfg(fitted);
+        assert_eq!(refit(&mut c, 256, &fit, 17400, 990.0).unwrap().unwrap().factor, REFIT_BOUNDS.0);
+        assert_eq!(c.run.steps, 17400 + 1200);
+        let mut c = cfg(fitted);
+        assert_eq!(refit(&mut c, 256, &fit, 17400, 10.0).unwrap().unwrap().factor, REFIT_BOUNDS.1);
+        assert_eq!(c.run.steps, 17400 + 4800);
+        // At the start, on time, a refit keeps the fit's counts (the factor 1 up to the rounding).
+        let mut c = cfg(fitted);
+        let on_time = timed((17400.0 / 24.71 + 2400.0 / 9.017) / (1.0 - MARGIN), &[(128, 32, 24.71), (256, 32, 9.017)]);
+        let at0 = refit(&mut c, 256, &on_time, 0, 0.0).unwrap().unwrap();
+        assert!((at0.factor - 1.0).abs() < 1e-9, "{at0:?}");
+        assert_eq!((c.data.stages[0].steps, c.run.steps), (17400, 19800));
+        // Three stretches, the switch into the second: the second stage and the rest scale, the
+        // first stays; a stretch without a timed rate, or nothing left: no refit.
+        let three = "[data]\ncrop = 64\nbatch_size = 16\n[[data.stages]]\nsteps = 50\ncrop = 16\n[[data.stages]]\nsteps = 50\ncrop = 32\n[run]\nsteps = 120\n";
+        let fit3 = timed(100.0, &[(16, 16, 10.0), (32, 16, 5.0), (64, 16, 2.0)]);
+        let mut c = cfg(three);
+        // 60 s in: 40 * 0.97 = 38.8 s for 50 / 5 + 20 / 2 = 20 s: x 1.94.
+        let r = refit(&mut c, 64, &fit3, 50, 60.0).unwrap().unwrap();
+        assert!((r.factor - 1.94).abs() < 1e-9, "{r:?}");
+        assert_eq!((c.data.stages[0].steps, c.data.stages[1].steps, c.run.steps), (50, 97, 50 + 97 + 39));
+        assert_eq!(segments(&c, 64), vec![(16, 16, 50), (32, 16, 97), (64, 16, 39)]);
+        let mut c = cfg(three);
+        assert!(refit(&mut c, 64, &timed(100.0, &[(16, 16, 10.0), (32, 16, 5.0)]), 50, 60.0).unwrap().is_none());
+        assert!(refit(&mut c, 64, &fit3, 120, 60.0).unwrap().is_none());
+        assert_eq!(c.run.steps, 120, "unchanged where there was no refit");
     }
 
     #[test]

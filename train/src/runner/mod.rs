@@ -141,7 +141,7 @@ impl Loop {
     fn run(&mut self, s: &mut Session) -> Result<()> {
         let every = |n: u64, k: u64| n > 0 && k.is_multiple_of(n);
         let run = &s.cfg().run;
-        let (total, log, ckpt, preview, eval) =
+        let (mut total, log, ckpt, preview, eval) =
             (run.steps, run.log_every, run.checkpoint_every, run.preview_every, run.eval_every);
         while s.ts.step < total {
             self.time_limit_reached = s.opts.time_limit.is_some_and(|l| self.t0.elapsed() >= l);
@@ -157,7 +157,16 @@ impl Loop {
                 return Ok(());
             }
             if s.ts.step >= self.stage.until {
-                // The next data stage: the loader restarts where the last one stopped.
+                // A fitted run fits its rest again (every rank on rank 0's clock); then the next
+                // data stage: the loader restarts where the last one stopped.
+                if s.fitted() {
+                    let mut elapsed = self.t0.elapsed().as_secs_f64().to_le_bytes();
+                    if let Some(d) = &s.opts.dist {
+                        d.comm.broadcast_host(&mut elapsed).context("rank 0's training time")?;
+                    }
+                    s.refit(f64::from_le_bytes(elapsed))?;
+                    total = s.cfg().run.steps;
+                }
                 self.stage = s.cfg().data.stage_at(s.ts.step);
                 self.loader.stop();
                 self.loader = s.start_loader(&self.stage)?;

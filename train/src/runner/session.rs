@@ -399,6 +399,37 @@ impl<'a> Session<'a> {
         Loader::start(r.set.clone(), lc, self.ts.data_position)
     }
 
+    /// Whether this session fitted the run's step counts (`--fit-time` on a fresh run).
+    pub fn fitted(&self) -> bool {
+        self.fit.is_some()
+    }
+
+    /// At a stage switch of a run this session fitted (`--fit-time`), `elapsed_s` seconds into
+    /// its training: fit the rest of the run again ([`super::fit::refit`]), so the budget holds
+    /// where a stage ran off its timing. The new counts are the run's (`config.toml`, the
+    /// schedule's end, the progress bar); a `refit` line says what changed. A refit that would
+    /// make the configuration invalid is left out, with a note.
+    pub fn refit(&mut self, elapsed_s: f64) -> Result<()> {
+        let Some(fit) = &self.fit else { return Ok(()) };
+        let mut cfg = self.r.config.clone();
+        let r = match super::fit::refit(&mut cfg, self.r.crop, fit, self.ts.step, elapsed_s) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                self.say(format!("note: the rest of the run keeps its step counts ({e:#})"));
+                return Ok(());
+            }
+        };
+        self.r.config = cfg;
+        self.recipe.set_schedule_end(Some(r.run_steps_after));
+        self.pb.set_length(r.run_steps_after);
+        if self.root {
+            write_atomic(&self.dir.join(RESOLVED_CONFIG), &self.r.config.to_toml()?)?;
+        }
+        self.say(r.describe());
+        self.log.write("refit", self.ts.step, serde_json::to_value(&r)?)
+    }
+
     /// Say (and log) that a data stage starts.
     pub fn stage_started(&mut self, stage: &StageAt, switched: bool) -> Result<()> {
         let n = self.r.config.data.stages.len();
