@@ -12,15 +12,17 @@
 # After `source tools/cuda/gpu-env.sh`. POOL, ONNX, REF, WORK, OUT as in gpu_distill_pool.sh.
 # The whole 25-minute run in one session (a full 1,800 s of device time; docs/gpu.md): after the
 # chunk calls, one call starts it in the background and waits, the next ones wait on:
-#   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1575 FIT_TIME=1500 bash bench/gpu_scratch_run.sh \
+#   setsid nohup bash -c 'OUT=/data/scratch-out SECONDS_TRAIN=1595 FIT_TIME=1450 bash bench/gpu_scratch_run.sh \
 #     > /data/scratch.log 2>&1; touch /data/scratch.done' </dev/null >/dev/null 2>&1 &
 #   while [[ ! -e /data/scratch.done ]] && (( SECONDS < 570 )); do sleep 5; done; tail -3 /data/scratch.log
-# (each call within 30 s of the last; with less time left, a smaller FIT_TIME, ~5% under
-# SECONDS_TRAIN; size it as the held seconds left after the chunk calls minus ~150 s: docs/gpu.md),
-# and the last two copy /data/scratch-out/* to $OUT (one call brings back at most 8 files): eval.json,
-# eval-released.json, config.toml, metrics.jsonl, loss.png, preview-last.png, gpu.csv,
-# gpu-clocks.csv, then run-eval.json (the run's own evaluation with the EMA probes) and model.tgz
-# (the exported taesd .safetensors, ~10 MB for taef2: the trained model itself) with the log.
+# (each call within 30 s of the last; SECONDS_TRAIN ~10% above FIT_TIME; size FIT_TIME as the held
+# seconds, or the device seconds if fewer, left after the chunk calls minus ~150 s: docs/gpu.md).
+# The call that sees it done brings the files back in the same call (at most 8 files a call):
+#   cd /data/scratch-out && tar czf $OUT/small.tgz *.json *.toml *.jsonl *.csv ../scratch.log; \
+#     cp loss.png preview-last.png model.tgz $OUT/
+# small.tgz: eval.json, eval-released.json, run-eval.json (the run's own evaluation with the EMA
+# probes), config.toml, metrics.jsonl, gpu.csv, gpu-clocks.csv and the log; model.tgz: the exported
+# taesd .safetensors (~10 MB for taef2: the trained model itself).
 set -uo pipefail
 POOL=${POOL:-/data/pool}; ONNX=${ONNX:-/data/ref/taef2_encoder.onnx}; REF=${REF:-/data/ref}
 WORK=${WORK:-/data}; OUT=${OUT:-/tmp/out}; CONFIG=${CONFIG:-configs/scratch-taef2-25min.toml}
