@@ -411,13 +411,12 @@ impl Recipe {
             // them); the gradient flows through it to `fake`.
             let cycle = if self.cfg.cycle_weight > 0.0 && !ctx.pixel_phase {
                 let enc = self.detached_encoder()?.context("the latent cycle term has no encoder")?;
-                Some(to_f32(&enc.forward_in(&fake, ctx.precision.dtype())?)?)
+                let z = to_f32(&enc.forward_in(&fake, ctx.precision.dtype())?)?;
+                mark(prof, &self.device, "cycle encoder fwd")?;
+                Some(z)
             } else {
                 None
             };
-            if cycle.is_some() {
-                mark(prof, &self.device, "cycle encoder fwd")?;
-            }
             let input = TermInput {
                 cfg: &self.cfg,
                 step: self.step,

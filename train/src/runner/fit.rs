@@ -183,10 +183,25 @@ pub fn factor_for(segments: &[(u64, f64)], seconds: f64) -> f64 {
 /// Multiply every step count of `cfg` by `factor`: each stage's, and `run.steps` as the sum of
 /// its stretches scaled (a stage the run ends inside keeps ending it at the same fraction).
 pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
-    cfg.run.steps = segments(cfg, default_crop).iter().map(|s| scale_count(s.2, factor)).sum();
-    for st in &mut cfg.data.stages {
-        st.steps = scale_count(st.steps, factor);
+    scale_steps_from(cfg, default_crop, 0, factor)
+}
+
+/// [`scale_steps`] on the stretches that start at `from` or later: their stage entries scaled,
+/// the stretches before kept, `run.steps` the sum of them all.
+pub fn scale_steps_from(cfg: &mut TrainConfig, default_crop: u32, from: u64, factor: f64) {
+    let (mut start, mut total) = (0u64, 0u64);
+    for (i, (_, _, n)) in segments(cfg, default_crop).into_iter().enumerate() {
+        if start >= from {
+            if let Some(st) = cfg.data.stages.get_mut(i) {
+                st.steps = scale_count(st.steps, factor);
+            }
+            total += scale_count(n, factor);
+        } else {
+            total += n;
+        }
+        start += n;
     }
+    cfg.run.steps = total;
 }
 
 /// Fit the rest of a run again at a stage switch: `elapsed_s` seconds into the run that `fit`
@@ -196,16 +211,15 @@ pub fn scale_steps(cfg: &mut TrainConfig, default_crop: u32, factor: f64) {
 /// steps already run stay where they are. `None` when nothing is left to scale or the fit
 /// timed no rate for a stretch left. The scaled configuration must still be valid.
 pub fn refit(cfg: &mut TrainConfig, default_crop: u32, fit: &Fit, step: u64, elapsed_s: f64) -> Result<Option<Refit>> {
-    let segs = segments(cfg, default_crop);
     let rate =
         |crop, batch| fit.segments.iter().find(|s| (s.crop, s.batch_size) == (crop, batch)).map(|s| s.steps_per_s);
-    // (index, steps, steps per second) of the stretches from `step` on.
+    // (steps, steps per second) of the stretches from `step` on.
     let mut rest = Vec::new();
     let mut start = 0u64;
-    for (i, &(crop, batch, n)) in segs.iter().enumerate() {
+    for (crop, batch, n) in segments(cfg, default_crop) {
         if start >= step && n > 0 {
             let Some(r) = rate(crop, batch) else { return Ok(None) };
-            rest.push((i, n, r));
+            rest.push((n, r));
         }
         start += n;
     }
@@ -213,25 +227,11 @@ pub fn refit(cfg: &mut TrainConfig, default_crop: u32, fit: &Fit, step: u64, ela
         return Ok(None);
     }
     let steps_s = (fit.budget_s - elapsed_s).max(0.0) * (1.0 - MARGIN);
-    let factor = factor_for(&rest.iter().map(|&(_, n, r)| (n, r)).collect::<Vec<_>>(), steps_s)
-        .clamp(REFIT_BOUNDS.0, REFIT_BOUNDS.1);
-    // As `scale_steps`, on the stretches left only: each stage entry scaled, and `run.steps` as
-    // the sum of the stretches (a stage the run ends inside keeps ending it).
+    let factor = factor_for(&rest, steps_s).clamp(REFIT_BOUNDS.0, REFIT_BOUNDS.1);
     let mut new = cfg.clone();
-    let mut total = 0;
-    for (i, &(_, _, n)) in segs.iter().enumerate() {
-        if rest.iter().any(|r| r.0 == i) {
-            if let Some(st) = new.data.stages.get_mut(i) {
-                st.steps = scale_count(st.steps, factor);
-            }
-            total += scale_count(n, factor);
-        } else {
-            total += n;
-        }
-    }
-    new.run.steps = total;
+    scale_steps_from(&mut new, default_crop, step, factor);
     new.validate().context("--fit-time: the refitted configuration")?;
-    let r = Refit { step, elapsed_s, steps_s, factor, run_steps_before: cfg.run.steps, run_steps_after: total };
+    let r = Refit { step, elapsed_s, steps_s, factor, run_steps_before: cfg.run.steps, run_steps_after: new.run.steps };
     *cfg = new;
     Ok(Some(r))
 }
